@@ -1,0 +1,240 @@
+//! Driving two-phase commit: the I/O around the [`Txn`] state machine.
+//!
+//! Each protocol run happens in its own task, never in the RPC handler: tonic drops a handler's
+//! future when the client cancels or its deadline passes, and a commit must not stop between
+//! its decision and its phase 2. Handlers only wait on the transaction's progress channel.
+//!
+//! The order of one commit, and what a crash between two steps means:
+//! 1. Prepare goes to every branch at once.    crash → no record: presumed abort.
+//! 2. Every vote is in; the decision is made under the transaction's lock.
+//! 3. A commit decision is written to the log, 4. flushed (group commit).
+//!    crash before 4 completes → the record may be lost: presumed abort, and nobody was told.
+//! 5. The outcome is announced: Commit, Abort and QueryOutcome may now say "committed".
+//! 6. COMMIT PREPARED goes to every prepared branch, retried with backoff until acknowledged.
+//!    crash → recovery finds the commit record and re-drives it.
+//! 7. All acknowledged: the final record is written (not forced) and the txn leaves memory.
+
+use super::error::Error;
+use super::log::Log;
+use super::txn::{AbortStep, BranchState, CommitStep, Decision, State, Txn};
+use super::txns::{Coordinator, Live, now_ms};
+use crate::proto::{Outcome, TxnId};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Commit's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitResult {
+    pub outcome: Outcome,
+    pub reason: String,
+    /// Committed, but some branch has not acknowledged yet; retries go on in the background.
+    pub branches_pending: bool,
+}
+
+impl<L: Log> Coordinator<L> {
+    /// Runs two-phase commit, or joins the run already under way, and waits for its outcome.
+    /// Waits at most `wait` for phase 2 once the outcome is known.
+    pub async fn commit(
+        self: &Arc<Self>,
+        id: TxnId,
+        wait: Duration,
+    ) -> Result<CommitResult, Error> {
+        let Some(live) = self.live(id) else {
+            return self.recorded(id);
+        };
+        let step = live.txn.lock().unwrap().commit();
+        match step {
+            CommitStep::Prepare(branches) => {
+                tracing::debug!(txn_id = %id, branches = branches.len(), "commit: phase 1");
+                let this = Arc::clone(self);
+                let run = Arc::clone(&live);
+                tokio::spawn(async move { this.run_commit(run, branches).await });
+            }
+            CommitStep::Wait | CommitStep::Decided(_) => {}
+        }
+        Ok(self.wait_for_outcome(&live, wait).await)
+    }
+
+    /// Aborts unless already decided, and returns the outcome.
+    pub async fn abort(self: &Arc<Self>, id: TxnId, reason: &str) -> Result<Outcome, Error> {
+        let Some(live) = self.live(id) else {
+            return self.recorded(id).map(|r| r.outcome);
+        };
+        let reason = if reason.is_empty() {
+            "aborted by the client"
+        } else {
+            reason
+        };
+        self.start_abort(&live, reason);
+        Ok(self.wait_for_outcome(&live, Duration::ZERO).await.outcome)
+    }
+
+    /// The deadline passed: abort if nobody has called Commit yet.
+    pub(super) fn abort_if_active(self: &Arc<Self>, id: TxnId, reason: &str) {
+        if let Some(live) = self.live(id)
+            && live.txn.lock().unwrap().state == State::Active
+        {
+            tracing::info!(txn_id = %id, "{reason}: aborting");
+            self.start_abort(&live, reason);
+        }
+    }
+
+    fn start_abort(self: &Arc<Self>, live: &Arc<Live>, reason: &str) {
+        let step = {
+            let mut txn = live.txn.lock().unwrap();
+            let step = txn.abort(reason, now_ms());
+            if matches!(step, AbortStep::RollBack(_)) {
+                self.put(&txn);
+            }
+            step
+        };
+        if let AbortStep::RollBack(_) = step {
+            // An abort needs no forced write: without a commit record it is the presumption.
+            live.announce(Outcome::Aborted);
+            let this = Arc::clone(self);
+            let live = Arc::clone(live);
+            tokio::spawn(async move { this.finish_branches(live).await });
+        }
+    }
+
+    /// The outcome of a transaction that is no longer live, from its record.
+    fn recorded(&self, id: TxnId) -> Result<CommitResult, Error> {
+        let txn = self.log.get(id)?.ok_or(Error::NotFound(id))?;
+        let committed = matches!(txn.state, State::Committing | State::Committed);
+        Ok(CommitResult {
+            outcome: if committed {
+                Outcome::Committed
+            } else {
+                Outcome::Aborted
+            },
+            reason: txn.reason,
+            branches_pending: txn.state == State::Committing,
+        })
+    }
+
+    async fn wait_for_outcome(&self, live: &Live, phase2_wait: Duration) -> CommitResult {
+        let mut progress = live.progress.subscribe();
+        // The outcome always comes: phase 1 is bounded by the prepare timeout.
+        let _ = progress.wait_for(|p| p.announced != Outcome::Pending).await;
+        let _ = tokio::time::timeout(phase2_wait, progress.wait_for(|p| p.finished)).await;
+        let p = *progress.borrow();
+        let txn = live.txn.lock().unwrap();
+        CommitResult {
+            outcome: p.announced,
+            reason: txn.reason.clone(),
+            branches_pending: p.announced == Outcome::Committed && !p.finished,
+        }
+    }
+
+    /// Phase 1, the decision, and phase 2.
+    async fn run_commit(self: Arc<Self>, live: Arc<Live>, branches: Vec<usize>) {
+        let (id, endpoints) = {
+            let txn = live.txn.lock().unwrap();
+            let eps: Vec<String> = branches
+                .iter()
+                .map(|&i| txn.branches[i].endpoint.clone())
+                .collect();
+            (txn.id, eps)
+        };
+        let timeout = self.limits.prepare_timeout;
+        let votes = futures::future::join_all(
+            endpoints
+                .iter()
+                .map(|ep| self.participants.prepare(ep, id, timeout)),
+        )
+        .await;
+
+        let (decision, needs_flush) = {
+            let mut txn = live.txn.lock().unwrap();
+            for (&i, vote) in branches.iter().zip(votes) {
+                txn.record_vote(i, vote);
+            }
+            let decision = txn.decide(now_ms());
+            self.put(&txn);
+            let prepared = txn
+                .branches
+                .iter()
+                .any(|b| b.state == BranchState::Prepared);
+            let needs_flush = prepared && decision == Decision::Commit;
+            (decision, needs_flush)
+        };
+        match &decision {
+            Decision::Commit => {
+                // Only a branch that is prepared can lose a commit; with none (read-only or no
+                // branches) there is nothing to make durable.
+                if needs_flush {
+                    self.sync().await;
+                }
+                tracing::debug!(txn_id = %id, "commit decided");
+            }
+            Decision::Abort { reason } => tracing::info!(txn_id = %id, reason, "abort decided"),
+        }
+        let outcome = match decision {
+            Decision::Commit => Outcome::Committed,
+            Decision::Abort { .. } => Outcome::Aborted,
+        };
+        live.announce(outcome);
+        self.finish_branches(live).await;
+    }
+
+    /// Phase 2: COMMIT PREPARED or rollback to every branch that needs it, each retried with
+    /// backoff until it is acknowledged, then the transaction retires.
+    async fn finish_branches(self: Arc<Self>, live: Arc<Live>) {
+        let (id, committing, targets) = {
+            let txn = live.txn.lock().unwrap();
+            if txn.state.is_final() {
+                drop(txn);
+                let txn = live.txn.lock().unwrap().clone();
+                self.retire(&live, &txn);
+                return;
+            }
+            let targets: Vec<(usize, String, u64)> = txn
+                .branches_to_finish()
+                .into_iter()
+                .map(|i| (i, txn.branches[i].endpoint.clone(), txn.branches[i].xid))
+                .collect();
+            (txn.id, txn.state == State::Committing, targets)
+        };
+        let this = &self;
+        let live_ref = &live;
+        futures::future::join_all(targets.into_iter().map(|(i, endpoint, xid)| async move {
+            this.finish_one(id, &endpoint, xid, committing).await;
+            let mut txn = live_ref.txn.lock().unwrap();
+            if txn.acked(i, now_ms()) {
+                let done: Txn = txn.clone();
+                drop(txn);
+                this.retire(live_ref, &done);
+            }
+        }))
+        .await;
+    }
+
+    async fn finish_one(&self, id: TxnId, endpoint: &str, xid: u64, commit: bool) {
+        let mut backoff = self.limits.retry_min;
+        let mut attempts = 0u32;
+        loop {
+            match self
+                .participants
+                .finish(endpoint, id, xid, commit, self.limits.prepare_timeout)
+                .await
+            {
+                Ok(()) => return,
+                Err(status) => {
+                    attempts += 1;
+                    let what = if commit {
+                        "COMMIT PREPARED"
+                    } else {
+                        "rollback"
+                    };
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        tracing::error!(txn_id = %id, endpoint, error = status.message(), "{what} refused: the branch did not finish the way it was decided");
+                    } else if attempts == 1 || attempts.is_power_of_two() {
+                        tracing::warn!(txn_id = %id, endpoint, attempts, error = status.message(), "{what} failed; retrying");
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.limits.retry_max);
+        }
+    }
+}

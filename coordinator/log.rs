@@ -1,0 +1,341 @@
+//! The decision log: the coordinator's only durable state.
+//!
+//! One record per transaction, keyed by txn id, holding the whole [`Txn`] (state, branches and
+//! their xids). The protocol needs exactly one forced write: the commit decision, which must be
+//! on disk before the first COMMIT PREPARED is sent and before anyone hears "committed". Every
+//! other write (branch registered, aborted, finished) is a hint for recovery and for
+//! `GetTransaction`; losing it is safe under presumed abort, because a transaction without a
+//! commit record is aborted.
+//!
+//! The protocol core is generic over [`Log`]: [`SledLog`] in the binary, [`MemLog`] in tests,
+//! where `crash()` keeps only what was synced, as a power cut would.
+
+use super::flusher::Flusher;
+use super::txn::Txn;
+use crate::proto::TxnId;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The on-disk format; a data dir written by another version is refused, never reinterpreted.
+const FORMAT_VERSION: &str = "twopc-log-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("decision log I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("decision log record for {key} is unreadable: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "data dir {dir} holds format {found:?}, this build reads {FORMAT_VERSION:?}; refusing to start rather than lose its decisions"
+    )]
+    IncompatibleVersion { dir: String, found: String },
+    #[error(
+        "data dir {dir} belongs to coordinator {existing:?}, not {requested:?}; the id cannot change once set"
+    )]
+    IdMismatch {
+        dir: String,
+        existing: String,
+        requested: String,
+    },
+    #[error("invalid coordinator id {0:?}: use 1-64 characters from A-Z a-z 0-9 _ -")]
+    InvalidId(String),
+}
+
+pub trait Log: Send + Sync + 'static {
+    /// Writes (or overwrites) the transaction's record. Durable only after `sync`.
+    fn put(&self, txn: &Txn) -> Result<(), LogError>;
+
+    /// Returns once every `put` that returned before this call is durable.
+    fn sync(&self) -> impl Future<Output = Result<(), LogError>> + Send;
+
+    fn get(&self, id: TxnId) -> Result<Option<Txn>, LogError>;
+
+    /// Records newest first, those `keep` accepts, at most `limit`.
+    fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError>;
+}
+
+/// Checks a coordinator id: it goes into PostgreSQL gids, spliced into SQL text.
+pub fn validate_coordinator_id(id: &str) -> Result<(), LogError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LogError::InvalidId(id.to_string()))
+    }
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<Txn, LogError> {
+    serde_json::from_slice(value).map_err(|source| LogError::Corrupt {
+        key: TxnId::from_bytes(key).map_or_else(|| format!("{key:?}"), |id| id.to_string()),
+        source,
+    })
+}
+
+/// The log on sled, with group commit: concurrent `sync` calls share one `flush`.
+pub struct SledLog {
+    txns: sled::Tree,
+    flusher: Flusher,
+    _db: sled::Db,
+}
+
+impl SledLog {
+    /// Opens (or creates) the log in `dir` and returns it with the coordinator's stable id:
+    /// the one stored there, else `requested`, else a fresh random one.
+    pub fn open(dir: &Path, requested: Option<&str>) -> Result<(Self, String), LogError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let meta = db.open_tree("meta")?;
+        let dir_text = dir.display().to_string();
+        match meta.get("format")? {
+            Some(found) if found.as_ref() != FORMAT_VERSION.as_bytes() => {
+                return Err(LogError::IncompatibleVersion {
+                    dir: dir_text,
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                meta.insert("format", FORMAT_VERSION)?;
+            }
+        }
+        let id = match (meta.get("coordinator_id")?, requested) {
+            (Some(existing), requested) => {
+                let existing = String::from_utf8_lossy(&existing).into_owned();
+                if let Some(requested) = requested.filter(|r| *r != existing) {
+                    return Err(LogError::IdMismatch {
+                        dir: dir_text,
+                        existing,
+                        requested: requested.to_string(),
+                    });
+                }
+                existing
+            }
+            (None, requested) => {
+                let id = match requested {
+                    Some(r) => r.to_string(),
+                    None => format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+                };
+                validate_coordinator_id(&id)?;
+                meta.insert("coordinator_id", id.as_bytes())?;
+                id
+            }
+        };
+        // The id and format must survive a crash before any gid carries the id.
+        db.flush()?;
+        let txns = db.open_tree("txns")?;
+        let flusher = Flusher::start(db.clone());
+        Ok((
+            SledLog {
+                txns,
+                flusher,
+                _db: db,
+            },
+            id,
+        ))
+    }
+}
+
+impl Log for SledLog {
+    fn put(&self, txn: &Txn) -> Result<(), LogError> {
+        let value = serde_json::to_vec(txn).expect("a Txn always serializes");
+        self.txns.insert(txn.id.as_bytes(), value)?;
+        Ok(())
+    }
+
+    fn sync(&self) -> impl Future<Output = Result<(), LogError>> + Send {
+        self.flusher.sync()
+    }
+
+    fn get(&self, id: TxnId) -> Result<Option<Txn>, LogError> {
+        match self.txns.get(id.as_bytes())? {
+            Some(v) => decode(id.as_bytes(), &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
+        let mut out = Vec::new();
+        for entry in self.txns.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let txn = decode(&k, &v)?;
+            if keep(&txn) {
+                out.push(txn);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An in-memory log for tests. `crash()` returns the log a restarted process would find:
+/// only what was synced.
+#[derive(Clone, Default)]
+pub struct MemLog {
+    inner: Arc<Mutex<MemInner>>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    written: BTreeMap<TxnId, Txn>,
+    durable: BTreeMap<TxnId, Txn>,
+    syncs: usize,
+}
+
+impl MemLog {
+    pub fn crash(&self) -> MemLog {
+        let durable = self.inner.lock().unwrap().durable.clone();
+        MemLog {
+            inner: Arc::new(Mutex::new(MemInner {
+                written: durable.clone(),
+                durable,
+                syncs: 0,
+            })),
+        }
+    }
+
+    /// How many times `sync` ran: the forced writes the protocol paid for.
+    pub fn syncs(&self) -> usize {
+        self.inner.lock().unwrap().syncs
+    }
+}
+
+impl Log for MemLog {
+    fn put(&self, txn: &Txn) -> Result<(), LogError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .written
+            .insert(txn.id, txn.clone());
+        Ok(())
+    }
+
+    fn sync(&self) -> impl Future<Output = Result<(), LogError>> + Send {
+        let mut inner = self.inner.lock().unwrap();
+        inner.durable = inner.written.clone();
+        inner.syncs += 1;
+        std::future::ready(Ok(()))
+    }
+
+    fn get(&self, id: TxnId) -> Result<Option<Txn>, LogError> {
+        Ok(self.inner.lock().unwrap().written.get(&id).cloned())
+    }
+
+    fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
+        let inner = self.inner.lock().unwrap();
+        Ok(inner
+            .written
+            .values()
+            .rev()
+            .filter(|t| keep(t))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txn() -> Txn {
+        Txn::begin(TxnId::generate(), "label".into(), 1, 2)
+    }
+
+    #[tokio::test]
+    async fn a_synced_record_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = txn();
+        {
+            let (log, id) = SledLog::open(dir.path(), Some("coord-a")).unwrap();
+            assert_eq!(id, "coord-a");
+            log.put(&t).unwrap();
+            log.sync().await.unwrap();
+        }
+        let (log, id) = SledLog::open(dir.path(), None).unwrap();
+        assert_eq!(id, "coord-a", "the id is stable across restarts");
+        assert_eq!(log.get(t.id).unwrap(), Some(t));
+    }
+
+    #[tokio::test]
+    async fn concurrent_syncs_share_flushes_and_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SledLog::open(dir.path(), None).unwrap();
+        let log = Arc::new(log);
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    log.put(&txn()).unwrap();
+                    log.sync().await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(log.newest(100, &|_| true).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn refuses_another_id_or_format() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledLog::open(dir.path(), Some("a")).unwrap());
+        assert!(matches!(
+            SledLog::open(dir.path(), Some("b")),
+            Err(LogError::IdMismatch { .. })
+        ));
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert("format", "twopc-log-0")
+                .unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(
+            SledLog::open(dir.path(), None),
+            Err(LogError::IncompatibleVersion { .. })
+        ));
+        assert!(matches!(
+            SledLog::open(tempfile::tempdir().unwrap().path(), Some("x'; --")),
+            Err(LogError::InvalidId(_))
+        ));
+    }
+
+    #[test]
+    fn newest_lists_in_reverse_creation_order() {
+        let log = MemLog::default();
+        let (a, b) = (txn(), txn());
+        log.put(&a).unwrap();
+        log.put(&b).unwrap();
+        let ids: Vec<_> = log
+            .newest(10, &|_| true)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, vec![b.id, a.id]);
+    }
+
+    #[tokio::test]
+    async fn mem_log_crash_keeps_only_synced_records() {
+        let log = MemLog::default();
+        let (a, b) = (txn(), txn());
+        log.put(&a).unwrap();
+        log.sync().await.unwrap();
+        log.put(&b).unwrap();
+        let after = log.crash();
+        assert!(after.get(a.id).unwrap().is_some());
+        assert!(after.get(b.id).unwrap().is_none());
+    }
+}

@@ -1,0 +1,66 @@
+//! `coordinator`: the two-phase-commit coordinator process. Flags and env in, `run` out.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use twopc::coordinator::{Config, Limits, run};
+
+/// The twopc coordinator: begins global transactions and commits them atomically across
+/// PostgreSQL databases (through their participants), with its decisions logged in sled.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Directory of the decision log (sled) and the coordinator's id. Keep it: it is what
+    /// makes commits survive a crash.
+    #[arg(long, env = "TWOPC_DATA_DIR", default_value = "./twopc-data")]
+    data_dir: PathBuf,
+    /// The coordinator's stable id (A-Z a-z 0-9 _ -), recorded on first start; default: random.
+    #[arg(long, env = "TWOPC_ID")]
+    id: Option<String>,
+    /// Timeout of a transaction that Begin gives none (ms).
+    #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+    default_timeout_ms: u64,
+    /// The longest timeout Begin accepts (ms).
+    #[arg(long, env = "TWOPC_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
+    max_timeout_ms: u64,
+    /// How long phase 1 waits for each vote before counting it as no (ms).
+    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = 10_000)]
+    prepare_timeout_ms: u64,
+    /// How long Commit waits for phase-2 acknowledgements before answering anyway (ms).
+    #[arg(long, env = "TWOPC_COMMIT_WAIT_MS", default_value_t = 5_000)]
+    commit_wait_ms: u64,
+    /// How long shutdown waits for transactions in flight (ms).
+    #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    drain_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let config = Config {
+        data_dir: args.data_dir,
+        id: args.id,
+        limits: Limits {
+            default_timeout: Duration::from_millis(args.default_timeout_ms),
+            max_timeout: Duration::from_millis(args.max_timeout_ms),
+            prepare_timeout: Duration::from_millis(args.prepare_timeout_ms),
+            commit_wait: Duration::from_millis(args.commit_wait_ms),
+            ..Limits::default()
+        },
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+    };
+    run(listener, config, twopc::signal::shutdown()).await
+}

@@ -1,0 +1,107 @@
+//! The coordinator: begins global transactions, enlists participants' branches, decides
+//! commit or abort, and drives every branch to that decision.
+//!
+//! - [`txn`]: one transaction's state machine (no I/O).
+//! - [`log`] and [`flusher`]: the durable decision log on sled, with group commit.
+//! - [`txns`]: the table of live transactions and the queries on it.
+//! - [`commit`]: the protocol runs — phase 1, the decision, phase 2 with retries.
+//! - [`participants`]: gRPC clients to the participants.
+//! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`error`] maps errors to statuses.
+
+pub mod commit;
+pub mod error;
+mod flusher;
+pub mod log;
+pub mod participants;
+pub mod service;
+pub mod txn;
+pub mod txns;
+
+use crate::proto::coordinator_server::CoordinatorServer;
+use log::{Log, SledLog};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+pub use txns::{Coordinator, Limits};
+
+/// Everything a coordinator process needs, whatever the source (flags, env, tests).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// The stable id to record on first start; later starts must match or leave it unset.
+    pub id: Option<String>,
+    pub limits: Limits,
+    /// How long shutdown waits for in-flight commits.
+    pub drain_timeout: Duration,
+}
+
+/// Opens the log in `config.data_dir` and serves on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
+    })?;
+    let (log, id) = SledLog::open(&config.data_dir, config.id.as_deref())?;
+    let core = Coordinator::new(id, log, config.limits.clone());
+    tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
+    serve(listener, core, config.drain_timeout, shutdown).await
+}
+
+/// Serves an already-open core: gRPC, health and reflection on one port.
+pub async fn serve<L: Log>(
+    listener: TcpListener,
+    core: Arc<Coordinator<L>>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<service::Service<L>>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let drain_core = Arc::clone(&core);
+    let drained = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new transactions; waiting for those in flight");
+        drain_core.drain();
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        health_reporter
+            .set_not_serving::<CoordinatorServer<service::Service<L>>>()
+            .await;
+        let until = tokio::time::Instant::now() + drain_timeout;
+        while drain_core.live_count() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Whatever was decided is on disk already; this makes the hints durable too.
+        let _ = drain_core.log.sync().await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(CoordinatorServer::new(service::Service::new(core)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            drained,
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The `twopc.v1.Coordinator` gRPC service: parses requests, calls the core, maps errors.
+
+use super::error::Error;
+use super::log::Log;
+use super::txn::State;
+use super::txns::Coordinator;
+use crate::proto::{self, TxnId, coordinator_server};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+pub struct Service<L: Log> {
+    core: Arc<Coordinator<L>>,
+}
+
+impl<L: Log> Service<L> {
+    pub fn new(core: Arc<Coordinator<L>>) -> Self {
+        Service { core }
+    }
+}
+
+fn parse_id(s: &str) -> Result<TxnId, Status> {
+    s.parse().map_err(|e| Status::from(Error::MalformedId(e)))
+}
+
+/// The client's own deadline (the `grpc-timeout` header), if it sent one.
+fn client_deadline<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl<L: Log> coordinator_server::Coordinator for Service<L> {
+    async fn begin(
+        &self,
+        req: Request<proto::BeginRequest>,
+    ) -> Result<Response<proto::BeginResponse>, Status> {
+        let req = req.into_inner();
+        let (id, deadline) = self.core.begin(req.timeout_ms, req.label)?;
+        Ok(Response::new(proto::BeginResponse {
+            txn_id: id.to_string(),
+            deadline_unix_ms: deadline,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<proto::CommitRequest>,
+    ) -> Result<Response<proto::CommitResponse>, Status> {
+        // Answer before the client gives up: phase 2 may be cut short, the outcome may not.
+        let mut wait = self.core.limits.commit_wait;
+        if let Some(d) = client_deadline(&req) {
+            wait = wait.min(d.saturating_sub(Duration::from_millis(200)));
+        }
+        let id = parse_id(&req.get_ref().txn_id)?;
+        let r = self.core.commit(id, wait).await?;
+        Ok(Response::new(proto::CommitResponse {
+            outcome: r.outcome as i32,
+            reason: r.reason,
+            branches_pending: r.branches_pending,
+        }))
+    }
+
+    async fn abort(
+        &self,
+        req: Request<proto::AbortRequest>,
+    ) -> Result<Response<proto::AbortResponse>, Status> {
+        let req = req.into_inner();
+        let outcome = self.core.abort(parse_id(&req.txn_id)?, &req.reason).await?;
+        Ok(Response::new(proto::AbortResponse {
+            outcome: outcome as i32,
+        }))
+    }
+
+    async fn get_transaction(
+        &self,
+        req: Request<proto::GetTransactionRequest>,
+    ) -> Result<Response<proto::Transaction>, Status> {
+        let id = parse_id(&req.get_ref().txn_id)?;
+        Ok(Response::new(self.core.get(id)?))
+    }
+
+    async fn list_transactions(
+        &self,
+        req: Request<proto::ListTransactionsRequest>,
+    ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
+        let req = req.into_inner();
+        let mut states = Vec::new();
+        for s in &req.states {
+            states.push(match proto::TxnState::try_from(*s) {
+                Ok(proto::TxnState::Active) => State::Active,
+                Ok(proto::TxnState::Preparing) => State::Preparing,
+                Ok(proto::TxnState::Committing) => State::Committing,
+                Ok(proto::TxnState::Committed) => State::Committed,
+                Ok(proto::TxnState::Aborting) => State::Aborting,
+                Ok(proto::TxnState::Aborted) => State::Aborted,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown transaction state {s} in states"
+                    )));
+                }
+            });
+        }
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let transactions = self.core.list(&states, limit)?;
+        Ok(Response::new(proto::ListTransactionsResponse {
+            transactions,
+        }))
+    }
+
+    async fn register_branch(
+        &self,
+        req: Request<proto::RegisterBranchRequest>,
+    ) -> Result<Response<proto::RegisterBranchResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_id(&req.txn_id)?;
+        let deadline = self
+            .core
+            .register_branch(id, &req.participant_id, &req.endpoint)?;
+        Ok(Response::new(proto::RegisterBranchResponse {
+            coordinator_id: self.core.id().to_string(),
+            deadline_unix_ms: deadline,
+        }))
+    }
+
+    async fn query_outcome(
+        &self,
+        req: Request<proto::QueryOutcomeRequest>,
+    ) -> Result<Response<proto::QueryOutcomeResponse>, Status> {
+        let id = parse_id(&req.get_ref().txn_id)?;
+        let outcome = self.core.query_outcome(id)?;
+        Ok(Response::new(proto::QueryOutcomeResponse {
+            outcome: outcome as i32,
+        }))
+    }
+}

@@ -1,0 +1,309 @@
+//! The coordinator's transaction table: live transactions in memory, finished ones in the log.
+//!
+//! A transaction is *live* from Begin until every branch has acknowledged phase 2; its [`Txn`]
+//! state machine sits behind a mutex, beside a watch channel that tells waiting RPCs when the
+//! outcome may be announced and when the branches are done. Once final, its record is written to
+//! the log and it leaves memory, so the table holds only what is in flight.
+//!
+//! Announcing is separate from deciding: a commit decision is announced (to Commit, Abort,
+//! GetTransaction and QueryOutcome alike) only after the log flush that makes it durable.
+
+use super::error::Error;
+use super::log::Log;
+use super::participants::Participants;
+use super::txn::{State, Txn};
+use crate::proto::{self, Outcome, TxnId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Timeouts and limits of the protocol.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Begin's timeout when the client gives none.
+    pub default_timeout: Duration,
+    /// The longest timeout a client may ask for.
+    pub max_timeout: Duration,
+    /// How long phase 1 waits for a vote before counting it as no.
+    pub prepare_timeout: Duration,
+    /// How long Commit waits for phase 2 acknowledgements before answering anyway.
+    pub commit_wait: Duration,
+    /// Backoff between phase-2 retries to an unreachable participant.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(3600),
+            prepare_timeout: Duration::from_secs(10),
+            commit_wait: Duration::from_secs(5),
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What waiting RPCs may know of a live transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Progress {
+    /// `Pending` until the outcome may be told: for a commit, once it is durable.
+    pub announced: Outcome,
+    /// Every branch acknowledged phase 2.
+    pub finished: bool,
+}
+
+pub(super) struct Live {
+    pub txn: Mutex<Txn>,
+    pub progress: watch::Sender<Progress>,
+}
+
+impl Live {
+    pub fn announce(&self, outcome: Outcome) {
+        self.progress.send_modify(|p| p.announced = outcome);
+    }
+
+    fn announced(&self) -> Outcome {
+        self.progress.borrow().announced
+    }
+}
+
+pub struct Coordinator<L: Log> {
+    pub(super) id: String,
+    pub(super) log: L,
+    pub(super) live: Mutex<HashMap<TxnId, Arc<Live>>>,
+    pub(super) limits: Limits,
+    pub(super) participants: Participants,
+    draining: AtomicBool,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn check_name(what: &str, value: &str) -> Result<(), Error> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid {what} {value:?}: use 1-64 characters from A-Z a-z 0-9 _ - ."
+        )))
+    }
+}
+
+impl<L: Log> Coordinator<L> {
+    pub fn new(id: String, log: L, limits: Limits) -> Arc<Self> {
+        Arc::new(Coordinator {
+            participants: Participants::new(id.clone(), Duration::from_secs(2)),
+            id,
+            log,
+            live: Mutex::new(HashMap::new()),
+            limits,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops new transactions; those in flight carry on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// How many transactions are still in flight.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().unwrap().len()
+    }
+
+    pub(super) fn live(&self, id: TxnId) -> Option<Arc<Live>> {
+        self.live.lock().unwrap().get(&id).cloned()
+    }
+
+    /// Writes a record. A log that cannot be written leaves the coordinator unable to keep its
+    /// promises, so that is fatal, like a failed flush (see `flusher.rs`).
+    pub(super) fn put(&self, txn: &Txn) {
+        if let Err(e) = self.log.put(txn) {
+            tracing::error!(txn_id = %txn.id, error = %e, "decision log write failed; stopping the coordinator");
+            std::process::abort();
+        }
+    }
+
+    pub(super) async fn sync(&self) {
+        if let Err(e) = self.log.sync().await {
+            tracing::error!(error = %e, "decision log flush failed; stopping the coordinator");
+            std::process::abort();
+        }
+    }
+
+    /// The transaction is final: record it and let it leave memory.
+    pub(super) fn retire(&self, live: &Live, txn: &Txn) {
+        self.put(txn);
+        self.live.lock().unwrap().remove(&txn.id);
+        live.progress.send_modify(|p| p.finished = true);
+        tracing::debug!(txn_id = %txn.id, state = ?txn.state, "transaction finished");
+    }
+
+    pub fn begin(self: &Arc<Self>, timeout_ms: u32, label: String) -> Result<(TxnId, i64), Error> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let timeout = match timeout_ms {
+            0 => self.limits.default_timeout,
+            ms => Duration::from_millis(ms.into()),
+        };
+        if timeout > self.limits.max_timeout {
+            return Err(Error::InvalidArgument(format!(
+                "timeout_ms {timeout_ms} is above this coordinator's maximum of {} ms",
+                self.limits.max_timeout.as_millis()
+            )));
+        }
+        if label.len() > 1024 {
+            return Err(Error::InvalidArgument(format!(
+                "label is {} bytes; at most 1024 are allowed",
+                label.len()
+            )));
+        }
+        let id = TxnId::generate();
+        let created = now_ms();
+        let deadline = created + timeout.as_millis() as i64;
+        let live = Arc::new(Live {
+            txn: Mutex::new(Txn::begin(id, label, created, deadline)),
+            progress: watch::Sender::new(Progress {
+                announced: Outcome::Pending,
+                finished: false,
+            }),
+        });
+        self.live.lock().unwrap().insert(id, live);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            this.abort_if_active(id, "deadline exceeded while active");
+        });
+        tracing::debug!(txn_id = %id, timeout_ms = timeout.as_millis() as u64, "begin");
+        Ok((id, deadline))
+    }
+
+    /// Enlists a participant in a live, active transaction. Returns its deadline.
+    pub fn register_branch(
+        &self,
+        id: TxnId,
+        participant_id: &str,
+        endpoint: &str,
+    ) -> Result<i64, Error> {
+        check_name("participant_id", participant_id)?;
+        let uri: Result<tonic::transport::Uri, _> = endpoint.parse();
+        if !matches!(
+            uri.as_ref().map(|u| u.scheme_str()),
+            Ok(Some("http" | "https"))
+        ) {
+            return Err(Error::InvalidArgument(format!(
+                "endpoint {endpoint:?} is not a URL such as http://127.0.0.1:50061"
+            )));
+        }
+        let Some(live) = self.live(id) else {
+            return Err(self.not_live(id, "registering a branch"));
+        };
+        let mut txn = live.txn.lock().unwrap();
+        if txn.register(participant_id, endpoint)? {
+            // A hint for recovery: which participants may hold a branch. Not forced: a branch
+            // prepared before its coordinator died is found by scanning participants anyway.
+            self.put(&txn);
+            tracing::debug!(txn_id = %id, participant_id, endpoint, "branch registered");
+        }
+        Ok(txn.deadline_ms)
+    }
+
+    /// The error for a transaction that is not live: final, or unknown.
+    fn not_live(&self, id: TxnId, action: &'static str) -> Error {
+        match self.log.get(id) {
+            Ok(Some(txn)) => Error::Txn(super::txn::TxnError::NotActive {
+                id,
+                state: txn.state,
+                action,
+            }),
+            Ok(None) => Error::NotFound(id),
+            Err(e) => Error::Log(e),
+        }
+    }
+
+    pub fn get(&self, id: TxnId) -> Result<proto::Transaction, Error> {
+        if let Some(live) = self.live(id) {
+            let announced = live.announced();
+            return Ok(live.txn.lock().unwrap().to_proto(announced));
+        }
+        match self.log.get(id)? {
+            Some(txn) => Ok(txn.to_proto(recorded_outcome(txn.state))),
+            None => Err(Error::NotFound(id)),
+        }
+    }
+
+    /// Newest first: live transactions, then finished ones from the log.
+    pub fn list(&self, states: &[State], limit: usize) -> Result<Vec<proto::Transaction>, Error> {
+        let wanted = |s: State| states.is_empty() || states.contains(&s);
+        let live: Vec<Arc<Live>> = self.live.lock().unwrap().values().cloned().collect();
+        let mut out: Vec<proto::Transaction> = live
+            .iter()
+            .filter_map(|l| {
+                let txn = l.txn.lock().unwrap();
+                wanted(txn.state).then(|| txn.to_proto(l.announced()))
+            })
+            .collect();
+        out.sort_by(|a, b| b.txn_id.cmp(&a.txn_id));
+        out.truncate(limit);
+        let live_ids: std::collections::HashSet<TxnId> =
+            live.iter().map(|l| l.txn.lock().unwrap().id).collect();
+        let logged = self.log.newest(limit - out.len(), &|t: &Txn| {
+            !live_ids.contains(&t.id) && wanted(recorded_state(t.state))
+        })?;
+        out.extend(logged.into_iter().map(|t| {
+            let state = recorded_state(t.state);
+            let mut p = t.to_proto(recorded_outcome(t.state));
+            p.state = state.to_proto() as i32;
+            p
+        }));
+        Ok(out)
+    }
+
+    /// A participant holding a prepared branch asks what became of it. Presumed abort: a
+    /// transaction with no commit record was aborted.
+    pub fn query_outcome(&self, id: TxnId) -> Result<Outcome, Error> {
+        if let Some(live) = self.live(id) {
+            return Ok(live.announced());
+        }
+        Ok(match self.log.get(id)? {
+            Some(txn) => recorded_outcome(txn.state),
+            None => Outcome::Aborted,
+        })
+    }
+}
+
+/// The outcome a record in the log stands for once its transaction is no longer live. Only a
+/// commit decision is forced to disk; any other unfinished record is a previous run's
+/// transaction that never reached one, so it is aborted.
+fn recorded_outcome(state: State) -> Outcome {
+    match state {
+        State::Committing | State::Committed => Outcome::Committed,
+        _ => Outcome::Aborted,
+    }
+}
+
+/// The state a logged transaction that is no longer live is in, as far as clients are told.
+fn recorded_state(state: State) -> State {
+    match state {
+        State::Active | State::Preparing => State::Aborted,
+        s => s,
+    }
+}

@@ -1,0 +1,301 @@
+//! The participant's table of open branches, and the protocol steps on them.
+//!
+//! A branch appears on a transaction's first Execute here (after the coordinator accepts its
+//! registration) and leaves the table once finished. Each branch sits behind an async mutex,
+//! held across its PostgreSQL work, so a Prepare waits for a running statement and a repeated
+//! Commit waits for the first. Requests for a branch that is no longer in the table (finished,
+//! or this process restarted) go straight to PostgreSQL by gid, which stays correct because
+//! `COMMIT PREPARED` / `ROLLBACK PREPARED` outcomes are checked against `pg_xact_status`.
+
+use super::branch::{Branch, CommitStep, PrepareStep, RollbackStep, State, Vote};
+use super::error::Error;
+use super::gid::Gid;
+use super::postgres::{Database, Prepared};
+use super::sql;
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::{self, RegisterBranchRequest, TxnId};
+use deadpool_postgres::Object;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::transport::Channel;
+
+struct Slot {
+    branch: Branch,
+    /// The connection holding the branch's open transaction, until it is prepared or ended.
+    conn: Option<Object>,
+}
+
+type SlotRef = Arc<tokio::sync::Mutex<Slot>>;
+
+pub struct Participant {
+    pub(super) id: String,
+    advertise: String,
+    pub(super) db: Database,
+    coordinator: CoordinatorClient<Channel>,
+    /// Learned from the coordinator's first answer; names our gids.
+    coordinator_id: OnceLock<String>,
+    branches: Mutex<HashMap<TxnId, SlotRef>>,
+}
+
+/// How long after its deadline an unfinished, unprepared branch is rolled back here. The
+/// coordinator aborts at the deadline; the grace keeps us from racing its Prepare.
+const DEADLINE_GRACE: Duration = Duration::from_secs(1);
+
+impl Participant {
+    pub fn new(
+        id: String,
+        advertise: String,
+        db: Database,
+        coordinator: CoordinatorClient<Channel>,
+    ) -> Arc<Self> {
+        Arc::new(Participant {
+            id,
+            advertise,
+            db,
+            coordinator,
+            coordinator_id: OnceLock::new(),
+            branches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slot(&self, txn: TxnId) -> Option<SlotRef> {
+        self.branches.lock().unwrap().get(&txn).cloned()
+    }
+
+    fn forget(&self, txn: TxnId) {
+        self.branches.lock().unwrap().remove(&txn);
+    }
+
+    /// The gid of a branch the coordinator asks about: it names itself, or it is ours.
+    fn gid(&self, txn: TxnId, coordinator_id: &str) -> Result<Gid, Error> {
+        let owner = match coordinator_id {
+            "" => self.coordinator_id.get().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "coordinator_id is required: this participant has not met its coordinator yet"
+                        .into(),
+                )
+            })?,
+            id => id,
+        };
+        Ok(Gid::new(owner, txn)?)
+    }
+
+    pub async fn execute(
+        self: &Arc<Self>,
+        txn: TxnId,
+        sql_text: &str,
+        params: &[proto::Value],
+    ) -> Result<proto::ExecuteResponse, Error> {
+        sql::refuse_transaction_control(sql_text).map_err(|e| Error::statement(txn, e))?;
+        let slot = match self.slot(txn) {
+            Some(slot) => slot,
+            None => self.open(txn).await?,
+        };
+        let mut slot = slot.lock().await;
+        slot.branch.check_execute()?;
+        if slot.conn.is_none() {
+            match self.db.begin().await {
+                Ok(conn) => slot.conn = Some(conn),
+                Err(e) => {
+                    slot.branch.doom(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        let conn = slot
+            .conn
+            .as_ref()
+            .expect("an active branch has a connection");
+        match sql::execute(conn, sql_text, params).await {
+            Ok(resp) => Ok(resp),
+            Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
+            Err(sql::SqlError::Postgres(e)) => {
+                let err = Error::statement(txn, sql::SqlError::Postgres(e));
+                if let Error::Statement { message, .. } = &err {
+                    slot.branch.doom(message.clone());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Enlists this participant with the coordinator and makes the branch's slot.
+    async fn open(self: &Arc<Self>, txn: TxnId) -> Result<SlotRef, Error> {
+        let resp = self
+            .coordinator
+            .clone()
+            .register_branch(RegisterBranchRequest {
+                txn_id: txn.to_string(),
+                participant_id: self.id.clone(),
+                endpoint: self.advertise.clone(),
+            })
+            .await
+            .map_err(Error::Coordinator)?
+            .into_inner();
+        let gid = Gid::new(&resp.coordinator_id, txn)?;
+        let _ = self.coordinator_id.set(resp.coordinator_id);
+        let mut table = self.branches.lock().unwrap();
+        if let Some(existing) = table.get(&txn) {
+            // A concurrent Execute got here first.
+            return Ok(existing.clone());
+        }
+        let slot = Arc::new(tokio::sync::Mutex::new(Slot {
+            branch: Branch::new(gid, resp.deadline_unix_ms),
+            conn: None,
+        }));
+        table.insert(txn, slot.clone());
+        drop(table);
+        let this = Arc::clone(self);
+        let until = until_unix_ms(resp.deadline_unix_ms) + DEADLINE_GRACE;
+        tokio::spawn(async move {
+            tokio::time::sleep(until).await;
+            this.expire(txn).await;
+        });
+        tracing::debug!(txn_id = %txn, "branch opened");
+        Ok(slot)
+    }
+
+    /// The deadline passed: a branch still active here will never be committed.
+    async fn expire(&self, txn: TxnId) {
+        let Some(slot) = self.slot(txn) else { return };
+        let mut slot = slot.lock().await;
+        if matches!(slot.branch.state, State::Active | State::Doomed { .. }) {
+            tracing::info!(txn_id = %txn, "branch passed its deadline unprepared: rolling back");
+            self.roll_back_open(&mut slot).await;
+            self.forget(txn);
+        }
+    }
+
+    async fn roll_back_open(&self, slot: &mut Slot) {
+        if let Some(conn) = slot.conn.take()
+            && conn.batch_execute("ROLLBACK").await.is_err()
+        {
+            // Closing the connection rolls the transaction back all the same.
+            drop(Object::take(conn));
+        }
+        slot.branch.state = State::RolledBack;
+    }
+
+    pub async fn prepare(&self, txn: TxnId, coordinator_id: &str) -> Result<Vote, Error> {
+        let Some(slot) = self.slot(txn) else {
+            // Not open here: prepared before a lost reply or a restart, or never opened.
+            let gid = self.gid(txn, coordinator_id)?;
+            return Ok(match self.db.prepared_xid(&gid).await? {
+                Some(xid) => Vote::Yes { xid },
+                None => Vote::No {
+                    reason: format!(
+                        "{gid} is not open on participant {}: it never ran a statement here, or it was rolled back",
+                        self.id
+                    ),
+                },
+            });
+        };
+        let mut slot = slot.lock().await;
+        match slot.branch.prepare_step() {
+            PrepareStep::Answer(vote) => Ok(vote),
+            PrepareStep::RollBackAndRefuse { reason } => {
+                self.roll_back_open(&mut slot).await;
+                self.forget(txn);
+                Ok(Vote::No { reason })
+            }
+            PrepareStep::Prepare => {
+                let Some(conn) = slot.conn.take() else {
+                    slot.branch.state = State::RolledBack;
+                    self.forget(txn);
+                    return Ok(Vote::No {
+                        reason: "the branch has no open transaction".into(),
+                    });
+                };
+                let gid = slot.branch.gid.clone();
+                match self.db.prepare(conn, &gid).await {
+                    Ok((Prepared::Yes { xid }, _conn)) => {
+                        slot.branch.state = State::Prepared { xid };
+                        Ok(Vote::Yes { xid })
+                    }
+                    Ok((Prepared::ReadOnly, _conn)) => {
+                        slot.branch.state = State::ReadOnly;
+                        self.forget(txn);
+                        Ok(Vote::ReadOnly)
+                    }
+                    Ok((Prepared::No { reason }, _conn)) => {
+                        slot.branch.state = State::RolledBack;
+                        self.forget(txn);
+                        Ok(Vote::No { reason })
+                    }
+                    Err(e) => {
+                        // The connection broke mid-PREPARE: it may or may not be prepared.
+                        // Vote no; the rollback that follows settles it either way.
+                        let xid = self.db.prepared_xid(&gid).await.ok().flatten().unwrap_or(0);
+                        slot.branch.state = State::Prepared { xid };
+                        Ok(Vote::No {
+                            reason: format!("PREPARE TRANSACTION did not complete: {e}"),
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn commit(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        let Some(slot) = self.slot(txn) else {
+            return self
+                .db
+                .commit_prepared(&self.gid(txn, coordinator_id)?, xid)
+                .await;
+        };
+        let mut slot = slot.lock().await;
+        match slot.branch.commit_step()? {
+            CommitStep::AlreadyDone => Ok(()),
+            CommitStep::CommitPrepared { xid: ours } => {
+                let gid = slot.branch.gid.clone();
+                self.db
+                    .commit_prepared(&gid, if ours != 0 { ours } else { xid })
+                    .await?;
+                slot.branch.state = State::Committed;
+                self.forget(txn);
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn rollback(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        let Some(slot) = self.slot(txn) else {
+            return self
+                .db
+                .rollback_prepared(&self.gid(txn, coordinator_id)?, xid)
+                .await;
+        };
+        let mut slot = slot.lock().await;
+        match slot.branch.rollback_step()? {
+            RollbackStep::AlreadyDone => {}
+            RollbackStep::RollBackOpen => self.roll_back_open(&mut slot).await,
+            RollbackStep::RollBackPrepared { xid: ours } => {
+                let gid = slot.branch.gid.clone();
+                self.db
+                    .rollback_prepared(&gid, if ours != 0 { ours } else { xid })
+                    .await?;
+                slot.branch.state = State::RolledBack;
+            }
+        }
+        self.forget(txn);
+        Ok(())
+    }
+
+    /// The txn ids of our prepared branches in this database (of `coordinator_id`, or all).
+    pub async fn recover(&self, coordinator_id: &str) -> Result<Vec<TxnId>, Error> {
+        let gids = self.db.prepared_gids().await?;
+        Ok(gids
+            .into_iter()
+            .filter(|g| coordinator_id.is_empty() || g.coordinator_id == coordinator_id)
+            .map(|g| g.txn)
+            .collect())
+    }
+}
+
+fn until_unix_ms(deadline_ms: i64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Duration::from_millis((deadline_ms - now).max(0) as u64)
+}

@@ -1,0 +1,98 @@
+//! The participant's errors, and the one place they become gRPC statuses.
+
+use super::branch::BranchError;
+use super::gid::InvalidCoordinatorId;
+use super::postgres::describe;
+use super::sql::SqlError;
+use crate::proto::{InvalidTxnId, TxnId};
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    MalformedId(#[from] InvalidTxnId),
+    #[error(transparent)]
+    CoordinatorId(#[from] InvalidCoordinatorId),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Branch(#[from] BranchError),
+    /// A statement failed in PostgreSQL: the branch is doomed.
+    #[error("statement failed, so transaction {txn} can now only abort: {message}")]
+    Statement {
+        txn: TxnId,
+        message: String,
+        sqlstate: Option<String>,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    /// PostgreSQL failed outside a client's statement (pool, 2PC statements).
+    #[error("PostgreSQL: {}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The coordinator answered RegisterBranch with an error.
+    #[error("the coordinator refused the branch: {}", .0.message())]
+    Coordinator(Status),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn statement(txn: TxnId, e: SqlError) -> Error {
+        match e {
+            SqlError::Refused(msg) => Error::InvalidArgument(msg),
+            SqlError::Postgres(e) => Error::Statement {
+                txn,
+                message: describe(&e),
+                sqlstate: e.code().map(|c| c.code().to_string()),
+            },
+        }
+    }
+}
+
+/// A failed statement's code, by SQLSTATE class: what the client can do about it.
+fn statement_code(sqlstate: Option<&str>) -> Code {
+    match sqlstate.map(|s| &s[..2.min(s.len())]) {
+        Some("22" | "42" | "54") => Code::InvalidArgument,
+        Some("23") => Code::FailedPrecondition,
+        Some("40") => Code::Aborted,
+        Some("53") => Code::ResourceExhausted,
+        Some("08" | "57") | None => Code::Unavailable,
+        _ => Code::Aborted,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument(_) | Error::MalformedId(_) | Error::CoordinatorId(_) => {
+                Status::invalid_argument(msg)
+            }
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::FailedPrecondition(_) | Error::Branch(_) => Status::failed_precondition(msg),
+            Error::Statement { sqlstate, .. } => {
+                let mut status = Status::new(statement_code(sqlstate.as_deref()), msg);
+                if let Some(Ok(v)) = sqlstate.map(|s| s.parse()) {
+                    status.metadata_mut().insert("x-sqlstate", v);
+                }
+                status
+            }
+            Error::Unavailable(_) => Status::unavailable(msg),
+            Error::Postgres(e) if e.as_db_error().is_none() => Status::unavailable(msg),
+            Error::Postgres(_) | Error::Internal(_) => Status::internal(msg),
+            Error::Coordinator(s) => match s.code() {
+                Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument => {
+                    Status::new(s.code(), msg)
+                }
+                _ => Status::unavailable(format!(
+                    "the coordinator is not reachable: {}",
+                    s.message()
+                )),
+            },
+        }
+    }
+}

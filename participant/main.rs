@@ -1,0 +1,61 @@
+//! `participant`: fronts one PostgreSQL database for the twopc coordinator.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use twopc::participant::{Config, run};
+
+/// A twopc participant: runs clients' SQL inside transaction branches on one PostgreSQL
+/// database, and prepares / commits / rolls them back for the coordinator.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// This participant's id (A-Z a-z 0-9 _ - .), unique among the coordinator's participants.
+    #[arg(long, env = "TWOPC_PARTICIPANT_ID", default_value = "p1")]
+    id: String,
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "TWOPC_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// The URL the coordinator reaches this participant at [default: http://<listen>].
+    #[arg(long, env = "TWOPC_ADVERTISE")]
+    advertise: Option<String>,
+    /// The PostgreSQL database: a libpq key=value string or a postgres:// URL. The server needs
+    /// max_prepared_transactions > 0.
+    #[arg(
+        long,
+        env = "TWOPC_POSTGRES",
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    )]
+    postgres: String,
+    /// The most PostgreSQL connections this participant opens: the most branches open at once.
+    #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = 32)]
+    max_connections: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let config = Config {
+        id: args.id,
+        coordinator: args.coordinator,
+        advertise: args.advertise,
+        postgres: args.postgres,
+        max_connections: args.max_connections,
+    };
+    run(listener, config, twopc::signal::shutdown()).await
+}

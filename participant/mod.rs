@@ -1,0 +1,96 @@
+//! The participant: one per PostgreSQL database. Clients run SQL through it inside a branch of
+//! a global transaction; the coordinator prepares, commits and rolls the branch back through it.
+//!
+//! - [`branch`]: one branch's state machine (no I/O).
+//! - [`branches`]: the table of open branches and the protocol steps on them.
+//! - [`postgres`]: the connection pool and the two-phase-commit statements.
+//! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
+//! - [`sql`]: parameters, result rows, and the statements Execute refuses.
+//! - [`service`]: the `twopc.v1.Participant` gRPC service; [`error`] maps errors to statuses.
+
+pub mod branch;
+pub mod branches;
+pub mod error;
+pub mod gid;
+pub mod postgres;
+pub mod service;
+pub mod sql;
+
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::participant_server::ParticipantServer;
+use branches::Participant;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Branches found to have ended against the coordinator's decision. Should stay 0 forever.
+pub static ALARMS: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This participant's id, unique among the coordinator's participants.
+    pub id: String,
+    /// The coordinator's URL.
+    pub coordinator: String,
+    /// Where the coordinator reaches this participant; `None`: http://<listen address>.
+    pub advertise: Option<String>,
+    /// libpq key=value string or postgres:// URL.
+    pub postgres: String,
+    /// The most PostgreSQL connections, so the most branches open at once.
+    pub max_connections: usize,
+}
+
+/// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let db = postgres::Database::new(&config.postgres, config.max_connections)?;
+    db.check_prepared_transactions_enabled().await?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
+        format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+        )
+    });
+    let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| anyhow::anyhow!("bad coordinator URL {:?}: {e}", config.coordinator))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, %advertise, postgres = db.target(), "participant serving");
+    let core = Participant::new(
+        config.id.clone(),
+        advertise,
+        db,
+        CoordinatorClient::new(channel),
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ParticipantServer<service::Service>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(ParticipantServer::new(service::Service::new(core)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

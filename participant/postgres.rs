@@ -1,0 +1,293 @@
+//! The participant's PostgreSQL: a connection pool and the two-phase-commit statements.
+//!
+//! Each open branch owns one pooled connection (a shared client would interleave sessions); the
+//! connection goes back to the pool once the branch is prepared or rolled back. `COMMIT PREPARED`
+//! and `ROLLBACK PREPARED` run on any pooled connection, outside a transaction block.
+//!
+//! Knowing the outcome for certain: PostgreSQL answers `PREPARE TRANSACTION` without an error
+//! when the transaction had already failed (it rolls back instead), so a yes vote is given only
+//! once the gid is seen in `pg_prepared_xacts`. When a gid is gone, `pg_xact_status` of the xid
+//! read before PREPARE tells whether it committed or rolled back.
+
+use super::error::Error;
+use super::gid::Gid;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+pub struct Database {
+    pool: Pool,
+    /// For messages: where PostgreSQL is, without the password.
+    target: String,
+}
+
+/// How PREPARE TRANSACTION went.
+#[derive(Debug)]
+pub enum Prepared {
+    Yes {
+        xid: u64,
+    },
+    /// Nothing was written: committed locally instead.
+    ReadOnly,
+    /// PostgreSQL rolled the transaction back instead of preparing it.
+    No {
+        reason: String,
+    },
+}
+
+/// How a branch ended, by `pg_xact_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XactStatus {
+    Committed,
+    Aborted,
+    InProgress,
+    /// Too old for the commit log to tell, or not a valid xid.
+    Unknown,
+}
+
+impl Database {
+    pub fn new(conn_str: &str, max_connections: usize) -> Result<Self, Error> {
+        let config: tokio_postgres::Config = conn_str.parse().map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot parse the PostgreSQL connection string: {e}"
+            ))
+        })?;
+        let target = format!(
+            "{:?} port {:?} db {:?}",
+            config.get_hosts(),
+            config.get_ports(),
+            config.get_dbname().unwrap_or("(default)")
+        );
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A branch may leave session state behind (SET, SET ROLE survive PREPARE);
+                // the next branch on the connection must not inherit it.
+                recycling_method: RecyclingMethod::Clean,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_connections)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
+        Ok(Database { pool, target })
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    pub async fn conn(&self) -> Result<Object, Error> {
+        self.pool.get().await.map_err(|e| {
+            Error::Unavailable(format!(
+                "PostgreSQL at {} is not available: {e}",
+                self.target
+            ))
+        })
+    }
+
+    /// Refuses a server that cannot prepare transactions, with the fix.
+    pub async fn check_prepared_transactions_enabled(&self) -> Result<(), Error> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one("SHOW max_prepared_transactions", &[])
+            .await?;
+        let n: i64 = row.get::<_, String>(0).parse().unwrap_or(0);
+        if n == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "PostgreSQL at {} has max_prepared_transactions = 0, so it cannot prepare transactions. \
+                 Set max_prepared_transactions (e.g. 100, at least the number of concurrent branches) \
+                 in postgresql.conf and restart PostgreSQL.",
+                self.target
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens a branch's transaction on a fresh pooled connection.
+    pub async fn begin(&self) -> Result<Object, Error> {
+        let conn = self.conn().await?;
+        conn.batch_execute("BEGIN").await?;
+        Ok(conn)
+    }
+
+    /// Phase 1 on the branch's connection. On `Err` the connection's state is unknown, so it
+    /// is detached from the pool.
+    pub async fn prepare(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object), Error> {
+        let result = async {
+            let xid: Option<String> = conn
+                .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+                .await?
+                .get(0);
+            let Some(xid) = xid else {
+                conn.batch_execute("COMMIT").await?;
+                return Ok(Prepared::ReadOnly);
+            };
+            let xid: u64 = xid
+                .parse()
+                .map_err(|_| Error::Internal(format!("unexpected xid8 {xid:?}")))?;
+            if let Err(e) = conn.batch_execute(&format!("PREPARE TRANSACTION {}", gid.literal())).await {
+                // A deferred constraint, a serialization failure: the transaction is aborted
+                // but still open on this connection.
+                let reason = describe(&e);
+                conn.batch_execute("ROLLBACK").await?;
+                return Ok(Prepared::No { reason });
+            }
+            if self.is_prepared_on(&conn, gid).await? {
+                Ok(Prepared::Yes { xid })
+            } else {
+                Ok(Prepared::No {
+                    reason: "the transaction had already failed; PostgreSQL rolled it back instead of preparing it".into(),
+                })
+            }
+        }
+        .await;
+        match result {
+            Ok(p) => Ok((p, conn)),
+            Err(e) => {
+                drop(Object::take(conn));
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_prepared_on(&self, conn: &Object, gid: &Gid) -> Result<bool, Error> {
+        let row = conn
+            .query_opt(
+                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1",
+                &[&gid.to_string()],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// The xid8 of a prepared gid, if it is prepared. `pg_prepared_xacts` shows a 32-bit xid;
+    /// the epoch comes from the next xid, which is at most one wraparound ahead of it.
+    pub async fn prepared_xid(&self, gid: &Gid) -> Result<Option<u64>, Error> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT transaction::text, pg_snapshot_xmax(pg_current_snapshot())::text \
+                 FROM pg_prepared_xacts WHERE gid = $1",
+                &[&gid.to_string()],
+            )
+            .await?;
+        Ok(row.and_then(|r| {
+            let xid32: u64 = r.get::<_, String>(0).parse().ok()?;
+            let next: u64 = r.get::<_, String>(1).parse().ok()?;
+            let mut full = (next & !0xffff_ffff) | xid32;
+            if full > next {
+                full = full.checked_sub(1 << 32)?;
+            }
+            Some(full)
+        }))
+    }
+
+    /// The txn ids of every branch of ours prepared in this database.
+    pub async fn prepared_gids(&self) -> Result<Vec<Gid>, Error> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE $1 ORDER BY prepared",
+                &[&Gid::like_all()],
+            )
+            .await?;
+        Ok(rows.iter().filter_map(|r| Gid::parse(r.get(0))).collect())
+    }
+
+    /// Phase 2, commit. Idempotent: a gid that is gone is success only if its xid committed.
+    pub async fn commit_prepared(&self, gid: &Gid, xid: u64) -> Result<(), Error> {
+        self.finish_prepared(gid, xid, true).await
+    }
+
+    /// Rolls back a prepared branch. Idempotent: a gid that is gone is success unless its xid
+    /// committed.
+    pub async fn rollback_prepared(&self, gid: &Gid, xid: u64) -> Result<(), Error> {
+        self.finish_prepared(gid, xid, false).await
+    }
+
+    async fn finish_prepared(&self, gid: &Gid, xid: u64, commit: bool) -> Result<(), Error> {
+        let conn = self.conn().await?;
+        let verb = if commit {
+            "COMMIT PREPARED"
+        } else {
+            "ROLLBACK PREPARED"
+        };
+        match conn
+            .batch_execute(&format!("{verb} {}", gid.literal()))
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The gid is gone: finished earlier (a repeat after a lost reply), or never prepared.
+        if xid == 0 {
+            return if commit {
+                Err(Error::FailedPrecondition(format!(
+                    "{gid} is not prepared here and no xid was given to check whether it committed"
+                )))
+            } else {
+                // Nothing is prepared under this gid, so nothing can commit: rolled back.
+                Ok(())
+            };
+        }
+        let status = self.xact_status(&conn, xid).await?;
+        match (commit, status) {
+            (true, XactStatus::Committed) | (false, XactStatus::Aborted) => Ok(()),
+            (_, XactStatus::InProgress) => Err(Error::Unavailable(format!(
+                "{gid} (xid {xid}) is still in progress; retry"
+            ))),
+            (false, XactStatus::Unknown) => {
+                tracing::warn!(%gid, xid, "gid gone and xid too old to check; taking the rollback as done");
+                Ok(())
+            }
+            (_, status) => {
+                tracing::error!(%gid, xid, ?status, expected = if commit { "committed" } else { "rolled back" },
+                    "ATOMICITY ALARM: a branch did not end the way the coordinator decided");
+                super::ALARMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(Error::FailedPrecondition(format!(
+                    "ATOMICITY ALARM: {gid} (xid {xid}) is {status:?} in PostgreSQL, but the coordinator asked to {}",
+                    if commit { "commit it" } else { "roll it back" }
+                )))
+            }
+        }
+    }
+
+    async fn xact_status(&self, conn: &Object, xid: u64) -> Result<XactStatus, Error> {
+        let row = conn
+            .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid.to_string()])
+            .await;
+        let status: Option<String> = match row {
+            Ok(r) => r.get(0),
+            // "transaction ID ... is in the future" and the like: nothing we can tell from.
+            Err(e) if e.code().is_some() => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(match status.as_deref() {
+            Some("committed") => XactStatus::Committed,
+            Some("aborted") => XactStatus::Aborted,
+            Some("in progress") => XactStatus::InProgress,
+            _ => XactStatus::Unknown,
+        })
+    }
+}
+
+/// PostgreSQL's message with its SQLSTATE, as a person wants to read it.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => format!("connection to PostgreSQL failed: {e}"),
+    }
+}

@@ -1,0 +1,104 @@
+//! The `twopc.v1.Participant` gRPC service: parses requests, calls the branch table, maps
+//! errors. Every protocol step runs in its own task, so a client that cancels (or a deadline
+//! that passes) cannot stop a PREPARE or a COMMIT PREPARED halfway through its bookkeeping.
+
+use super::branch::Vote;
+use super::branches::Participant;
+use super::error::Error;
+use crate::proto::{self, TxnId, participant_server};
+use std::future::Future;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct Service {
+    core: Arc<Participant>,
+}
+
+impl Service {
+    pub fn new(core: Arc<Participant>) -> Self {
+        Service { core }
+    }
+}
+
+fn parse_id(s: &str) -> Result<TxnId, Status> {
+    s.parse().map_err(|e| Status::from(Error::MalformedId(e)))
+}
+
+/// Runs a step to completion whatever happens to the RPC that asked for it.
+async fn detached<T: Send + 'static>(
+    step: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(step).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!(
+            "the step failed unexpectedly: {e}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl participant_server::Participant for Service {
+    async fn execute(
+        &self,
+        req: Request<proto::ExecuteRequest>,
+    ) -> Result<Response<proto::ExecuteResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_id(&req.txn_id)?;
+        let core = Arc::clone(&self.core);
+        let resp = detached(async move { core.execute(txn, &req.sql, &req.params).await }).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<proto::PrepareRequest>,
+    ) -> Result<Response<proto::PrepareResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_id(&req.txn_id)?;
+        let core = Arc::clone(&self.core);
+        let vote = detached(async move { core.prepare(txn, &req.coordinator_id).await }).await?;
+        let (vote, reason, xid) = match vote {
+            Vote::Yes { xid } => (proto::Vote::Yes, String::new(), xid),
+            Vote::ReadOnly => (proto::Vote::ReadOnly, String::new(), 0),
+            Vote::No { reason } => (proto::Vote::No, reason, 0),
+        };
+        tracing::debug!(txn_id = %txn, ?vote, "voted");
+        Ok(Response::new(proto::PrepareResponse {
+            vote: vote as i32,
+            reason,
+            xid,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<proto::BranchRequest>,
+    ) -> Result<Response<proto::BranchResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_id(&req.txn_id)?;
+        let core = Arc::clone(&self.core);
+        detached(async move { core.commit(txn, req.xid, &req.coordinator_id).await }).await?;
+        Ok(Response::new(proto::BranchResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<proto::BranchRequest>,
+    ) -> Result<Response<proto::BranchResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_id(&req.txn_id)?;
+        let core = Arc::clone(&self.core);
+        detached(async move { core.rollback(txn, req.xid, &req.coordinator_id).await }).await?;
+        Ok(Response::new(proto::BranchResponse {}))
+    }
+
+    async fn recover(
+        &self,
+        req: Request<proto::RecoverRequest>,
+    ) -> Result<Response<proto::RecoverResponse>, Status> {
+        let ids = self.core.recover(&req.get_ref().coordinator_id).await?;
+        Ok(Response::new(proto::RecoverResponse {
+            txn_ids: ids.iter().map(TxnId::to_string).collect(),
+        }))
+    }
+}
