@@ -1,0 +1,257 @@
+//! Throwaway PostgreSQL clusters for the integration tests and the demo.
+//!
+//! Two-phase commit is exactly where a mock would lie to us (PREPARE TRANSACTION
+//! surviving a crash, `max_prepared_transactions`, recovery after a kill), so the
+//! tests run against a real server. Each `PgCluster` is a fresh `initdb` in its
+//! own temp dir on its own port, so tests can run in parallel without sharing
+//! state, and dropping it kills the server and deletes the files — also while a
+//! panicking test unwinds.
+//!
+//! PostgreSQL refuses to run as root, and containers and CI usually are root. In
+//! that case the temp dir is handed to the `postgres` OS user (which the Debian
+//! `postgresql` package creates) and every PostgreSQL binary runs via `runuser`.
+//!
+//! This file is included by path from both `demo/main.rs` and
+//! `tests/support/mod.rs`, so it must stay self-contained: no `crate::` paths.
+
+// Each includer uses a different subset of the API; unused parts are not dead.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Between probing a free port and the postmaster binding it, another test's
+/// cluster may take it; a fresh port on retry almost always settles it.
+const START_ATTEMPTS: u32 = 3;
+
+#[derive(Debug)]
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_root: bool,
+    port: u16,
+}
+
+impl PgCluster {
+    /// Runs `initdb` and starts the server; blocks until it accepts connections.
+    pub fn start() -> Result<PgCluster> {
+        let bin = find_bin_dir()?;
+        let as_root = running_as_root();
+        let dir = tempfile::Builder::new()
+            .prefix("twopc-pg-")
+            .tempdir_in(std::env::temp_dir())
+            .context("creating temp dir for PostgreSQL")?;
+        // From here on, Drop cleans up whatever an early return leaves behind.
+        let mut cluster = PgCluster {
+            dir,
+            bin,
+            as_root,
+            port: 0,
+        };
+        if as_root {
+            // tempfile makes the dir 0700 and root-owned; the postgres user must
+            // reach it to create the data dir, socket and log inside.
+            fs::set_permissions(cluster.dir.path(), fs::Permissions::from_mode(0o755))?;
+            let mut chown = Command::new("chown");
+            chown
+                .args(["-R", "postgres:postgres"])
+                .arg(cluster.dir.path());
+            cluster.run(chown, "chown").context(
+                "running as root needs the `postgres` user (apt-get install -y postgresql adds it)",
+            )?;
+        }
+
+        let mut initdb = cluster.pg_command("initdb");
+        // --no-sync: the cluster is thrown away. --locale=C: initdb fails if the
+        // caller's LANG names a locale that is not installed.
+        let flags = "-A trust -U postgres --no-sync -E UTF8 --locale=C";
+        initdb.args(flags.split(' '));
+        cluster.run(initdb, "initdb")?;
+
+        for attempt in 1..=START_ATTEMPTS {
+            cluster.port = free_port()?;
+            match cluster.pg_start() {
+                Ok(()) => return Ok(cluster),
+                Err(e) if attempt < START_ATTEMPTS && is_port_clash(&e) => {
+                    tracing::debug!("test PostgreSQL port {} was taken; retrying", cluster.port);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the last attempt always returns")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn conn_str(&self) -> String {
+        let port = self.port;
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+    }
+
+    /// Kills the server without a checkpoint, like a crash: prepared
+    /// transactions must come back from the WAL on `restart`.
+    pub fn stop_immediate(&self) {
+        if let Err(e) = self.pg_stop() {
+            tracing::warn!("stopping test PostgreSQL on port {}: {e:#}", self.port);
+        }
+    }
+
+    /// Starts the server again on the same port and data dir.
+    pub fn restart(&self) -> Result<()> {
+        self.pg_start()
+    }
+
+    /// A client for test assertions; needs a tokio runtime.
+    pub async fn client(&self) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.conn_str(), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to {}", self.conn_str()))?;
+        tokio::spawn(async move {
+            // Expected when a crash test kills the server under an open client.
+            if let Err(e) = conn.await {
+                tracing::debug!("test PostgreSQL connection ended: {e}");
+            }
+        });
+        Ok(client)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    fn pg_start(&self) -> Result<()> {
+        let log = self.log_path();
+        // The log is appended across restarts; only this attempt's part explains a failure.
+        let seen = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        // fsync=off: a lost throwaway cluster costs nothing, and crash tests kill
+        // only the server, never the OS, so the page cache still has everything.
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k '{}' -c max_prepared_transactions=64 \
+             -c max_connections=200 -c fsync=off -c shared_buffers=32MB",
+            self.port,
+            self.dir.path().display()
+        );
+        let mut cmd = self.pg_command("pg_ctl");
+        cmd.arg("-l").arg(&log);
+        cmd.args(["-w", "-t", "60", "-o", &opts, "start"]);
+        self.run(cmd, "pg_ctl-start")
+            .map_err(|e| anyhow!("{e:#}\nserver log {}:\n{}", log.display(), tail(&log, seen)))
+    }
+
+    fn pg_stop(&self) -> Result<()> {
+        let mut cmd = self.pg_command("pg_ctl");
+        cmd.args(["-m", "immediate", "-w", "-t", "60", "stop"]);
+        self.run(cmd, "pg_ctl-stop")
+    }
+
+    /// `program -D <data>`, as the postgres user when we are root.
+    fn pg_command(&self, program: &str) -> Command {
+        let exe = self.bin.join(program);
+        let mut cmd = if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        // Our cwd (e.g. /root) may be unreadable to the postgres user, which initdb trips over.
+        cmd.current_dir(self.dir.path()).stdin(Stdio::null());
+        cmd.arg("-D").arg(self.data_dir());
+        cmd
+    }
+
+    /// Runs quietly: output goes to `<dir>/<what>.out` and shows up only in the error.
+    fn run(&self, mut cmd: Command, what: &str) -> Result<()> {
+        let out_path = self.dir.path().join(format!("{what}.out"));
+        let out = File::create(&out_path)?;
+        cmd.stdout(out.try_clone()?).stderr(out);
+        let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+        if status.success() {
+            return Ok(());
+        }
+        let output = fs::read_to_string(&out_path).unwrap_or_default();
+        bail!("{what} failed ({status}):\n{}", output.trim_end())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // No pid file: never started, or already stopped by stop_immediate.
+        if self.data_dir().join("postmaster.pid").exists()
+            && let Err(e) = self.pg_stop()
+        {
+            tracing::warn!("test PostgreSQL may be left running: {e:#}");
+        }
+        // The TempDir field removes the directory after this.
+    }
+}
+
+fn is_port_clash(e: &anyhow::Error) -> bool {
+    let msg = format!("{e:#}");
+    msg.contains("could not bind") || msg.contains("Address already in use")
+}
+
+/// The last lines of `path` after its first `skip` bytes.
+fn tail(path: &Path, skip: u64) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(bytes.get(skip as usize..).unwrap_or_default());
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(30)..].join("\n")
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("probing for a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// No libc dependency for geteuid(); the effective uid is what PostgreSQL checks.
+fn running_as_root() -> bool {
+    if let Ok(status) = fs::read_to_string("/proc/self/status")
+        && let Some(line) = status.lines().find(|l| l.starts_with("Uid:"))
+    {
+        // Fields: real, effective, saved, filesystem.
+        return line.split_whitespace().nth(2) == Some("0");
+    }
+    let id = Command::new("id").arg("-u").output();
+    id.is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// A dir with both initdb and pg_ctl: first on PATH, else the newest Debian-style install.
+fn find_bin_dir() -> Result<PathBuf> {
+    let has_both = |d: &Path| ["initdb", "pg_ctl"].iter().all(|b| d.join(b).is_file());
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|d| has_both(d))
+    {
+        return Ok(dir);
+    }
+    // Debian keeps server binaries off PATH, one dir per major version.
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            // Major versions are plain numbers since 10; older ones are skipped.
+            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            has_both(&bin).then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        anyhow!(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in \
+             /usr/lib/postgresql/*/bin; install them with `apt-get install -y postgresql`"
+        )
+    })
+}

@@ -1,0 +1,293 @@
+//! Everything that ends in abort, and the errors a client can make.
+
+mod support;
+
+use std::time::Duration;
+use support::{System, int, outcome};
+use tonic::Code;
+use twopc::proto::{self, Outcome, TxnState};
+
+const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
+                        INSERT INTO acct VALUES (1, 100), (2, 100);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_votes_no_and_aborts_everywhere() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(
+        0,
+        &txn,
+        "UPDATE acct SET bal = bal - 10 WHERE id = 1",
+        vec![],
+    )
+    .await
+    .unwrap();
+
+    let failed = sys
+        .exec(1, &txn, "INSERT INTO acct VALUES (1, 0)", vec![])
+        .await
+        .unwrap_err();
+    let later = sys.exec(1, &txn, "SELECT 1", vec![]).await.unwrap_err();
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(failed.code(), Code::FailedPrecondition, "{failed:?}");
+    assert!(
+        failed.message().contains("23505") && failed.message().contains("can now only abort"),
+        "{}",
+        failed.message()
+    );
+    assert_eq!(failed.metadata().get("x-sqlstate").unwrap(), "23505");
+    assert_eq!(later.code(), Code::FailedPrecondition);
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted);
+    assert!(
+        resp.reason.contains("p2") && resp.reason.contains("duplicate key"),
+        "{}",
+        resp.reason
+    );
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100,
+        "p1's update rolled back"
+    );
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_constraint_failing_at_prepare_aborts_everywhere() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    sys.setup_sql(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (pid int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+    // Accepted now; the foreign key is checked only at PREPARE TRANSACTION.
+    sys.exec(1, &txn, "INSERT INTO child VALUES (42)", vec![])
+        .await
+        .unwrap();
+
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted);
+    assert!(resp.reason.contains("foreign key"), "{}", resp.reason);
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    assert_eq!(sys.scalar(1, "SELECT count(*) FROM child").await, 0);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_abort_rolls_back_and_later_calls_agree() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0", vec![])
+        .await
+        .unwrap();
+    sys.exec(1, &txn, "UPDATE acct SET bal = 0", vec![])
+        .await
+        .unwrap();
+
+    let aborted = sys.abort(&txn).await;
+    let commit_after = sys.commit(&txn).await;
+    let exec_after = sys.exec(0, &txn, "SELECT 1", vec![]).await.unwrap_err();
+
+    assert_eq!(outcome(aborted.outcome), Outcome::Aborted);
+    assert_eq!(outcome(commit_after.outcome), Outcome::Aborted);
+    assert_eq!(
+        exec_after.code(),
+        Code::FailedPrecondition,
+        "{exec_after:?}"
+    );
+    for db in 0..2 {
+        assert_eq!(sys.scalar(db, "SELECT sum(bal)::int8 FROM acct").await, 200);
+    }
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_after_commit_is_rejected() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 1 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+    assert_eq!(outcome(sys.commit(&txn).await.outcome), Outcome::Committed);
+
+    let on_branch = sys
+        .exec(0, &txn, "UPDATE acct SET bal = 2", vec![])
+        .await
+        .unwrap_err();
+    let on_new_participant = sys
+        .exec(1, &txn, "UPDATE acct SET bal = 2", vec![])
+        .await
+        .unwrap_err();
+
+    assert_eq!(on_branch.code(), Code::FailedPrecondition, "{on_branch:?}");
+    assert_eq!(
+        on_new_participant.code(),
+        Code::FailedPrecondition,
+        "{on_new_participant:?}"
+    );
+    assert_eq!(sys.scalar(0, "SELECT sum(bal)::int8 FROM acct").await, 101);
+    assert_eq!(sys.scalar(1, "SELECT sum(bal)::int8 FROM acct").await, 200);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_still_active_at_its_deadline_is_aborted() {
+    let sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin_with(500).await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t = sys.get(&txn).await;
+    let commit = sys.commit(&txn).await;
+
+    assert!(
+        matches!(t.state(), TxnState::Aborting | TxnState::Aborted),
+        "{t:?}"
+    );
+    assert!(t.reason.contains("deadline"), "{}", t.reason);
+    assert_eq!(outcome(commit.outcome), Outcome::Aborted);
+    // The row lock is released: a direct update does not wait.
+    let direct = sys.pgs[0].client().await.unwrap();
+    direct
+        .batch_execute("SET lock_timeout = '2s'; UPDATE acct SET bal = 5 WHERE id = 1")
+        .await
+        .unwrap();
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_unreachable_in_phase_one_aborts_the_transaction() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+    sys.exec(1, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+
+    sys.participants[1].kill();
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted);
+    assert!(resp.reason.contains("p2"), "{}", resp.reason);
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_ids_get_clear_statuses() {
+    let sys = System::start(1).await;
+    let mut coord = sys.coordinator().await;
+    let unknown = "01a20925-7ca8-7262-8425-e73022c96b09";
+
+    let commit_unknown = coord
+        .commit(proto::CommitRequest {
+            txn_id: unknown.into(),
+        })
+        .await
+        .unwrap_err();
+    let get_unknown = coord
+        .get_transaction(proto::GetTransactionRequest {
+            txn_id: unknown.into(),
+        })
+        .await
+        .unwrap_err();
+    let exec_unknown = sys.exec(0, unknown, "SELECT 1", vec![]).await.unwrap_err();
+    let commit_bad = coord
+        .commit(proto::CommitRequest {
+            txn_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    let exec_bad = sys
+        .exec(0, "'; DROP TABLE x; --", "SELECT 1", vec![])
+        .await
+        .unwrap_err();
+    let too_long = coord
+        .begin(proto::BeginRequest {
+            timeout_ms: u32::MAX,
+            label: String::new(),
+        })
+        .await
+        .unwrap_err();
+    let presumed = coord
+        .query_outcome(proto::QueryOutcomeRequest {
+            txn_id: unknown.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(commit_unknown.code(), Code::NotFound);
+    assert_eq!(get_unknown.code(), Code::NotFound);
+    assert_eq!(exec_unknown.code(), Code::NotFound, "{exec_unknown:?}");
+    assert_eq!(commit_bad.code(), Code::InvalidArgument);
+    assert!(commit_bad.message().contains("nope"));
+    assert_eq!(exec_bad.code(), Code::InvalidArgument);
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert_eq!(
+        outcome(presumed.outcome),
+        Outcome::Aborted,
+        "presumed abort"
+    );
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_would_end_the_branch_are_refused() {
+    let sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+
+    let commit = sys
+        .exec(0, &txn, "/* sneaky */ COMMIT", vec![])
+        .await
+        .unwrap_err();
+    let prepare = sys
+        .exec(0, &txn, "PREPARE TRANSACTION 'x'", vec![])
+        .await
+        .unwrap_err();
+    let arity = sys
+        .exec(0, &txn, "SELECT $1::int", vec![])
+        .await
+        .unwrap_err();
+    let still_fine = sys.exec(0, &txn, "SELECT $1::int", vec![int(1)]).await;
+    let aborted = sys.abort(&txn).await;
+
+    assert_eq!(commit.code(), Code::InvalidArgument);
+    assert_eq!(prepare.code(), Code::InvalidArgument);
+    assert_eq!(arity.code(), Code::InvalidArgument, "{arity:?}");
+    assert!(
+        still_fine.is_ok(),
+        "refusals do not doom the branch: {still_fine:?}"
+    );
+    assert_eq!(outcome(aborted.outcome), Outcome::Aborted);
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    sys.assert_nothing_prepared().await;
+}

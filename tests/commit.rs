@@ -1,0 +1,173 @@
+//! Committing across databases: the happy path, idempotent retries, and values on the wire.
+
+mod support;
+
+use support::{System, int, outcome, text};
+use twopc::proto::{self, Outcome, TxnState, value::Kind};
+
+const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
+                        INSERT INTO acct VALUES (1, 100), (2, 100);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_participant_commit_is_visible_in_both_databases() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+
+    let txn = sys.begin().await;
+    let debit = sys
+        .exec(
+            0,
+            &txn,
+            "UPDATE acct SET bal = bal - $1 WHERE id = $2 RETURNING bal",
+            vec![int(30), int(1)],
+        )
+        .await
+        .unwrap();
+    sys.exec(
+        1,
+        &txn,
+        "UPDATE acct SET bal = bal + $1 WHERE id = $2",
+        vec![int(30), int(1)],
+    )
+    .await
+    .unwrap();
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(debit.rows_affected, 1);
+    assert_eq!(debit.columns, vec!["bal"]);
+    assert_eq!(debit.rows[0].values[0].kind, Some(Kind::IntValue(70)));
+    assert_eq!(outcome(resp.outcome), Outcome::Committed);
+    assert!(!resp.branches_pending);
+    // Commit returned after phase 2: the writes are readable at once.
+    assert_eq!(sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await, 70);
+    assert_eq!(
+        sys.scalar(1, "SELECT bal FROM acct WHERE id = 1").await,
+        130
+    );
+    let t = sys.get(&txn).await;
+    assert_eq!(t.state(), TxnState::Committed);
+    assert_eq!(t.branches.len(), 2);
+    assert!(
+        t.branches
+            .iter()
+            .all(|b| b.state() == proto::BranchState::Committed && b.xid > 0)
+    );
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_abort_repeat_the_recorded_outcome() {
+    let sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+
+    let first = sys.commit(&txn).await;
+    let again = sys.commit(&txn).await;
+    let abort_after = sys.abort(&txn).await;
+
+    assert_eq!(outcome(first.outcome), Outcome::Committed);
+    assert_eq!(outcome(again.outcome), Outcome::Committed);
+    assert_eq!(outcome(abort_after.outcome), Outcome::Committed);
+    assert_eq!(sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await, 0);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_of_one_txn_agree() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 1 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+    sys.exec(1, &txn, "UPDATE acct SET bal = 1 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+
+    let (a, b, c) = tokio::join!(sys.commit(&txn), sys.commit(&txn), sys.commit(&txn));
+
+    for r in [a, b, c] {
+        assert_eq!(outcome(r.outcome), Outcome::Committed);
+    }
+    assert_eq!(sys.scalar(1, "SELECT bal FROM acct WHERE id = 1").await, 1);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_and_empty_transactions_commit_without_prepared_branches() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let reads = sys.begin().await;
+    sys.exec(0, &reads, "SELECT bal FROM acct", vec![])
+        .await
+        .unwrap();
+    sys.exec(1, &reads, "SELECT bal FROM acct", vec![])
+        .await
+        .unwrap();
+    let empty = sys.begin().await;
+
+    let r = sys.commit(&reads).await;
+    let e = sys.commit(&empty).await;
+
+    assert_eq!(outcome(r.outcome), Outcome::Committed);
+    assert_eq!(outcome(e.outcome), Outcome::Committed);
+    let t = sys.get(&reads).await;
+    assert!(
+        t.branches
+            .iter()
+            .all(|b| b.state() == proto::BranchState::ReadOnly)
+    );
+    assert_eq!(sys.get(&empty).await.state(), TxnState::Committed);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_round_trip_with_their_types() {
+    let sys = System::start(1).await;
+    let txn = sys.begin().await;
+    let v = |k| proto::Value { kind: Some(k) };
+    let resp = sys
+        .exec(
+            0,
+            &txn,
+            "SELECT $1::int8, $2::float8, $3::bool, $4::bytea, $5::text, NULL::int, $6::numeric, $7::date, $8::int4 + 1, 'x'::varchar",
+            vec![
+                int(-7),
+                v(Kind::DoubleValue(2.5)),
+                v(Kind::BoolValue(true)),
+                v(Kind::BytesValue(vec![0, 1, 255])),
+                text("it's \"quoted\""),
+                text("12.340"),
+                text("2026-11-23"),
+                int(41),
+            ],
+        )
+        .await
+        .unwrap();
+    sys.commit(&txn).await;
+
+    let got: Vec<Kind> = resp.rows[0]
+        .values
+        .iter()
+        .map(|v| v.kind.clone().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            Kind::IntValue(-7),
+            Kind::DoubleValue(2.5),
+            Kind::BoolValue(true),
+            Kind::BytesValue(vec![0, 1, 255]),
+            Kind::TextValue("it's \"quoted\"".into()),
+            Kind::NullValue(true),
+            Kind::TextValue("12.340".into()),
+            Kind::TextValue("2026-11-23".into()),
+            Kind::IntValue(42),
+            Kind::TextValue("x".into()),
+        ]
+    );
+    sys.assert_nothing_prepared().await;
+}

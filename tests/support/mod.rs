@@ -1,0 +1,320 @@
+//! Test support: a whole twopc system on this machine, torn down on drop.
+//!
+//! [`System::start`] makes `n` throwaway PostgreSQL clusters (real servers, see
+//! `demo/cluster.rs`), a coordinator on a temp data dir, and one participant per cluster, all
+//! served in-process on `127.0.0.1:0`. Dropping the system (also when a test panics) stops the
+//! servers with the test's runtime and the clusters with their guards.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+#[path = "../../demo/cluster.rs"]
+mod cluster;
+
+pub use cluster::PgCluster;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use twopc::coordinator::{self, Limits};
+use twopc::participant;
+use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::proto::participant_client::ParticipantClient;
+use twopc::proto::{self, value::Kind};
+
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Stops it the way a crash would: connections cut, nothing drained.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+
+    /// Stops it gracefully and waits.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct System {
+    pub pgs: Vec<PgCluster>,
+    pub coordinator: Server,
+    pub participants: Vec<Server>,
+    pub limits: Limits,
+    data_dir: tempfile::TempDir,
+}
+
+pub async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// Test limits: short enough that deadline scenarios run in seconds.
+pub fn test_limits() -> Limits {
+    Limits {
+        prepare_timeout: Duration::from_secs(5),
+        commit_wait: Duration::from_secs(2),
+        ..Limits::default()
+    }
+}
+
+impl System {
+    pub async fn start(n: usize) -> System {
+        Self::start_with(n, test_limits()).await
+    }
+
+    pub async fn start_with(n: usize, limits: Limits) -> System {
+        let pgs: Vec<PgCluster> = tokio::task::spawn_blocking(move || {
+            (0..n)
+                .map(|_| PgCluster::start().expect("start PostgreSQL"))
+                .collect()
+        })
+        .await
+        .unwrap();
+        let data_dir = tempfile::Builder::new()
+            .prefix("twopc-coord-")
+            .tempdir()
+            .unwrap();
+        let coordinator = start_coordinator(data_dir.path(), limits.clone()).await;
+        let mut participants = Vec::new();
+        for (i, pg) in pgs.iter().enumerate() {
+            participants.push(
+                start_participant(
+                    &format!("p{}", i + 1),
+                    coordinator.addr,
+                    &pg.conn_str(),
+                    None,
+                )
+                .await,
+            );
+        }
+        System {
+            pgs,
+            coordinator,
+            participants,
+            limits,
+            data_dir,
+        }
+    }
+
+    pub async fn coordinator(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(url(self.coordinator.addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn participant(&self, i: usize) -> ParticipantClient<Channel> {
+        ParticipantClient::connect(url(self.participants[i].addr))
+            .await
+            .unwrap()
+    }
+
+    /// Restarts participant `i` on the same address (after `kill`).
+    pub async fn restart_participant(&mut self, i: usize) {
+        let addr = self.participants[i].addr;
+        let conn = self.pgs[i].conn_str();
+        self.participants[i] = start_participant(
+            &format!("p{}", i + 1),
+            self.coordinator.addr,
+            &conn,
+            Some(addr),
+        )
+        .await;
+    }
+
+    pub async fn begin(&self) -> String {
+        self.begin_with(0).await
+    }
+
+    pub async fn begin_with(&self, timeout_ms: u32) -> String {
+        self.coordinator()
+            .await
+            .begin(proto::BeginRequest {
+                timeout_ms,
+                label: "test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .txn_id
+    }
+
+    pub async fn exec(
+        &self,
+        i: usize,
+        txn: &str,
+        sql: &str,
+        params: Vec<proto::Value>,
+    ) -> Result<proto::ExecuteResponse, tonic::Status> {
+        self.participant(i)
+            .await
+            .execute(proto::ExecuteRequest {
+                txn_id: txn.into(),
+                sql: sql.into(),
+                params,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn commit(&self, txn: &str) -> proto::CommitResponse {
+        self.coordinator()
+            .await
+            .commit(proto::CommitRequest { txn_id: txn.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn abort(&self, txn: &str) -> proto::AbortResponse {
+        self.coordinator()
+            .await
+            .abort(proto::AbortRequest {
+                txn_id: txn.into(),
+                reason: "test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn get(&self, txn: &str) -> proto::Transaction {
+        self.coordinator()
+            .await
+            .get_transaction(proto::GetTransactionRequest { txn_id: txn.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Runs SQL directly on database `i`, outside twopc, and returns the first column of the
+    /// first row as an integer.
+    pub async fn scalar(&self, i: usize, sql: &str) -> i64 {
+        let client = self.pgs[i].client().await.unwrap();
+        client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    }
+
+    /// Runs SQL directly on every database.
+    pub async fn setup_sql(&self, sql: &str) {
+        for pg in &self.pgs {
+            pg.client().await.unwrap().batch_execute(sql).await.unwrap();
+        }
+    }
+
+    /// Every test ends here: no prepared transaction is left anywhere. Phase 2 may still be
+    /// finishing in the background, so this waits a bounded time.
+    pub async fn assert_nothing_prepared(&self) {
+        for (i, pg) in self.pgs.iter().enumerate() {
+            let client = pg.client().await.unwrap();
+            let mut left = i64::MAX;
+            for _ in 0..100 {
+                left = client
+                    .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if left == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(left, 0, "database {i} still has prepared transactions");
+        }
+    }
+}
+
+pub async fn start_coordinator(data_dir: &std::path::Path, limits: Limits) -> Server {
+    let (l, addr) = listener().await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = coordinator::Config {
+        data_dir: data_dir.to_path_buf(),
+        id: Some("test-coord".into()),
+        limits,
+        drain_timeout: Duration::from_secs(2),
+    };
+    let task = tokio::spawn(coordinator::run(l, config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+pub async fn start_participant(
+    id: &str,
+    coordinator: SocketAddr,
+    postgres: &str,
+    at: Option<SocketAddr>,
+) -> Server {
+    let (l, addr) = match at {
+        // The old server's socket may linger for a moment after a kill.
+        Some(addr) => {
+            let mut tries = 0;
+            loop {
+                match TcpListener::bind(addr).await {
+                    Ok(l) => break (l, addr),
+                    Err(e) if tries < 50 => {
+                        tries += 1;
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("rebind {addr}: {e}"),
+                }
+            }
+        }
+        None => listener().await,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = participant::Config {
+        id: id.into(),
+        coordinator: url(coordinator),
+        advertise: None,
+        postgres: postgres.into(),
+        max_connections: 40,
+    };
+    let task = tokio::spawn(participant::run(l, config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+pub fn int(v: i64) -> proto::Value {
+    proto::Value {
+        kind: Some(Kind::IntValue(v)),
+    }
+}
+
+pub fn text(v: &str) -> proto::Value {
+    proto::Value {
+        kind: Some(Kind::TextValue(v.into())),
+    }
+}
+
+pub fn outcome(o: i32) -> proto::Outcome {
+    proto::Outcome::try_from(o).unwrap()
+}
