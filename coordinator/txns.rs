@@ -187,10 +187,13 @@ impl<L: Log> Coordinator<L> {
             }),
         });
         self.live.lock().unwrap().insert(id, live);
-        let this = Arc::clone(self);
+        // Weak: a pending timer must not keep a stopped coordinator (and its log) alive.
+        let this = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
-            this.abort_if_active(id, "deadline exceeded while active");
+            if let Some(this) = this.upgrade() {
+                this.abort_if_active(id, "deadline exceeded while active");
+            }
         });
         tracing::debug!(txn_id = %id, timeout_ms = timeout.as_millis() as u64, "begin");
         Ok((id, deadline))

@@ -1,1 +1,439 @@
-fn main() {}
+//! `demo`: a whole twopc system on this machine, and a bank that moves money between two
+//! PostgreSQL databases with it.
+//!
+//! It starts two throwaway PostgreSQL clusters (`bank-east` and `bank-west`), a coordinator and
+//! one participant per database, all on loopback, then talks to them over gRPC exactly as a
+//! client service would. With `--keep` it stays up afterwards so you can try grpcurl on it.
+
+mod cluster;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cluster::PgCluster;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::proto::participant_client::ParticipantClient;
+use twopc::proto::{self, Outcome, value::Kind};
+use twopc::{coordinator, participant};
+
+/// Runs a local twopc system and a bank-transfer demo on it.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Concurrent clients in the load part of the demo.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Transfers each of them makes.
+    #[arg(long, default_value_t = 25)]
+    transfers: usize,
+    /// Keep the system running afterwards (until Ctrl-C) and print how to reach it.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Bank {
+    coordinator: CoordinatorClient<Channel>,
+    east: ParticipantClient<Channel>,
+    west: ParticipantClient<Channel>,
+}
+
+fn int(v: i64) -> proto::Value {
+    proto::Value {
+        kind: Some(Kind::IntValue(v)),
+    }
+}
+
+fn text(v: &str) -> proto::Value {
+    proto::Value {
+        kind: Some(Kind::TextValue(v.into())),
+    }
+}
+
+impl Bank {
+    async fn exec(
+        db: &ParticipantClient<Channel>,
+        txn: &str,
+        sql: &str,
+        params: Vec<proto::Value>,
+    ) -> Result<proto::ExecuteResponse, tonic::Status> {
+        db.clone()
+            .execute(proto::ExecuteRequest {
+                txn_id: txn.into(),
+                sql: sql.into(),
+                params,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Moves `amount` from `from` (in east) to `to` (in west), recording it in both ledgers.
+    /// Returns the txn id, the outcome and the reason.
+    async fn transfer(
+        &self,
+        from: &str,
+        to: &str,
+        amount: i64,
+    ) -> Result<(String, Outcome, String)> {
+        let mut coordinator = self.coordinator.clone();
+        let txn = coordinator
+            .begin(proto::BeginRequest {
+                timeout_ms: 10_000,
+                label: format!("transfer {amount} {from}->{to}"),
+            })
+            .await?
+            .into_inner()
+            .txn_id;
+        let steps = async {
+            Self::exec(&self.east, &txn, "SET LOCAL lock_timeout = '1s'", vec![]).await?;
+            Self::exec(&self.west, &txn, "SET LOCAL lock_timeout = '1s'", vec![]).await?;
+            Self::exec(
+                &self.east,
+                &txn,
+                "UPDATE acct SET bal = bal - $1 WHERE name = $2",
+                vec![int(amount), text(from)],
+            )
+            .await?;
+            Self::exec(
+                &self.west,
+                &txn,
+                "UPDATE acct SET bal = bal + $1 WHERE name = $2",
+                vec![int(amount), text(to)],
+            )
+            .await?;
+            Self::exec(
+                &self.east,
+                &txn,
+                "INSERT INTO ledger VALUES ($1, $2)",
+                vec![text(&txn), int(-amount)],
+            )
+            .await?;
+            Self::exec(
+                &self.west,
+                &txn,
+                "INSERT INTO ledger VALUES ($1, $2)",
+                vec![text(&txn), int(amount)],
+            )
+            .await?;
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        match steps {
+            Ok(()) => {
+                let r = coordinator
+                    .commit(proto::CommitRequest {
+                        txn_id: txn.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((txn, r.outcome(), r.reason))
+            }
+            Err(status) => {
+                let r = coordinator
+                    .abort(proto::AbortRequest {
+                        txn_id: txn.clone(),
+                        reason: status.message().into(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok((txn, r.outcome(), status.message().to_string()))
+            }
+        }
+    }
+}
+
+async fn balances(east: &PgCluster, west: &PgCluster) -> Result<String> {
+    let mut parts = Vec::new();
+    for (name, pg) in [("east", east), ("west", west)] {
+        let rows = pg
+            .client()
+            .await?
+            .query("SELECT name, bal FROM acct ORDER BY name", &[])
+            .await?;
+        let accts: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{}={}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+        parts.push(format!("{name}: {}", accts.join(" ")));
+    }
+    Ok(parts.join(" | "))
+}
+
+async fn total(pg: &PgCluster) -> Result<i64> {
+    Ok(pg
+        .client()
+        .await?
+        .query_one("SELECT sum(bal)::int8 FROM acct", &[])
+        .await?
+        .get(0))
+}
+
+async fn prepared(pg: &PgCluster) -> Result<i64> {
+    Ok(pg
+        .client()
+        .await?
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await?
+        .get(0))
+}
+
+async fn listener() -> Result<(TcpListener, std::net::SocketAddr)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    Ok((l, addr))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    println!(
+        "== Starting two throwaway PostgreSQL clusters (initdb + pg_ctl, max_prepared_transactions=64)"
+    );
+    let (east, west) = tokio::task::spawn_blocking(|| {
+        Ok::<_, anyhow::Error>((PgCluster::start()?, PgCluster::start()?))
+    })
+    .await??;
+    println!(
+        "   bank-east on 127.0.0.1:{}, bank-west on 127.0.0.1:{}",
+        east.port(),
+        west.port()
+    );
+    for pg in [&east, &west] {
+        pg.client()
+            .await?
+            .batch_execute(
+                "CREATE TABLE acct (name text PRIMARY KEY, bal bigint NOT NULL CHECK (bal >= 0));
+                 CREATE TABLE ledger (txn_id text NOT NULL, delta bigint NOT NULL);",
+            )
+            .await?;
+    }
+    east.client()
+        .await?
+        .batch_execute("INSERT INTO acct VALUES ('alice', 100), ('carol', 1000)")
+        .await?;
+    west.client()
+        .await?
+        .batch_execute("INSERT INTO acct VALUES ('bob', 100), ('dave', 1000)")
+        .await?;
+
+    let data_dir = tempfile::Builder::new().prefix("twopc-demo-").tempdir()?;
+    let (cl, caddr) = listener().await?;
+    let coordinator_config = coordinator::Config {
+        data_dir: data_dir.path().to_path_buf(),
+        id: Some("demo".into()),
+        limits: coordinator::Limits::default(),
+        drain_timeout: Duration::from_secs(5),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let coord_task = tokio::spawn(coordinator::run(
+        cl,
+        coordinator_config,
+        stopped(stop_rx.clone()),
+    ));
+    let mut participant_tasks = Vec::new();
+    let mut participant_addrs = Vec::new();
+    for (id, pg) in [("east", &east), ("west", &west)] {
+        let (l, addr) = listener().await?;
+        let config = participant::Config {
+            id: id.into(),
+            coordinator: format!("http://{caddr}"),
+            advertise: None,
+            postgres: pg.conn_str(),
+            max_connections: 32,
+        };
+        participant_tasks.push(tokio::spawn(participant::run(
+            l,
+            config,
+            stopped(stop_rx.clone()),
+        )));
+        participant_addrs.push(addr);
+    }
+    println!(
+        "== twopc is up: coordinator {caddr} (decision log in {}), participants east {} and west {}",
+        data_dir.path().display(),
+        participant_addrs[0],
+        participant_addrs[1]
+    );
+
+    let bank = Arc::new(Bank {
+        coordinator: CoordinatorClient::connect(format!("http://{caddr}"))
+            .await
+            .context("connect to the coordinator")?,
+        east: ParticipantClient::connect(format!("http://{}", participant_addrs[0])).await?,
+        west: ParticipantClient::connect(format!("http://{}", participant_addrs[1])).await?,
+    });
+    println!("   balances: {}", balances(&east, &west).await?);
+
+    println!("\n== 1. alice (east) pays bob (west) 30: one transaction across both databases");
+    let (txn, outcome, _) = bank.transfer("alice", "bob", 30).await?;
+    println!("   txn {txn}: {outcome:?}");
+    println!("   balances: {}", balances(&east, &west).await?);
+    let t = bank
+        .coordinator
+        .clone()
+        .get_transaction(proto::GetTransactionRequest {
+            txn_id: txn.clone(),
+        })
+        .await?
+        .into_inner();
+    for b in &t.branches {
+        println!(
+            "   branch {} at {}: {:?} (PostgreSQL xid {})",
+            b.participant_id,
+            b.endpoint,
+            b.state(),
+            b.xid
+        );
+    }
+    if outcome != Outcome::Committed {
+        bail!("transfer 1 should have committed");
+    }
+
+    println!(
+        "\n== 2. alice pays bob 500 but has only 70: east's CHECK (bal >= 0) fails, so nothing moves anywhere"
+    );
+    let (txn, outcome, reason) = bank.transfer("alice", "bob", 500).await?;
+    println!("   txn {txn}: {outcome:?} because {reason}");
+    println!("   balances: {}", balances(&east, &west).await?);
+    if outcome != Outcome::Aborted {
+        bail!("transfer 2 should have aborted");
+    }
+
+    println!("\n== 3. a client changes its mind: debit and credit run, then Abort");
+    let mut coordinator = bank.coordinator.clone();
+    let txn = coordinator
+        .begin(proto::BeginRequest {
+            timeout_ms: 0,
+            label: "changed my mind".into(),
+        })
+        .await?
+        .into_inner()
+        .txn_id;
+    Bank::exec(
+        &bank.east,
+        &txn,
+        "UPDATE acct SET bal = bal - 10 WHERE name = 'carol'",
+        vec![],
+    )
+    .await?;
+    Bank::exec(
+        &bank.west,
+        &txn,
+        "UPDATE acct SET bal = bal + 10 WHERE name = 'dave'",
+        vec![],
+    )
+    .await?;
+    let aborted = coordinator
+        .abort(proto::AbortRequest {
+            txn_id: txn.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await?
+        .into_inner();
+    let again = coordinator
+        .commit(proto::CommitRequest {
+            txn_id: txn.clone(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "   txn {txn}: Abort says {:?}; a Commit after it says {:?}",
+        aborted.outcome(),
+        again.outcome()
+    );
+    println!("   balances: {}", balances(&east, &west).await?);
+
+    let before = total(&east).await? + total(&west).await?;
+    println!(
+        "\n== 4. {} clients make {} transfers each, carol (east) <-> dave (west), concurrently",
+        args.clients, args.transfers
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let bank = Arc::clone(&bank);
+            let n = args.transfers;
+            tokio::spawn(async move {
+                let (mut committed, mut aborted) = (0usize, 0usize);
+                for i in 0..n {
+                    match bank
+                        .transfer("carol", "dave", ((c + i) % 7 + 1) as i64)
+                        .await?
+                    {
+                        (_, Outcome::Committed, _) => committed += 1,
+                        _ => aborted += 1,
+                    }
+                }
+                Ok::<_, anyhow::Error>((committed, aborted))
+            })
+        })
+        .collect();
+    let (mut committed, mut aborted) = (0, 0);
+    for t in tasks {
+        let (c, a) = t.await??;
+        committed += c;
+        aborted += a;
+    }
+    let elapsed = started.elapsed();
+    let after = total(&east).await? + total(&west).await?;
+    println!(
+        "   {committed} committed, {aborted} aborted (lock timeouts) in {:.1}s ({:.0} transfers/s)",
+        elapsed.as_secs_f64(),
+        (committed + aborted) as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "   total money before {before}, after {after}: {}",
+        if before == after {
+            "conserved"
+        } else {
+            "NOT CONSERVED"
+        }
+    );
+    let left = prepared(&east).await? + prepared(&west).await?;
+    println!("   prepared transactions left in PostgreSQL: {left}");
+    println!("   balances: {}", balances(&east, &west).await?);
+    if before != after || left != 0 {
+        bail!("the demo found an inconsistency");
+    }
+
+    if args.keep {
+        println!(
+            "\n== Still running. Try, from another shell (grpcurl speaks reflection; no .proto needed):"
+        );
+        println!("   grpcurl -plaintext {caddr} list");
+        println!(
+            "   grpcurl -plaintext -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
+        );
+        println!(
+            "   grpcurl -plaintext -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {} twopc.v1.Participant/Execute",
+            participant_addrs[0]
+        );
+        println!(
+            "   grpcurl -plaintext -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
+        );
+        println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
+        println!("   Ctrl-C stops everything and removes the clusters.");
+        twopc::signal::shutdown().await;
+    }
+
+    println!("\n== Done: stopping the servers and removing the clusters");
+    drop(bank);
+    let _ = stop_tx.send(true);
+    coord_task.await??;
+    for t in participant_tasks {
+        t.await??;
+    }
+    Ok(())
+}

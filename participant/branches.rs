@@ -146,11 +146,14 @@ impl Participant {
         }));
         table.insert(txn, slot.clone());
         drop(table);
-        let this = Arc::clone(self);
+        // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
+        let this = Arc::downgrade(self);
         let until = until_unix_ms(resp.deadline_unix_ms) + DEADLINE_GRACE;
         tokio::spawn(async move {
             tokio::time::sleep(until).await;
-            this.expire(txn).await;
+            if let Some(this) = this.upgrade() {
+                this.expire(txn).await;
+            }
         });
         tracing::debug!(txn_id = %txn, "branch opened");
         Ok(slot)
