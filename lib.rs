@@ -8,6 +8,7 @@
 //! [`proto`] is the wire: the generated gRPC code and the transaction id both sides share.
 
 pub mod coordinator;
+pub mod failpoints;
 pub mod participant;
 pub mod proto;
 pub mod signal;

@@ -143,6 +143,7 @@ impl<L: Log> Coordinator<L> {
                 .map(|ep| self.participants.prepare(ep, id, timeout)),
         )
         .await;
+        crate::failpoint!("coordinator::votes_in");
 
         let (decision, needs_flush) = {
             let mut txn = live.txn.lock().unwrap();
@@ -163,7 +164,9 @@ impl<L: Log> Coordinator<L> {
                 // Only a branch that is prepared can lose a commit; with none (read-only or no
                 // branches) there is nothing to make durable.
                 if needs_flush {
+                    crate::failpoint!("coordinator::decision_written");
                     self.sync().await;
+                    crate::failpoint!("coordinator::decision_flushed");
                 }
                 tracing::debug!(txn_id = %id, "commit decided");
             }
@@ -179,7 +182,7 @@ impl<L: Log> Coordinator<L> {
 
     /// Phase 2: COMMIT PREPARED or rollback to every branch that needs it, each retried with
     /// backoff until it is acknowledged, then the transaction retires.
-    async fn finish_branches(self: Arc<Self>, live: Arc<Live>) {
+    pub(super) async fn finish_branches(self: Arc<Self>, live: Arc<Live>) {
         let (id, committing, targets) = {
             let txn = live.txn.lock().unwrap();
             if txn.state.is_final() {
@@ -203,7 +206,13 @@ impl<L: Log> Coordinator<L> {
             if txn.acked(i, now_ms()) {
                 let done: Txn = txn.clone();
                 drop(txn);
+                if committing {
+                    crate::failpoint!("coordinator::before_complete");
+                }
                 this.retire(live_ref, &done);
+            } else if committing {
+                drop(txn);
+                crate::failpoint!("coordinator::first_commit_acked");
             }
         }))
         .await;

@@ -57,6 +57,18 @@ pub trait Log: Send + Sync + 'static {
 
     /// Records newest first, those `keep` accepts, at most `limit`.
     fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError>;
+
+    /// Every record not in a final state: what recovery must finish.
+    fn unfinished(&self) -> Result<Vec<Txn>, LogError> {
+        self.newest(usize::MAX, &|t| !t.state.is_final())
+    }
+
+    /// Remembers a participant, so recovery can ask it for branches nobody else knows of.
+    /// Returns true if it is new (or moved), in which case the caller must `sync`.
+    fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError>;
+
+    /// Every participant ever enlisted: (id, endpoint).
+    fn participants(&self) -> Result<Vec<(String, String)>, LogError>;
 }
 
 /// Checks a coordinator id: it goes into PostgreSQL gids, spliced into SQL text.
@@ -83,6 +95,7 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Txn, LogError> {
 /// The log on sled, with group commit: concurrent `sync` calls share one `flush`.
 pub struct SledLog {
     txns: sled::Tree,
+    participants: sled::Tree,
     flusher: Flusher,
     _db: sled::Db,
 }
@@ -131,10 +144,12 @@ impl SledLog {
         // The id and format must survive a crash before any gid carries the id.
         db.flush()?;
         let txns = db.open_tree("txns")?;
+        let participants = db.open_tree("participants")?;
         let flusher = Flusher::start(db.clone());
         Ok((
             SledLog {
                 txns,
+                participants,
                 flusher,
                 _db: db,
             },
@@ -175,6 +190,26 @@ impl Log for SledLog {
         }
         Ok(out)
     }
+
+    fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
+        let old = self
+            .participants
+            .insert(participant_id, endpoint.as_bytes())?;
+        Ok(old.as_deref() != Some(endpoint.as_bytes()))
+    }
+
+    fn participants(&self) -> Result<Vec<(String, String)>, LogError> {
+        self.participants
+            .iter()
+            .map(|e| {
+                let (k, v) = e?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
+            })
+            .collect()
+    }
 }
 
 /// An in-memory log for tests. `crash()` returns the log a restarted process would find:
@@ -188,16 +223,18 @@ pub struct MemLog {
 struct MemInner {
     written: BTreeMap<TxnId, Txn>,
     durable: BTreeMap<TxnId, Txn>,
+    participants: BTreeMap<String, String>,
     syncs: usize,
 }
 
 impl MemLog {
     pub fn crash(&self) -> MemLog {
-        let durable = self.inner.lock().unwrap().durable.clone();
+        let inner = self.inner.lock().unwrap();
         MemLog {
             inner: Arc::new(Mutex::new(MemInner {
-                written: durable.clone(),
-                durable,
+                written: inner.durable.clone(),
+                durable: inner.durable.clone(),
+                participants: inner.participants.clone(),
                 syncs: 0,
             })),
         }
@@ -239,6 +276,25 @@ impl Log for MemLog {
             .filter(|t| keep(t))
             .take(limit)
             .cloned()
+            .collect())
+    }
+
+    fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
+        let mut inner = self.inner.lock().unwrap();
+        let old = inner
+            .participants
+            .insert(participant_id.into(), endpoint.into());
+        Ok(old.as_deref() != Some(endpoint))
+    }
+
+    fn participants(&self) -> Result<Vec<(String, String)>, LogError> {
+        Ok(self
+            .inner
+            .lock()
+            .unwrap()
+            .participants
+            .clone()
+            .into_iter()
             .collect())
     }
 }

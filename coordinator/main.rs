@@ -33,6 +33,9 @@ struct Args {
     /// How long Commit waits for phase-2 acknowledgements before answering anyway (ms).
     #[arg(long, env = "TWOPC_COMMIT_WAIT_MS", default_value_t = 5_000)]
     commit_wait_ms: u64,
+    /// How often enlisted participants are asked for orphaned prepared branches (ms; also at start).
+    #[arg(long, env = "TWOPC_ORPHAN_SCAN_INTERVAL_MS", default_value_t = 10_000)]
+    orphan_scan_interval_ms: u64,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    twopc::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
             max_timeout: Duration::from_millis(args.max_timeout_ms),
             prepare_timeout: Duration::from_millis(args.prepare_timeout_ms),
             commit_wait: Duration::from_millis(args.commit_wait_ms),
+            orphan_scan_interval: Duration::from_millis(args.orphan_scan_interval_ms),
             ..Limits::default()
         },
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),

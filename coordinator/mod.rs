@@ -13,6 +13,7 @@ pub mod error;
 mod flusher;
 pub mod log;
 pub mod participants;
+pub mod recovery;
 pub mod service;
 pub mod txn;
 pub mod txns;
@@ -47,7 +48,10 @@ pub async fn run(
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
     let (log, id) = SledLog::open(&config.data_dir, config.id.as_deref())?;
-    let core = Coordinator::new(id, log, config.limits.clone());
+    let core = Coordinator::new(id, log, config.limits.clone())?;
+    // Before serving: a Begin must not race the log's unfinished transactions.
+    core.recover()?;
+    core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
     tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
     serve(listener, core, config.drain_timeout, shutdown).await
 }

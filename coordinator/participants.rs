@@ -45,6 +45,7 @@ impl Participants {
 
     /// Phase 1 for one branch. Anything but a clear yes or read-only is a no.
     pub async fn prepare(&self, endpoint: &str, txn: TxnId, timeout: Duration) -> Vote {
+        crate::failpoint!("coordinator::prepare_sent");
         let call = async {
             let mut client = self.client(endpoint)?;
             let mut req = tonic::Request::new(PrepareRequest {
@@ -69,6 +70,32 @@ impl Participants {
                 },
             },
         }
+    }
+
+    /// The txn ids of our branches prepared at `endpoint`.
+    pub async fn recover(
+        &self,
+        endpoint: &str,
+        timeout: Duration,
+    ) -> Result<Vec<TxnId>, tonic::Status> {
+        let mut client = self.client(endpoint)?;
+        let mut req = tonic::Request::new(crate::proto::RecoverRequest {
+            coordinator_id: self.coordinator_id.clone(),
+        });
+        req.set_timeout(timeout);
+        let resp = tokio::time::timeout(timeout, client.recover(req))
+            .await
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded(format!(
+                    "no answer from {endpoint} within {timeout:?}"
+                ))
+            })??;
+        Ok(resp
+            .into_inner()
+            .txn_ids
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect())
     }
 
     /// Phase 2 for one branch: COMMIT PREPARED (`commit`) or a rollback.

@@ -129,7 +129,8 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         let id = parse_id(&req.txn_id)?;
         let deadline = self
             .core
-            .register_branch(id, &req.participant_id, &req.endpoint)?;
+            .register_branch(id, &req.participant_id, &req.endpoint)
+            .await?;
         Ok(Response::new(proto::RegisterBranchResponse {
             coordinator_id: self.core.id().to_string(),
             deadline_unix_ms: deadline,
@@ -141,6 +142,14 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         req: Request<proto::QueryOutcomeRequest>,
     ) -> Result<Response<proto::QueryOutcomeResponse>, Status> {
         let id = parse_id(&req.get_ref().txn_id)?;
+        let owner = &req.get_ref().coordinator_id;
+        if !owner.is_empty() && owner != self.core.id() {
+            // Presuming abort for someone else's transaction could undo its commit.
+            return Err(Status::failed_precondition(format!(
+                "this is coordinator {:?}; transaction {id} belongs to coordinator {owner:?}",
+                self.core.id()
+            )));
+        }
         let outcome = self.core.query_outcome(id)?;
         Ok(Response::new(proto::QueryOutcomeResponse {
             outcome: outcome as i32,

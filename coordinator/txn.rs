@@ -290,6 +290,26 @@ impl Txn {
         }
     }
 
+    /// The coordinator restarted and found this unfinished record. A durable commit decision
+    /// stands; anything else never reached one, so it aborts (presumed abort).
+    pub fn recover(&mut self, now_ms: i64) -> Decision {
+        match self.state {
+            State::Committing => Decision::Commit,
+            State::Active | State::Preparing | State::Aborting => {
+                if self.state != State::Aborting {
+                    self.state = State::Aborting;
+                    self.decided_ms = now_ms;
+                    self.reason = "the coordinator restarted before a commit decision".into();
+                }
+                self.finish_if_acked(now_ms);
+                Decision::Abort {
+                    reason: self.reason.clone(),
+                }
+            }
+            State::Committed | State::Aborted => panic!("recover() of a finished transaction"),
+        }
+    }
+
     /// The branches that still need phase 2 (COMMIT PREPARED or a rollback). A read-only
     /// branch already finished when it voted; a branch that voted no already rolled back, but
     /// one whose vote was lost may be prepared, so it gets a rollback too.
@@ -458,6 +478,34 @@ mod tests {
             }
         );
         assert_eq!(txn.branches_to_finish(), vec![0]);
+    }
+
+    #[test]
+    fn after_a_crash_a_durable_commit_stands_and_everything_else_aborts() {
+        let mut committing = txn_with(&["p1", "p2"]);
+        committing.commit();
+        committing.record_vote(0, Vote::Yes { xid: 1 });
+        committing.record_vote(1, Vote::Yes { xid: 2 });
+        committing.decide(1);
+        committing.acked(0, 2);
+        // What the log held when the process died: the decision, one branch acked in memory only.
+        let mut logged = committing.clone();
+        logged.branches[0].state = BranchState::Prepared;
+        assert_eq!(logged.recover(3), Decision::Commit);
+        assert_eq!(
+            logged.branches_to_finish(),
+            vec![0, 1],
+            "COMMIT PREPARED is re-driven to both"
+        );
+
+        let mut active = txn_with(&["p1"]);
+        assert!(matches!(active.recover(3), Decision::Abort { .. }));
+        assert_eq!(active.state, State::Aborting);
+        assert_eq!(
+            active.branches_to_finish(),
+            vec![0],
+            "its branch may be prepared: roll it back"
+        );
     }
 
     #[test]

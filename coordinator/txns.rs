@@ -33,6 +33,8 @@ pub struct Limits {
     /// Backoff between phase-2 retries to an unreachable participant.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How often enlisted participants are asked for orphaned prepared branches.
+    pub orphan_scan_interval: Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +46,7 @@ impl Default for Limits {
             commit_wait: Duration::from_secs(5),
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+            orphan_scan_interval: Duration::from_secs(10),
         }
     }
 }
@@ -78,6 +81,8 @@ pub struct Coordinator<L: Log> {
     pub(super) live: Mutex<HashMap<TxnId, Arc<Live>>>,
     pub(super) limits: Limits,
     pub(super) participants: Participants,
+    /// Cache of the log's participant registry: (id → endpoint).
+    enlisted: Mutex<HashMap<String, String>>,
     draining: AtomicBool,
 }
 
@@ -103,15 +108,17 @@ fn check_name(what: &str, value: &str) -> Result<(), Error> {
 }
 
 impl<L: Log> Coordinator<L> {
-    pub fn new(id: String, log: L, limits: Limits) -> Arc<Self> {
-        Arc::new(Coordinator {
+    pub fn new(id: String, log: L, limits: Limits) -> Result<Arc<Self>, Error> {
+        let enlisted = log.participants()?.into_iter().collect();
+        Ok(Arc::new(Coordinator {
             participants: Participants::new(id.clone(), Duration::from_secs(2)),
             id,
             log,
             live: Mutex::new(HashMap::new()),
             limits,
+            enlisted: Mutex::new(enlisted),
             draining: AtomicBool::new(false),
-        })
+        }))
     }
 
     pub fn id(&self) -> &str {
@@ -200,7 +207,7 @@ impl<L: Log> Coordinator<L> {
     }
 
     /// Enlists a participant in a live, active transaction. Returns its deadline.
-    pub fn register_branch(
+    pub async fn register_branch(
         &self,
         id: TxnId,
         participant_id: &str,
@@ -219,14 +226,40 @@ impl<L: Log> Coordinator<L> {
         let Some(live) = self.live(id) else {
             return Err(self.not_live(id, "registering a branch"));
         };
-        let mut txn = live.txn.lock().unwrap();
-        if txn.register(participant_id, endpoint)? {
-            // A hint for recovery: which participants may hold a branch. Not forced: a branch
-            // prepared before its coordinator died is found by scanning participants anyway.
-            self.put(&txn);
-            tracing::debug!(txn_id = %id, participant_id, endpoint, "branch registered");
+        let deadline = {
+            let mut txn = live.txn.lock().unwrap();
+            if txn.register(participant_id, endpoint)? {
+                // A hint for recovery. Not forced: a branch prepared before its coordinator
+                // died is found by asking the enlisted participants (`recovery.rs`).
+                self.put(&txn);
+                tracing::debug!(txn_id = %id, participant_id, endpoint, "branch registered");
+            }
+            txn.deadline_ms
+        };
+        self.enlist(participant_id, endpoint).await?;
+        crate::failpoint!("coordinator::branch_registered");
+        Ok(deadline)
+    }
+
+    /// Makes sure the participant is in the durable registry before it can prepare anything
+    /// of ours, so a restarted coordinator knows to ask it about orphans. Rare: once per
+    /// participant (and endpoint), so the forced write costs nothing in steady state.
+    async fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<(), Error> {
+        {
+            let known = self.enlisted.lock().unwrap();
+            if known.get(participant_id).map(String::as_str) == Some(endpoint) {
+                return Ok(());
+            }
         }
-        Ok(txn.deadline_ms)
+        if self.log.enlist(participant_id, endpoint)? {
+            self.sync().await;
+            tracing::info!(participant_id, endpoint, "participant enlisted");
+        }
+        self.enlisted
+            .lock()
+            .unwrap()
+            .insert(participant_id.to_string(), endpoint.to_string());
+        Ok(())
     }
 
     /// The error for a transaction that is not live: final, or unknown.

@@ -252,6 +252,7 @@ async fn main() -> Result<()> {
             advertise: None,
             postgres: pg.conn_str(),
             max_connections: 32,
+            resolve_interval: Duration::from_secs(5),
         };
         participant_tasks.push(tokio::spawn(participant::run(
             l,

@@ -36,6 +36,9 @@ struct Args {
     /// The most PostgreSQL connections this participant opens: the most branches open at once.
     #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = 32)]
     max_connections: usize,
+    /// How often prepared branches are checked with the coordinator, in ms (also at start).
+    #[arg(long, env = "TWOPC_RESOLVE_INTERVAL_MS", default_value_t = 5_000)]
+    resolve_interval_ms: u64,
 }
 
 #[tokio::main]
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    twopc::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         advertise: args.advertise,
         postgres: args.postgres,
         max_connections: args.max_connections,
+        resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
     };
     run(listener, config, twopc::signal::shutdown()).await
 }

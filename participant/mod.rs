@@ -13,6 +13,7 @@ pub mod branches;
 pub mod error;
 pub mod gid;
 pub mod postgres;
+pub mod recovery;
 pub mod service;
 pub mod sql;
 
@@ -39,6 +40,8 @@ pub struct Config {
     pub postgres: String,
     /// The most PostgreSQL connections, so the most branches open at once.
     pub max_connections: usize,
+    /// How often prepared branches are checked with the coordinator (and at start).
+    pub resolve_interval: Duration,
 }
 
 /// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
@@ -63,12 +66,9 @@ pub async fn run(
         .tcp_nodelay(true)
         .connect_lazy();
     tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, %advertise, postgres = db.target(), "participant serving");
-    let core = Participant::new(
-        config.id.clone(),
-        advertise,
-        db,
-        CoordinatorClient::new(channel),
-    );
+    let coordinator = CoordinatorClient::new(channel);
+    let core = Participant::new(config.id.clone(), advertise, db, coordinator.clone());
+    core.spawn_resolver(coordinator, config.resolve_interval);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

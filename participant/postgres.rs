@@ -132,7 +132,10 @@ impl Database {
             let xid: u64 = xid
                 .parse()
                 .map_err(|_| Error::Internal(format!("unexpected xid8 {xid:?}")))?;
-            if let Err(e) = conn.batch_execute(&format!("PREPARE TRANSACTION {}", gid.literal())).await {
+            crate::failpoint!("participant::before_prepare");
+            let prepared = conn.batch_execute(&format!("PREPARE TRANSACTION {}", gid.literal())).await;
+            crate::failpoint!("participant::after_prepare");
+            if let Err(e) = prepared {
                 // A deferred constraint, a serialization failure: the transaction is aborted
                 // but still open on this connection.
                 let reason = describe(&e);
@@ -178,15 +181,7 @@ impl Database {
                 &[&gid.to_string()],
             )
             .await?;
-        Ok(row.and_then(|r| {
-            let xid32: u64 = r.get::<_, String>(0).parse().ok()?;
-            let next: u64 = r.get::<_, String>(1).parse().ok()?;
-            let mut full = (next & !0xffff_ffff) | xid32;
-            if full > next {
-                full = full.checked_sub(1 << 32)?;
-            }
-            Some(full)
-        }))
+        Ok(row.and_then(|r| full_xid(r.get(0), r.get(1))))
     }
 
     /// The txn ids of every branch of ours prepared in this database.
@@ -199,6 +194,30 @@ impl Database {
             )
             .await?;
         Ok(rows.iter().filter_map(|r| Gid::parse(r.get(0))).collect())
+    }
+
+    /// Our branches prepared at least `min_age` ago: (gid, age in seconds, xid8).
+    pub async fn prepared_older_than(
+        &self,
+        min_age: Duration,
+    ) -> Result<Vec<(Gid, f64, u64)>, Error> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT gid, extract(epoch FROM now() - prepared)::float8, transaction::text, \
+                        pg_snapshot_xmax(pg_current_snapshot())::text \
+                 FROM pg_prepared_xacts \
+                 WHERE gid LIKE $1 AND prepared <= now() - make_interval(secs => $2) ORDER BY prepared",
+                &[&Gid::like_all(), &min_age.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let xid = full_xid(r.get(2), r.get(3)).unwrap_or(0);
+                Some((Gid::parse(r.get(0))?, r.get::<_, f64>(1), xid))
+            })
+            .collect())
     }
 
     /// Phase 2, commit. Idempotent: a gid that is gone is success only if its xid committed.
@@ -219,10 +238,20 @@ impl Database {
         } else {
             "ROLLBACK PREPARED"
         };
-        match conn
+        if commit {
+            crate::failpoint!("participant::before_commit_prepared");
+        } else {
+            crate::failpoint!("participant::before_rollback_prepared");
+        }
+        let finished = conn
             .batch_execute(&format!("{verb} {}", gid.literal()))
-            .await
-        {
+            .await;
+        if commit {
+            crate::failpoint!("participant::after_commit_prepared");
+        } else {
+            crate::failpoint!("participant::after_rollback_prepared");
+        }
+        match finished {
             Ok(()) => return Ok(()),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
             Err(e) => return Err(e.into()),
@@ -279,6 +308,19 @@ impl Database {
     }
 }
 
+/// The xid8 of a 32-bit xid (as `pg_prepared_xacts` shows it), given the next xid8 (both as
+/// text): the epoch is the next xid's, or one less if the low bits wrapped since.
+fn full_xid(xid32: &str, next: &str) -> Option<u64> {
+    let xid32: u64 = xid32.parse().ok()?;
+    let next: u64 = next.parse().ok()?;
+    let full = (next & !0xffff_ffff) | xid32;
+    if full > next {
+        full.checked_sub(1 << 32)
+    } else {
+        Some(full)
+    }
+}
+
 /// PostgreSQL's message with its SQLSTATE, as a person wants to read it.
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -289,5 +331,23 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             db.code().code()
         ),
         None => format!("connection to PostgreSQL failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_xid;
+
+    #[test]
+    fn widens_a_32_bit_xid_with_the_right_epoch() {
+        assert_eq!(full_xid("725", "730"), Some(725));
+        let epoch1 = 1u64 << 32;
+        assert_eq!(full_xid("5", &(epoch1 + 10).to_string()), Some(epoch1 + 5));
+        // Prepared just before the low bits wrapped: previous epoch.
+        assert_eq!(
+            full_xid("4294967290", &(epoch1 + 10).to_string()),
+            Some(4294967290)
+        );
+        assert_eq!(full_xid("x", "1"), None);
     }
 }

@@ -57,6 +57,7 @@ impl participant_server::Participant for Service {
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
         let vote = detached(async move { core.prepare(txn, &req.coordinator_id).await }).await?;
+        crate::failpoint!("participant::before_vote_reply");
         let (vote, reason, xid) = match vote {
             Vote::Yes { xid } => (proto::Vote::Yes, String::new(), xid),
             Vote::ReadOnly => (proto::Vote::ReadOnly, String::new(), 0),

@@ -233,6 +233,7 @@ async fn unknown_and_malformed_ids_get_clear_statuses() {
     let presumed = coord
         .query_outcome(proto::QueryOutcomeRequest {
             txn_id: unknown.into(),
+            coordinator_id: String::new(),
         })
         .await
         .unwrap()

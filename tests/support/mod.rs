@@ -292,6 +292,7 @@ pub async fn start_participant(
         advertise: None,
         postgres: postgres.into(),
         max_connections: 40,
+        resolve_interval: Duration::from_secs(2),
     };
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;

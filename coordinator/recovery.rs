@@ -1,0 +1,163 @@
+//! Recovery: finishing what a previous run of the coordinator left undone, and resolving
+//! branches prepared in PostgreSQL that no live transaction owns.
+//!
+//! At start, before serving, every unfinished record in the log goes back into the live table:
+//! a durable commit decision is re-driven (COMMIT PREPARED, retried until every branch
+//! acknowledges); anything else never reached a decision, so it aborts and its branches are
+//! rolled back (presumed abort).
+//!
+//! Orphans are branches that a participant prepared while the coordinator died before logging
+//! them (or whose record was a lost hint). The log's participant registry says whom to ask:
+//! `Participant.Recover` lists our prepared txn ids there. Order matters, the way Citus reads
+//! it: the prepared list is read *first*, the live table *after*. A txn whose vote is in flight
+//! is live from Begin until its final record is written, so any id on that list that is not
+//! live by then is either finished (its record says how) or from a previous run (no commit
+//! record: abort). Acting on ids read before the live check can never roll back a transaction
+//! that is being committed right now.
+
+use super::error::Error;
+use super::log::Log;
+use super::txn::{Decision, State};
+use super::txns::{Coordinator, Live, Progress, now_ms};
+use crate::proto::{Outcome, TxnId};
+use futures::StreamExt;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// What one orphan scan did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OrphanScan {
+    pub participants: usize,
+    pub unreachable: usize,
+    pub committed: usize,
+    pub rolled_back: usize,
+    pub failed: usize,
+}
+
+impl<L: Log> Coordinator<L> {
+    /// Loads every unfinished record and restarts its phase 2. Returns how many there were.
+    pub fn recover(self: &Arc<Self>) -> Result<usize, Error> {
+        let unfinished = self.log.unfinished()?;
+        let n = unfinished.len();
+        for mut txn in unfinished {
+            let decision = txn.recover(now_ms());
+            self.put(&txn);
+            let announced = match decision {
+                Decision::Commit => Outcome::Committed,
+                Decision::Abort { .. } => Outcome::Aborted,
+            };
+            tracing::info!(txn_id = %txn.id, ?announced, branches = txn.branches.len(), "recovering");
+            let live = Arc::new(Live {
+                progress: watch::Sender::new(Progress {
+                    announced,
+                    finished: false,
+                }),
+                txn: Mutex::new(txn.clone()),
+            });
+            self.live.lock().unwrap().insert(txn.id, Arc::clone(&live));
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.finish_branches(live).await });
+        }
+        if n > 0 {
+            tracing::info!(
+                transactions = n,
+                "recovery: unfinished transactions are being finished"
+            );
+        }
+        Ok(n)
+    }
+
+    /// Asks every enlisted participant for our prepared branches and resolves those that no
+    /// live transaction owns.
+    pub async fn resolve_orphans(self: &Arc<Self>) -> Result<OrphanScan, Error> {
+        let mut scan = OrphanScan::default();
+        for (participant_id, endpoint) in self.log.participants()? {
+            scan.participants += 1;
+            // First the prepared list, then (per id, below) the live table: see the header.
+            let ids = match self
+                .participants
+                .recover(&endpoint, self.limits.prepare_timeout)
+                .await
+            {
+                Ok(ids) => ids,
+                Err(status) => {
+                    scan.unreachable += 1;
+                    tracing::debug!(
+                        participant_id,
+                        endpoint,
+                        error = status.message(),
+                        "orphan scan: participant unreachable"
+                    );
+                    continue;
+                }
+            };
+            let orphans: Vec<(TxnId, bool, u64)> = ids
+                .into_iter()
+                .filter(|id| self.live(*id).is_none())
+                .map(|id| {
+                    let record = self.log.get(id)?;
+                    let commit = record
+                        .as_ref()
+                        .is_some_and(|t| matches!(t.state, State::Committing | State::Committed));
+                    let xid = record
+                        .and_then(|t| {
+                            t.branches
+                                .into_iter()
+                                .find(|b| b.participant_id == participant_id)
+                        })
+                        .map_or(0, |b| b.xid);
+                    Ok((id, commit, xid))
+                })
+                .collect::<Result<_, Error>>()?;
+            let results: Vec<(bool, Result<(), tonic::Status>)> = futures::stream::iter(orphans)
+                .map(|(id, commit, xid)| {
+                    let endpoint = endpoint.clone();
+                    async move {
+                        tracing::info!(txn_id = %id, endpoint, commit, "resolving an orphaned prepared branch");
+                        let r = self
+                            .participants
+                            .finish(&endpoint, id, xid, commit, self.limits.prepare_timeout)
+                            .await;
+                        (commit, r)
+                    }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            for (commit, r) in results {
+                match (commit, r) {
+                    (true, Ok(())) => scan.committed += 1,
+                    (false, Ok(())) => scan.rolled_back += 1,
+                    (_, Err(status)) => {
+                        scan.failed += 1;
+                        tracing::warn!(
+                            endpoint,
+                            error = status.message(),
+                            "orphan not resolved; next scan retries"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Scans for orphans now and then every `interval`, until the coordinator is dropped.
+    pub fn spawn_orphan_scanner(self: &Arc<Self>, interval: std::time::Duration) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(core) = this.upgrade() else { return };
+                match core.resolve_orphans().await {
+                    Ok(scan) if scan.committed + scan.rolled_back + scan.failed > 0 => {
+                        tracing::info!(?scan, "orphan scan")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "orphan scan failed"),
+                }
+                drop(core);
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,116 @@
+//! Named crash points for crash-recovery tests: a public interface, documented in
+//! docs/FAILPOINTS.md, that outside harnesses drive too.
+//!
+//! Built only with the `testing` feature (CI's and the harness's builds); otherwise
+//! [`failpoint!`] expands to nothing and costs nothing. Configured from the environment at
+//! start, in tikv `fail` syntax: `FAILPOINTS="coordinator::decision_flushed=abort;..."`.
+//! `abort` is ours: it ends the process on the spot, as SIGKILL would (no flush, no
+//! destructors); `fail`'s own `panic` would only end one tokio task. Every other action
+//! (`sleep(100)`, `pause`, `N*off->abort`-style chains are not supported; use `off`, `sleep`,
+//! `delay`, `print`, `return`) goes to the `fail` crate as is.
+
+/// Marks a crash point. `failpoint!("coordinator::decision_flushed")`.
+#[macro_export]
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "testing")]
+        fail::fail_point!($name);
+    };
+}
+
+/// Every crash point, for harnesses and `--list-failpoints`.
+pub const ALL: &[(&str, &str)] = &[
+    (
+        "coordinator::branch_registered",
+        "a participant's RegisterBranch is recorded, before the reply",
+    ),
+    (
+        "coordinator::prepare_sent",
+        "phase 1: just before a Prepare request goes to a participant",
+    ),
+    (
+        "coordinator::votes_in",
+        "every vote is in, before the decision is written",
+    ),
+    (
+        "coordinator::decision_written",
+        "the commit decision is written to the log, not yet flushed",
+    ),
+    (
+        "coordinator::decision_flushed",
+        "the commit decision is durable, before any COMMIT PREPARED is sent",
+    ),
+    (
+        "coordinator::first_commit_acked",
+        "one branch acknowledged COMMIT PREPARED, another has not",
+    ),
+    (
+        "coordinator::before_complete",
+        "every branch acknowledged, before the final record is written",
+    ),
+    ("participant::before_prepare", "before PREPARE TRANSACTION"),
+    (
+        "participant::after_prepare",
+        "PREPARE TRANSACTION done, before it is verified and voted",
+    ),
+    (
+        "participant::before_vote_reply",
+        "the vote is decided, before the reply is sent",
+    ),
+    (
+        "participant::before_commit_prepared",
+        "before COMMIT PREPARED",
+    ),
+    (
+        "participant::after_commit_prepared",
+        "COMMIT PREPARED done, before the reply",
+    ),
+    (
+        "participant::before_rollback_prepared",
+        "before ROLLBACK PREPARED",
+    ),
+    (
+        "participant::after_rollback_prepared",
+        "ROLLBACK PREPARED done, before the reply",
+    ),
+];
+
+/// Reads `FAILPOINTS` and arms each point. Call once at process start; without the
+/// `testing` feature a set `FAILPOINTS` is an error, so a harness never tests a build
+/// that cannot crash where it asked.
+pub fn setup_from_env() -> Result<(), String> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else {
+        return Ok(());
+    };
+    if spec.trim().is_empty() {
+        return Ok(());
+    }
+    #[cfg(not(feature = "testing"))]
+    {
+        Err(format!(
+            "FAILPOINTS={spec:?} is set, but this binary was built without the `testing` feature (cargo build --features testing)"
+        ))
+    }
+    #[cfg(feature = "testing")]
+    {
+        for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+            let (name, action) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("bad FAILPOINTS entry {entry:?}: expected name=action"))?;
+            if !ALL.iter().any(|(n, _)| *n == name) {
+                return Err(format!(
+                    "unknown failpoint {name:?}; see docs/FAILPOINTS.md"
+                ));
+            }
+            if action == "abort" {
+                fail::cfg_callback(name, || {
+                    eprintln!("failpoint hit: aborting the process");
+                    std::process::abort()
+                })?;
+            } else {
+                fail::cfg(name, action)?;
+            }
+        }
+        Ok(())
+    }
+}

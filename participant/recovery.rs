@@ -1,0 +1,112 @@
+//! Resolving in-doubt branches from the participant's side.
+//!
+//! A branch prepared in PostgreSQL holds its locks until someone commits or rolls it back. The
+//! coordinator re-drives what it knows of; this covers the rest (a participant restarted, a
+//! phase-2 message lost, a coordinator that came back without this branch in its log): at start
+//! and then periodically, every gid of ours in `pg_prepared_xacts` is put to the coordinator with
+//! `QueryOutcome` and the answer applied. PENDING means a commit is in flight: leave it. While
+//! the coordinator is unreachable the branch stays prepared (no heuristic decisions: guessing
+//! could break atomicity) and a warning names the gid and its age.
+
+use super::branches::Participant;
+use super::gid::Gid;
+use crate::proto::Outcome;
+use crate::proto::coordinator_client::CoordinatorClient;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub in_doubt: usize,
+    pub committed: usize,
+    pub rolled_back: usize,
+    pub pending: usize,
+    pub unresolved: usize,
+}
+
+impl Participant {
+    /// One pass over the prepared branches older than `min_age`.
+    pub async fn resolve_in_doubt(
+        &self,
+        coordinator: &CoordinatorClient<Channel>,
+        min_age: Duration,
+    ) -> Result<Pass, super::error::Error> {
+        let prepared = self.db.prepared_older_than(min_age).await?;
+        let mut pass = Pass {
+            in_doubt: prepared.len(),
+            ..Pass::default()
+        };
+        let results: Vec<(Gid, f64, Result<Outcome, String>)> = futures::stream::iter(prepared)
+            .map(|(gid, age, xid)| {
+                let mut coordinator = coordinator.clone();
+                async move {
+                    let asked = coordinator
+                        .query_outcome(crate::proto::QueryOutcomeRequest {
+                            txn_id: gid.txn.to_string(),
+                            coordinator_id: gid.coordinator_id.clone(),
+                        })
+                        .await;
+                    let outcome = match asked {
+                        Err(status) => Err(status.message().to_string()),
+                        Ok(resp) => {
+                            let outcome = resp.into_inner().outcome();
+                            let applied = match outcome {
+                                Outcome::Committed => {
+                                    self.commit(gid.txn, xid, &gid.coordinator_id).await
+                                }
+                                Outcome::Aborted => {
+                                    self.rollback(gid.txn, xid, &gid.coordinator_id).await
+                                }
+                                _ => Ok(()),
+                            };
+                            applied.map(|()| outcome).map_err(|e| e.to_string())
+                        }
+                    };
+                    (gid, age, outcome)
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (gid, age, result) in results {
+            match result {
+                Ok(Outcome::Committed) => pass.committed += 1,
+                Ok(Outcome::Aborted) => pass.rolled_back += 1,
+                Ok(_) => pass.pending += 1,
+                Err(error) => {
+                    pass.unresolved += 1;
+                    tracing::warn!(%gid, age_s = age, error, "in-doubt branch stays prepared (holding its locks) until its coordinator answers");
+                }
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Runs passes now and every `interval` until the participant is dropped.
+    pub fn spawn_resolver(
+        self: &Arc<Self>,
+        coordinator: CoordinatorClient<Channel>,
+        interval: Duration,
+    ) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // The first pass takes every prepared branch: after a restart all of them are in
+            // doubt. Later passes skip the young ones, which are normally mid-commit.
+            let mut min_age = Duration::ZERO;
+            loop {
+                let Some(core) = this.upgrade() else { return };
+                match core.resolve_in_doubt(&coordinator, min_age).await {
+                    Ok(pass) if pass.in_doubt > 0 => tracing::info!(?pass, "in-doubt branches"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "in-doubt scan failed; retrying"),
+                }
+                drop(core);
+                min_age = interval;
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+}
