@@ -65,23 +65,28 @@ impl<L: Log> Coordinator<L> {
         } else {
             reason
         };
-        self.start_abort(&live, reason);
+        self.start_abort(&live, reason, false);
         Ok(self.wait_for_outcome(&live, Duration::ZERO).await.outcome)
     }
 
     /// The deadline passed: abort if nobody has called Commit yet.
     pub(super) fn abort_if_active(self: &Arc<Self>, id: TxnId, reason: &str) {
-        if let Some(live) = self.live(id)
-            && live.txn.lock().unwrap().state == State::Active
-        {
-            tracing::info!(txn_id = %id, "{reason}: aborting");
-            self.start_abort(&live, reason);
+        if let Some(live) = self.live(id) {
+            self.start_abort(&live, reason, true);
         }
     }
 
-    fn start_abort(self: &Arc<Self>, live: &Arc<Live>, reason: &str) {
+    /// With `only_if_active`, a transaction whose Commit has begun is left alone; the check
+    /// and the abort happen under one lock, so a Commit cannot slip in between.
+    fn start_abort(self: &Arc<Self>, live: &Arc<Live>, reason: &str, only_if_active: bool) {
         let step = {
             let mut txn = live.txn.lock().unwrap();
+            if only_if_active && txn.state != State::Active {
+                return;
+            }
+            if only_if_active {
+                tracing::info!(txn_id = %txn.id, "{reason}: aborting");
+            }
             let step = txn.abort(reason, now_ms());
             if matches!(step, AbortStep::RollBack(_)) {
                 self.put(&txn);
@@ -116,7 +121,11 @@ impl<L: Log> Coordinator<L> {
         let mut progress = live.progress.subscribe();
         // The outcome always comes: phase 1 is bounded by the prepare timeout.
         let _ = progress.wait_for(|p| p.announced != Outcome::Pending).await;
-        let _ = tokio::time::timeout(phase2_wait, progress.wait_for(|p| p.finished)).await;
+        // Waiting for phase 2 lets a committer read its own writes; an abort's rollbacks
+        // change nothing the caller can see, so its answer need not wait for them.
+        if progress.borrow().announced == Outcome::Committed {
+            let _ = tokio::time::timeout(phase2_wait, progress.wait_for(|p| p.finished)).await;
+        }
         let p = *progress.borrow();
         let txn = live.txn.lock().unwrap();
         CommitResult {

@@ -129,7 +129,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         let id = parse_id(&req.txn_id)?;
         let deadline = self
             .core
-            .register_branch(id, &req.participant_id, &req.endpoint)
+            .register_branch(id, &req.participant_id, &req.endpoint, &req.instance_id)
             .await?;
         Ok(Response::new(proto::RegisterBranchResponse {
             coordinator_id: self.core.id().to_string(),

@@ -83,6 +83,9 @@ impl BranchState {
 pub struct Branch {
     pub participant_id: String,
     pub endpoint: String,
+    /// The participant process that registered it.
+    #[serde(default)]
+    pub instance: String,
     pub state: BranchState,
     /// The branch's PostgreSQL xid8, carried with its yes vote; 0 until then.
     pub xid: u64,
@@ -145,6 +148,10 @@ pub enum TxnError {
         existing: String,
         endpoint: String,
     },
+    #[error(
+        "participant {participant_id:?} restarted since it joined transaction {id}, losing the statements it ran for it; the transaction can only abort"
+    )]
+    BranchLost { id: TxnId, participant_id: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,7 +189,16 @@ impl Txn {
 
     /// Enlists a participant. Registering the same participant again is a no-op, so a
     /// participant may retry after a lost reply. Returns whether the branch is new.
-    pub fn register(&mut self, participant_id: &str, endpoint: &str) -> Result<bool, TxnError> {
+    ///
+    /// `instance` names the participant process: the same participant coming back as a new
+    /// process has lost the branch's open PostgreSQL transaction and every statement in it, so
+    /// it must not carry on as if nothing happened.
+    pub fn register(
+        &mut self,
+        participant_id: &str,
+        endpoint: &str,
+        instance: &str,
+    ) -> Result<bool, TxnError> {
         if self.state != State::Active {
             return Err(self.not_active("registering a branch"));
         }
@@ -199,11 +215,18 @@ impl Txn {
                     endpoint: endpoint.to_string(),
                 });
             }
+            if existing.instance != instance {
+                return Err(TxnError::BranchLost {
+                    id: self.id,
+                    participant_id: participant_id.to_string(),
+                });
+            }
             return Ok(false);
         }
         self.branches.push(Branch {
             participant_id: participant_id.to_string(),
             endpoint: endpoint.to_string(),
+            instance: instance.to_string(),
             state: BranchState::Active,
             xid: 0,
         });
@@ -355,10 +378,19 @@ impl Txn {
         }
     }
 
+    /// The transaction as clients see it. Until a commit decision is durable (`announced`),
+    /// it is shown as still preparing: nobody may read "committing" into a decision that a
+    /// crash could still undo.
     pub fn to_proto(&self, announced: proto::Outcome) -> proto::Transaction {
+        let shown = match self.state {
+            State::Committing | State::Committed if announced == proto::Outcome::Pending => {
+                State::Preparing
+            }
+            s => s,
+        };
         proto::Transaction {
             txn_id: self.id.to_string(),
-            state: self.state.to_proto() as i32,
+            state: shown.to_proto() as i32,
             outcome: announced as i32,
             label: self.label.clone(),
             branches: self
@@ -388,7 +420,7 @@ mod tests {
     fn txn_with(branches: &[&str]) -> Txn {
         let mut txn = Txn::begin(TxnId::generate(), "t".into(), 0, 1000);
         for p in branches {
-            assert!(txn.register(p, &format!("http://{p}")).unwrap());
+            assert!(txn.register(p, &format!("http://{p}"), "i1").unwrap());
         }
         txn
     }
@@ -511,14 +543,21 @@ mod tests {
     #[test]
     fn branches_register_only_while_active_and_idempotently() {
         let mut txn = txn_with(&["p1"]);
-        assert!(!txn.register("p1", "http://p1").unwrap());
+        assert!(!txn.register("p1", "http://p1", "i1").unwrap());
         assert!(matches!(
-            txn.register("p1", "http://elsewhere"),
+            txn.register("p1", "http://elsewhere", "i1"),
             Err(TxnError::EndpointMismatch { .. })
         ));
+        assert!(
+            matches!(
+                txn.register("p1", "http://p1", "i2"),
+                Err(TxnError::BranchLost { .. })
+            ),
+            "a restarted participant lost the branch's statements"
+        );
         txn.commit();
         assert!(matches!(
-            txn.register("p2", "http://p2"),
+            txn.register("p2", "http://p2", "i1"),
             Err(TxnError::NotActive { .. })
         ));
     }

@@ -212,6 +212,7 @@ impl<L: Log> Coordinator<L> {
         id: TxnId,
         participant_id: &str,
         endpoint: &str,
+        instance: &str,
     ) -> Result<i64, Error> {
         check_name("participant_id", participant_id)?;
         let uri: Result<tonic::transport::Uri, _> = endpoint.parse();
@@ -228,7 +229,7 @@ impl<L: Log> Coordinator<L> {
         };
         let deadline = {
             let mut txn = live.txn.lock().unwrap();
-            if txn.register(participant_id, endpoint)? {
+            if txn.register(participant_id, endpoint, instance)? {
                 // A hint for recovery. Not forced: a branch prepared before its coordinator
                 // died is found by asking the enlisted participants (`recovery.rs`).
                 self.put(&txn);
@@ -281,7 +282,7 @@ impl<L: Log> Coordinator<L> {
             return Ok(live.txn.lock().unwrap().to_proto(announced));
         }
         match self.log.get(id)? {
-            Some(txn) => Ok(txn.to_proto(recorded_outcome(txn.state))),
+            Some(txn) => Ok(recorded_proto(&txn)),
             None => Err(Error::NotFound(id)),
         }
     }
@@ -304,12 +305,7 @@ impl<L: Log> Coordinator<L> {
         let logged = self.log.newest(limit - out.len(), &|t: &Txn| {
             !live_ids.contains(&t.id) && wanted(recorded_state(t.state))
         })?;
-        out.extend(logged.into_iter().map(|t| {
-            let state = recorded_state(t.state);
-            let mut p = t.to_proto(recorded_outcome(t.state));
-            p.state = state.to_proto() as i32;
-            p
-        }));
+        out.extend(logged.iter().map(recorded_proto));
         Ok(out)
     }
 
@@ -334,6 +330,13 @@ fn recorded_outcome(state: State) -> Outcome {
         State::Committing | State::Committed => Outcome::Committed,
         _ => Outcome::Aborted,
     }
+}
+
+/// How a record of a transaction that is no longer live is shown to clients.
+fn recorded_proto(txn: &Txn) -> proto::Transaction {
+    let mut p = txn.to_proto(recorded_outcome(txn.state));
+    p.state = recorded_state(txn.state).to_proto() as i32;
+    p
 }
 
 /// The state a logged transaction that is no longer live is in, as far as clients are told.

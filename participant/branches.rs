@@ -26,13 +26,45 @@ struct Slot {
     conn: Option<Object>,
 }
 
-type SlotRef = Arc<tokio::sync::Mutex<Slot>>;
+/// A branch in the table. `cancel` reaches the statement running on the branch's connection
+/// without its lock: a deadline or a rollback must not wait behind a statement stuck on a lock.
+/// It is set only while the slot holds its connection (after that the connection may serve
+/// another branch, whose statements are not ours to cancel).
+struct Entry {
+    slot: tokio::sync::Mutex<Slot>,
+    cancel: Mutex<Option<tokio_postgres::CancelToken>>,
+}
+
+impl Entry {
+    /// Locks the slot, cancelling the statement running on it if it is busy.
+    async fn lock_interrupting(&self) -> tokio::sync::MutexGuard<'_, Slot> {
+        if let Ok(slot) = self.slot.try_lock() {
+            return slot;
+        }
+        let token = self.cancel.lock().unwrap().clone();
+        if let Some(token) = token
+            && let Err(e) = token.cancel_query(tokio_postgres::NoTls).await
+        {
+            tracing::warn!(error = %e, "could not cancel a running statement");
+        }
+        self.slot.lock().await
+    }
+
+    fn take_conn(&self, slot: &mut Slot) -> Option<Object> {
+        *self.cancel.lock().unwrap() = None;
+        slot.conn.take()
+    }
+}
+
+type SlotRef = Arc<Entry>;
 
 pub struct Participant {
     pub(super) id: String,
     advertise: String,
     pub(super) db: Database,
     coordinator: CoordinatorClient<Channel>,
+    /// This process, for the coordinator: a restarted participant has lost its open branches.
+    instance: String,
     /// Learned from the coordinator's first answer; names our gids.
     coordinator_id: OnceLock<String>,
     branches: Mutex<HashMap<TxnId, SlotRef>>,
@@ -54,6 +86,7 @@ impl Participant {
             advertise,
             db,
             coordinator,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             coordinator_id: OnceLock::new(),
             branches: Mutex::new(HashMap::new()),
         })
@@ -92,16 +125,15 @@ impl Participant {
             Some(slot) => slot,
             None => self.open(txn).await?,
         };
-        let mut slot = slot.lock().await;
+        let entry = slot;
+        let mut slot = entry.slot.lock().await;
         slot.branch.check_execute()?;
         if slot.conn.is_none() {
-            match self.db.begin().await {
-                Ok(conn) => slot.conn = Some(conn),
-                Err(e) => {
-                    slot.branch.doom(e.to_string());
-                    return Err(e);
-                }
-            }
+            // Nothing has run in the branch yet, so a failure here dooms nothing: the client
+            // may retry the statement.
+            let conn = self.db.begin().await?;
+            *entry.cancel.lock().unwrap() = Some(conn.cancel_token());
+            slot.conn = Some(conn);
         }
         let conn = slot
             .conn
@@ -129,6 +161,7 @@ impl Participant {
                 txn_id: txn.to_string(),
                 participant_id: self.id.clone(),
                 endpoint: self.advertise.clone(),
+                instance_id: self.instance.clone(),
             })
             .await
             .map_err(Error::Coordinator)?
@@ -140,10 +173,13 @@ impl Participant {
             // A concurrent Execute got here first.
             return Ok(existing.clone());
         }
-        let slot = Arc::new(tokio::sync::Mutex::new(Slot {
-            branch: Branch::new(gid, resp.deadline_unix_ms),
-            conn: None,
-        }));
+        let slot = Arc::new(Entry {
+            slot: tokio::sync::Mutex::new(Slot {
+                branch: Branch::new(gid, resp.deadline_unix_ms),
+                conn: None,
+            }),
+            cancel: Mutex::new(None),
+        });
         table.insert(txn, slot.clone());
         drop(table);
         // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
@@ -161,17 +197,17 @@ impl Participant {
 
     /// The deadline passed: a branch still active here will never be committed.
     async fn expire(&self, txn: TxnId) {
-        let Some(slot) = self.slot(txn) else { return };
-        let mut slot = slot.lock().await;
+        let Some(entry) = self.slot(txn) else { return };
+        let mut slot = entry.lock_interrupting().await;
         if matches!(slot.branch.state, State::Active | State::Doomed { .. }) {
             tracing::info!(txn_id = %txn, "branch passed its deadline unprepared: rolling back");
-            self.roll_back_open(&mut slot).await;
+            self.roll_back_open(&entry, &mut slot).await;
             self.forget(txn);
         }
     }
 
-    async fn roll_back_open(&self, slot: &mut Slot) {
-        if let Some(conn) = slot.conn.take()
+    async fn roll_back_open(&self, entry: &Entry, slot: &mut Slot) {
+        if let Some(conn) = entry.take_conn(slot)
             && conn.batch_execute("ROLLBACK").await.is_err()
         {
             // Closing the connection rolls the transaction back all the same.
@@ -194,21 +230,21 @@ impl Participant {
                 },
             });
         };
-        let mut slot = slot.lock().await;
+        let entry = slot;
+        let mut slot = entry.slot.lock().await;
         match slot.branch.prepare_step() {
             PrepareStep::Answer(vote) => Ok(vote),
             PrepareStep::RollBackAndRefuse { reason } => {
-                self.roll_back_open(&mut slot).await;
+                self.roll_back_open(&entry, &mut slot).await;
                 self.forget(txn);
                 Ok(Vote::No { reason })
             }
             PrepareStep::Prepare => {
-                let Some(conn) = slot.conn.take() else {
-                    slot.branch.state = State::RolledBack;
+                let Some(conn) = entry.take_conn(&mut slot) else {
+                    // No statement ever ran here: there is nothing to commit or undo.
+                    slot.branch.state = State::ReadOnly;
                     self.forget(txn);
-                    return Ok(Vote::No {
-                        reason: "the branch has no open transaction".into(),
-                    });
+                    return Ok(Vote::ReadOnly);
                 };
                 let gid = slot.branch.gid.clone();
                 match self.db.prepare(conn, &gid).await {
@@ -247,7 +283,7 @@ impl Participant {
                 .commit_prepared(&self.gid(txn, coordinator_id)?, xid)
                 .await;
         };
-        let mut slot = slot.lock().await;
+        let mut slot = slot.slot.lock().await;
         match slot.branch.commit_step()? {
             CommitStep::AlreadyDone => Ok(()),
             CommitStep::CommitPrepared { xid: ours } => {
@@ -269,10 +305,11 @@ impl Participant {
                 .rollback_prepared(&self.gid(txn, coordinator_id)?, xid)
                 .await;
         };
-        let mut slot = slot.lock().await;
+        let entry = slot;
+        let mut slot = entry.lock_interrupting().await;
         match slot.branch.rollback_step()? {
             RollbackStep::AlreadyDone => {}
-            RollbackStep::RollBackOpen => self.roll_back_open(&mut slot).await,
+            RollbackStep::RollBackOpen => self.roll_back_open(&entry, &mut slot).await,
             RollbackStep::RollBackPrepared { xid: ours } => {
                 let gid = slot.branch.gid.clone();
                 self.db

@@ -59,6 +59,9 @@ fn statement_code(sqlstate: Option<&str>) -> Code {
         Some("22" | "42" | "54") => Code::InvalidArgument,
         Some("23") => Code::FailedPrecondition,
         Some("40") => Code::Aborted,
+        // query_canceled (statement_timeout, a cancel): retrying the call cannot help, the
+        // branch is doomed.
+        _ if sqlstate == Some("57014") => Code::Aborted,
         Some("53") => Code::ResourceExhausted,
         Some("08" | "57") | None => Code::Unavailable,
         _ => Code::Aborted,

@@ -136,8 +136,8 @@ impl Database {
             let prepared = conn.batch_execute(&format!("PREPARE TRANSACTION {}", gid.literal())).await;
             crate::failpoint!("participant::after_prepare");
             if let Err(e) = prepared {
-                // A deferred constraint, a serialization failure: the transaction is aborted
-                // but still open on this connection.
+                // A deferred constraint, a serialization failure: a failed PREPARE becomes a
+                // ROLLBACK. The ROLLBACK below is for the session, in case it did not.
                 let reason = describe(&e);
                 conn.batch_execute("ROLLBACK").await?;
                 return Ok(Prepared::No { reason });
@@ -277,6 +277,9 @@ impl Database {
                 tracing::warn!(%gid, xid, "gid gone and xid too old to check; taking the rollback as done");
                 Ok(())
             }
+            (true, XactStatus::Unknown) => Err(Error::FailedPrecondition(format!(
+                "{gid} is not prepared here and xid {xid} is too old (or invalid) for pg_xact_status to tell whether it committed"
+            ))),
             (_, status) => {
                 tracing::error!(%gid, xid, ?status, expected = if commit { "committed" } else { "rolled back" },
                     "ATOMICITY ALARM: a branch did not end the way the coordinator decided");

@@ -119,12 +119,16 @@ fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
 /// Refuses statements that would end or escape the branch's transaction: a `COMMIT` sent
 /// through Execute would commit one database while the others wait for the coordinator.
 pub fn refuse_transaction_control(sql: &str) -> Result<(), SqlError> {
-    let words = leading_words(sql, 2);
+    let words = leading_words(sql, 3);
     let first = words.first().map(String::as_str).unwrap_or("");
     let second = words.get(1).map(String::as_str).unwrap_or("");
+    let third = words.get(2).map(String::as_str).unwrap_or("");
     let refused = match first {
         "BEGIN" | "START" | "COMMIT" | "END" | "ABORT" => true,
-        "ROLLBACK" => second != "TO",
+        // ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] x stays inside the transaction.
+        "ROLLBACK" => {
+            !(second == "TO" || (matches!(second, "WORK" | "TRANSACTION") && third == "TO"))
+        }
         "PREPARE" => second == "TRANSACTION",
         _ => false,
     };
@@ -300,6 +304,8 @@ mod tests {
         for sql in [
             "SELECT 1",
             "rollback to savepoint a",
+            "ROLLBACK WORK TO a",
+            "rollback transaction to savepoint a",
             "SAVEPOINT a",
             "PREPARE q AS SELECT 1",
             "update t set x = 1",

@@ -292,3 +292,64 @@ async fn statements_that_would_end_the_branch_are_refused() {
     );
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_stuck_on_a_lock_is_cancelled_when_its_deadline_passes() {
+    let sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let blocker = sys.pgs[0].client().await.unwrap();
+    blocker
+        .batch_execute("BEGIN; UPDATE acct SET bal = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let txn = sys.begin_with(1000).await;
+
+    // Blocks on the row lock until the deadline abort cancels it (the bound only keeps a
+    // broken build from hanging the suite).
+    let stuck = tokio::time::timeout(
+        Duration::from_secs(60),
+        sys.exec(0, &txn, "UPDATE acct SET bal = 2 WHERE id = 1", vec![]),
+    )
+    .await
+    .expect("the stuck statement was never cancelled")
+    .unwrap_err();
+    let commit = sys.commit(&txn).await;
+
+    assert!(stuck.message().contains("57014"), "cancelled: {stuck:?}");
+    assert_eq!(outcome(commit.outcome), Outcome::Aborted);
+    blocker.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await, 1);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_restarted_mid_transaction_does_not_silently_drop_its_statements() {
+    let mut sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+
+    sys.participants[0].kill();
+    sys.restart_participant(0).await;
+    let after_restart = sys
+        .exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 2", vec![])
+        .await
+        .unwrap_err();
+    let commit = sys.commit(&txn).await;
+
+    assert_eq!(
+        after_restart.code(),
+        Code::FailedPrecondition,
+        "{after_restart:?}"
+    );
+    assert!(
+        after_restart.message().contains("restarted"),
+        "{}",
+        after_restart.message()
+    );
+    assert_eq!(outcome(commit.outcome), Outcome::Aborted);
+    assert_eq!(sys.scalar(0, "SELECT sum(bal)::int8 FROM acct").await, 200);
+    sys.assert_nothing_prepared().await;
+}
