@@ -5,9 +5,8 @@
 //! [`failpoint!`] expands to nothing and costs nothing. Configured from the environment at
 //! start, in tikv `fail` syntax: `FAILPOINTS="coordinator::decision_flushed=abort;..."`.
 //! `abort` is ours: it ends the process on the spot, as SIGKILL would (no flush, no
-//! destructors); `fail`'s own `panic` would only end one tokio task. Every other action
-//! (`sleep(100)`, `pause`, `N*off->abort`-style chains are not supported; use `off`, `sleep`,
-//! `delay`, `print`, `return`) goes to the `fail` crate as is.
+//! destructors); `fail`'s own `panic` would only end one tokio task. Any other action (`off`,
+//! `sleep(100)`, `delay(100)`, `print`, `pause`, ...) is handed to the `fail` crate as is.
 
 /// Marks a crash point. `failpoint!("coordinator::decision_flushed")`.
 #[macro_export]
