@@ -44,6 +44,14 @@ pub enum LogError {
     },
     #[error("invalid coordinator id {0:?}: use 1-64 characters from A-Z a-z 0-9 _ -")]
     InvalidId(String),
+    #[error(
+        "cannot open the decision log in {dir}: {reason}. Refusing to start: starting without it would forget durable commits. Restore the directory from backup, or fix its permissions"
+    )]
+    Unreadable { dir: String, reason: String },
+    #[error(
+        "{dir} is not empty but holds no twopc decision log; refusing to start there. Point --data-dir at the coordinator's own directory, or at an empty one for a new coordinator"
+    )]
+    NotALog { dir: String },
 }
 
 pub trait Log: Send + Sync + 'static {
@@ -103,11 +111,32 @@ pub struct SledLog {
 impl SledLog {
     /// Opens (or creates) the log in `dir` and returns it with the coordinator's stable id:
     /// the one stored there, else `requested`, else a fresh random one.
+    ///
+    /// Starting empty is allowed only in an empty (or missing) directory: a directory that
+    /// holds anything else is either someone else's or a damaged log, and starting empty there
+    /// would turn every durable commit into a presumed abort.
     pub fn open(dir: &Path, requested: Option<&str>) -> Result<(Self, String), LogError> {
-        let db = sled::Config::new().path(dir).open()?;
-        let meta = db.open_tree("meta")?;
         let dir_text = dir.display().to_string();
+        let fresh = std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none());
+        // sled panics on some kinds of damage instead of returning an error.
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(dir).open());
+        let db = match opened {
+            Ok(db) => db.map_err(|e| LogError::Unreadable {
+                dir: dir_text.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(_) => {
+                return Err(LogError::Unreadable {
+                    dir: dir_text,
+                    reason: "sled could not read it (see the panic message above)".into(),
+                });
+            }
+        };
+        let meta = db.open_tree("meta")?;
         match meta.get("format")? {
+            None if !fresh => {
+                return Err(LogError::NotALog { dir: dir_text });
+            }
             Some(found) if found.as_ref() != FORMAT_VERSION.as_bytes() => {
                 return Err(LogError::IncompatibleVersion {
                     dir: dir_text,
@@ -366,6 +395,33 @@ mod tests {
             SledLog::open(tempfile::tempdir().unwrap().path(), Some("x'; --")),
             Err(LogError::InvalidId(_))
         ));
+    }
+
+    #[test]
+    fn refuses_a_damaged_or_foreign_directory_instead_of_starting_empty() {
+        let foreign = tempfile::tempdir().unwrap();
+        std::fs::write(foreign.path().join("notes.txt"), "not a log").unwrap();
+        assert!(matches!(
+            SledLog::open(foreign.path(), None),
+            Err(LogError::NotALog { .. })
+        ));
+
+        let damaged = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = SledLog::open(damaged.path(), Some("a")).unwrap();
+            log.put(&txn()).unwrap();
+        }
+        for entry in std::fs::read_dir(damaged.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::write(&path, vec![0xA5u8; 4096]).unwrap();
+            }
+        }
+        let reopened = SledLog::open(damaged.path(), None);
+        assert!(
+            reopened.is_err(),
+            "a damaged log must not open as an empty one"
+        );
     }
 
     #[test]
