@@ -253,9 +253,11 @@ impl<L: Log> Coordinator<L> {
             }
         }
         if self.log.enlist(participant_id, endpoint)? {
-            self.sync().await;
             tracing::info!(participant_id, endpoint, "participant enlisted");
         }
+        // Even when another registration wrote the entry first: it may not be on disk yet, and
+        // this reply must not go out before it is.
+        self.sync().await;
         self.enlisted
             .lock()
             .unwrap()

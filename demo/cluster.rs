@@ -35,11 +35,18 @@ pub struct PgCluster {
     bin: PathBuf,
     as_root: bool,
     port: u16,
+    max_prepared: u32,
 }
 
 impl PgCluster {
-    /// Runs `initdb` and starts the server; blocks until it accepts connections.
+    /// Runs `initdb` and starts the server (`max_prepared_transactions=64`); blocks until it
+    /// accepts connections.
     pub fn start() -> Result<PgCluster> {
+        Self::start_with_max_prepared(64)
+    }
+
+    /// As `start`, with another `max_prepared_transactions` (0: a server that cannot do 2PC).
+    pub fn start_with_max_prepared(max_prepared: u32) -> Result<PgCluster> {
         let bin = find_bin_dir()?;
         let as_root = running_as_root();
         let dir = tempfile::Builder::new()
@@ -52,6 +59,7 @@ impl PgCluster {
             bin,
             as_root,
             port: 0,
+            max_prepared,
         };
         if as_root {
             // tempfile makes the dir 0700 and root-owned; the postgres user must
@@ -137,10 +145,11 @@ impl PgCluster {
         // fsync=off: a lost throwaway cluster costs nothing, and crash tests kill
         // only the server, never the OS, so the page cache still has everything.
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k '{}' -c max_prepared_transactions=64 \
+            "-c listen_addresses=127.0.0.1 -p {} -k '{}' -c max_prepared_transactions={} \
              -c max_connections=200 -c fsync=off -c shared_buffers=32MB",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.max_prepared,
         );
         let mut cmd = self.pg_command("pg_ctl");
         cmd.arg("-l").arg(&log);

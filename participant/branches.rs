@@ -32,7 +32,9 @@ struct Slot {
 /// another branch, whose statements are not ours to cancel).
 struct Entry {
     slot: tokio::sync::Mutex<Slot>,
-    cancel: Mutex<Option<tokio_postgres::CancelToken>>,
+    /// An async lock: held while a cancel is in flight, so the connection cannot leave the
+    /// branch (and start serving another) under a cancel meant for this one.
+    cancel: tokio::sync::Mutex<Option<tokio_postgres::CancelToken>>,
 }
 
 impl Entry {
@@ -41,17 +43,19 @@ impl Entry {
         if let Ok(slot) = self.slot.try_lock() {
             return slot;
         }
-        let token = self.cancel.lock().unwrap().clone();
-        if let Some(token) = token
-            && let Err(e) = token.cancel_query(tokio_postgres::NoTls).await
         {
-            tracing::warn!(error = %e, "could not cancel a running statement");
+            let token = self.cancel.lock().await;
+            if let Some(token) = token.as_ref()
+                && let Err(e) = token.cancel_query(tokio_postgres::NoTls).await
+            {
+                tracing::warn!(error = %e, "could not cancel a running statement");
+            }
         }
         self.slot.lock().await
     }
 
-    fn take_conn(&self, slot: &mut Slot) -> Option<Object> {
-        *self.cancel.lock().unwrap() = None;
+    async fn take_conn(&self, slot: &mut Slot) -> Option<Object> {
+        *self.cancel.lock().await = None;
         slot.conn.take()
     }
 }
@@ -132,7 +136,7 @@ impl Participant {
             // Nothing has run in the branch yet, so a failure here dooms nothing: the client
             // may retry the statement.
             let conn = self.db.begin().await?;
-            *entry.cancel.lock().unwrap() = Some(conn.cancel_token());
+            *entry.cancel.lock().await = Some(conn.cancel_token());
             slot.conn = Some(conn);
         }
         let conn = slot
@@ -178,7 +182,7 @@ impl Participant {
                 branch: Branch::new(gid, resp.deadline_unix_ms),
                 conn: None,
             }),
-            cancel: Mutex::new(None),
+            cancel: tokio::sync::Mutex::new(None),
         });
         table.insert(txn, slot.clone());
         drop(table);
@@ -207,7 +211,7 @@ impl Participant {
     }
 
     async fn roll_back_open(&self, entry: &Entry, slot: &mut Slot) {
-        if let Some(conn) = entry.take_conn(slot)
+        if let Some(conn) = entry.take_conn(slot).await
             && conn.batch_execute("ROLLBACK").await.is_err()
         {
             // Closing the connection rolls the transaction back all the same.
@@ -240,7 +244,7 @@ impl Participant {
                 Ok(Vote::No { reason })
             }
             PrepareStep::Prepare => {
-                let Some(conn) = entry.take_conn(&mut slot) else {
+                let Some(conn) = entry.take_conn(&mut slot).await else {
                     // No statement ever ran here: there is nothing to commit or undo.
                     slot.branch.state = State::ReadOnly;
                     self.forget(txn);

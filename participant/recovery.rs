@@ -24,8 +24,13 @@ pub struct Pass {
     pub committed: usize,
     pub rolled_back: usize,
     pub pending: usize,
+    /// Another coordinator's branches (a shared database): left to their owner.
+    pub foreign: usize,
     pub unresolved: usize,
 }
+
+/// How long one QueryOutcome may take: a hung coordinator must not stall the pass.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Participant {
     /// One pass over the prepared branches older than `min_age`.
@@ -43,13 +48,20 @@ impl Participant {
             .map(|(gid, age, xid)| {
                 let mut coordinator = coordinator.clone();
                 async move {
-                    let asked = coordinator
-                        .query_outcome(crate::proto::QueryOutcomeRequest {
-                            txn_id: gid.txn.to_string(),
-                            coordinator_id: gid.coordinator_id.clone(),
-                        })
-                        .await;
+                    let mut request = tonic::Request::new(crate::proto::QueryOutcomeRequest {
+                        txn_id: gid.txn.to_string(),
+                        coordinator_id: gid.coordinator_id.clone(),
+                    });
+                    request.set_timeout(QUERY_TIMEOUT);
+                    let asked =
+                        tokio::time::timeout(QUERY_TIMEOUT, coordinator.query_outcome(request))
+                            .await
+                            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")));
                     let outcome = match asked {
+                        // Another coordinator's branch in a shared database: not ours to resolve.
+                        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                            Ok(Outcome::Unspecified)
+                        }
                         Err(status) => Err(status.message().to_string()),
                         Ok(resp) => {
                             let outcome = resp.into_inner().outcome();
@@ -75,6 +87,7 @@ impl Participant {
             match result {
                 Ok(Outcome::Committed) => pass.committed += 1,
                 Ok(Outcome::Aborted) => pass.rolled_back += 1,
+                Ok(Outcome::Unspecified) => pass.foreign += 1,
                 Ok(_) => pass.pending += 1,
                 Err(error) => {
                     pass.unresolved += 1;
@@ -99,7 +112,9 @@ impl Participant {
             loop {
                 let Some(core) = this.upgrade() else { return };
                 match core.resolve_in_doubt(&coordinator, min_age).await {
-                    Ok(pass) if pass.in_doubt > 0 => tracing::info!(?pass, "in-doubt branches"),
+                    Ok(pass) if pass.in_doubt > pass.foreign => {
+                        tracing::info!(?pass, "in-doubt branches")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "in-doubt scan failed; retrying"),
                 }

@@ -353,3 +353,34 @@ async fn a_participant_restarted_mid_transaction_does_not_silently_drop_its_stat
     assert_eq!(sys.scalar(0, "SELECT sum(bal)::int8 FROM acct").await, 200);
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_refuses_a_server_without_prepared_transactions() {
+    let pg = tokio::task::spawn_blocking(|| support::PgCluster::start_with_max_prepared(0))
+        .await
+        .unwrap()
+        .unwrap();
+    let (listener, _) = support::listener().await;
+    let config = twopc::participant::Config {
+        id: "p1".into(),
+        coordinator: "http://127.0.0.1:9".into(),
+        advertise: None,
+        postgres: pg.conn_str(),
+        max_connections: 2,
+        resolve_interval: Duration::from_secs(5),
+    };
+
+    let refused = twopc::participant::run(listener, config, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+
+    assert!(
+        refused.contains("max_prepared_transactions = 0"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("postgresql.conf"),
+        "says how to fix it: {refused}"
+    );
+}
