@@ -17,7 +17,7 @@ mod cluster;
 
 use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
-use cluster::PgCluster;
+use cluster::{PgCluster, Settings};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use twopc::coordinator::log::{Log, SledLog};
@@ -104,8 +104,14 @@ async fn main() -> Result<()> {
     let max_prepared = args.count as u32 + 64;
     let pgs = tokio::task::spawn_blocking(move || {
         Ok::<_, anyhow::Error>([
-            PgCluster::start_with_max_prepared(max_prepared)?,
-            PgCluster::start_with_max_prepared(max_prepared)?,
+            PgCluster::start_with(Settings {
+                max_prepared,
+                fsync: false,
+            })?,
+            PgCluster::start_with(Settings {
+                max_prepared,
+                fsync: false,
+            })?,
         ])
     })
     .await??;

@@ -103,7 +103,7 @@ pub async fn serve<L: Log>(
         .add_service(reflection_alpha)
         .add_service(CoordinatorServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             drained,
         )
         .await?;

@@ -35,18 +35,37 @@ pub struct PgCluster {
     bin: PathBuf,
     as_root: bool,
     port: u16,
-    max_prepared: u32,
+    settings: Settings,
+}
+
+/// Server settings that differ between uses.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// `max_prepared_transactions`; 0 makes a server that cannot do two-phase commit.
+    pub max_prepared: u32,
+    /// Real fsync, for benchmarks measured against a durable baseline. Off by default: a
+    /// throwaway cluster loses nothing worth keeping, and crash tests kill only the server,
+    /// never the OS, so the page cache still holds everything.
+    pub fsync: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_prepared: 64,
+            fsync: false,
+        }
+    }
 }
 
 impl PgCluster {
-    /// Runs `initdb` and starts the server (`max_prepared_transactions=64`); blocks until it
+    /// Runs `initdb` and starts the server with default [`Settings`]; blocks until it
     /// accepts connections.
     pub fn start() -> Result<PgCluster> {
-        Self::start_with_max_prepared(64)
+        Self::start_with(Settings::default())
     }
 
-    /// As `start`, with another `max_prepared_transactions` (0: a server that cannot do 2PC).
-    pub fn start_with_max_prepared(max_prepared: u32) -> Result<PgCluster> {
+    pub fn start_with(settings: Settings) -> Result<PgCluster> {
         let bin = find_bin_dir()?;
         let as_root = running_as_root();
         let dir = tempfile::Builder::new()
@@ -59,7 +78,7 @@ impl PgCluster {
             bin,
             as_root,
             port: 0,
-            max_prepared,
+            settings,
         };
         if as_root {
             // tempfile makes the dir 0700 and root-owned; the postgres user must
@@ -142,14 +161,13 @@ impl PgCluster {
         let log = self.log_path();
         // The log is appended across restarts; only this attempt's part explains a failure.
         let seen = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        // fsync=off: a lost throwaway cluster costs nothing, and crash tests kill
-        // only the server, never the OS, so the page cache still has everything.
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k '{}' -c max_prepared_transactions={} \
-             -c max_connections=200 -c fsync=off -c shared_buffers=32MB",
+             -c max_connections=200 -c fsync={} -c shared_buffers=32MB",
             self.port,
             self.dir.path().display(),
-            self.max_prepared,
+            self.settings.max_prepared,
+            if self.settings.fsync { "on" } else { "off" },
         );
         let mut cmd = self.pg_command("pg_ctl");
         cmd.arg("-l").arg(&log);

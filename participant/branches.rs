@@ -132,10 +132,11 @@ impl Participant {
         let entry = slot;
         let mut slot = entry.slot.lock().await;
         slot.branch.check_execute()?;
-        if slot.conn.is_none() {
+        let begin = slot.conn.is_none();
+        if begin {
             // Nothing has run in the branch yet, so a failure here dooms nothing: the client
             // may retry the statement.
-            let conn = self.db.begin().await?;
+            let conn = self.db.conn().await?;
             *entry.cancel.lock().await = Some(conn.cancel_token());
             slot.conn = Some(conn);
         }
@@ -143,7 +144,21 @@ impl Participant {
             .conn
             .as_ref()
             .expect("an active branch has a connection");
-        match sql::execute(conn, sql_text, params).await {
+        let run = async {
+            if begin {
+                // BEGIN and the statement go out together (the client pipelines them); the
+                // statement fails if BEGIN did.
+                let (began, ran) = tokio::join!(
+                    conn.batch_execute("BEGIN"),
+                    sql::execute(conn, sql_text, params)
+                );
+                began?;
+                ran
+            } else {
+                sql::execute(conn, sql_text, params).await
+            }
+        };
+        match run.await {
             Ok(resp) => Ok(resp),
             Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
             Err(sql::SqlError::Postgres(e)) => {
@@ -211,11 +226,12 @@ impl Participant {
     }
 
     async fn roll_back_open(&self, entry: &Entry, slot: &mut Slot) {
-        if let Some(conn) = entry.take_conn(slot).await
-            && conn.batch_execute("ROLLBACK").await.is_err()
-        {
-            // Closing the connection rolls the transaction back all the same.
-            drop(Object::take(conn));
+        if let Some(conn) = entry.take_conn(slot).await {
+            match conn.batch_execute("ROLLBACK").await {
+                Ok(()) => Database::release(conn),
+                // Closing the connection rolls the transaction back all the same.
+                Err(_) => drop(Object::take(conn)),
+            }
         }
         slot.branch.state = State::RolledBack;
     }
@@ -251,17 +267,21 @@ impl Participant {
                     return Ok(Vote::ReadOnly);
                 };
                 let gid = slot.branch.gid.clone();
-                match self.db.prepare(conn, &gid).await {
-                    Ok((Prepared::Yes { xid }, _conn)) => {
+                let prepared = self.db.prepare(conn, &gid).await.map(|(p, conn)| {
+                    Database::release(conn);
+                    p
+                });
+                match prepared {
+                    Ok(Prepared::Yes { xid }) => {
                         slot.branch.state = State::Prepared { xid };
                         Ok(Vote::Yes { xid })
                     }
-                    Ok((Prepared::ReadOnly, _conn)) => {
+                    Ok(Prepared::ReadOnly) => {
                         slot.branch.state = State::ReadOnly;
                         self.forget(txn);
                         Ok(Vote::ReadOnly)
                     }
-                    Ok((Prepared::No { reason }, _conn)) => {
+                    Ok(Prepared::No { reason }) => {
                         slot.branch.state = State::RolledBack;
                         self.forget(txn);
                         Ok(Vote::No { reason })

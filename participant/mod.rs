@@ -88,7 +88,7 @@ pub async fn run(
         .add_service(reflection_alpha)
         .add_service(ParticipantServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await?;

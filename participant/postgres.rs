@@ -16,6 +16,11 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
+/// What deadpool's `RecyclingMethod::Clean` runs: resets everything a session
+/// can carry from one branch to the next.
+const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+                             SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
+
 pub struct Database {
     pool: Pool,
     /// For messages: where PostgreSQL is, without the password.
@@ -63,9 +68,9 @@ impl Database {
             config,
             NoTls,
             ManagerConfig {
-                // A branch may leave session state behind (SET, SET ROLE survive PREPARE);
-                // the next branch on the connection must not inherit it.
-                recycling_method: RecyclingMethod::Clean,
+                // Branch connections are cleaned when released (`release`), off the
+                // critical path; the pool only checks that a connection is still open.
+                recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(manager)
@@ -110,64 +115,79 @@ impl Database {
         Ok(())
     }
 
-    /// Opens a branch's transaction on a fresh pooled connection.
-    pub async fn begin(&self) -> Result<Object, Error> {
-        let conn = self.conn().await?;
-        conn.batch_execute("BEGIN").await?;
-        Ok(conn)
-    }
-
     /// Phase 1 on the branch's connection. On `Err` the connection's state is unknown, so it
     /// is detached from the pool.
     pub async fn prepare(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object), Error> {
-        let result = async {
-            let xid: Option<String> = conn
-                .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
-                .await?
-                .get(0);
-            let Some(xid) = xid else {
-                conn.batch_execute("COMMIT").await?;
-                return Ok(Prepared::ReadOnly);
+        // One round trip: the xid (NULL if the branch wrote nothing), the PREPARE, and the
+        // check that it really prepared (after a failed statement PREPARE rolls back without
+        // an error). The statements run in order and stop at the first error.
+        let gid_literal = gid.literal();
+        let batch = format!(
+            "SELECT pg_current_xact_id_if_assigned()::text; \
+             PREPARE TRANSACTION {gid_literal}; \
+             SELECT count(*) FROM pg_prepared_xacts WHERE gid = {gid_literal}"
+        );
+        crate::failpoint!("participant::before_prepare");
+        let result = conn.simple_query(&batch).await;
+        crate::failpoint!("participant::after_prepare");
+        let outcome = async {
+            let messages = match result {
+                Ok(messages) => messages,
+                Err(e) if e.as_db_error().is_some() => {
+                    // A deferred constraint, a serialization failure: a failed PREPARE becomes
+                    // a ROLLBACK. The ROLLBACK below is for the session, in case it did not.
+                    let reason = describe(&e);
+                    conn.batch_execute("ROLLBACK").await?;
+                    return Ok(Prepared::No { reason });
+                }
+                Err(e) => return Err(e.into()),
             };
-            let xid: u64 = xid
-                .parse()
-                .map_err(|_| Error::Internal(format!("unexpected xid8 {xid:?}")))?;
-            crate::failpoint!("participant::before_prepare");
-            let prepared = conn.batch_execute(&format!("PREPARE TRANSACTION {}", gid.literal())).await;
-            crate::failpoint!("participant::after_prepare");
-            if let Err(e) = prepared {
-                // A deferred constraint, a serialization failure: a failed PREPARE becomes a
-                // ROLLBACK. The ROLLBACK below is for the session, in case it did not.
-                let reason = describe(&e);
-                conn.batch_execute("ROLLBACK").await?;
-                return Ok(Prepared::No { reason });
-            }
-            if self.is_prepared_on(&conn, gid).await? {
-                Ok(Prepared::Yes { xid })
-            } else {
-                Ok(Prepared::No {
-                    reason: "the transaction had already failed; PostgreSQL rolled it back instead of preparing it".into(),
+            let rows: Vec<&tokio_postgres::SimpleQueryRow> = messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                    _ => None,
                 })
+                .collect();
+            let (Some(xid_row), Some(count_row)) = (rows.first(), rows.last()) else {
+                return Err(Error::Internal("PREPARE returned no rows to check".into()));
+            };
+            if count_row.get(0) != Some("1") {
+                return Ok(Prepared::No {
+                    reason: "the transaction had already failed; PostgreSQL rolled it back instead of preparing it".into(),
+                });
+            }
+            match xid_row.get(0) {
+                // It wrote nothing: nothing for the global decision to decide.
+                None => {
+                    conn.batch_execute(&format!("COMMIT PREPARED {gid_literal}")).await?;
+                    Ok(Prepared::ReadOnly)
+                }
+                Some(xid) => Ok(Prepared::Yes {
+                    xid: xid.parse().map_err(|_| Error::Internal(format!("unexpected xid8 {xid:?}")))?,
+                }),
             }
         }
         .await;
-        match result {
+        match outcome {
             Ok(p) => Ok((p, conn)),
             Err(e) => {
+                // Its state is unknown: not back to the pool.
                 drop(Object::take(conn));
                 Err(e)
             }
         }
     }
 
-    async fn is_prepared_on(&self, conn: &Object, gid: &Gid) -> Result<bool, Error> {
-        let row = conn
-            .query_opt(
-                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1",
-                &[&gid.to_string()],
-            )
-            .await?;
-        Ok(row.is_some())
+    /// Gives a branch's connection back to the pool, off the caller's critical path: first it
+    /// is cleaned, because a client's statements may have left session state behind (`SET`
+    /// and `SET ROLE` survive PREPARE) that the next branch must not inherit.
+    pub fn release(conn: Object) {
+        tokio::spawn(async move {
+            if conn.batch_execute(CLEAN_SESSION).await.is_err() {
+                drop(Object::take(conn));
+            }
+        });
     }
 
     /// The xid8 of a prepared gid, if it is prepared. `pg_prepared_xacts` shows a 32-bit xid;

@@ -356,10 +356,15 @@ async fn a_participant_restarted_mid_transaction_does_not_silently_drop_its_stat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_refuses_a_server_without_prepared_transactions() {
-    let pg = tokio::task::spawn_blocking(|| support::PgCluster::start_with_max_prepared(0))
-        .await
-        .unwrap()
-        .unwrap();
+    let pg = tokio::task::spawn_blocking(|| {
+        support::PgCluster::start_with(support::Settings {
+            max_prepared: 0,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let (listener, _) = support::listener().await;
     let config = twopc::participant::Config {
         id: "p1".into(),

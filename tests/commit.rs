@@ -171,3 +171,27 @@ async fn values_round_trip_with_their_types() {
     );
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_do_not_leak_from_one_branch_to_the_next() {
+    let sys = System::start(1).await;
+    let mut seen = Vec::new();
+
+    for _ in 0..20 {
+        let txn = sys.begin().await;
+        let resp = sys.exec(0, &txn, "SHOW search_path", vec![]).await.unwrap();
+        seen.push(resp.rows[0].values[0].kind.clone());
+        // Session-level, not LOCAL: once committed it outlives the transaction on this
+        // connection, and it needs a write so the branch is prepared, not read-only.
+        sys.exec(0, &txn, "SET search_path TO leaked", vec![]).await.unwrap();
+        sys.exec(0, &txn, "CREATE TABLE IF NOT EXISTS public.scratch (x int)", vec![])
+            .await
+            .unwrap();
+        assert_eq!(outcome(sys.commit(&txn).await.outcome), Outcome::Committed);
+    }
+
+    for s in seen {
+        assert_eq!(s, Some(Kind::TextValue("\"$user\", public".into())));
+    }
+    sys.assert_nothing_prepared().await;
+}

@@ -10,7 +10,8 @@
 #[path = "../../demo/cluster.rs"]
 mod cluster;
 
-pub use cluster::PgCluster;
+#[allow(unused_imports)] // each test binary uses its own part
+pub use cluster::{PgCluster, Settings};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
