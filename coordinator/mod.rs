@@ -70,15 +70,6 @@ pub async fn serve<L: Log>(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
     let drain_core = Arc::clone(&core);
     let drained = async move {
         shutdown.await;
@@ -97,10 +88,7 @@ pub async fn serve<L: Log>(
         // Whatever was decided is on disk already; this makes the hints durable too.
         let _ = drain_core.log.sync().await;
     };
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
+    crate::proto::server_with(health_service)?
         .add_service(CoordinatorServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

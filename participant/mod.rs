@@ -6,12 +6,15 @@
 //! - [`postgres`]: the connection pool and the two-phase-commit statements.
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
 //! - [`sql`]: parameters, result rows, and the statements Execute refuses.
+//! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
+//! - [`health`]: `grpc.health.v1` status from PostgreSQL's and the coordinator's reachability.
 //! - [`service`]: the `twopc.v1.Participant` gRPC service; [`error`] maps errors to statuses.
 
 pub mod branch;
 pub mod branches;
 pub mod error;
 pub mod gid;
+pub mod health;
 pub mod postgres;
 pub mod recovery;
 pub mod service;
@@ -66,30 +69,24 @@ pub async fn run(
         .tcp_nodelay(true)
         .connect_lazy();
     tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, %advertise, postgres = db.target(), "participant serving");
-    let coordinator = CoordinatorClient::new(channel);
+    let coordinator = CoordinatorClient::new(channel.clone());
     let core = Participant::new(config.id.clone(), advertise, db, coordinator.clone());
     core.spawn_resolver(coordinator, config.resolve_interval);
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ParticipantServer<service::Service>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // tonic-health starts out SERVING; nothing is known yet.
+    health::set(&reporter, false).await;
+    let watch = health::spawn(std::sync::Arc::downgrade(&core), channel, reporter.clone());
+    let draining = async move {
+        shutdown.await;
+        watch.abort();
+        health::set(&reporter, false).await;
+    };
+    crate::proto::server_with(health_service)?
         .add_service(ParticipantServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            draining,
         )
         .await?;
     Ok(())

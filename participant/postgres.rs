@@ -133,13 +133,10 @@ impl Database {
         let outcome = async {
             let messages = match result {
                 Ok(messages) => messages,
-                Err(e) if e.as_db_error().is_some() => {
-                    // A deferred constraint, a serialization failure: a failed PREPARE becomes
-                    // a ROLLBACK. The ROLLBACK below is for the session, in case it did not.
-                    let reason = describe(&e);
-                    conn.batch_execute("ROLLBACK").await?;
-                    return Ok(Prepared::No { reason });
-                }
+                // A deferred constraint, a serialization failure: a failed PREPARE becomes a
+                // ROLLBACK. (Were the session left in a failed block, `release` would find out
+                // and close the connection.)
+                Err(e) if e.as_db_error().is_some() => return Ok(Prepared::No { reason: describe(&e) }),
                 Err(e) => return Err(e.into()),
             };
             let rows: Vec<&tokio_postgres::SimpleQueryRow> = messages

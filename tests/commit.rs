@@ -183,10 +183,17 @@ async fn session_settings_do_not_leak_from_one_branch_to_the_next() {
         seen.push(resp.rows[0].values[0].kind.clone());
         // Session-level, not LOCAL: once committed it outlives the transaction on this
         // connection, and it needs a write so the branch is prepared, not read-only.
-        sys.exec(0, &txn, "SET search_path TO leaked", vec![]).await.unwrap();
-        sys.exec(0, &txn, "CREATE TABLE IF NOT EXISTS public.scratch (x int)", vec![])
+        sys.exec(0, &txn, "SET search_path TO leaked", vec![])
             .await
             .unwrap();
+        sys.exec(
+            0,
+            &txn,
+            "CREATE TABLE IF NOT EXISTS public.scratch (x int)",
+            vec![],
+        )
+        .await
+        .unwrap();
         assert_eq!(outcome(sys.commit(&txn).await.outcome), Outcome::Committed);
     }
 

@@ -1,0 +1,386 @@
+//! The workload: concurrent clients moving money between the databases through twopc, and the
+//! record of every transaction they began and what they were told about it.
+//!
+//! A transfer picks two distinct databases a and b and an account in each, debits a, credits
+//! b, and writes a ledger row with the txn id and the signed amount into each. About one in
+//! seven also inserts a row into `poison` on b that breaks a deferred foreign key: it runs
+//! fine, then fails PREPARE TRANSACTION, so b votes no while a is already prepared, and a's
+//! branch gets ROLLBACK PREPARED.
+
+use crate::system::{DATABASES, Role, System};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::proto::participant_client::ParticipantClient;
+use twopc::proto::{self, Outcome, value::Kind};
+
+pub const ACCOUNTS: i64 = 20;
+pub const INITIAL_BALANCE: i64 = 1000;
+
+/// Every database's tables, created directly, outside twopc.
+pub const SCHEMA: &str = "
+    CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
+    INSERT INTO acct SELECT g, 1000 FROM generate_series(1, 20) AS g;
+    CREATE TABLE ledger (txn_id text NOT NULL, delta bigint NOT NULL);
+    CREATE TABLE poison (ref int REFERENCES acct (id) DEFERRABLE INITIALLY DEFERRED);
+";
+
+/// Every RPC the clients make is bounded by this, on the wire (grpc-timeout) and locally.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Begin's timeout: a transaction still active after it is aborted by the coordinator.
+const TXN_TIMEOUT_MS: u32 = 5000;
+const POISON_PROBABILITY: f64 = 0.15;
+/// How long a client waits after an error before its next transfer.
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long stopping the workload may take (each transfer is a bounded number of RPCs).
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the client was told about a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Begun; Commit or Abort not answered yet.
+    InFlight,
+    Committed,
+    Aborted,
+    /// Commit or Abort failed (RPC error), or answered something other than an outcome.
+    Unknown,
+}
+
+#[derive(Clone, Debug)]
+pub struct TxnRecord {
+    pub id: String,
+    /// Debited database a, credited database b.
+    pub dbs: [usize; 2],
+    pub amount: i64,
+    pub poison: bool,
+    pub seen: Seen,
+    /// The scenario (or soak round) it began in.
+    pub round: usize,
+    /// What happened on the client side: the failed step, the abort reason, the RPC error.
+    pub note: String,
+}
+
+/// Every transaction any client began, by id.
+#[derive(Default)]
+pub struct Recorder {
+    txns: Mutex<HashMap<String, TxnRecord>>,
+    round: AtomicUsize,
+}
+
+impl Recorder {
+    pub fn set_round(&self, round: usize) {
+        self.round.store(round, Ordering::SeqCst);
+    }
+
+    fn began(&self, id: &str, dbs: [usize; 2], amount: i64, poison: bool) {
+        let record = TxnRecord {
+            id: id.to_string(),
+            dbs,
+            amount,
+            poison,
+            seen: Seen::InFlight,
+            round: self.round.load(Ordering::SeqCst),
+            note: String::new(),
+        };
+        self.txns.lock().unwrap().insert(id.to_string(), record);
+    }
+
+    fn finish(&self, id: &str, seen: Seen, note: String) {
+        if let Some(r) = self.txns.lock().unwrap().get_mut(id) {
+            r.seen = seen;
+            r.note = note;
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<TxnRecord> {
+        let mut all: Vec<TxnRecord> = self.txns.lock().unwrap().values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+}
+
+/// gRPC clients to every process, on lazily (re)connecting channels.
+#[derive(Clone)]
+pub struct Clients {
+    pub coordinator: CoordinatorClient<Channel>,
+    pub participants: Vec<ParticipantClient<Channel>>,
+}
+
+fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl Clients {
+    pub fn new(sys: &System) -> anyhow::Result<Clients> {
+        Ok(Clients {
+            coordinator: CoordinatorClient::new(channel(&sys.url(Role::Coordinator))?),
+            participants: (0..DATABASES)
+                .map(|i| {
+                    Ok(ParticipantClient::new(channel(
+                        &sys.url(Role::Participant(i)),
+                    )?))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        })
+    }
+}
+
+/// A request with the client's deadline on the wire.
+pub fn request<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.set_timeout(RPC_TIMEOUT);
+    req
+}
+
+/// Bounds a call locally too, whatever the transport does.
+pub async fn bounded<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(RPC_TIMEOUT + Duration::from_secs(1), call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(
+            "no answer within the RPC timeout",
+        )),
+    }
+}
+
+fn int(v: i64) -> proto::Value {
+    proto::Value {
+        kind: Some(Kind::IntValue(v)),
+    }
+}
+
+fn text(v: &str) -> proto::Value {
+    proto::Value {
+        kind: Some(Kind::TextValue(v.into())),
+    }
+}
+
+fn describe(status: &Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Counters of one workload run.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Stats {
+    pub transfers: usize,
+    pub begin_errors: usize,
+}
+
+struct Client {
+    clients: Clients,
+    recorder: Arc<Recorder>,
+    rng: StdRng,
+}
+
+impl Client {
+    async fn exec(
+        &self,
+        db: usize,
+        txn: &str,
+        sql: &str,
+        params: Vec<proto::Value>,
+    ) -> Result<(), String> {
+        let mut participant = self.clients.participants[db].clone();
+        bounded(participant.execute(request(proto::ExecuteRequest {
+            txn_id: txn.into(),
+            sql: sql.into(),
+            params,
+        })))
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("Execute on p{} ({sql}): {}", db + 1, describe(&s)))
+    }
+
+    /// One transfer. Returns false if it hit an error (the caller pauses).
+    async fn transfer(&mut self, stats: &mut Stats) -> bool {
+        let a = self.rng.random_range(0..DATABASES);
+        let b = (a + self.rng.random_range(1..DATABASES)) % DATABASES;
+        let from = self.rng.random_range(1..=ACCOUNTS);
+        let to = self.rng.random_range(1..=ACCOUNTS);
+        let amount = self.rng.random_range(1..=100i64);
+        let poison = self.rng.random_bool(POISON_PROBABILITY);
+
+        let mut coordinator = self.clients.coordinator.clone();
+        let begun = bounded(coordinator.begin(request(proto::BeginRequest {
+            timeout_ms: TXN_TIMEOUT_MS,
+            label: "crashtest".into(),
+        })))
+        .await;
+        let txn = match begun {
+            Ok(r) => r.txn_id,
+            Err(_) => {
+                stats.begin_errors += 1;
+                return false;
+            }
+        };
+        stats.transfers += 1;
+        self.recorder.began(&txn, [a, b], amount, poison);
+
+        let steps = async {
+            for db in [a, b] {
+                self.exec(db, &txn, "SET LOCAL lock_timeout = '500ms'", vec![])
+                    .await?;
+            }
+            self.exec(
+                a,
+                &txn,
+                "UPDATE acct SET bal = bal - $1 WHERE id = $2",
+                vec![int(amount), int(from)],
+            )
+            .await?;
+            self.exec(
+                b,
+                &txn,
+                "UPDATE acct SET bal = bal + $1 WHERE id = $2",
+                vec![int(amount), int(to)],
+            )
+            .await?;
+            for (db, delta) in [(a, -amount), (b, amount)] {
+                self.exec(
+                    db,
+                    &txn,
+                    "INSERT INTO ledger VALUES ($1, $2)",
+                    vec![text(&txn), int(delta)],
+                )
+                .await?;
+            }
+            if poison {
+                self.exec(b, &txn, "INSERT INTO poison VALUES (-1)", vec![])
+                    .await?;
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+
+        let (seen, note, ok) = match steps {
+            Ok(()) => {
+                let r = bounded(coordinator.commit(request(proto::CommitRequest {
+                    txn_id: txn.clone(),
+                })))
+                .await;
+                match r {
+                    Ok(r) => match r.outcome() {
+                        Outcome::Committed => (
+                            Seen::Committed,
+                            if r.branches_pending {
+                                "Commit: COMMITTED, branches pending".into()
+                            } else {
+                                "Commit: COMMITTED".into()
+                            },
+                            true,
+                        ),
+                        Outcome::Aborted => (
+                            Seen::Aborted,
+                            format!("Commit: ABORTED ({})", r.reason),
+                            true,
+                        ),
+                        other => (Seen::Unknown, format!("Commit answered {other:?}"), false),
+                    },
+                    Err(s) => (
+                        Seen::Unknown,
+                        format!("Commit failed: {}", describe(&s)),
+                        false,
+                    ),
+                }
+            }
+            Err(failed) => {
+                let r = bounded(coordinator.abort(request(proto::AbortRequest {
+                    txn_id: txn.clone(),
+                    reason: failed.chars().take(200).collect(),
+                })))
+                .await;
+                match r {
+                    Ok(r) => match r.outcome() {
+                        Outcome::Aborted => {
+                            (Seen::Aborted, format!("{failed}; Abort: ABORTED"), false)
+                        }
+                        Outcome::Committed => (
+                            Seen::Committed,
+                            format!("{failed}; Abort: COMMITTED"),
+                            false,
+                        ),
+                        other => (
+                            Seen::Unknown,
+                            format!("{failed}; Abort answered {other:?}"),
+                            false,
+                        ),
+                    },
+                    Err(s) => (
+                        Seen::Unknown,
+                        format!("{failed}; Abort failed: {}", describe(&s)),
+                        false,
+                    ),
+                }
+            }
+        };
+        self.recorder.finish(&txn, seen, note);
+        ok
+    }
+}
+
+/// Clients running until stopped.
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<Stats>>,
+}
+
+impl Workload {
+    pub fn start(clients: &Clients, recorder: &Arc<Recorder>, n: usize, seed: u64) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|i| {
+                let mut client = Client {
+                    clients: clients.clone(),
+                    recorder: Arc::clone(recorder),
+                    rng: StdRng::seed_from_u64(seed.wrapping_add(i as u64)),
+                };
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut stats = Stats::default();
+                    while !stop.load(Ordering::SeqCst) {
+                        if !client.transfer(&mut stats).await {
+                            tokio::time::sleep(ERROR_PAUSE).await;
+                        }
+                    }
+                    stats
+                })
+            })
+            .collect();
+        Workload { stop, tasks }
+    }
+
+    /// Stops the clients after their current transfer and waits for them.
+    pub async fn stop(self) -> Stats {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut total = Stats::default();
+        let until = tokio::time::Instant::now() + STOP_TIMEOUT;
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            match tokio::time::timeout_at(until, task).await {
+                Ok(Ok(s)) => {
+                    total.transfers += s.transfers;
+                    total.begin_errors += s.begin_errors;
+                }
+                Ok(Err(e)) => eprintln!("crashtest: a workload client failed: {e}"),
+                Err(_) => {
+                    eprintln!("crashtest: a workload client did not stop in time; aborting it");
+                    abort.abort();
+                }
+            }
+        }
+        total
+    }
+}

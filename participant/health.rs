@@ -1,0 +1,81 @@
+//! The participant's `grpc.health.v1` status: SERVING only while it can really serve, that is
+//! while its PostgreSQL answers and its coordinator is reachable (a branch cannot open without
+//! registering), NOT_SERVING while draining. Checked every second, for the overall status ("")
+//! and `twopc.v1.Participant` alike.
+
+use super::branches::Participant;
+use super::service::Service;
+use crate::proto::participant_server::ParticipantServer;
+use std::sync::Weak;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::server::HealthReporter;
+
+const EVERY: Duration = Duration::from_secs(1);
+
+pub async fn set(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <ParticipantServer<Service> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Whether PostgreSQL answers and the coordinator says it is serving; why not, if not.
+async fn check(core: &Participant, coordinator: &mut HealthClient<Channel>) -> Result<(), String> {
+    let conn = core.db.conn().await.map_err(|e| e.to_string())?;
+    conn.simple_query("SELECT 1")
+        .await
+        .map_err(|e| format!("PostgreSQL: {e}"))?;
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.set_timeout(EVERY);
+    let resp = tokio::time::timeout(EVERY, coordinator.check(req))
+        .await
+        .map_err(|_| "the coordinator did not answer a health check".to_string())?
+        .map_err(|s| format!("the coordinator is not reachable: {}", s.message()))?;
+    if resp.into_inner().status != ServingStatus::Serving as i32 {
+        return Err("the coordinator is not serving".into());
+    }
+    Ok(())
+}
+
+pub fn spawn(
+    core: Weak<Participant>,
+    coordinator: Channel,
+    reporter: HealthReporter,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut client = HealthClient::new(coordinator);
+        let mut last: Option<bool> = None;
+        loop {
+            let Some(participant) = core.upgrade() else {
+                return;
+            };
+            let result = check(&participant, &mut client).await;
+            drop(participant);
+            let serving = result.is_ok();
+            if last != Some(serving) {
+                match &result {
+                    Ok(()) => tracing::info!("health: SERVING"),
+                    Err(why) => tracing::warn!(why, "health: NOT_SERVING"),
+                }
+                set(&reporter, serving).await;
+                last = Some(serving);
+            }
+            tokio::time::sleep(EVERY).await;
+        }
+    })
+}

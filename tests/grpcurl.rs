@@ -1,0 +1,202 @@
+//! A person at a shell with grpcurl: the real grpcurl binary (installed into .venv by
+//! `scripts/setup`) against running servers, with no .proto file, as README shows it.
+
+mod support;
+
+use serde_json::Value as Json;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use support::System;
+
+fn grpcurl_path() -> PathBuf {
+    std::env::var_os("TWOPC_GRPCURL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl"))
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn json(&self) -> Json {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `grpcurl -plaintext [-d DATA] ADDR ARGS...` off the async runtime.
+async fn grpcurl(addr: std::net::SocketAddr, data: Option<&str>, args: &[&str]) -> Out {
+    let bin = grpcurl_path();
+    assert!(
+        bin.exists(),
+        "{} is missing: run `bash scripts/setup`",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.arg("-plaintext");
+    if let Some(d) = data {
+        cmd.args(["-d", d]);
+    }
+    cmd.arg(addr.to_string()).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn healthy(addr: std::net::SocketAddr) -> String {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = grpcurl(addr, None, &["grpc.health.v1.Health/Check"]).await;
+        last = format!("{}{}", out.stdout, out.stderr);
+        if out.ok && out.json()["status"] == "SERVING" {
+            return "SERVING".into();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_describe_and_health_work_without_a_proto_file() {
+    let sys = System::start(1).await;
+    let coordinator = sys.coordinator.addr;
+    let participant = sys.participants[0].addr;
+
+    let services = grpcurl(coordinator, None, &["list"]).await;
+    let described = grpcurl(participant, None, &["describe", "twopc.v1.Participant"]).await;
+    let message = grpcurl(coordinator, None, &["describe", "twopc.v1.BeginRequest"]).await;
+
+    assert!(services.ok, "{}", services.stderr);
+    for s in ["twopc.v1.Coordinator", "grpc.health.v1.Health"] {
+        assert!(
+            services.stdout.contains(s),
+            "{s} missing from:\n{}",
+            services.stdout
+        );
+    }
+    assert!(
+        described.stdout.contains("rpc Execute"),
+        "{}",
+        described.stdout
+    );
+    assert!(message.stdout.contains("timeout_ms"), "{}", message.stdout);
+    assert_eq!(healthy(coordinator).await, "SERVING");
+    assert_eq!(
+        healthy(participant).await,
+        "SERVING",
+        "PostgreSQL and the coordinator are up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_walked_through_by_hand_commits_in_both_databases() {
+    let sys = System::start(2).await;
+    sys.setup_sql(
+        "CREATE TABLE acct (id int PRIMARY KEY, bal bigint); INSERT INTO acct VALUES (1, 100);",
+    )
+    .await;
+    let coordinator = sys.coordinator.addr;
+    let (p1, p2) = (sys.participants[0].addr, sys.participants[1].addr);
+
+    let begin = grpcurl(
+        coordinator,
+        Some(r#"{"label":"by hand","timeout_ms":10000}"#),
+        &["twopc.v1.Coordinator/Begin"],
+    )
+    .await;
+    let txn = begin.json()["txnId"].as_str().unwrap().to_string();
+    let debit = format!(
+        r#"{{"txn_id":"{txn}","sql":"UPDATE acct SET bal = bal - $1 WHERE id = $2 RETURNING bal","params":[{{"int_value":30}},{{"int_value":1}}]}}"#
+    );
+    let credit = format!(
+        r#"{{"txn_id":"{txn}","sql":"UPDATE acct SET bal = bal + $1 WHERE id = $2","params":[{{"int_value":30}},{{"int_value":1}}]}}"#
+    );
+    let debited = grpcurl(p1, Some(&debit), &["twopc.v1.Participant/Execute"]).await;
+    let credited = grpcurl(p2, Some(&credit), &["twopc.v1.Participant/Execute"]).await;
+    let id = format!(r#"{{"txn_id":"{txn}"}}"#);
+    let commit = grpcurl(coordinator, Some(&id), &["twopc.v1.Coordinator/Commit"]).await;
+    let shown = grpcurl(
+        coordinator,
+        Some(&id),
+        &["twopc.v1.Coordinator/GetTransaction"],
+    )
+    .await;
+
+    assert!(begin.ok, "{}", begin.stderr);
+    assert_eq!(
+        debited.json()["rows"][0]["values"][0]["intValue"],
+        "70",
+        "{}",
+        debited.stdout
+    );
+    assert_eq!(credited.json()["rowsAffected"], "1");
+    assert_eq!(commit.json()["outcome"], "OUTCOME_COMMITTED");
+    assert_eq!(shown.json()["state"], "TXN_STATE_COMMITTED");
+    assert_eq!(shown.json()["branches"].as_array().unwrap().len(), 2);
+    assert_eq!(sys.scalar(0, "SELECT bal FROM acct").await, 70);
+    assert_eq!(sys.scalar(1, "SELECT bal FROM acct").await, 130);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_statement_by_hand_shows_the_sqlstate_and_aborts() {
+    let sys = System::start(1).await;
+    sys.setup_sql(
+        "CREATE TABLE acct (id int PRIMARY KEY, bal bigint); INSERT INTO acct VALUES (1, 100);",
+    )
+    .await;
+    let coordinator = sys.coordinator.addr;
+
+    let begin = grpcurl(coordinator, Some("{}"), &["twopc.v1.Coordinator/Begin"]).await;
+    let txn = begin.json()["txnId"].as_str().unwrap().to_string();
+    let dup = format!(r#"{{"txn_id":"{txn}","sql":"INSERT INTO acct VALUES (1, 0)"}}"#);
+    let failed = grpcurl(
+        sys.participants[0].addr,
+        Some(&dup),
+        &["twopc.v1.Participant/Execute"],
+    )
+    .await;
+    let commit = grpcurl(
+        coordinator,
+        Some(&format!(r#"{{"txn_id":"{txn}"}}"#)),
+        &["twopc.v1.Coordinator/Commit"],
+    )
+    .await;
+    let malformed = grpcurl(
+        coordinator,
+        Some(r#"{"txn_id":"nope"}"#),
+        &["twopc.v1.Coordinator/Commit"],
+    )
+    .await;
+
+    assert!(!failed.ok);
+    assert!(
+        failed.stderr.contains("FailedPrecondition") && failed.stderr.contains("23505"),
+        "{}",
+        failed.stderr
+    );
+    assert_eq!(commit.json()["outcome"], "OUTCOME_ABORTED");
+    assert!(
+        commit.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key")
+    );
+    assert!(
+        !malformed.ok && malformed.stderr.contains("InvalidArgument"),
+        "{}",
+        malformed.stderr
+    );
+    assert_eq!(sys.scalar(0, "SELECT bal FROM acct").await, 100);
+    sys.assert_nothing_prepared().await;
+}
