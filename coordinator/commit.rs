@@ -210,8 +210,17 @@ impl<L: Log> Coordinator<L> {
         let this = &self;
         let live_ref = &live;
         futures::future::join_all(targets.into_iter().map(|(i, endpoint, xid)| async move {
-            this.finish_one(id, &endpoint, xid, committing).await;
+            if !this
+                .finish_one(live_ref, id, &endpoint, xid, committing)
+                .await
+            {
+                return;
+            }
             let mut txn = live_ref.txn.lock().unwrap();
+            if txn.state.is_final() {
+                // An operator resolved it meanwhile (ResolveTransaction).
+                return;
+            }
             if txn.acked(i, now_ms()) {
                 let done: Txn = txn.clone();
                 drop(txn);
@@ -227,16 +236,28 @@ impl<L: Log> Coordinator<L> {
         .await;
     }
 
-    async fn finish_one(&self, id: TxnId, endpoint: &str, xid: u64, commit: bool) {
+    /// Retries until the branch acknowledges (true), or an operator has resolved the
+    /// transaction by hand (false).
+    async fn finish_one(
+        &self,
+        live: &Live,
+        id: TxnId,
+        endpoint: &str,
+        xid: u64,
+        commit: bool,
+    ) -> bool {
         let mut backoff = self.limits.retry_min;
         let mut attempts = 0u32;
         loop {
+            if live.txn.lock().unwrap().state.is_final() {
+                return false;
+            }
             match self
                 .participants
                 .finish(endpoint, id, xid, commit, self.limits.prepare_timeout)
                 .await
             {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(status) => {
                     attempts += 1;
                     let what = if commit {
@@ -254,5 +275,58 @@ impl<L: Log> Coordinator<L> {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.limits.retry_max);
         }
+    }
+
+    /// An operator's resolution of a transaction stuck in phase 2 (see `Txn::force`). An active
+    /// transaction is aborted first, so FORCE_ABORT also ends one whose rollbacks cannot land.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        id: TxnId,
+        commit: bool,
+        operator: &str,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let Some(live) = self.live(id) else {
+            let recorded = self.recorded(id)?;
+            let committed = recorded.outcome == Outcome::Committed;
+            if committed != commit {
+                return Err(Error::Txn(super::txn::TxnError::CannotForce {
+                    id,
+                    state: if committed {
+                        State::Committed
+                    } else {
+                        State::Aborted
+                    },
+                }));
+            }
+            return Ok(());
+        };
+        if !commit {
+            self.start_abort(&live, "aborted by an operator", false);
+            self.wait_for_outcome(&live, Duration::ZERO).await;
+        }
+        let done = {
+            let mut txn = live.txn.lock().unwrap();
+            let pending: Vec<String> = txn
+                .branches_to_finish()
+                .into_iter()
+                .map(|i| txn.branches[i].participant_id.clone())
+                .collect();
+            txn.force(commit, now_ms())?;
+            tracing::warn!(
+                audit = true,
+                txn_id = %id,
+                operator,
+                reason,
+                resolution = if commit { "force-commit" } else { "force-abort" },
+                ?pending,
+                "operator resolved a transaction by hand: the listed branches are declared finished"
+            );
+            txn.state.is_final().then(|| txn.clone())
+        };
+        if let Some(txn) = done {
+            self.retire(&live, &txn);
+        }
+        Ok(())
     }
 }

@@ -155,4 +155,30 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
             outcome: outcome as i32,
         }))
     }
+
+    async fn resolve_transaction(
+        &self,
+        req: Request<proto::ResolveTransactionRequest>,
+    ) -> Result<Response<proto::Transaction>, Status> {
+        let req = req.into_inner();
+        let id = parse_id(&req.txn_id)?;
+        let commit = match req.resolution() {
+            proto::Resolution::ForceCommit => true,
+            proto::Resolution::ForceAbort => false,
+            proto::Resolution::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "resolution is required: RESOLUTION_FORCE_COMMIT or RESOLUTION_FORCE_ABORT",
+                ));
+            }
+        };
+        if req.operator.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "operator is required: who is resolving this by hand?",
+            ));
+        }
+        self.core
+            .resolve(id, commit, &req.operator, &req.reason)
+            .await?;
+        Ok(Response::new(self.core.get(id)?))
+    }
 }

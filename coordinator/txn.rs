@@ -152,6 +152,10 @@ pub enum TxnError {
         "participant {participant_id:?} restarted since it joined transaction {id}, losing the statements it ran for it; the transaction can only abort"
     )]
     BranchLost { id: TxnId, participant_id: String },
+    #[error(
+        "transaction {id} is {state:?}: an operator can only finish a transaction the way it was decided (--force-commit for committing, --force-abort otherwise)"
+    )]
+    CannotForce { id: TxnId, state: State },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,6 +334,27 @@ impl Txn {
                 }
             }
             State::Committed | State::Aborted => panic!("recover() of a finished transaction"),
+        }
+    }
+
+    /// An operator declares every branch still owed phase 2 finished the way the transaction
+    /// was decided (its participant is gone for good), so the transaction can retire. A
+    /// decision is never changed: forcing the other way is refused.
+    pub fn force(&mut self, commit: bool, now_ms: i64) -> Result<(), TxnError> {
+        match (self.state, commit) {
+            (State::Committing, true) | (State::Aborting, false) => {
+                for i in self.branches_to_finish() {
+                    self.branches[i].state = if commit {
+                        BranchState::Committed
+                    } else {
+                        BranchState::RolledBack
+                    };
+                }
+                self.finish_if_acked(now_ms);
+                Ok(())
+            }
+            (State::Committed, true) | (State::Aborted, false) => Ok(()),
+            (state, _) => Err(TxnError::CannotForce { id: self.id, state }),
         }
     }
 
@@ -537,6 +562,29 @@ mod tests {
             active.branches_to_finish(),
             vec![0],
             "its branch may be prepared: roll it back"
+        );
+    }
+
+    #[test]
+    fn an_operator_can_finish_a_decision_but_never_reverse_it() {
+        let mut txn = txn_with(&["p1", "p2"]);
+        txn.commit();
+        txn.record_vote(0, Vote::Yes { xid: 1 });
+        txn.record_vote(1, Vote::Yes { xid: 2 });
+        txn.decide(1);
+        txn.acked(0, 2);
+        assert!(matches!(
+            txn.force(false, 3),
+            Err(TxnError::CannotForce { .. })
+        ));
+        assert_eq!(txn.force(true, 3), Ok(()));
+        assert_eq!(txn.state, State::Committed);
+        assert_eq!(txn.branches[1].state, BranchState::Committed);
+
+        let mut active = txn_with(&["p1"]);
+        assert!(
+            matches!(active.force(true, 1), Err(TxnError::CannotForce { .. })),
+            "undecided: use Commit"
         );
     }
 

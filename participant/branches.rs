@@ -347,12 +347,18 @@ impl Participant {
     }
 
     /// The txn ids of our prepared branches in this database (of `coordinator_id`, or all).
-    pub async fn recover(&self, coordinator_id: &str) -> Result<Vec<TxnId>, Error> {
-        let gids = self.db.prepared_gids().await?;
-        Ok(gids
+    pub async fn recover(&self, coordinator_id: &str) -> Result<Vec<proto::PreparedBranch>, Error> {
+        let prepared = self.db.prepared_older_than(Duration::ZERO).await?;
+        Ok(prepared
             .into_iter()
-            .filter(|g| coordinator_id.is_empty() || g.coordinator_id == coordinator_id)
-            .map(|g| g.txn)
+            .filter(|(g, _, _)| coordinator_id.is_empty() || g.coordinator_id == coordinator_id)
+            .map(|(gid, age_s, xid)| proto::PreparedBranch {
+                txn_id: gid.txn.to_string(),
+                coordinator_id: gid.coordinator_id.clone(),
+                gid: gid.to_string(),
+                xid,
+                age_ms: (age_s * 1000.0) as i64,
+            })
             .collect())
     }
 }

@@ -201,18 +201,6 @@ impl Database {
         Ok(row.and_then(|r| full_xid(r.get(0), r.get(1))))
     }
 
-    /// The txn ids of every branch of ours prepared in this database.
-    pub async fn prepared_gids(&self) -> Result<Vec<Gid>, Error> {
-        let conn = self.conn().await?;
-        let rows = conn
-            .query(
-                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE $1 ORDER BY prepared",
-                &[&Gid::like_all()],
-            )
-            .await?;
-        Ok(rows.iter().filter_map(|r| Gid::parse(r.get(0))).collect())
-    }
-
     /// Our branches prepared at least `min_age` ago: (gid, age in seconds, xid8).
     pub async fn prepared_older_than(
         &self,

@@ -24,6 +24,20 @@ fn parse_id(s: &str) -> Result<TxnId, Status> {
     s.parse().map_err(|e| Status::from(Error::MalformedId(e)))
 }
 
+/// An operator deciding a branch by hand (twopcctl resolve --participant) leaves a trace.
+fn audit(req: &Request<proto::BranchRequest>, action: &str) {
+    if let Some(operator) = req.metadata().get("x-twopc-operator") {
+        let r = req.get_ref();
+        tracing::warn!(
+            audit = true,
+            operator = operator.to_str().unwrap_or("?"),
+            txn_id = r.txn_id,
+            coordinator_id = r.coordinator_id,
+            "operator forced {action} of a prepared branch (heuristic decision)"
+        );
+    }
+}
+
 /// Runs a step to completion whatever happens to the RPC that asked for it.
 async fn detached<T: Send + 'static>(
     step: impl Future<Output = Result<T, Error>> + Send + 'static,
@@ -75,6 +89,7 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::BranchRequest>,
     ) -> Result<Response<proto::BranchResponse>, Status> {
+        audit(&req, "commit");
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
@@ -86,6 +101,7 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::BranchRequest>,
     ) -> Result<Response<proto::BranchResponse>, Status> {
+        audit(&req, "rollback");
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
@@ -97,9 +113,10 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::RecoverRequest>,
     ) -> Result<Response<proto::RecoverResponse>, Status> {
-        let ids = self.core.recover(&req.get_ref().coordinator_id).await?;
+        let branches = self.core.recover(&req.get_ref().coordinator_id).await?;
         Ok(Response::new(proto::RecoverResponse {
-            txn_ids: ids.iter().map(TxnId::to_string).collect(),
+            txn_ids: branches.iter().map(|b| b.txn_id.clone()).collect(),
+            branches,
         }))
     }
 }

@@ -320,3 +320,94 @@ pub fn text(v: &str) -> proto::Value {
 pub fn outcome(o: i32) -> proto::Outcome {
     proto::Outcome::try_from(o).unwrap()
 }
+
+/// A server run as its own process (the built binary), killed on drop.
+pub struct Proc {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Proc {
+    /// Starts `bin` (coordinator or participant) listening on `addr`, with `FAILPOINTS` set to
+    /// `failpoints` (which makes it abort on the spot when one fires), and waits until it
+    /// accepts connections.
+    pub async fn start(bin: &str, addr: SocketAddr, args: &[String], failpoints: &str) -> Proc {
+        let path = match bin {
+            "coordinator" => env!("CARGO_BIN_EXE_coordinator"),
+            "participant" => env!("CARGO_BIN_EXE_participant"),
+            other => panic!("no binary {other}"),
+        };
+        let child = std::process::Command::new(path)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env("FAILPOINTS", failpoints)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Proc { addr, child };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{bin} did not start listening on {addr}");
+    }
+
+    /// Waits (bounded) for the process to end by itself, e.g. at a failpoint.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the process did not exit");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback address nobody listens on right now.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Runs `twopcctl ARGS`; returns (success, stdout, stderr).
+pub async fn twopcctl(args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_twopcctl"));
+    cmd.args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `check` every 100 ms, up to 30 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..300 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}

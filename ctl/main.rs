@@ -1,0 +1,373 @@
+//! `twopcctl`: the operator's view of a twopc coordinator and its participants, over gRPC.
+//!
+//! Human tables by default, `--json` for scripts. Resolving a stuck transaction by hand is
+//! always explicit (`--force-commit` / `--force-abort`) and leaves an audit line in the server's
+//! log with the operator's name.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::{Value as Json, json};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::transport::{Channel, Endpoint};
+use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::proto::participant_client::ParticipantClient;
+use twopc::proto::{self, TxnState};
+
+/// Operate a twopc coordinator and its participants.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "TWOPC_COORDINATOR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    coordinator: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Transactions, newest first, with their age.
+    List {
+        /// Only these states (repeatable).
+        #[arg(long = "state", value_enum)]
+        states: Vec<State>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One transaction and its branches.
+    Show { txn_id: String },
+    /// Abort an active transaction.
+    Abort {
+        txn_id: String,
+        #[arg(long, default_value = "aborted by an operator")]
+        reason: String,
+    },
+    /// Branches prepared in a participant's database (in doubt while nobody resolves them).
+    InDoubt {
+        /// The participant's URL.
+        #[arg(long)]
+        participant: String,
+    },
+    /// Resolve a stuck transaction by hand. At the coordinator (default): declare the branches
+    /// still owed phase 2 finished (their participant is gone for good); it never reverses a
+    /// decision. With --participant: commit or roll back that participant's prepared branch
+    /// directly, for when its coordinator is gone (a heuristic decision: be sure).
+    Resolve(Resolve),
+}
+
+#[derive(ClapArgs, Debug)]
+struct Resolve {
+    txn_id: String,
+    /// Declare it committed.
+    #[arg(
+        long,
+        conflicts_with = "force_abort",
+        required_unless_present = "force_abort"
+    )]
+    force_commit: bool,
+    /// Declare it aborted.
+    #[arg(long)]
+    force_abort: bool,
+    /// Resolve the branch prepared at this participant instead of at the coordinator.
+    #[arg(long)]
+    participant: Option<String>,
+    /// Who is doing this, for the audit line [default: $USER].
+    #[arg(long)]
+    operator: Option<String>,
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum State {
+    Active,
+    Preparing,
+    Committing,
+    Committed,
+    Aborting,
+    Aborted,
+}
+
+impl State {
+    fn to_proto(self) -> TxnState {
+        match self {
+            State::Active => TxnState::Active,
+            State::Preparing => TxnState::Preparing,
+            State::Committing => TxnState::Committing,
+            State::Committed => TxnState::Committed,
+            State::Aborting => TxnState::Aborting,
+            State::Aborted => TxnState::Aborted,
+        }
+    }
+}
+
+fn channel(url: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// "3.2s", "4m10s", "2h5m": how long ago.
+fn age(since_ms: i64) -> String {
+    let s = ((now_ms() - since_ms).max(0) as f64) / 1000.0;
+    match s {
+        s if s < 60.0 => format!("{s:.1}s"),
+        s if s < 3600.0 => format!("{}m{}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        s => format!("{}h{}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+    }
+}
+
+fn short(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_lowercase()
+}
+
+fn txn_json(t: &proto::Transaction) -> Json {
+    json!({
+        "txn_id": t.txn_id,
+        "state": short(t.state().as_str_name(), "TXN_STATE_"),
+        "outcome": short(t.outcome().as_str_name(), "OUTCOME_"),
+        "label": t.label,
+        "reason": t.reason,
+        "age_ms": now_ms() - t.created_unix_ms,
+        "created_unix_ms": t.created_unix_ms,
+        "deadline_unix_ms": t.deadline_unix_ms,
+        "decided_unix_ms": t.decided_unix_ms,
+        "finished_unix_ms": t.finished_unix_ms,
+        "branches": t.branches.iter().map(|b| json!({
+            "participant_id": b.participant_id,
+            "endpoint": b.endpoint,
+            "state": short(b.state().as_str_name(), "BRANCH_STATE_"),
+            "xid": b.xid,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn print_txn(t: &proto::Transaction) {
+    println!("transaction {}", t.txn_id);
+    println!(
+        "  state    {}",
+        short(t.state().as_str_name(), "TXN_STATE_")
+    );
+    println!(
+        "  outcome  {}",
+        short(t.outcome().as_str_name(), "OUTCOME_")
+    );
+    println!("  age      {}", age(t.created_unix_ms));
+    if !t.label.is_empty() {
+        println!("  label    {}", t.label);
+    }
+    if !t.reason.is_empty() {
+        println!("  reason   {}", t.reason);
+    }
+    let mut branches = table(&["participant", "endpoint", "branch state", "xid"]);
+    for b in &t.branches {
+        branches.add_row(vec![
+            b.participant_id.clone(),
+            b.endpoint.clone(),
+            short(b.state().as_str_name(), "BRANCH_STATE_"),
+            b.xid.to_string(),
+        ]);
+    }
+    println!("{branches}");
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let coordinator = || channel(&cli.coordinator).map(CoordinatorClient::new);
+    match cli.command {
+        Command::List { states, limit } => {
+            let resp = coordinator()?
+                .list_transactions(proto::ListTransactionsRequest {
+                    states: states.iter().map(|s| s.to_proto() as i32).collect(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    Json::Array(resp.transactions.iter().map(txn_json).collect())
+                );
+                return Ok(());
+            }
+            let mut t = table(&["txn id", "state", "outcome", "age", "branches", "label"]);
+            for x in &resp.transactions {
+                t.add_row(vec![
+                    x.txn_id.clone(),
+                    short(x.state().as_str_name(), "TXN_STATE_"),
+                    short(x.outcome().as_str_name(), "OUTCOME_"),
+                    age(x.created_unix_ms),
+                    x.branches
+                        .iter()
+                        .map(|b| b.participant_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    x.label.clone(),
+                ]);
+            }
+            println!("{t}\n{} transaction(s)", resp.transactions.len());
+        }
+        Command::Show { txn_id } => {
+            let t = coordinator()?
+                .get_transaction(proto::GetTransactionRequest { txn_id })
+                .await?
+                .into_inner();
+            if cli.json {
+                println!("{}", txn_json(&t));
+            } else {
+                print_txn(&t);
+            }
+        }
+        Command::Abort { txn_id, reason } => {
+            let r = coordinator()?
+                .abort(proto::AbortRequest {
+                    txn_id: txn_id.clone(),
+                    reason,
+                })
+                .await?
+                .into_inner();
+            let outcome = short(r.outcome().as_str_name(), "OUTCOME_");
+            if cli.json {
+                println!("{}", json!({"txn_id": txn_id, "outcome": outcome}));
+            } else {
+                println!("transaction {txn_id}: {outcome}");
+            }
+        }
+        Command::InDoubt { participant } => {
+            let resp = ParticipantClient::new(channel(&participant)?)
+                .recover(proto::RecoverRequest::default())
+                .await?
+                .into_inner();
+            if cli.json {
+                let rows: Vec<Json> = resp
+                    .branches
+                    .iter()
+                    .map(|b| json!({"txn_id": b.txn_id, "coordinator_id": b.coordinator_id, "gid": b.gid, "xid": b.xid, "age_ms": b.age_ms}))
+                    .collect();
+                println!("{}", Json::Array(rows));
+                return Ok(());
+            }
+            let mut t = table(&["txn id", "coordinator", "prepared for", "xid", "gid"]);
+            for b in &resp.branches {
+                t.add_row(vec![
+                    b.txn_id.clone(),
+                    b.coordinator_id.clone(),
+                    age(now_ms() - b.age_ms),
+                    b.xid.to_string(),
+                    b.gid.clone(),
+                ]);
+            }
+            println!(
+                "{t}\n{} prepared branch(es) at {participant}",
+                resp.branches.len()
+            );
+        }
+        Command::Resolve(r) => {
+            let operator = r
+                .operator
+                .clone()
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            let verb = if r.force_commit {
+                "committed"
+            } else {
+                "rolled back"
+            };
+            match &r.participant {
+                Some(url) => {
+                    let mut client = ParticipantClient::new(channel(url)?);
+                    let prepared = client
+                        .recover(proto::RecoverRequest::default())
+                        .await?
+                        .into_inner();
+                    let Some(branch) = prepared.branches.iter().find(|b| b.txn_id == r.txn_id)
+                    else {
+                        bail!("{url} holds no prepared branch of transaction {}", r.txn_id);
+                    };
+                    let mut req = tonic::Request::new(proto::BranchRequest {
+                        txn_id: r.txn_id.clone(),
+                        xid: branch.xid,
+                        coordinator_id: branch.coordinator_id.clone(),
+                    });
+                    req.metadata_mut().insert(
+                        "x-twopc-operator",
+                        operator.parse().context("operator name")?,
+                    );
+                    if r.force_commit {
+                        client.commit(req).await?;
+                    } else {
+                        client.rollback(req).await?;
+                    }
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"txn_id": r.txn_id, "participant": url, "branch": verb, "gid": branch.gid})
+                        );
+                    } else {
+                        println!("branch {} at {url}: {verb} by {operator}", branch.gid);
+                    }
+                }
+                None => {
+                    let t = coordinator()?
+                        .resolve_transaction(proto::ResolveTransactionRequest {
+                            txn_id: r.txn_id.clone(),
+                            resolution: if r.force_commit {
+                                proto::Resolution::ForceCommit
+                            } else {
+                                proto::Resolution::ForceAbort
+                            } as i32,
+                            operator: operator.clone(),
+                            reason: r.reason.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    if cli.json {
+                        println!("{}", txn_json(&t));
+                    } else {
+                        println!("resolved by {operator}:");
+                        print_txn(&t);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // A gRPC status reads best as its code and message.
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("twopcctl: {:?}: {}", s.code(), s.message()),
+                None => eprintln!("twopcctl: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
