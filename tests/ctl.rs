@@ -178,7 +178,6 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
     let _coordinator = Proc::start("coordinator", caddr, &args, "").await;
     eventually("the restarted coordinator finishes the transaction", || {
         let txn = txn.clone();
-        let caddr = caddr;
         async move {
             let Ok(mut c) = CoordinatorClient::connect(url(caddr)).await else {
                 return false;

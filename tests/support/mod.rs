@@ -346,9 +346,11 @@ impl Proc {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+        // Owned from here on, so a panic below still kills it.
+        let proc = Proc { addr, child };
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Proc { addr, child };
+                return proc;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
