@@ -6,9 +6,9 @@
 //!   prepares, commits and rolls it back on the coordinator's word.
 //!
 //! [`proto`] is the wire: the generated gRPC code and the transaction id both sides share.
+//! [`process`] is what every process shares: signals, failpoints, logs and metrics, config.
 
 pub mod coordinator;
-pub mod failpoints;
 pub mod participant;
+pub mod process;
 pub mod proto;
-pub mod signal;

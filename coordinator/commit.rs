@@ -21,6 +21,7 @@ use super::txns::{Coordinator, Live, now_ms};
 use crate::proto::{Outcome, TxnId};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Commit's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +49,8 @@ impl<L: Log> Coordinator<L> {
                 tracing::debug!(txn_id = %id, branches = branches.len(), "commit: phase 1");
                 let this = Arc::clone(self);
                 let run = Arc::clone(&live);
-                tokio::spawn(async move { this.run_commit(run, branches).await });
+                let span = live.span("commit");
+                tokio::spawn(async move { this.run_commit(run, branches).await }.instrument(span));
             }
             CommitStep::Wait | CommitStep::Decided(_) => {}
         }
@@ -96,9 +98,11 @@ impl<L: Log> Coordinator<L> {
         if let AbortStep::RollBack(_) = step {
             // An abort needs no forced write: without a commit record it is the presumption.
             live.announce(Outcome::Aborted);
+            metrics::counter!("twopc_transactions_total", "outcome" => "aborted").increment(1);
             let this = Arc::clone(self);
             let live = Arc::clone(live);
-            tokio::spawn(async move { this.finish_branches(live).await });
+            let span = live.span("abort");
+            tokio::spawn(async move { this.finish_branches(live).await }.instrument(span));
         }
     }
 
@@ -146,6 +150,7 @@ impl<L: Log> Coordinator<L> {
             (txn.id, eps)
         };
         let timeout = self.limits.prepare_timeout;
+        let started = std::time::Instant::now();
         let votes = futures::future::join_all(
             endpoints
                 .iter()
@@ -153,6 +158,8 @@ impl<L: Log> Coordinator<L> {
         )
         .await;
         crate::failpoint!("coordinator::votes_in");
+        metrics::histogram!("twopc_phase_duration_seconds", "phase" => "prepare")
+            .record(started.elapsed());
 
         let (decision, needs_flush) = {
             let mut txn = live.txn.lock().unwrap();
@@ -174,7 +181,10 @@ impl<L: Log> Coordinator<L> {
                 // branches) there is nothing to make durable.
                 if needs_flush {
                     crate::failpoint!("coordinator::decision_written");
+                    let flushing = std::time::Instant::now();
                     self.sync().await;
+                    metrics::histogram!("twopc_phase_duration_seconds", "phase" => "decision_flush")
+                        .record(flushing.elapsed());
                     crate::failpoint!("coordinator::decision_flushed");
                 }
                 tracing::debug!(txn_id = %id, "commit decided");
@@ -186,7 +196,12 @@ impl<L: Log> Coordinator<L> {
             Decision::Abort { .. } => Outcome::Aborted,
         };
         live.announce(outcome);
+        metrics::counter!("twopc_transactions_total", "outcome" => outcome_label(outcome))
+            .increment(1);
+        let finishing = std::time::Instant::now();
         self.finish_branches(live).await;
+        metrics::histogram!("twopc_phase_duration_seconds", "phase" => "finish")
+            .record(finishing.elapsed());
     }
 
     /// Phase 2: COMMIT PREPARED or rollback to every branch that needs it, each retried with
@@ -328,5 +343,13 @@ impl<L: Log> Coordinator<L> {
             self.retire(&live, &txn);
         }
         Ok(())
+    }
+}
+
+fn outcome_label(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Committed => "committed",
+        Outcome::Aborted => "aborted",
+        _ => "pending",
     }
 }

@@ -43,6 +43,7 @@ impl Flusher {
                         tracing::error!(error = %e, "decision log flush failed; stopping the coordinator");
                         std::process::abort();
                     }
+                    metrics::histogram!("twopc_log_flush_seconds").record(started.elapsed());
                     tracing::trace!(ticket, elapsed_us = started.elapsed().as_micros() as u64, "log flushed");
                     flushed_tx.send_replace(ticket);
                 }

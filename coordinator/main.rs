@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use twopc::coordinator::{Config, Limits, run};
+use twopc::process::telemetry;
 
 /// The twopc coordinator: begins global transactions and commits them atomically across
 /// PostgreSQL databases (through their participants), with its decisions logged in sled.
@@ -39,33 +40,36 @@ struct Args {
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
+    #[command(flatten)]
+    process: telemetry::Options,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> anyhow::Result<()> {
+    if let Err(e) = twopc::process::config::load::<Args>() {
+        eprintln!("coordinator: {e}");
+        std::process::exit(2);
+    }
     let args = Args::parse();
-    twopc::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let config = Config {
-        data_dir: args.data_dir,
-        id: args.id,
-        limits: Limits {
-            default_timeout: Duration::from_millis(args.default_timeout_ms),
-            max_timeout: Duration::from_millis(args.max_timeout_ms),
-            prepare_timeout: Duration::from_millis(args.prepare_timeout_ms),
-            commit_wait: Duration::from_millis(args.commit_wait_ms),
-            orphan_scan_interval: Duration::from_millis(args.orphan_scan_interval_ms),
-            ..Limits::default()
-        },
-        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
-    };
-    run(listener, config, twopc::signal::shutdown()).await
+    telemetry::init_logs(args.process.log_format);
+    twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        telemetry::serve_metrics(args.process.metrics_listen)?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        let config = Config {
+            data_dir: args.data_dir,
+            id: args.id,
+            limits: Limits {
+                default_timeout: Duration::from_millis(args.default_timeout_ms),
+                max_timeout: Duration::from_millis(args.max_timeout_ms),
+                prepare_timeout: Duration::from_millis(args.prepare_timeout_ms),
+                commit_wait: Duration::from_millis(args.commit_wait_ms),
+                orphan_scan_interval: Duration::from_millis(args.orphan_scan_interval_ms),
+                ..Limits::default()
+            },
+            drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        };
+        run(listener, config, twopc::process::signal::shutdown()).await
+    })
 }

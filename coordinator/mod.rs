@@ -52,6 +52,7 @@ pub async fn run(
     // Before serving: a Begin must not race the log's unfinished transactions.
     core.recover()?;
     core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
+    core.spawn_gauges();
     tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
     serve(listener, core, config.drain_timeout, shutdown).await
 }

@@ -53,6 +53,7 @@ impl Participants {
                 coordinator_id: self.coordinator_id.clone(),
             });
             req.set_timeout(timeout);
+            trace(&mut req, txn);
             client.prepare(req).await.map(|r| r.into_inner())
         };
         match tokio::time::timeout(timeout, call).await {
@@ -114,6 +115,7 @@ impl Participants {
             coordinator_id: self.coordinator_id.clone(),
         });
         req.set_timeout(timeout);
+        trace(&mut req, txn);
         let call = async {
             if commit {
                 client.commit(req).await
@@ -127,5 +129,12 @@ impl Participants {
             ))),
             Ok(r) => r.map(|_| ()),
         }
+    }
+}
+
+/// Carries the transaction's trace context to the participant (see `TxnId::traceparent`).
+fn trace<T>(req: &mut tonic::Request<T>, txn: TxnId) {
+    if let Ok(v) = txn.traceparent().parse() {
+        req.metadata_mut().insert("traceparent", v);
     }
 }

@@ -23,6 +23,7 @@ use crate::proto::{Outcome, TxnId};
 use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// What one orphan scan did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,7 @@ impl<L: Log> Coordinator<L> {
                 Decision::Abort { .. } => Outcome::Aborted,
             };
             tracing::info!(txn_id = %txn.id, ?announced, branches = txn.branches.len(), "recovering");
+            metrics::counter!("twopc_recovered_transactions_total").increment(1);
             let live = Arc::new(Live {
                 progress: watch::Sender::new(Progress {
                     announced,
@@ -56,7 +58,8 @@ impl<L: Log> Coordinator<L> {
             });
             self.live.lock().unwrap().insert(txn.id, Arc::clone(&live));
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.finish_branches(live).await });
+            let span = live.span("recover");
+            tokio::spawn(async move { this.finish_branches(live).await }.instrument(span));
         }
         if n > 0 {
             tracing::info!(
@@ -157,6 +160,33 @@ impl<L: Log> Coordinator<L> {
                 }
                 drop(core);
                 tokio::time::sleep(interval).await;
+            }
+        });
+    }
+
+    /// Publishes the gauges an operator watches: transactions in flight, those decided but
+    /// not yet finished (in doubt: some branch still holds a prepared transaction, or may),
+    /// and how old the oldest of those is. Every second, until the coordinator is dropped.
+    pub fn spawn_gauges(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(core) = this.upgrade() else { return };
+                let live: Vec<Arc<Live>> = core.live.lock().unwrap().values().cloned().collect();
+                drop(core);
+                let now = now_ms();
+                let (mut in_doubt, mut oldest_ms) = (0usize, 0i64);
+                for l in &live {
+                    let txn = l.txn.lock().unwrap();
+                    if matches!(txn.state, State::Committing | State::Aborting) {
+                        in_doubt += 1;
+                        oldest_ms = oldest_ms.max(now - txn.decided_ms);
+                    }
+                }
+                metrics::gauge!("twopc_live_transactions").set(live.len() as f64);
+                metrics::gauge!("twopc_in_doubt_transactions").set(in_doubt as f64);
+                metrics::gauge!("twopc_oldest_in_doubt_seconds").set(oldest_ms as f64 / 1000.0);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
     }

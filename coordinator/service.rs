@@ -53,6 +53,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         }))
     }
 
+    #[tracing::instrument(name = "commit", skip_all, fields(txn_id = %req.get_ref().txn_id))]
     async fn commit(
         &self,
         req: Request<proto::CommitRequest>,
@@ -71,6 +72,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         }))
     }
 
+    #[tracing::instrument(name = "abort", skip_all, fields(txn_id = %req.get_ref().txn_id))]
     async fn abort(
         &self,
         req: Request<proto::AbortRequest>,
@@ -121,6 +123,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         }))
     }
 
+    #[tracing::instrument(name = "register_branch", skip_all, fields(txn_id = %req.get_ref().txn_id))]
     async fn register_branch(
         &self,
         req: Request<proto::RegisterBranchRequest>,
@@ -137,6 +140,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         }))
     }
 
+    #[tracing::instrument(name = "query_outcome", skip_all, fields(txn_id = %req.get_ref().txn_id))]
     async fn query_outcome(
         &self,
         req: Request<proto::QueryOutcomeRequest>,
@@ -156,6 +160,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         }))
     }
 
+    #[tracing::instrument(name = "resolve_transaction", skip_all, fields(txn_id = %req.get_ref().txn_id))]
     async fn resolve_transaction(
         &self,
         req: Request<proto::ResolveTransactionRequest>,

@@ -42,6 +42,17 @@ impl State {
         }
     }
 
+    pub fn from_proto(s: proto::TxnState) -> State {
+        match s {
+            proto::TxnState::Active | proto::TxnState::Unspecified => State::Active,
+            proto::TxnState::Preparing => State::Preparing,
+            proto::TxnState::Committing => State::Committing,
+            proto::TxnState::Committed => State::Committed,
+            proto::TxnState::Aborting => State::Aborting,
+            proto::TxnState::Aborted => State::Aborted,
+        }
+    }
+
     pub fn to_proto(self) -> proto::TxnState {
         match self {
             State::Active => proto::TxnState::Active,

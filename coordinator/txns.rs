@@ -70,6 +70,17 @@ impl Live {
         self.progress.send_modify(|p| p.announced = outcome);
     }
 
+    /// The span a protocol run logs in: the transaction and its participants, on every line.
+    pub fn span(&self, run: &'static str) -> tracing::Span {
+        let txn = self.txn.lock().unwrap();
+        let participants: Vec<&str> = txn
+            .branches
+            .iter()
+            .map(|b| b.participant_id.as_str())
+            .collect();
+        tracing::info_span!("txn", run, txn_id = %txn.id, participants = %participants.join(","))
+    }
+
     fn announced(&self) -> Outcome {
         self.progress.borrow().announced
     }
@@ -296,8 +307,9 @@ impl<L: Log> Coordinator<L> {
         let mut out: Vec<proto::Transaction> = live
             .iter()
             .filter_map(|l| {
-                let txn = l.txn.lock().unwrap();
-                wanted(txn.state).then(|| txn.to_proto(l.announced()))
+                // Filter on the state as shown: a commit being flushed shows as preparing.
+                let shown = l.txn.lock().unwrap().to_proto(l.announced());
+                wanted(State::from_proto(shown.state())).then_some(shown)
             })
             .collect();
         out.sort_by(|a, b| b.txn_id.cmp(&a.txn_id));

@@ -137,7 +137,10 @@ fn main() -> ExitCode {
 
 /// The failpoints the deterministic pass covers, or None for no deterministic pass.
 fn chosen_failpoints(args: &Args) -> Result<Option<Vec<&'static str>>> {
-    let all: Vec<&'static str> = twopc::failpoints::ALL.iter().map(|(n, _)| *n).collect();
+    let all: Vec<&'static str> = twopc::process::failpoints::ALL
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
     let spec = match (&args.failpoints, args.soak) {
         (None, Some(_)) => return Ok(None),
         (None, None) => "all",

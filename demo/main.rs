@@ -426,7 +426,7 @@ async fn main() -> Result<()> {
         );
         println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
         println!("   Ctrl-C stops everything and removes the clusters.");
-        twopc::signal::shutdown().await;
+        twopc::process::signal::shutdown().await;
     }
 
     println!("\n== Done: stopping the servers and removing the clusters");

@@ -78,6 +78,9 @@ pub struct Participant {
 /// coordinator aborts at the deadline; the grace keeps us from racing its Prepare.
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long an expired branch is remembered as rolled back.
+const TOMBSTONE: Duration = Duration::from_secs(60);
+
 impl Participant {
     pub fn new(
         id: String,
@@ -176,11 +179,17 @@ impl Participant {
         let resp = self
             .coordinator
             .clone()
-            .register_branch(RegisterBranchRequest {
-                txn_id: txn.to_string(),
-                participant_id: self.id.clone(),
-                endpoint: self.advertise.clone(),
-                instance_id: self.instance.clone(),
+            .register_branch({
+                let mut req = tonic::Request::new(RegisterBranchRequest {
+                    txn_id: txn.to_string(),
+                    participant_id: self.id.clone(),
+                    endpoint: self.advertise.clone(),
+                    instance_id: self.instance.clone(),
+                });
+                if let Ok(v) = txn.traceparent().parse() {
+                    req.metadata_mut().insert("traceparent", v);
+                }
+                req
             })
             .await
             .map_err(Error::Coordinator)?
@@ -206,8 +215,15 @@ impl Participant {
         let until = until_unix_ms(resp.deadline_unix_ms) + DEADLINE_GRACE;
         tokio::spawn(async move {
             tokio::time::sleep(until).await;
-            if let Some(this) = this.upgrade() {
-                this.expire(txn).await;
+            let expired = match this.upgrade() {
+                Some(p) => p.expire(txn).await,
+                None => return,
+            };
+            if expired {
+                tokio::time::sleep(TOMBSTONE).await;
+                if let Some(p) = this.upgrade() {
+                    p.forget(txn);
+                }
             }
         });
         tracing::debug!(txn_id = %txn, "branch opened");
@@ -215,14 +231,20 @@ impl Participant {
     }
 
     /// The deadline passed: a branch still active here will never be committed.
-    async fn expire(&self, txn: TxnId) {
-        let Some(entry) = self.slot(txn) else { return };
+    async fn expire(&self, txn: TxnId) -> bool {
+        let Some(entry) = self.slot(txn) else {
+            return false;
+        };
         let mut slot = entry.lock_interrupting().await;
         if matches!(slot.branch.state, State::Active | State::Doomed { .. }) {
             tracing::info!(txn_id = %txn, "branch passed its deadline unprepared: rolling back");
             self.roll_back_open(&entry, &mut slot).await;
-            self.forget(txn);
+            // Kept a while as a tombstone: with clock skew the coordinator may still think the
+            // transaction active, and a late Execute must hear "rolled back", not start a fresh
+            // PostgreSQL transaction that would silently drop the statements before it.
+            return true;
         }
+        false
     }
 
     async fn roll_back_open(&self, entry: &Entry, slot: &mut Slot) {

@@ -35,9 +35,17 @@ pub async fn set(reporter: &HealthReporter, serving: bool) {
 /// Whether PostgreSQL answers and the coordinator says it is serving; why not, if not.
 async fn check(core: &Participant, coordinator: &mut HealthClient<Channel>) -> Result<(), String> {
     let conn = core.db.conn().await.map_err(|e| e.to_string())?;
-    conn.simple_query("SELECT 1")
+    // Doubles as the gauges of what this database holds in doubt.
+    let row = conn
+        .query_one(
+            "SELECT count(*)::float8, coalesce(extract(epoch FROM now() - min(prepared)), 0)::float8 \
+             FROM pg_prepared_xacts WHERE gid LIKE 'twopc:%'",
+            &[],
+        )
         .await
         .map_err(|e| format!("PostgreSQL: {e}"))?;
+    metrics::gauge!("twopc_participant_prepared_branches").set(row.get::<_, f64>(0));
+    metrics::gauge!("twopc_participant_oldest_prepared_seconds").set(row.get::<_, f64>(1));
     let mut req = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
     });

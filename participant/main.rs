@@ -3,6 +3,7 @@
 use clap::Parser;
 use std::net::SocketAddr;
 use twopc::participant::{Config, run};
+use twopc::process::telemetry;
 
 /// A twopc participant: runs clients' SQL inside transaction branches on one PostgreSQL
 /// database, and prepares / commits / rolls them back for the coordinator.
@@ -13,7 +14,7 @@ struct Args {
     #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:50061")]
     listen: SocketAddr,
     /// This participant's id (A-Z a-z 0-9 _ - .), unique among the coordinator's participants.
-    #[arg(long, env = "TWOPC_PARTICIPANT_ID", default_value = "p1")]
+    #[arg(long, env = "TWOPC_ID", default_value = "p1")]
     id: String,
     /// The coordinator's URL.
     #[arg(
@@ -39,28 +40,31 @@ struct Args {
     /// How often prepared branches are checked with the coordinator, in ms (also at start).
     #[arg(long, env = "TWOPC_RESOLVE_INTERVAL_MS", default_value_t = 5_000)]
     resolve_interval_ms: u64,
+    #[command(flatten)]
+    process: telemetry::Options,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> anyhow::Result<()> {
+    if let Err(e) = twopc::process::config::load::<Args>() {
+        eprintln!("participant: {e}");
+        std::process::exit(2);
+    }
     let args = Args::parse();
-    twopc::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let config = Config {
-        id: args.id,
-        coordinator: args.coordinator,
-        advertise: args.advertise,
-        postgres: args.postgres,
-        max_connections: args.max_connections,
-        resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
-    };
-    run(listener, config, twopc::signal::shutdown()).await
+    telemetry::init_logs(args.process.log_format);
+    twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        telemetry::serve_metrics(args.process.metrics_listen)?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        let config = Config {
+            id: args.id,
+            coordinator: args.coordinator,
+            advertise: args.advertise,
+            postgres: args.postgres,
+            max_connections: args.max_connections,
+            resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
+        };
+        run(listener, config, twopc::process::signal::shutdown()).await
+    })
 }

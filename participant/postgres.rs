@@ -289,6 +289,7 @@ impl Database {
                 tracing::error!(%gid, xid, ?status, expected = if commit { "committed" } else { "rolled back" },
                     "ATOMICITY ALARM: a branch did not end the way the coordinator decided");
                 super::ALARMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("twopc_atomicity_alarms_total").increment(1);
                 Err(Error::FailedPrecondition(format!(
                     "ATOMICITY ALARM: {gid} (xid {xid}) is {status:?} in PostgreSQL, but the coordinator asked to {}",
                     if commit { "commit it" } else { "roll it back" }

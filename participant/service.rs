@@ -9,6 +9,7 @@ use crate::proto::{self, TxnId, participant_server};
 use std::future::Future;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct Service {
     core: Arc<Participant>,
@@ -38,11 +39,23 @@ fn audit(req: &Request<proto::BranchRequest>, action: &str) {
     }
 }
 
+/// The span a request's work logs in: the transaction, this participant, and the caller's
+/// trace context (`traceparent`, whose trace id is the txn id when the coordinator calls).
+fn span<T>(req: &Request<T>, rpc: &'static str, txn_id: &str, participant: &str) -> tracing::Span {
+    let trace = req
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("branch", rpc, txn_id, participant, trace)
+}
+
 /// Runs a step to completion whatever happens to the RPC that asked for it.
 async fn detached<T: Send + 'static>(
+    span: tracing::Span,
     step: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Status> {
-    match tokio::spawn(step).await {
+    match tokio::spawn(step.instrument(span)).await {
         Ok(r) => r.map_err(Status::from),
         Err(e) => Err(Status::internal(format!(
             "the step failed unexpectedly: {e}"
@@ -56,10 +69,17 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::ExecuteRequest>,
     ) -> Result<Response<proto::ExecuteResponse>, Status> {
+        let span = span(&req, "Execute", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
-        let resp = detached(async move { core.execute(txn, &req.sql, &req.params).await }).await?;
+        let resp = detached(span, async move {
+            core.execute(txn, &req.sql, &req.params).await
+        })
+        .await;
+        let result = if resp.is_ok() { "ok" } else { "error" };
+        metrics::counter!("twopc_participant_statements_total", "result" => result).increment(1);
+        let resp = resp?;
         Ok(Response::new(resp))
     }
 
@@ -67,10 +87,15 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::PrepareRequest>,
     ) -> Result<Response<proto::PrepareResponse>, Status> {
+        let span = span(&req, "Prepare", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
-        let vote = detached(async move { core.prepare(txn, &req.coordinator_id).await }).await?;
+        let vote = detached(
+            span,
+            async move { core.prepare(txn, &req.coordinator_id).await },
+        )
+        .await?;
         crate::failpoint!("participant::before_vote_reply");
         let (vote, reason, xid) = match vote {
             Vote::Yes { xid } => (proto::Vote::Yes, String::new(), xid),
@@ -78,6 +103,8 @@ impl participant_server::Participant for Service {
             Vote::No { reason } => (proto::Vote::No, reason, 0),
         };
         tracing::debug!(txn_id = %txn, ?vote, "voted");
+        metrics::counter!("twopc_participant_votes_total", "vote" => vote.as_str_name())
+            .increment(1);
         Ok(Response::new(proto::PrepareResponse {
             vote: vote as i32,
             reason,
@@ -90,10 +117,14 @@ impl participant_server::Participant for Service {
         req: Request<proto::BranchRequest>,
     ) -> Result<Response<proto::BranchResponse>, Status> {
         audit(&req, "commit");
+        let span = span(&req, "Commit", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
-        detached(async move { core.commit(txn, req.xid, &req.coordinator_id).await }).await?;
+        detached(span, async move {
+            core.commit(txn, req.xid, &req.coordinator_id).await
+        })
+        .await?;
         Ok(Response::new(proto::BranchResponse {}))
     }
 
@@ -102,10 +133,14 @@ impl participant_server::Participant for Service {
         req: Request<proto::BranchRequest>,
     ) -> Result<Response<proto::BranchResponse>, Status> {
         audit(&req, "rollback");
+        let span = span(&req, "Rollback", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
         let core = Arc::clone(&self.core);
-        detached(async move { core.rollback(txn, req.xid, &req.coordinator_id).await }).await?;
+        detached(span, async move {
+            core.rollback(txn, req.xid, &req.coordinator_id).await
+        })
+        .await?;
         Ok(Response::new(proto::BranchResponse {}))
     }
 

@@ -35,6 +35,17 @@ impl TxnId {
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         Uuid::from_slice(bytes).ok().map(Self)
     }
+
+    /// A W3C `traceparent` for a call made on this transaction's behalf. The trace id *is* the
+    /// txn id (both are 16 bytes), so every log line and every tracing backend groups the
+    /// coordinator's and the participants' work on one transaction under one trace.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{:016x}-01",
+            self.0.simple(),
+            rand::random::<u64>() | 1
+        )
+    }
 }
 
 impl FromStr for TxnId {

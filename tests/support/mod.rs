@@ -357,6 +357,16 @@ impl Proc {
         panic!("{bin} did not start listening on {addr}");
     }
 
+    /// Sends a signal by name (`TERM`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
     /// Waits (bounded) for the process to end by itself, e.g. at a failpoint.
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         for _ in 0..300 {
