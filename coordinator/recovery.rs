@@ -66,8 +66,39 @@ impl<L: Log> Coordinator<L> {
                 transactions = n,
                 "recovery: unfinished transactions are being finished"
             );
+            self.spawn_recovery_progress(n);
         }
         Ok(n)
+    }
+
+    /// Reports recovery's progress every second until every recovered transaction is finished:
+    /// a log line and the `twopc_recovery_pending_transactions` gauge. The recovered ones are
+    /// the live transactions created before this start.
+    fn spawn_recovery_progress(self: &Arc<Self>, total: usize) {
+        let this = Arc::downgrade(self);
+        let started_ms = now_ms();
+        tokio::spawn(async move {
+            loop {
+                let Some(core) = this.upgrade() else { return };
+                let live: Vec<Arc<Live>> = core.live.lock().unwrap().values().cloned().collect();
+                drop(core);
+                let pending = live
+                    .iter()
+                    .filter(|l| l.txn.lock().unwrap().created_ms < started_ms)
+                    .count();
+                metrics::gauge!("twopc_recovery_pending_transactions").set(pending as f64);
+                if pending == 0 {
+                    tracing::info!(total, "recovery finished");
+                    return;
+                }
+                tracing::info!(
+                    finished = total.saturating_sub(pending),
+                    total,
+                    "recovery in progress"
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// Asks every enlisted participant for our prepared branches and resolves those that no

@@ -446,7 +446,22 @@ impl Harness {
         let soak_start = Instant::now();
         let deadline = soak_start + duration;
         let mut check_round = 0;
+        // Elapsed time against the soak's length, drawn on a terminal only.
+        let progress = indicatif::ProgressBar::new(duration.as_secs()).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s of soak, {msg}")
+                .expect("a valid template"),
+        );
+        let ticker = {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                loop {
+                    progress.set_position(soak_start.elapsed().as_secs());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
         while Instant::now() < deadline {
+            progress.set_message(format!("round {}", check_round + 1));
             check_round += 1;
             let round = self.next_round();
             let round_start = Instant::now();
@@ -514,7 +529,7 @@ impl Harness {
             }
             .into();
             row.failed = row.result != "ok";
-            println!(
+            progress.suspend(|| println!(
                 "soak round {check_round}: killed {}; {} txns ({} committed, {} aborted, {} unknown); settled {} after the pause; {} violations",
                 if what.is_empty() {
                     "nothing".to_string()
@@ -527,10 +542,12 @@ impl Harness {
                 row.unknown,
                 recovered.map_or("(not settled)".into(), |d| format!("{} ms", d.as_millis())),
                 new.len()
-            );
-            print_violations(&new);
+            ));
+            progress.suspend(|| print_violations(&new));
             self.report.rows.push(row);
         }
+        ticker.abort();
+        progress.finish_and_clear();
         Ok(())
     }
 }

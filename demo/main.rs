@@ -362,10 +362,16 @@ async fn main() -> Result<()> {
         args.clients, args.transfers
     );
     let started = Instant::now();
+    // Drawn only on a terminal.
+    let progress = indicatif::ProgressBar::new((args.clients * args.transfers) as u64).with_style(
+        indicatif::ProgressStyle::with_template("   {bar:40} {pos}/{len} transfers")
+            .expect("a valid template"),
+    );
     let tasks: Vec<_> = (0..args.clients)
         .map(|c| {
             let bank = Arc::clone(&bank);
             let n = args.transfers;
+            let progress = progress.clone();
             tokio::spawn(async move {
                 let (mut committed, mut aborted) = (0usize, 0usize);
                 for i in 0..n {
@@ -376,6 +382,7 @@ async fn main() -> Result<()> {
                         (_, Outcome::Committed, _) => committed += 1,
                         _ => aborted += 1,
                     }
+                    progress.inc(1);
                 }
                 Ok::<_, anyhow::Error>((committed, aborted))
             })
@@ -387,6 +394,7 @@ async fn main() -> Result<()> {
         committed += c;
         aborted += a;
     }
+    progress.finish_and_clear();
     let elapsed = started.elapsed();
     let after = total(&east).await? + total(&west).await?;
     println!(
@@ -410,20 +418,22 @@ async fn main() -> Result<()> {
     }
 
     if args.keep {
+        let p = participant_addrs[0];
         println!(
-            "\n== Still running. Try, from another shell (grpcurl speaks reflection; no .proto needed):"
+            "\n== Still running. From another shell in this directory (grpcurl needs no .proto):"
         );
-        println!("   grpcurl -plaintext {caddr} list");
+        println!("   .venv/bin/grpcurl -plaintext {caddr} list");
         println!(
-            "   grpcurl -plaintext -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
-        );
-        println!(
-            "   grpcurl -plaintext -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {} twopc.v1.Participant/Execute",
-            participant_addrs[0]
+            "   .venv/bin/grpcurl -plaintext -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
         );
         println!(
-            "   grpcurl -plaintext -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
+            "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {p} twopc.v1.Participant/Execute"
         );
+        println!(
+            "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
+        );
+        println!("   cargo run -q --bin twopcctl -- --coordinator http://{caddr} list");
+        println!("   cargo run -q --bin twopcctl -- in-doubt --participant http://{p}");
         println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
         println!("   Ctrl-C stops everything and removes the clusters.");
         twopc::process::signal::shutdown().await;
