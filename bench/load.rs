@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
-use twopc::proto::{self, Outcome, value::Kind};
+use twopc::proto::{self, Outcome};
 use twopc::{coordinator, participant};
 
 /// Measures global transactions per second through twopc.
@@ -64,9 +64,7 @@ async fn one_transaction(t: &Target, branches: usize) -> Result<Outcome> {
             .execute(proto::ExecuteRequest {
                 txn_id: txn.clone(),
                 sql: "UPDATE acct SET bal = bal + 1 WHERE id = $1".into(),
-                params: vec![proto::Value {
-                    kind: Some(Kind::IntValue(id)),
-                }],
+                params: vec![proto::Value::int(id)],
             })
             .await?;
     }

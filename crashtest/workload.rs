@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
-use twopc::proto::{self, Outcome, value::Kind};
+use twopc::proto::{self, Outcome};
 
 pub const ACCOUNTS: i64 = 20;
 pub const INITIAL_BALANCE: i64 = 1000;
@@ -156,18 +156,6 @@ pub async fn bounded<T>(
     }
 }
 
-fn int(v: i64) -> proto::Value {
-    proto::Value {
-        kind: Some(Kind::IntValue(v)),
-    }
-}
-
-fn text(v: &str) -> proto::Value {
-    proto::Value {
-        kind: Some(Kind::TextValue(v.into())),
-    }
-}
-
 fn describe(status: &Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
@@ -238,14 +226,14 @@ impl Client {
                 a,
                 &txn,
                 "UPDATE acct SET bal = bal - $1 WHERE id = $2",
-                vec![int(amount), int(from)],
+                vec![proto::Value::int(amount), proto::Value::int(from)],
             )
             .await?;
             self.exec(
                 b,
                 &txn,
                 "UPDATE acct SET bal = bal + $1 WHERE id = $2",
-                vec![int(amount), int(to)],
+                vec![proto::Value::int(amount), proto::Value::int(to)],
             )
             .await?;
             for (db, delta) in [(a, -amount), (b, amount)] {
@@ -253,7 +241,7 @@ impl Client {
                     db,
                     &txn,
                     "INSERT INTO ledger VALUES ($1, $2)",
-                    vec![text(&txn), int(delta)],
+                    vec![proto::Value::text(&txn), proto::Value::int(delta)],
                 )
                 .await?;
             }

@@ -5,7 +5,7 @@
 //! log with the operator's name.
 
 use anyhow::{Context, Result, bail};
-use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Value as Json, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,8 +38,8 @@ enum Command {
     /// Transactions, newest first, with their age.
     List {
         /// Only these states (repeatable).
-        #[arg(long = "state", value_enum)]
-        states: Vec<State>,
+        #[arg(long = "state", value_parser = parse_state)]
+        states: Vec<TxnState>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -87,27 +87,11 @@ struct Resolve {
     reason: String,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum State {
-    Active,
-    Preparing,
-    Committing,
-    Committed,
-    Aborting,
-    Aborted,
-}
-
-impl State {
-    fn to_proto(self) -> TxnState {
-        match self {
-            State::Active => TxnState::Active,
-            State::Preparing => TxnState::Preparing,
-            State::Committing => TxnState::Committing,
-            State::Committed => TxnState::Committed,
-            State::Aborting => TxnState::Aborting,
-            State::Aborted => TxnState::Aborted,
-        }
-    }
+/// `committing` → TXN_STATE_COMMITTING.
+fn parse_state(s: &str) -> Result<TxnState, String> {
+    TxnState::from_str_name(&format!("TXN_STATE_{}", s.to_uppercase()))
+        .filter(|s| *s != TxnState::Unspecified)
+        .ok_or_else(|| format!("unknown state {s:?}: one of active, preparing, committing, committed, aborting, aborted"))
 }
 
 fn channel(url: &str) -> Result<Channel> {
@@ -200,7 +184,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::List { states, limit } => {
             let resp = coordinator()?
                 .list_transactions(proto::ListTransactionsRequest {
-                    states: states.iter().map(|s| s.to_proto() as i32).collect(),
+                    states: states.iter().map(|s| *s as i32).collect(),
                     limit,
                 })
                 .await?

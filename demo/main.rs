@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
-use twopc::proto::{self, Outcome, value::Kind};
+use twopc::proto::{self, Outcome};
 use twopc::{coordinator, participant};
 
 /// Runs a local twopc system and a bank-transfer demo on it.
@@ -38,18 +38,6 @@ struct Bank {
     coordinator: CoordinatorClient<Channel>,
     east: ParticipantClient<Channel>,
     west: ParticipantClient<Channel>,
-}
-
-fn int(v: i64) -> proto::Value {
-    proto::Value {
-        kind: Some(Kind::IntValue(v)),
-    }
-}
-
-fn text(v: &str) -> proto::Value {
-    proto::Value {
-        kind: Some(Kind::TextValue(v.into())),
-    }
 }
 
 impl Bank {
@@ -93,28 +81,28 @@ impl Bank {
                 &self.east,
                 &txn,
                 "UPDATE acct SET bal = bal - $1 WHERE name = $2",
-                vec![int(amount), text(from)],
+                vec![proto::Value::int(amount), proto::Value::text(from)],
             )
             .await?;
             Self::exec(
                 &self.west,
                 &txn,
                 "UPDATE acct SET bal = bal + $1 WHERE name = $2",
-                vec![int(amount), text(to)],
+                vec![proto::Value::int(amount), proto::Value::text(to)],
             )
             .await?;
             Self::exec(
                 &self.east,
                 &txn,
                 "INSERT INTO ledger VALUES ($1, $2)",
-                vec![text(&txn), int(-amount)],
+                vec![proto::Value::text(&txn), proto::Value::int(-amount)],
             )
             .await?;
             Self::exec(
                 &self.west,
                 &txn,
                 "INSERT INTO ledger VALUES ($1, $2)",
-                vec![text(&txn), int(amount)],
+                vec![proto::Value::text(&txn), proto::Value::int(amount)],
             )
             .await?;
             Ok::<_, tonic::Status>(())

@@ -45,18 +45,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    if let Err(e) = twopc::process::config::load::<Args>() {
-        eprintln!("participant: {e}");
-        std::process::exit(2);
-    }
-    let args = Args::parse();
-    telemetry::init_logs(args.process.log_format);
-    twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
-    tokio::runtime::Runtime::new()?.block_on(async {
+    let (args, runtime) = twopc::process::start::<Args>(|a| &a.process)?;
+    runtime.block_on(async {
         telemetry::serve_metrics(args.process.metrics_listen)?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        let listener = twopc::process::bind(args.listen).await?;
         let config = Config {
             id: args.id,
             coordinator: args.coordinator,

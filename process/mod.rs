@@ -6,3 +6,28 @@ pub mod config;
 pub mod failpoints;
 pub mod signal;
 pub mod telemetry;
+
+use clap::Parser;
+
+/// How every server binary starts: the config file into the environment, flags parsed, logs,
+/// failpoints, then a runtime. A bad option ends the process here with one message.
+pub fn start<A: Parser>(
+    options: impl Fn(&A) -> &telemetry::Options,
+) -> anyhow::Result<(A, tokio::runtime::Runtime)> {
+    if let Err(e) = config::load::<A>() {
+        let name = A::command().get_name().to_string();
+        eprintln!("{name}: {e}");
+        std::process::exit(2);
+    }
+    let args = A::parse();
+    telemetry::init_logs(options(&args).log_format);
+    failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
+    Ok((args, tokio::runtime::Runtime::new()?))
+}
+
+/// Binds the server's port, with a message that names it when that fails.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}

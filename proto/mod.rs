@@ -32,3 +32,24 @@ pub fn server_with(
         .add_service(v1)
         .add_service(v1alpha))
 }
+
+/// Short constructors for the values clients send most.
+impl Value {
+    pub fn int(v: i64) -> Value {
+        Value {
+            kind: Some(value::Kind::IntValue(v)),
+        }
+    }
+
+    pub fn text(v: impl Into<String>) -> Value {
+        Value {
+            kind: Some(value::Kind::TextValue(v.into())),
+        }
+    }
+
+    pub fn null() -> Value {
+        Value {
+            kind: Some(value::Kind::NullValue(true)),
+        }
+    }
+}

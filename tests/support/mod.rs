@@ -20,9 +20,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use twopc::coordinator::{self, Limits};
 use twopc::participant;
+use twopc::proto;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
-use twopc::proto::{self, value::Kind};
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -306,15 +306,11 @@ pub async fn start_participant(
 }
 
 pub fn int(v: i64) -> proto::Value {
-    proto::Value {
-        kind: Some(Kind::IntValue(v)),
-    }
+    proto::Value::int(v)
 }
 
 pub fn text(v: &str) -> proto::Value {
-    proto::Value {
-        kind: Some(Kind::TextValue(v.into())),
-    }
+    proto::Value::text(v)
 }
 
 pub fn outcome(o: i32) -> proto::Outcome {
