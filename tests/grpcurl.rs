@@ -200,3 +200,124 @@ async fn a_failing_statement_by_hand_shows_the_sqlstate_and_aborts() {
     assert_eq!(sys.scalar(0, "SELECT bal FROM acct").await, 100);
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_answers_from_the_shell() {
+    let sys = System::start(1).await;
+    let (c, p) = (sys.coordinator.addr, sys.participants[0].addr);
+    let begin = |label: &'static str| async move {
+        let out = grpcurl(
+            c,
+            Some(&format!(r#"{{"label":"{label}"}}"#)),
+            &["twopc.v1.Coordinator/Begin"],
+        )
+        .await;
+        out.json()["txnId"].as_str().unwrap().to_string()
+    };
+    let (a, b) = (begin("to abort").await, begin("to resolve").await);
+    let id = |t: &str| format!(r#"{{"txn_id":"{t}"}}"#);
+
+    let register = grpcurl(
+        c,
+        Some(&format!(
+            r#"{{"txn_id":"{a}","participant_id":"by-hand","endpoint":"http://127.0.0.1:9"}}"#
+        )),
+        &["twopc.v1.Coordinator/RegisterBranch"],
+    )
+    .await;
+    let listed = grpcurl(
+        c,
+        Some(r#"{"states":["TXN_STATE_ACTIVE"]}"#),
+        &["twopc.v1.Coordinator/ListTransactions"],
+    )
+    .await;
+    let pending = grpcurl(c, Some(&id(&a)), &["twopc.v1.Coordinator/QueryOutcome"]).await;
+    let aborted = grpcurl(c, Some(&id(&a)), &["twopc.v1.Coordinator/Abort"]).await;
+    let resolved = grpcurl(
+        c,
+        Some(&format!(
+            r#"{{"txn_id":"{b}","resolution":"RESOLUTION_FORCE_ABORT","operator":"shell"}}"#
+        )),
+        &["twopc.v1.Coordinator/ResolveTransaction"],
+    )
+    .await;
+    let unknown = "01a20925-7ca8-7262-8425-e73022c96b09";
+    let branch = format!(r#"{{"txn_id":"{unknown}","coordinator_id":"test-coord"}}"#);
+    let vote = grpcurl(p, Some(&branch), &["twopc.v1.Participant/Prepare"]).await;
+    let rollback = grpcurl(p, Some(&branch), &["twopc.v1.Participant/Rollback"]).await;
+    let commit = grpcurl(p, Some(&branch), &["twopc.v1.Participant/Commit"]).await;
+    let recover = grpcurl(p, Some("{}"), &["twopc.v1.Participant/Recover"]).await;
+
+    assert_eq!(
+        register.json()["coordinatorId"],
+        "test-coord",
+        "{}",
+        register.stderr
+    );
+    let ids: Vec<String> = listed.json()["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["txnId"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ids.contains(&a) && ids.contains(&b),
+        "{ids:?}"
+    );
+    assert_eq!(pending.json()["outcome"], "OUTCOME_PENDING");
+    assert_eq!(aborted.json()["outcome"], "OUTCOME_ABORTED");
+    assert_eq!(
+        resolved.json()["state"],
+        "TXN_STATE_ABORTED",
+        "{}",
+        resolved.stderr
+    );
+    assert_eq!(
+        vote.json()["vote"],
+        "VOTE_NO",
+        "nothing ran there: {}",
+        vote.stdout
+    );
+    assert!(
+        rollback.ok,
+        "nothing prepared, so rolled back: {}",
+        rollback.stderr
+    );
+    assert!(
+        !commit.ok && commit.stderr.contains("FailedPrecondition"),
+        "cannot commit what never prepared: {}",
+        commit.stderr
+    );
+    assert!(
+        recover.ok && recover.json().as_object().unwrap().is_empty(),
+        "nothing in doubt: {}",
+        recover.stdout
+    );
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_without_its_coordinator_reports_not_serving() {
+    let sys = System::start(1).await;
+    let participant = sys.participants[0].addr;
+    assert_eq!(healthy(participant).await, "SERVING");
+
+    sys.coordinator.kill();
+    let mut status = String::new();
+    for _ in 0..50 {
+        let out = grpcurl(participant, None, &["grpc.health.v1.Health/Check"]).await;
+        status = out.json()["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if status == "NOT_SERVING" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    assert_eq!(
+        status, "NOT_SERVING",
+        "a branch cannot open without the coordinator"
+    );
+}
