@@ -316,9 +316,22 @@ impl<L: Log> Coordinator<L> {
             }
             return Ok(());
         };
-        if !commit {
-            self.start_abort(&live, "aborted by an operator", false);
-            self.wait_for_outcome(&live, Duration::ZERO).await;
+        let state = live.txn.lock().unwrap().state;
+        match (state, commit) {
+            // Undecided: an abort is an ordinary one, whose rollbacks go out as usual; forcing
+            // it too would retire it before they are even sent. Call again if they cannot land.
+            (State::Active | State::Preparing, false) => {
+                self.start_abort(&live, "aborted by an operator", false);
+                self.wait_for_outcome(&live, Duration::ZERO).await;
+                tracing::warn!(audit = true, txn_id = %id, operator, reason, "operator aborted a transaction");
+                return Ok(());
+            }
+            // A commit decision is announced only once durable; so is an operator's ending of
+            // it. (`force` refuses any other state.)
+            (State::Committing, true) => {
+                self.wait_for_outcome(&live, Duration::ZERO).await;
+            }
+            _ => {}
         }
         let done = {
             let mut txn = live.txn.lock().unwrap();
@@ -328,6 +341,9 @@ impl<L: Log> Coordinator<L> {
                 .map(|i| txn.branches[i].participant_id.clone())
                 .collect();
             txn.force(commit, now_ms())?;
+            if pending.is_empty() {
+                return Ok(());
+            }
             tracing::warn!(
                 audit = true,
                 txn_id = %id,

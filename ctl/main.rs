@@ -299,6 +299,10 @@ async fn run(cli: Cli) -> Result<()> {
                         "x-twopc-operator",
                         operator.parse().context("operator name")?,
                     );
+                    if !r.reason.is_empty() {
+                        req.metadata_mut()
+                            .insert("x-twopc-reason", r.reason.parse().context("reason")?);
+                    }
                     if r.force_commit {
                         client.commit(req).await?;
                     } else {

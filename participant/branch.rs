@@ -28,7 +28,7 @@ pub enum State {
     Prepared {
         xid: u64,
     },
-    /// It wrote nothing, so it committed locally and voted read-only.
+    /// It wrote nothing, so it finished at once and voted read-only.
     ReadOnly,
     Committed,
     RolledBack,

@@ -147,21 +147,7 @@ impl Participant {
             .conn
             .as_ref()
             .expect("an active branch has a connection");
-        let run = async {
-            if begin {
-                // BEGIN and the statement go out together (the client pipelines them); the
-                // statement fails if BEGIN did.
-                let (began, ran) = tokio::join!(
-                    conn.batch_execute("BEGIN"),
-                    sql::execute(conn, sql_text, params)
-                );
-                began?;
-                ran
-            } else {
-                sql::execute(conn, sql_text, params).await
-            }
-        };
-        match run.await {
+        match sql::execute(conn, sql_text, params, begin).await {
             Ok(resp) => Ok(resp),
             Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
             Err(sql::SqlError::Postgres(e)) => {

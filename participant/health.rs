@@ -33,8 +33,20 @@ pub async fn set(reporter: &HealthReporter, serving: bool) {
 }
 
 /// Whether PostgreSQL answers and the coordinator says it is serving; why not, if not.
-async fn check(core: &Participant, coordinator: &mut HealthClient<Channel>) -> Result<(), String> {
-    let conn = core.db.conn().await.map_err(|e| e.to_string())?;
+async fn check(
+    core: &Participant,
+    own: &mut Option<tokio_postgres::Client>,
+    coordinator: &mut HealthClient<Channel>,
+) -> Result<(), String> {
+    if own.as_ref().is_none_or(|c| c.is_closed()) {
+        *own = Some(
+            core.db
+                .connect_outside_pool()
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let conn = own.as_ref().expect("connected above");
     // Doubles as the gauges of what this database holds in doubt.
     let row = conn
         .query_one(
@@ -67,12 +79,13 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut client = HealthClient::new(coordinator);
+        let mut own = None;
         let mut last: Option<bool> = None;
         loop {
             let Some(participant) = core.upgrade() else {
                 return;
             };
-            let result = check(&participant, &mut client).await;
+            let result = check(&participant, &mut own, &mut client).await;
             drop(participant);
             let serving = result.is_ok();
             if last != Some(serving) {

@@ -14,7 +14,7 @@ struct Args {
     #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:50061")]
     listen: SocketAddr,
     /// This participant's id (A-Z a-z 0-9 _ - .), unique among the coordinator's participants.
-    #[arg(long, env = "TWOPC_ID", default_value = "p1")]
+    #[arg(long, env = "TWOPC_PARTICIPANT_ID", default_value = "p1")]
     id: String,
     /// The coordinator's URL.
     #[arg(

@@ -16,13 +16,15 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-/// What deadpool's `RecyclingMethod::Clean` runs: resets everything a session
-/// can carry from one branch to the next.
+/// Resets everything a session can carry from one branch to the next (what deadpool's
+/// `RecyclingMethod::Clean` would run before every use; here it runs once, after a branch).
 const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
                              SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
 
 pub struct Database {
     pool: Pool,
+    /// For connections outside the pool (the health check's).
+    config: tokio_postgres::Config,
     /// For messages: where PostgreSQL is, without the password.
     target: String,
 }
@@ -33,7 +35,7 @@ pub enum Prepared {
     Yes {
         xid: u64,
     },
-    /// Nothing was written: committed locally instead.
+    /// Nothing was written: its (empty) prepared transaction was committed at once.
     ReadOnly,
     /// PostgreSQL rolled the transaction back instead of preparing it.
     No {
@@ -65,7 +67,7 @@ impl Database {
             config.get_dbname().unwrap_or("(default)")
         );
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 // Branch connections are cleaned when released (`release`), off the
@@ -81,7 +83,11 @@ impl Database {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
-        Ok(Database { pool, target })
+        Ok(Database {
+            pool,
+            config,
+            target,
+        })
     }
 
     pub fn target(&self) -> &str {
@@ -95,6 +101,21 @@ impl Database {
                 self.target
             ))
         })
+    }
+
+    /// A connection of its own, outside the pool: a pool busy with open branches must not make
+    /// the server look unhealthy.
+    pub async fn connect_outside_pool(&self) -> Result<tokio_postgres::Client, Error> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "PostgreSQL at {} is not available: {e}",
+                self.target
+            ))
+        })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
     }
 
     /// Refuses a server that cannot prepare transactions, with the fix.

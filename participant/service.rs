@@ -26,17 +26,33 @@ fn parse_id(s: &str) -> Result<TxnId, Status> {
 }
 
 /// An operator deciding a branch by hand (twopcctl resolve --participant) leaves a trace.
-fn audit(req: &Request<proto::BranchRequest>, action: &str) {
-    if let Some(operator) = req.metadata().get("x-twopc-operator") {
-        let r = req.get_ref();
+/// Returns the line to log once the request has succeeded, if an operator sent it.
+fn audit(
+    req: &Request<proto::BranchRequest>,
+    action: &'static str,
+) -> Option<impl FnOnce() + use<>> {
+    let header = |name| {
+        req.metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let operator = header("x-twopc-operator")?;
+    let reason = header("x-twopc-reason").unwrap_or_default();
+    let (txn_id, coordinator_id) = (
+        req.get_ref().txn_id.clone(),
+        req.get_ref().coordinator_id.clone(),
+    );
+    Some(move || {
         tracing::warn!(
             audit = true,
-            operator = operator.to_str().unwrap_or("?"),
-            txn_id = r.txn_id,
-            coordinator_id = r.coordinator_id,
+            operator,
+            reason,
+            txn_id,
+            coordinator_id,
             "operator forced {action} of a prepared branch (heuristic decision)"
-        );
-    }
+        )
+    })
 }
 
 /// The span a request's work logs in: the transaction, this participant, and the caller's
@@ -116,7 +132,7 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::BranchRequest>,
     ) -> Result<Response<proto::BranchResponse>, Status> {
-        audit(&req, "commit");
+        let audit = audit(&req, "commit");
         let span = span(&req, "Commit", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
@@ -125,6 +141,9 @@ impl participant_server::Participant for Service {
             core.commit(txn, req.xid, &req.coordinator_id).await
         })
         .await?;
+        if let Some(log) = audit {
+            log();
+        }
         Ok(Response::new(proto::BranchResponse {}))
     }
 
@@ -132,7 +151,7 @@ impl participant_server::Participant for Service {
         &self,
         req: Request<proto::BranchRequest>,
     ) -> Result<Response<proto::BranchResponse>, Status> {
-        audit(&req, "rollback");
+        let audit = audit(&req, "rollback");
         let span = span(&req, "Rollback", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
         let txn = parse_id(&req.txn_id)?;
@@ -141,6 +160,9 @@ impl participant_server::Participant for Service {
             core.rollback(txn, req.xid, &req.coordinator_id).await
         })
         .await?;
+        if let Some(log) = audit {
+            log();
+        }
         Ok(Response::new(proto::BranchResponse {}))
     }
 

@@ -186,12 +186,23 @@ fn leading_words(sql: &str, n: usize) -> Vec<String> {
 }
 
 /// Runs one statement on the branch's connection.
+///
+/// With `begin`, the branch's transaction is opened first: `BEGIN` goes out together with the
+/// statement's Parse (one round trip; the client pipelines them), and the statement runs only
+/// once BEGIN is known to have succeeded — otherwise it would run, and commit, on its own.
 pub async fn execute(
     client: &Client,
     sql: &str,
     params: &[proto::Value],
+    begin: bool,
 ) -> Result<proto::ExecuteResponse, SqlError> {
-    let stmt = client.prepare(sql).await?;
+    let stmt = if begin {
+        let (began, stmt) = tokio::join!(client.batch_execute("BEGIN"), client.prepare(sql));
+        began?;
+        stmt?
+    } else {
+        client.prepare(sql).await?
+    };
     if stmt.params().len() != params.len() {
         return Err(SqlError::Refused(format!(
             "the statement has {} parameter(s) ($1..${0}) but {} value(s) were given",

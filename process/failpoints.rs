@@ -50,7 +50,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("participant::before_prepare", "before PREPARE TRANSACTION"),
     (
         "participant::after_prepare",
-        "PREPARE TRANSACTION done, before it is verified and voted",
+        "PREPARE TRANSACTION done (and checked in the same batch), before the vote is decided",
     ),
     (
         "participant::before_vote_reply",

@@ -260,10 +260,7 @@ async fn every_rpc_answers_from_the_shell() {
         .iter()
         .map(|t| t["txnId"].as_str().unwrap().to_string())
         .collect();
-    assert!(
-        ids.contains(&a) && ids.contains(&b),
-        "{ids:?}"
-    );
+    assert!(ids.contains(&a) && ids.contains(&b), "{ids:?}");
     assert_eq!(pending.json()["outcome"], "OUTCOME_PENDING");
     assert_eq!(aborted.json()["outcome"], "OUTCOME_ABORTED");
     assert_eq!(
