@@ -94,6 +94,14 @@ async fn count(pg: &PgCluster, sql: &str) -> Result<i64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // Ctrl-C drops the run, and with it the throwaway clusters it started.
+    tokio::select! {
+        done = run(args) => done,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the clusters were removed"),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -176,6 +176,17 @@ async fn listener() -> Result<(TcpListener, std::net::SocketAddr)> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // Ctrl-C (or SIGTERM) drops the run, and with it the throwaway clusters it started.
+    tokio::select! {
+        done = run(args) => done,
+        _ = twopc::process::signal::shutdown() => {
+            println!("\n== Stopping: removing the servers and the clusters");
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -424,7 +435,7 @@ async fn main() -> Result<()> {
         println!("   cargo run -q --bin twopcctl -- in-doubt --participant http://{p}");
         println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
         println!("   Ctrl-C stops everything and removes the clusters.");
-        twopc::process::signal::shutdown().await;
+        std::future::pending::<()>().await;
     }
 
     println!("\n== Done: stopping the servers and removing the clusters");
