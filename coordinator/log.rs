@@ -77,6 +77,22 @@ pub trait Log: Send + Sync + 'static {
 
     /// Every participant ever enlisted: (id, endpoint).
     fn participants(&self) -> Result<Vec<(String, String)>, LogError>;
+
+    /// Deletes the records of transactions that finished before `before_ms`, and returns how
+    /// many. Never an unfinished one (recovery needs it), nor one an operator forced (a branch
+    /// of it may still be prepared, and without the record it would be presumed aborted).
+    fn prune(&self, before_ms: i64) -> Result<usize, LogError>;
+}
+
+/// sled's "could not acquire lock" (it wraps the OS's WouldBlock in an error of its own kind).
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+        || io.to_string().contains("could not acquire lock"))
+}
+
+/// Whether a record may go: see `Log::prune`.
+fn prunable(txn: &Txn, before_ms: i64) -> bool {
+    txn.state.is_final() && !txn.forced && txn.finished_ms < before_ms
 }
 
 /// Checks a coordinator id: it goes into PostgreSQL gids, spliced into SQL text.
@@ -119,11 +135,28 @@ impl SledLog {
         let dir_text = dir.display().to_string();
         let fresh = std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none());
         // sled panics on some kinds of damage instead of returning an error.
-        let opened = std::panic::catch_unwind(|| sled::Config::new().path(dir).open());
+        let open = || std::panic::catch_unwind(|| sled::Config::new().path(dir).open());
+        let mut opened = open();
+        // The directory's lock outlives a closed log by a moment (sled's threads let go of it
+        // last), which matters to a coordinator restarted in the same process; another live
+        // coordinator on the same directory keeps it, and gets the error below.
+        for _ in 0..40 {
+            match &opened {
+                Ok(Err(e)) if is_locked(e) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    opened = open();
+                }
+                _ => break,
+            }
+        }
         let db = match opened {
             Ok(db) => db.map_err(|e| LogError::Unreadable {
                 dir: dir_text.clone(),
-                reason: e.to_string(),
+                reason: if is_locked(&e) {
+                    "another process (a running coordinator?) holds its lock".into()
+                } else {
+                    e.to_string()
+                },
             })?,
             Err(_) => {
                 return Err(LogError::Unreadable {
@@ -227,6 +260,24 @@ impl Log for SledLog {
         Ok(old.as_deref() != Some(endpoint.as_bytes()))
     }
 
+    fn prune(&self, before_ms: i64) -> Result<usize, LogError> {
+        let mut pruned = 0;
+        // Keys sort by creation time, and a transaction finishes after it is created: the
+        // scan can stop at the first record created after the cutoff.
+        for entry in self.txns.iter() {
+            let (k, v) = entry?;
+            let txn = decode(&k, &v)?;
+            if txn.created_ms >= before_ms {
+                break;
+            }
+            if prunable(&txn, before_ms) {
+                self.txns.remove(k)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
     fn participants(&self) -> Result<Vec<(String, String)>, LogError> {
         self.participants
             .iter()
@@ -316,6 +367,13 @@ impl Log for MemLog {
         Ok(old.as_deref() != Some(endpoint))
     }
 
+    fn prune(&self, before_ms: i64) -> Result<usize, LogError> {
+        let mut inner = self.inner.lock().unwrap();
+        let before = inner.written.len();
+        inner.written.retain(|_, t| !prunable(t, before_ms));
+        Ok(before - inner.written.len())
+    }
+
     fn participants(&self) -> Result<Vec<(String, String)>, LogError> {
         Ok(self
             .inner
@@ -331,6 +389,7 @@ impl Log for MemLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::txn::State;
 
     fn txn() -> Txn {
         Txn::begin(TxnId::generate(), "label".into(), 1, 2)
@@ -422,6 +481,47 @@ mod tests {
             reopened.is_err(),
             "a damaged log must not open as an empty one"
         );
+    }
+
+    #[test]
+    fn a_second_coordinator_on_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_running, _) = SledLog::open(dir.path(), None).unwrap();
+
+        let second = SledLog::open(dir.path(), None);
+
+        assert!(
+            matches!(&second, Err(LogError::Unreadable { reason, .. }) if reason.contains("holds its lock")),
+            "{:?}",
+            second.err()
+        );
+    }
+
+    #[test]
+    fn pruning_keeps_what_recovery_or_a_returning_branch_could_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SledLog::open(dir.path(), None).unwrap();
+        let finished = |state: State, finished_ms: i64, forced: bool| {
+            let mut t = Txn::begin(TxnId::generate(), String::new(), 1, 2);
+            t.state = state;
+            t.finished_ms = finished_ms;
+            t.forced = forced;
+            log.put(&t).unwrap();
+            t.id
+        };
+        let old_committed = finished(State::Committed, 10, false);
+        let old_aborted = finished(State::Aborted, 10, false);
+        let recent = finished(State::Committed, 500, false);
+        let forced = finished(State::Committed, 10, true);
+        let unfinished = finished(State::Committing, 0, false);
+
+        assert_eq!(log.prune(100).unwrap(), 2);
+
+        assert!(log.get(old_committed).unwrap().is_none());
+        assert!(log.get(old_aborted).unwrap().is_none());
+        for kept in [recent, forced, unfinished] {
+            assert!(log.get(kept).unwrap().is_some());
+        }
     }
 
     #[test]

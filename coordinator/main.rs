@@ -37,6 +37,10 @@ struct Args {
     /// How often enlisted participants are asked for orphaned prepared branches (ms; also at start).
     #[arg(long, env = "TWOPC_ORPHAN_SCAN_INTERVAL_MS", default_value_t = 10_000)]
     orphan_scan_interval_ms: u64,
+    /// How long a finished transaction stays in the log for GetTransaction and repeated
+    /// Commit/Abort, in hours; 0 keeps every one for ever.
+    #[arg(long, env = "TWOPC_RETAIN_FINISHED_HOURS", default_value_t = 168)]
+    retain_finished_hours: u64,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -58,6 +62,8 @@ fn main() -> anyhow::Result<()> {
                 prepare_timeout: Duration::from_millis(args.prepare_timeout_ms),
                 commit_wait: Duration::from_millis(args.commit_wait_ms),
                 orphan_scan_interval: Duration::from_millis(args.orphan_scan_interval_ms),
+                retain_finished: (args.retain_finished_hours > 0)
+                    .then(|| Duration::from_secs(args.retain_finished_hours * 3600)),
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),

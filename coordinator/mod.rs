@@ -5,6 +5,8 @@
 //! - [`log`] and [`flusher`]: the durable decision log on sled, with group commit.
 //! - [`txns`]: the table of live transactions and the queries on it.
 //! - [`commit`]: the protocol runs — phase 1, the decision, phase 2 with retries.
+//! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
+//!   `retention.rs`: pruning finished transactions from the log.
 //! - [`participants`]: gRPC clients to the participants.
 //! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`error`] maps errors to statuses.
 
@@ -14,6 +16,7 @@ mod flusher;
 pub mod log;
 pub mod participants;
 pub mod recovery;
+mod retention;
 pub mod service;
 pub mod txn;
 pub mod txns;
@@ -53,6 +56,9 @@ pub async fn run(
     core.recover()?;
     core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
     core.spawn_gauges();
+    if let Some(retain) = config.limits.retain_finished {
+        core.spawn_pruner(retain);
+    }
     tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
     serve(listener, core, config.drain_timeout, shutdown).await
 }

@@ -181,6 +181,10 @@ pub struct Txn {
     pub finished_ms: i64,
     /// Why it aborted.
     pub reason: String,
+    /// An operator declared some branch finished without its acknowledgement: that branch may
+    /// still be prepared somewhere, so this record must outlive any retention period.
+    #[serde(default)]
+    pub forced: bool,
     /// Abort was asked for while votes were coming in; `decide` honours it.
     #[serde(skip)]
     abort_requested: Option<String>,
@@ -198,6 +202,7 @@ impl Txn {
             decided_ms: 0,
             finished_ms: 0,
             reason: String::new(),
+            forced: false,
             abort_requested: None,
         }
     }
@@ -355,6 +360,7 @@ impl Txn {
         match (self.state, commit) {
             (State::Committing, true) | (State::Aborting, false) => {
                 for i in self.branches_to_finish() {
+                    self.forced = true;
                     self.branches[i].state = if commit {
                         BranchState::Committed
                     } else {

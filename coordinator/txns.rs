@@ -35,6 +35,8 @@ pub struct Limits {
     pub retry_max: Duration,
     /// How often enlisted participants are asked for orphaned prepared branches.
     pub orphan_scan_interval: Duration,
+    /// How long a finished transaction's record is kept; `None`: for ever.
+    pub retain_finished: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -47,6 +49,7 @@ impl Default for Limits {
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             orphan_scan_interval: Duration::from_secs(10),
+            retain_finished: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }

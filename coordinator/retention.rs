@@ -1,0 +1,38 @@
+//! Retention: the decision log would otherwise keep every transaction forever.
+//!
+//! Once a transaction has finished (every branch acknowledged), its record is needed only to
+//! answer GetTransaction and repeated Commit/Abort calls, so it can go after a while: then those
+//! answer NOT_FOUND, and QueryOutcome presumes abort, which is safe because no branch of a
+//! finished transaction is still prepared. The one exception, a transaction an operator
+//! forced, is never pruned (see `Log::prune`).
+
+use super::log::Log;
+use super::txns::{Coordinator, now_ms};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the pruner looks.
+const EVERY: Duration = Duration::from_secs(3600);
+
+impl<L: Log> Coordinator<L> {
+    /// Prunes records finished more than `retain` ago, now and every hour, until the
+    /// coordinator is dropped.
+    pub fn spawn_pruner(self: &Arc<Self>, retain: Duration) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(core) = this.upgrade() else { return };
+                let before = now_ms() - retain.as_millis() as i64;
+                match core.log.prune(before) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(records = n, "pruned finished transactions from the log")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pruning the log failed; will retry"),
+                }
+                drop(core);
+                tokio::time::sleep(EVERY).await;
+            }
+        });
+    }
+}
