@@ -10,8 +10,8 @@ mod support;
 use serde_json::Value as Json;
 use std::time::Duration;
 use support::{
-    PgCluster, Proc, System, eventually, free_addr, int, outcome, start_coordinator,
-    start_participant, twopcctl,
+    PgCluster, Proc, System, eventually, free_addr, int, outcome, pg_with, scalar,
+    start_coordinator, start_participant, twopcctl, url,
 };
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
@@ -20,42 +20,8 @@ use twopc::proto::{self, Outcome};
 const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
                         INSERT INTO acct VALUES (1, 100), (2, 100);";
 
-fn url(addr: std::net::SocketAddr) -> String {
-    format!("http://{addr}")
-}
-
-async fn pg_with_accounts() -> PgCluster {
-    let pg = tokio::task::spawn_blocking(PgCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    pg.client()
-        .await
-        .unwrap()
-        .batch_execute(ACCOUNTS)
-        .await
-        .unwrap();
-    pg
-}
-
 async fn prepared(pg: &PgCluster) -> i64 {
-    pg.client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn scalar(pg: &PgCluster, sql: &str) -> i64 {
-    pg.client()
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
+    scalar(pg, "SELECT count(*) FROM pg_prepared_xacts").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +73,7 @@ async fn list_show_and_abort_an_active_transaction() {
 async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_hand() {
     // The coordinator dies right after its commit decision is durable: the branch stays
     // prepared, holding its row lock, and nobody can ask the coordinator about it.
-    let pg = pg_with_accounts().await;
+    let pg = pg_with(ACCOUNTS).await;
     let data_dir = tempfile::tempdir().unwrap();
     let caddr = free_addr();
     let args = vec![
@@ -194,7 +160,7 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
 async fn a_transaction_stuck_committing_on_a_lost_participant_is_resolved_by_hand() {
     // p2 prepares, votes yes, and dies at COMMIT PREPARED: the commit is decided and durable,
     // and the coordinator retries p2 for ever.
-    let (pg1, pg2) = (pg_with_accounts().await, pg_with_accounts().await);
+    let (pg1, pg2) = (pg_with(ACCOUNTS).await, pg_with(ACCOUNTS).await);
     let data_dir = tempfile::tempdir().unwrap();
     let limits = twopc::coordinator::Limits {
         commit_wait: Duration::from_millis(500),

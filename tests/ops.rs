@@ -6,15 +6,11 @@ mod support;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::{PgCluster, Proc, eventually, free_addr, start_participant};
+use support::{Proc, eventually, free_addr, pg_with, start_participant, url};
 use tonic::Code;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
-
-fn url(addr: std::net::SocketAddr) -> String {
-    format!("http://{addr}")
-}
 
 /// GET http://addr/metrics, with no HTTP client crate: the exposition format is plain text.
 fn scrape(addr: std::net::SocketAddr) -> String {
@@ -34,16 +30,7 @@ fn coordinator_args(dir: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_and_time_the_phases() {
-    let pg = tokio::task::spawn_blocking(PgCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    pg.client()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE t (x int)")
-        .await
-        .unwrap();
+    let pg = pg_with("CREATE TABLE t (x int)").await;
     let dir = tempfile::tempdir().unwrap();
     let metrics = free_addr();
     let metrics_flag = metrics.to_string();

@@ -65,7 +65,7 @@ pub async fn listener() -> (TcpListener, SocketAddr) {
     (l, addr)
 }
 
-fn url(addr: SocketAddr) -> String {
+pub fn url(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
@@ -210,8 +210,7 @@ impl System {
     /// Runs SQL directly on database `i`, outside twopc, and returns the first column of the
     /// first row as an integer.
     pub async fn scalar(&self, i: usize, sql: &str) -> i64 {
-        let client = self.pgs[i].client().await.unwrap();
-        client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        scalar(&self.pgs[i], sql).await
     }
 
     /// Runs SQL directly on every database.
@@ -418,4 +417,30 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("timed out waiting until {what}");
+}
+
+/// A throwaway cluster of its own (outside a `System`), with `setup` run on it.
+pub async fn pg_with(setup: &'static str) -> PgCluster {
+    let pg = tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    pg.client()
+        .await
+        .unwrap()
+        .batch_execute(setup)
+        .await
+        .unwrap();
+    pg
+}
+
+/// The first column of the first row of `sql`, run directly on `pg`, as an integer.
+pub async fn scalar(pg: &PgCluster, sql: &str) -> i64 {
+    pg.client()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
 }
