@@ -2,15 +2,13 @@
 
 use super::log::LogError;
 use super::txn::TxnError;
-use crate::proto::{InvalidTxnId, TxnId};
+use crate::proto::TxnId;
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
-    #[error(transparent)]
-    MalformedId(#[from] InvalidTxnId),
     #[error("unknown transaction {0}: it was never begun here, or it finished long ago")]
     NotFound(TxnId),
     #[error(transparent)]
@@ -25,7 +23,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument(_) | Error::MalformedId(_) => Status::invalid_argument(msg),
+            Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::NotFound(_) => Status::not_found(msg),
             Error::Txn(_) => Status::failed_precondition(msg),
             Error::Log(_) => Status::internal(msg),

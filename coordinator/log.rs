@@ -42,8 +42,8 @@ pub enum LogError {
         existing: String,
         requested: String,
     },
-    #[error("invalid coordinator id {0:?}: use 1-64 characters from A-Z a-z 0-9 _ -")]
-    InvalidId(String),
+    #[error(transparent)]
+    InvalidId(#[from] crate::proto::names::InvalidName),
     #[error(
         "cannot open the decision log in {dir}: {reason}. Refusing to start: starting without it would forget durable commits. Restore the directory from backup, or fix its permissions"
     )]
@@ -93,20 +93,6 @@ fn is_locked(e: &sled::Error) -> bool {
 /// Whether a record may go: see `Log::prune`.
 fn prunable(txn: &Txn, before_ms: i64) -> bool {
     txn.state.is_final() && !txn.forced && txn.finished_ms < before_ms
-}
-
-/// Checks a coordinator id: it goes into PostgreSQL gids, spliced into SQL text.
-pub fn validate_coordinator_id(id: &str) -> Result<(), LogError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(LogError::InvalidId(id.to_string()))
-    }
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<Txn, LogError> {
@@ -198,7 +184,7 @@ impl SledLog {
                     Some(r) => r.to_string(),
                     None => format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
                 };
-                validate_coordinator_id(&id)?;
+                crate::proto::names::check_coordinator_id(&id)?;
                 meta.insert("coordinator_id", id.as_bytes())?;
                 id
             }
@@ -452,7 +438,7 @@ mod tests {
         ));
         assert!(matches!(
             SledLog::open(tempfile::tempdir().unwrap().path(), Some("x'; --")),
-            Err(LogError::InvalidId(_))
+            Err(LogError::InvalidId(..))
         ));
     }
 

@@ -1,6 +1,5 @@
 //! The `twopc.v1.Coordinator` gRPC service: parses requests, calls the core, maps errors.
 
-use super::error::Error;
 use super::log::Log;
 use super::txn::State;
 use super::txns::Coordinator;
@@ -17,10 +16,6 @@ impl<L: Log> Service<L> {
     pub fn new(core: Arc<Coordinator<L>>) -> Self {
         Service { core }
     }
-}
-
-fn parse_id(s: &str) -> Result<TxnId, Status> {
-    s.parse().map_err(|e| Status::from(Error::MalformedId(e)))
 }
 
 /// The client's own deadline (the `grpc-timeout` header), if it sent one.
@@ -63,7 +58,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         if let Some(d) = client_deadline(&req) {
             wait = wait.min(d.saturating_sub(Duration::from_millis(200)));
         }
-        let id = parse_id(&req.get_ref().txn_id)?;
+        let id = req.get_ref().txn_id.parse::<TxnId>()?;
         let r = self.core.commit(id, wait).await?;
         Ok(Response::new(proto::CommitResponse {
             outcome: r.outcome as i32,
@@ -78,7 +73,10 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         req: Request<proto::AbortRequest>,
     ) -> Result<Response<proto::AbortResponse>, Status> {
         let req = req.into_inner();
-        let outcome = self.core.abort(parse_id(&req.txn_id)?, &req.reason).await?;
+        let outcome = self
+            .core
+            .abort(req.txn_id.parse::<TxnId>()?, &req.reason)
+            .await?;
         Ok(Response::new(proto::AbortResponse {
             outcome: outcome as i32,
         }))
@@ -88,7 +86,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         &self,
         req: Request<proto::GetTransactionRequest>,
     ) -> Result<Response<proto::Transaction>, Status> {
-        let id = parse_id(&req.get_ref().txn_id)?;
+        let id = req.get_ref().txn_id.parse::<TxnId>()?;
         Ok(Response::new(self.core.get(id)?))
     }
 
@@ -129,7 +127,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         req: Request<proto::RegisterBranchRequest>,
     ) -> Result<Response<proto::RegisterBranchResponse>, Status> {
         let req = req.into_inner();
-        let id = parse_id(&req.txn_id)?;
+        let id = req.txn_id.parse::<TxnId>()?;
         let deadline = self
             .core
             .register_branch(id, &req.participant_id, &req.endpoint, &req.instance_id)
@@ -145,7 +143,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         &self,
         req: Request<proto::QueryOutcomeRequest>,
     ) -> Result<Response<proto::QueryOutcomeResponse>, Status> {
-        let id = parse_id(&req.get_ref().txn_id)?;
+        let id = req.get_ref().txn_id.parse::<TxnId>()?;
         let owner = &req.get_ref().coordinator_id;
         if !owner.is_empty() && owner != self.core.id() {
             // Presuming abort for someone else's transaction could undo its commit.
@@ -166,7 +164,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         req: Request<proto::ResolveTransactionRequest>,
     ) -> Result<Response<proto::Transaction>, Status> {
         let req = req.into_inner();
-        let id = parse_id(&req.txn_id)?;
+        let id = req.txn_id.parse::<TxnId>()?;
         let commit = match req.resolution() {
             proto::Resolution::ForceCommit => true,
             proto::Resolution::ForceAbort => false,

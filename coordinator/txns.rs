@@ -16,7 +16,7 @@ use crate::proto::{self, Outcome, TxnId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Timeouts and limits of the protocol.
@@ -100,26 +100,7 @@ pub struct Coordinator<L: Log> {
     draining: AtomicBool,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn check_name(what: &str, value: &str) -> Result<(), Error> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "invalid {what} {value:?}: use 1-64 characters from A-Z a-z 0-9 _ - ."
-        )))
-    }
-}
+pub use crate::process::clock::now_ms;
 
 impl<L: Log> Coordinator<L> {
     pub fn new(id: String, log: L, limits: Limits) -> Result<Arc<Self>, Error> {
@@ -228,7 +209,8 @@ impl<L: Log> Coordinator<L> {
         endpoint: &str,
         instance: &str,
     ) -> Result<i64, Error> {
-        check_name("participant_id", participant_id)?;
+        crate::proto::names::check_participant_id(participant_id)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let uri: Result<tonic::transport::Uri, _> = endpoint.parse();
         if !matches!(
             uri.as_ref().map(|u| u.scheme_str()),

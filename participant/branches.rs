@@ -17,7 +17,7 @@ use crate::proto::{self, RegisterBranchRequest, TxnId};
 use deadpool_postgres::Object;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 struct Slot {
@@ -198,7 +198,7 @@ impl Participant {
         drop(table);
         // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
         let this = Arc::downgrade(self);
-        let until = until_unix_ms(resp.deadline_unix_ms) + DEADLINE_GRACE;
+        let until = crate::process::clock::until(resp.deadline_unix_ms) + DEADLINE_GRACE;
         tokio::spawn(async move {
             tokio::time::sleep(until).await;
             let expired = match this.upgrade() {
@@ -369,11 +369,4 @@ impl Participant {
             })
             .collect())
     }
-}
-
-fn until_unix_ms(deadline_ms: i64) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    Duration::from_millis((deadline_ms - now).max(0) as u64)
 }

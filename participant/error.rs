@@ -1,10 +1,9 @@
 //! The participant's errors, and the one place they become gRPC statuses.
 
 use super::branch::BranchError;
-use super::gid::InvalidCoordinatorId;
 use super::postgres::describe;
 use super::sql::SqlError;
-use crate::proto::{InvalidTxnId, TxnId};
+use crate::proto::TxnId;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -12,9 +11,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     #[error(transparent)]
-    MalformedId(#[from] InvalidTxnId),
-    #[error(transparent)]
-    CoordinatorId(#[from] InvalidCoordinatorId),
+    CoordinatorId(#[from] crate::proto::names::InvalidName),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -72,9 +69,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument(_) | Error::MalformedId(_) | Error::CoordinatorId(_) => {
-                Status::invalid_argument(msg)
-            }
+            Error::InvalidArgument(_) | Error::CoordinatorId(_) => Status::invalid_argument(msg),
             Error::NotFound(_) => Status::not_found(msg),
             Error::FailedPrecondition(_) | Error::Branch(_) => Status::failed_precondition(msg),
             Error::Statement { sqlstate, .. } => {

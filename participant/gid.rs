@@ -6,6 +6,7 @@
 //! built only from validated characters (the coordinator id's alphabet and a UUID's).
 
 use crate::proto::TxnId;
+use crate::proto::names::{self, InvalidName};
 use std::fmt;
 
 const PREFIX: &str = "twopc:";
@@ -16,20 +17,9 @@ pub struct Gid {
     pub txn: TxnId,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("invalid coordinator id {0:?}: use 1-64 characters from A-Z a-z 0-9 _ -")]
-pub struct InvalidCoordinatorId(pub String);
-
 impl Gid {
-    pub fn new(coordinator_id: &str, txn: TxnId) -> Result<Self, InvalidCoordinatorId> {
-        let ok = !coordinator_id.is_empty()
-            && coordinator_id.len() <= 64
-            && coordinator_id
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
-        if !ok {
-            return Err(InvalidCoordinatorId(coordinator_id.to_string()));
-        }
+    pub fn new(coordinator_id: &str, txn: TxnId) -> Result<Self, InvalidName> {
+        names::check_coordinator_id(coordinator_id)?;
         Ok(Gid {
             coordinator_id: coordinator_id.to_string(),
             txn,

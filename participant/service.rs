@@ -21,10 +21,6 @@ impl Service {
     }
 }
 
-fn parse_id(s: &str) -> Result<TxnId, Status> {
-    s.parse().map_err(|e| Status::from(Error::MalformedId(e)))
-}
-
 /// An operator deciding a branch by hand (twopcctl resolve --participant) leaves a trace.
 /// Returns the line to log once the request has succeeded, if an operator sent it.
 fn audit(
@@ -87,7 +83,7 @@ impl participant_server::Participant for Service {
     ) -> Result<Response<proto::ExecuteResponse>, Status> {
         let span = span(&req, "Execute", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
-        let txn = parse_id(&req.txn_id)?;
+        let txn = req.txn_id.parse::<TxnId>()?;
         let core = Arc::clone(&self.core);
         let resp = detached(span, async move {
             core.execute(txn, &req.sql, &req.params).await
@@ -105,7 +101,7 @@ impl participant_server::Participant for Service {
     ) -> Result<Response<proto::PrepareResponse>, Status> {
         let span = span(&req, "Prepare", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
-        let txn = parse_id(&req.txn_id)?;
+        let txn = req.txn_id.parse::<TxnId>()?;
         let core = Arc::clone(&self.core);
         let vote = detached(
             span,
@@ -135,7 +131,7 @@ impl participant_server::Participant for Service {
         let audit = audit(&req, "commit");
         let span = span(&req, "Commit", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
-        let txn = parse_id(&req.txn_id)?;
+        let txn = req.txn_id.parse::<TxnId>()?;
         let core = Arc::clone(&self.core);
         detached(span, async move {
             core.commit(txn, req.xid, &req.coordinator_id).await
@@ -154,7 +150,7 @@ impl participant_server::Participant for Service {
         let audit = audit(&req, "rollback");
         let span = span(&req, "Rollback", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
-        let txn = parse_id(&req.txn_id)?;
+        let txn = req.txn_id.parse::<TxnId>()?;
         let core = Arc::clone(&self.core);
         detached(span, async move {
             core.rollback(txn, req.xid, &req.coordinator_id).await

@@ -1,7 +1,8 @@
-//! What every twopc process shares, whatever side of the protocol it runs: how it stops
-//! ([`signal`]), where it can be made to crash on purpose ([`failpoints`]), how it reports
+//! What every twopc process shares, whatever side of the protocol it runs: the wall clock
+//! ([`clock`]), how it stops ([`signal`]), where it can be made to crash on purpose ([`failpoints`]), how it reports
 //! (logs and metrics, [`telemetry`]), and how it is configured beyond its flags ([`config`]).
 
+pub mod clock;
 pub mod config;
 pub mod failpoints;
 pub mod signal;

@@ -1,6 +1,8 @@
 //! The wire: the code generated from `proto/twopc/v1/twopc.proto`, its descriptor set (for
-//! server reflection), and the transaction id both sides of the protocol parse from it.
+//! server reflection), and the ids both sides of the protocol parse from it: the transaction
+//! id, and the names coordinators and participants go by ([`names`]).
 
+pub mod names;
 mod txn_id;
 
 pub use txn_id::{InvalidTxnId, TxnId};

@@ -62,6 +62,13 @@ impl FromStr for TxnId {
     }
 }
 
+/// A malformed id in a request is the caller's mistake, the same on every service.
+impl From<InvalidTxnId> for tonic::Status {
+    fn from(e: InvalidTxnId) -> tonic::Status {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
 impl fmt::Display for TxnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.hyphenated().fmt(f)
