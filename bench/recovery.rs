@@ -21,7 +21,7 @@ use cluster::{PgCluster, Settings};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use twopc::coordinator::log::{Log, SledLog};
-use twopc::coordinator::txn::{Branch, BranchState, State, Txn};
+use twopc::coordinator::txn::{BranchRecord, BranchState, State, Txn};
 use twopc::proto::TxnId;
 use twopc::{coordinator, participant};
 
@@ -161,7 +161,7 @@ async fn run(args: Args) -> Result<()> {
                 let mut txn = Txn::begin(*id, "bench".into(), 0, 0);
                 txn.state = State::Committing;
                 txn.branches = (0..2)
-                    .map(|i| Branch {
+                    .map(|i| BranchRecord {
                         participant_id: format!("p{}", i + 1),
                         endpoint: endpoints[i].clone(),
                         instance: String::new(),

@@ -14,11 +14,12 @@
 //!    crash → recovery finds the commit record and re-drives it.
 //! 7. All acknowledged: the final record is written (not forced) and the txn leaves memory.
 
+use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
-use super::txn::{AbortStep, BranchState, CommitStep, Decision, State, Txn};
-use super::txns::{Coordinator, Live, now_ms};
-use crate::proto::{Outcome, TxnId};
+use super::participants::{Participants, PeerError};
+use super::txn::{Decision, OnAbort, OnCommit, OnResolve, Outcome, State, Txn};
+use crate::proto::TxnId;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -32,7 +33,7 @@ pub struct CommitResult {
     pub branches_pending: bool,
 }
 
-impl<L: Log> Coordinator<L> {
+impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Runs two-phase commit, or joins the run already under way, and waits for its outcome.
     /// Waits at most `wait` for phase 2 once the outcome is known.
     pub async fn commit(
@@ -45,14 +46,14 @@ impl<L: Log> Coordinator<L> {
         };
         let step = live.txn.lock().unwrap().commit();
         match step {
-            CommitStep::Prepare(branches) => {
+            OnCommit::Prepare(branches) => {
                 tracing::debug!(txn_id = %id, branches = branches.len(), "commit: phase 1");
                 let this = Arc::clone(self);
                 let run = Arc::clone(&live);
                 let span = live.span("commit");
                 tokio::spawn(async move { this.run_commit(run, branches).await }.instrument(span));
             }
-            CommitStep::Wait | CommitStep::Decided(_) => {}
+            OnCommit::Wait | OnCommit::Decided(_) => {}
         }
         Ok(self.wait_for_outcome(&live, wait).await)
     }
@@ -67,35 +68,39 @@ impl<L: Log> Coordinator<L> {
         } else {
             reason
         };
-        self.start_abort(&live, reason, false);
+        self.start_abort(&live, |txn| Some(txn.abort(reason, now_ms())));
         Ok(self.wait_for_outcome(&live, Duration::ZERO).await.outcome)
     }
 
     /// The deadline passed: abort if nobody has called Commit yet.
-    pub(super) fn abort_if_active(self: &Arc<Self>, id: TxnId, reason: &str) {
+    pub(super) fn expire(self: &Arc<Self>, id: TxnId) {
         if let Some(live) = self.live(id) {
-            self.start_abort(&live, reason, true);
+            self.start_abort(&live, |txn| {
+                let step = txn.expire(now_ms());
+                if step.is_some() {
+                    tracing::info!(txn_id = %txn.id, "deadline exceeded while active: aborting");
+                }
+                step
+            });
         }
     }
 
-    /// With `only_if_active`, a transaction whose Commit has begun is left alone; the check
-    /// and the abort happen under one lock, so a Commit cannot slip in between.
-    fn start_abort(self: &Arc<Self>, live: &Arc<Live>, reason: &str, only_if_active: bool) {
+    /// Applies an abort transition under the transaction's lock (so a Commit cannot slip in
+    /// between its check and its effect), and starts the rollbacks it asks for.
+    fn start_abort(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        transition: impl FnOnce(&mut Txn) -> Option<OnAbort>,
+    ) {
         let step = {
             let mut txn = live.txn.lock().unwrap();
-            if only_if_active && txn.state != State::Active {
-                return;
-            }
-            if only_if_active {
-                tracing::info!(txn_id = %txn.id, "{reason}: aborting");
-            }
-            let step = txn.abort(reason, now_ms());
-            if matches!(step, AbortStep::RollBack(_)) {
+            let step = transition(&mut txn);
+            if matches!(step, Some(OnAbort::RollBack(_))) {
                 self.put(&txn);
             }
             step
         };
-        if let AbortStep::RollBack(_) = step {
+        if let Some(OnAbort::RollBack(_)) = step {
             // An abort needs no forced write: without a commit record it is the presumption.
             live.announce(Outcome::Aborted);
             metrics::counter!("twopc_transactions_total", "outcome" => "aborted").increment(1);
@@ -108,14 +113,9 @@ impl<L: Log> Coordinator<L> {
 
     /// The outcome of a transaction that is no longer live, from its record.
     fn recorded(&self, id: TxnId) -> Result<CommitResult, Error> {
-        let txn = self.log.get(id)?.ok_or(Error::NotFound(id))?;
-        let committed = matches!(txn.state, State::Committing | State::Committed);
+        let txn = self.log.get(id)?.ok_or(Error::NotFound(id))?.settle();
         Ok(CommitResult {
-            outcome: if committed {
-                Outcome::Committed
-            } else {
-                Outcome::Aborted
-            },
+            outcome: txn.state.outcome(),
             reason: txn.reason,
             branches_pending: txn.state == State::Committing,
         })
@@ -151,35 +151,28 @@ impl<L: Log> Coordinator<L> {
         };
         let timeout = self.limits.prepare_timeout;
         let started = std::time::Instant::now();
-        let votes = futures::future::join_all(
-            endpoints
-                .iter()
-                .map(|ep| self.participants.prepare(ep, id, timeout)),
-        )
+        let participants = &self.participants;
+        let votes = futures::future::join_all(endpoints.iter().map(|ep| async move {
+            crate::failpoint!("coordinator::prepare_sent");
+            participants.prepare(ep, id, timeout).await
+        }))
         .await;
         crate::failpoint!("coordinator::votes_in");
         metrics::histogram!("twopc_phase_duration_seconds", "phase" => "prepare")
             .record(started.elapsed());
 
-        let (decision, needs_flush) = {
+        let decision = {
             let mut txn = live.txn.lock().unwrap();
             for (&i, vote) in branches.iter().zip(votes) {
                 txn.record_vote(i, vote);
             }
             let decision = txn.decide(now_ms());
             self.put(&txn);
-            let prepared = txn
-                .branches
-                .iter()
-                .any(|b| b.state == BranchState::Prepared);
-            let needs_flush = prepared && decision == Decision::Commit;
-            (decision, needs_flush)
+            decision
         };
         match &decision {
-            Decision::Commit => {
-                // Only a branch that is prepared can lose a commit; with none (read-only or no
-                // branches) there is nothing to make durable.
-                if needs_flush {
+            Decision::Commit { flush } => {
+                if *flush {
                     crate::failpoint!("coordinator::decision_written");
                     let flushing = std::time::Instant::now();
                     self.sync().await;
@@ -191,10 +184,7 @@ impl<L: Log> Coordinator<L> {
             }
             Decision::Abort { reason } => tracing::info!(txn_id = %id, reason, "abort decided"),
         }
-        let outcome = match decision {
-            Decision::Commit => Outcome::Committed,
-            Decision::Abort { .. } => Outcome::Aborted,
-        };
+        let outcome = decision.outcome();
         live.announce(outcome);
         metrics::counter!("twopc_transactions_total", "outcome" => outcome_label(outcome))
             .increment(1);
@@ -273,17 +263,23 @@ impl<L: Log> Coordinator<L> {
                 .await
             {
                 Ok(()) => return true,
-                Err(status) => {
+                Err(e) => {
                     attempts += 1;
                     let what = if commit {
                         "COMMIT PREPARED"
                     } else {
                         "rollback"
                     };
-                    if status.code() == tonic::Code::FailedPrecondition {
-                        tracing::error!(txn_id = %id, endpoint, error = status.message(), "{what} refused: the branch did not finish the way it was decided");
-                    } else if attempts == 1 || attempts.is_power_of_two() {
-                        tracing::warn!(txn_id = %id, endpoint, attempts, error = status.message(), "{what} failed; retrying");
+                    match e {
+                        PeerError::Refused(error) => {
+                            tracing::error!(txn_id = %id, endpoint, error, "{what} refused: the branch did not finish the way it was decided")
+                        }
+                        PeerError::Unreachable(error)
+                            if attempts == 1 || attempts.is_power_of_two() =>
+                        {
+                            tracing::warn!(txn_id = %id, endpoint, attempts, error, "{what} failed; retrying")
+                        }
+                        PeerError::Unreachable(_) => {}
                     }
                 }
             }
@@ -292,8 +288,9 @@ impl<L: Log> Coordinator<L> {
         }
     }
 
-    /// An operator's resolution of a transaction stuck in phase 2 (see `Txn::force`). An active
-    /// transaction is aborted first, so FORCE_ABORT also ends one whose rollbacks cannot land.
+    /// An operator's resolution of a transaction stuck in phase 2 (see `Txn::resolve` and
+    /// `Txn::force`). An active transaction is aborted first, so FORCE_ABORT also ends one whose
+    /// rollbacks cannot land.
     pub async fn resolve(
         self: &Arc<Self>,
         id: TxnId,
@@ -302,46 +299,31 @@ impl<L: Log> Coordinator<L> {
         reason: &str,
     ) -> Result<(), Error> {
         let Some(live) = self.live(id) else {
-            let recorded = self.recorded(id)?;
-            let committed = recorded.outcome == Outcome::Committed;
-            if committed != commit {
-                return Err(Error::Txn(super::txn::TxnError::CannotForce {
-                    id,
-                    state: if committed {
-                        State::Committed
-                    } else {
-                        State::Aborted
-                    },
-                }));
-            }
+            // Not live: finished, or a previous run's. Either way only a repeat of how it
+            // ended is accepted (nothing is left to force).
+            let txn = self.log.get(id)?.ok_or(Error::NotFound(id))?.settle();
+            txn.resolve(commit)?;
             return Ok(());
         };
-        let state = live.txn.lock().unwrap().state;
-        match (state, commit) {
-            // Undecided: an abort is an ordinary one, whose rollbacks go out as usual; forcing
-            // it too would retire it before they are even sent. Call again if they cannot land.
-            (State::Active | State::Preparing, false) => {
-                self.start_abort(&live, "aborted by an operator", false);
+        let step = live.txn.lock().unwrap().resolve(commit)?;
+        match step {
+            OnResolve::Abort => {
+                self.start_abort(&live, |txn| {
+                    Some(txn.abort("aborted by an operator", now_ms()))
+                });
                 self.wait_for_outcome(&live, Duration::ZERO).await;
                 tracing::warn!(audit = true, txn_id = %id, operator, reason, "operator aborted a transaction");
                 return Ok(());
             }
-            // A commit decision is announced only once durable; so is an operator's ending of
-            // it. (`force` refuses any other state.)
-            (State::Committing, true) => {
+            OnResolve::WaitThenForce => {
                 self.wait_for_outcome(&live, Duration::ZERO).await;
             }
-            _ => {}
+            OnResolve::Force => {}
         }
         let done = {
             let mut txn = live.txn.lock().unwrap();
-            let pending: Vec<String> = txn
-                .branches_to_finish()
-                .into_iter()
-                .map(|i| txn.branches[i].participant_id.clone())
-                .collect();
-            txn.force(commit, now_ms())?;
-            if pending.is_empty() {
+            let declared = txn.force(commit, now_ms())?;
+            if declared.is_empty() {
                 return Ok(());
             }
             tracing::warn!(
@@ -350,7 +332,7 @@ impl<L: Log> Coordinator<L> {
                 operator,
                 reason,
                 resolution = if commit { "force-commit" } else { "force-abort" },
-                ?pending,
+                pending = ?declared,
                 "operator resolved a transaction by hand: the listed branches are declared finished"
             );
             txn.state.is_final().then(|| txn.clone())
@@ -362,10 +344,11 @@ impl<L: Log> Coordinator<L> {
     }
 }
 
+/// The metric label of a decided outcome.
 fn outcome_label(o: Outcome) -> &'static str {
     match o {
         Outcome::Committed => "committed",
         Outcome::Aborted => "aborted",
-        _ => "pending",
+        Outcome::Pending => "pending",
     }
 }

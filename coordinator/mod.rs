@@ -1,34 +1,40 @@
 //! The coordinator: begins global transactions, enlists participants' branches, decides
 //! commit or abort, and drives every branch to that decision.
 //!
-//! - [`txn`]: one transaction's state machine (no I/O).
-//! - [`log`] and [`flusher`]: the durable decision log on sled, with group commit.
-//! - [`txns`]: the table of live transactions and the queries on it.
-//! - [`commit`]: the protocol runs — phase 1, the decision, phase 2 with retries.
+//! - [`txn`]: one transaction's state machine: every transition and rule, no I/O.
+//! - [`core`]: the [`Coordinator`]: the log, the table of live transactions, Begin and
+//!   enlistment, and the queries on them.
+//! - [`commit`]: the driver of one protocol run: phase 1, the decision, phase 2 with retries.
 //! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
 //!   `retention.rs`: pruning finished transactions from the log.
-//! - [`participants`]: gRPC clients to the participants.
-//! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`error`] maps errors to statuses.
+//! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory.
+//! - [`participants`]: how the drivers reach participants: gRPC, and a fake for tests.
+//! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`wire`] converts to and from its
+//!   types; [`error`] maps errors to statuses.
 
 pub mod commit;
+pub mod core;
 pub mod error;
 mod flusher;
 pub mod log;
 pub mod participants;
 pub mod recovery;
 mod retention;
+#[cfg(test)]
+mod scenarios;
 pub mod service;
 pub mod txn;
-pub mod txns;
+pub mod wire;
 
 use crate::proto::coordinator_server::CoordinatorServer;
+pub use core::{Coordinator, Limits};
 use log::{Log, SledLog};
+use participants::Participants;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-pub use txns::{Coordinator, Limits};
 
 /// Everything a coordinator process needs, whatever the source (flags, env, tests).
 #[derive(Clone, Debug)]
@@ -64,15 +70,15 @@ pub async fn run(
 }
 
 /// Serves an already-open core: gRPC, health and reflection on one port.
-pub async fn serve<L: Log>(
+pub async fn serve<L: Log, P: Participants>(
     listener: TcpListener,
-    core: Arc<Coordinator<L>>,
+    core: Arc<Coordinator<L, P>>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<CoordinatorServer<service::Service<L>>>()
+        .set_serving::<CoordinatorServer<service::Service<L, P>>>()
         .await;
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -86,7 +92,7 @@ pub async fn serve<L: Log>(
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         health_reporter
-            .set_not_serving::<CoordinatorServer<service::Service<L>>>()
+            .set_not_serving::<CoordinatorServer<service::Service<L, P>>>()
             .await;
         let until = tokio::time::Instant::now() + drain_timeout;
         while drain_core.live_count() > 0 && tokio::time::Instant::now() < until {

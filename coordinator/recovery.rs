@@ -15,14 +15,14 @@
 //! record: abort). Acting on ids read before the live check can never roll back a transaction
 //! that is being committed right now.
 
+use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
-use super::txn::{Decision, State};
-use super::txns::{Coordinator, Live, Progress, now_ms};
-use crate::proto::{Outcome, TxnId};
+use super::participants::{Participants, PeerError};
+use super::txn::State;
+use crate::proto::TxnId;
 use futures::StreamExt;
-use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use std::sync::Arc;
 use tracing::Instrument;
 
 /// What one orphan scan did.
@@ -35,28 +35,19 @@ pub struct OrphanScan {
     pub failed: usize,
 }
 
-impl<L: Log> Coordinator<L> {
+impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Loads every unfinished record and restarts its phase 2. Returns how many there were.
     pub fn recover(self: &Arc<Self>) -> Result<usize, Error> {
         let unfinished = self.log.unfinished()?;
         let n = unfinished.len();
         for mut txn in unfinished {
-            let decision = txn.recover(now_ms());
+            let announced = txn.recover(now_ms()).outcome();
             self.put(&txn);
-            let announced = match decision {
-                Decision::Commit => Outcome::Committed,
-                Decision::Abort { .. } => Outcome::Aborted,
-            };
             tracing::info!(txn_id = %txn.id, ?announced, branches = txn.branches.len(), "recovering");
             metrics::counter!("twopc_recovered_transactions_total").increment(1);
-            let live = Arc::new(Live {
-                progress: watch::Sender::new(Progress {
-                    announced,
-                    finished: false,
-                }),
-                txn: Mutex::new(txn.clone()),
-            });
-            self.live.lock().unwrap().insert(txn.id, Arc::clone(&live));
+            let id = txn.id;
+            let live = Live::new(txn, announced);
+            self.live.lock().unwrap().insert(id, Arc::clone(&live));
             let this = Arc::clone(self);
             let span = live.span("recover");
             tokio::spawn(async move { this.finish_branches(live).await }.instrument(span));
@@ -114,12 +105,12 @@ impl<L: Log> Coordinator<L> {
                 .await
             {
                 Ok(ids) => ids,
-                Err(status) => {
+                Err(e) => {
                     scan.unreachable += 1;
                     tracing::debug!(
                         participant_id,
                         endpoint,
-                        error = status.message(),
+                        error = %e,
                         "orphan scan: participant unreachable"
                     );
                     continue;
@@ -129,21 +120,14 @@ impl<L: Log> Coordinator<L> {
                 .into_iter()
                 .filter(|id| self.live(*id).is_none())
                 .map(|id| {
-                    let record = self.log.get(id)?;
-                    let commit = record
-                        .as_ref()
-                        .is_some_and(|t| matches!(t.state, State::Committing | State::Committed));
-                    let xid = record
-                        .and_then(|t| {
-                            t.branches
-                                .into_iter()
-                                .find(|b| b.participant_id == participant_id)
-                        })
-                        .map_or(0, |b| b.xid);
-                    Ok((id, commit, xid))
+                    // No record: presumed abort.
+                    Ok(match self.log.get(id)? {
+                        Some(t) => (id, t.state.settled().is_commit(), t.xid_of(&participant_id)),
+                        None => (id, false, 0),
+                    })
                 })
                 .collect::<Result<_, Error>>()?;
-            let results: Vec<(bool, Result<(), tonic::Status>)> = futures::stream::iter(orphans)
+            let results: Vec<(bool, Result<(), PeerError>)> = futures::stream::iter(orphans)
                 .map(|(id, commit, xid)| {
                     let endpoint = endpoint.clone();
                     async move {
@@ -162,11 +146,11 @@ impl<L: Log> Coordinator<L> {
                 match (commit, r) {
                     (true, Ok(())) => scan.committed += 1,
                     (false, Ok(())) => scan.rolled_back += 1,
-                    (_, Err(status)) => {
+                    (_, Err(e)) => {
                         scan.failed += 1;
                         tracing::warn!(
                             endpoint,
-                            error = status.message(),
+                            error = %e,
                             "orphan not resolved; next scan retries"
                         );
                     }

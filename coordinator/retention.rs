@@ -6,15 +6,16 @@
 //! finished transaction is still prepared. The one exception, a transaction an operator
 //! forced, is never pruned (see `Log::prune`).
 
+use super::core::{Coordinator, now_ms};
 use super::log::Log;
-use super::txns::{Coordinator, now_ms};
+use super::participants::Participants;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How often the pruner looks.
 const EVERY: Duration = Duration::from_secs(3600);
 
-impl<L: Log> Coordinator<L> {
+impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Prunes records finished more than `retain` ago, now and every hour, until the
     /// coordinator is dropped.
     pub fn spawn_pruner(self: &Arc<Self>, retain: Duration) {

@@ -1,19 +1,21 @@
 //! The `twopc.v1.Coordinator` gRPC service: parses requests, calls the core, maps errors.
 
+use super::core::Coordinator;
 use super::log::Log;
-use super::txn::State;
-use super::txns::Coordinator;
+use super::participants::Participants;
+use super::wire;
 use crate::proto::{self, TxnId, coordinator_server};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
-pub struct Service<L: Log> {
-    core: Arc<Coordinator<L>>,
+/// The gRPC face of a [`Coordinator`].
+pub struct Service<L: Log, P: Participants> {
+    core: Arc<Coordinator<L, P>>,
 }
 
-impl<L: Log> Service<L> {
-    pub fn new(core: Arc<Coordinator<L>>) -> Self {
+impl<L: Log, P: Participants> Service<L, P> {
+    pub fn new(core: Arc<Coordinator<L, P>>) -> Self {
         Service { core }
     }
 }
@@ -35,7 +37,7 @@ fn client_deadline<T>(req: &Request<T>) -> Option<Duration> {
 }
 
 #[tonic::async_trait]
-impl<L: Log> coordinator_server::Coordinator for Service<L> {
+impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> {
     async fn begin(
         &self,
         req: Request<proto::BeginRequest>,
@@ -61,7 +63,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         let id = req.get_ref().txn_id.parse::<TxnId>()?;
         let r = self.core.commit(id, wait).await?;
         Ok(Response::new(proto::CommitResponse {
-            outcome: r.outcome as i32,
+            outcome: proto::Outcome::from(r.outcome) as i32,
             reason: r.reason,
             branches_pending: r.branches_pending,
         }))
@@ -78,7 +80,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
             .abort(req.txn_id.parse::<TxnId>()?, &req.reason)
             .await?;
         Ok(Response::new(proto::AbortResponse {
-            outcome: outcome as i32,
+            outcome: proto::Outcome::from(outcome) as i32,
         }))
     }
 
@@ -95,22 +97,11 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         req: Request<proto::ListTransactionsRequest>,
     ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
         let req = req.into_inner();
-        let mut states = Vec::new();
-        for s in &req.states {
-            states.push(match proto::TxnState::try_from(*s) {
-                Ok(proto::TxnState::Active) => State::Active,
-                Ok(proto::TxnState::Preparing) => State::Preparing,
-                Ok(proto::TxnState::Committing) => State::Committing,
-                Ok(proto::TxnState::Committed) => State::Committed,
-                Ok(proto::TxnState::Aborting) => State::Aborting,
-                Ok(proto::TxnState::Aborted) => State::Aborted,
-                _ => {
-                    return Err(Status::invalid_argument(format!(
-                        "unknown transaction state {s} in states"
-                    )));
-                }
-            });
-        }
+        let states = req
+            .states
+            .iter()
+            .map(|&s| wire::state_from_proto(s))
+            .collect::<Result<Vec<_>, _>>()?;
         let limit = match req.limit {
             0 => 100,
             n => n.min(10_000) as usize,
@@ -154,7 +145,7 @@ impl<L: Log> coordinator_server::Coordinator for Service<L> {
         }
         let outcome = self.core.query_outcome(id)?;
         Ok(Response::new(proto::QueryOutcomeResponse {
-            outcome: outcome as i32,
+            outcome: proto::Outcome::from(outcome) as i32,
         }))
     }
 

@@ -10,19 +10,27 @@
 //!                                          all acked
 //! ```
 //!
-//! The driver (`commit.rs`) asks this machine what to do next, performs the I/O, and feeds the
-//! results back. Keeping the rules here means a crash-by-crash test needs no network, no sled and
-//! no PostgreSQL: see the tests at the bottom.
+//! Every transition and every rule of the protocol lives here: the drivers (`commit.rs`,
+//! `recovery.rs`) ask this machine what to do next, perform the I/O, and feed the results back;
+//! they never assign a state. Keeping the rules here means a crash-by-crash test needs no
+//! network, no sled and no PostgreSQL: see the tests at the bottom, and the driver scenarios in
+//! `scenarios.rs`.
 
-use crate::proto::{self, TxnId};
+use crate::proto::TxnId;
+pub use crate::proto::vote::Vote;
 use serde::{Deserialize, Serialize};
 
+/// Where a transaction is in the protocol. Stored in the log, so the names are its format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum State {
+    /// Begun; branches enlist and run statements.
     Active,
+    /// Commit was called: votes are coming in. Never logged as such (see `log.rs`).
     Preparing,
+    /// The decision is commit; COMMIT PREPARED goes to every prepared branch until acked.
     Committing,
     Committed,
+    /// The decision is abort; rollbacks go to every branch that may hold anything.
     Aborting,
     Aborted,
 }
@@ -33,66 +41,63 @@ impl State {
         matches!(self, State::Committed | State::Aborted)
     }
 
-    /// The outcome this state implies.
-    pub fn outcome(self) -> proto::Outcome {
+    /// The decision is commit. (Whether it may be *announced* yet is the log's business: only
+    /// once it is durable, see `Live` in `core.rs`.)
+    pub fn is_commit(self) -> bool {
+        matches!(self, State::Committing | State::Committed)
+    }
+
+    /// The outcome this state implies while the transaction is live.
+    pub fn outcome(self) -> Outcome {
         match self {
-            State::Active | State::Preparing => proto::Outcome::Pending,
-            State::Committing | State::Committed => proto::Outcome::Committed,
-            State::Aborting | State::Aborted => proto::Outcome::Aborted,
+            State::Active | State::Preparing => Outcome::Pending,
+            s if s.is_commit() => Outcome::Committed,
+            _ => Outcome::Aborted,
         }
     }
 
-    pub fn from_proto(s: proto::TxnState) -> State {
-        match s {
-            proto::TxnState::Active | proto::TxnState::Unspecified => State::Active,
-            proto::TxnState::Preparing => State::Preparing,
-            proto::TxnState::Committing => State::Committing,
-            proto::TxnState::Committed => State::Committed,
-            proto::TxnState::Aborting => State::Aborting,
-            proto::TxnState::Aborted => State::Aborted,
-        }
-    }
-
-    pub fn to_proto(self) -> proto::TxnState {
+    /// The state a logged record stands for once its transaction is no longer live. Only a
+    /// commit decision is forced to disk; an Active or Preparing record is a previous run's
+    /// transaction that never reached one, so it is aborted (presumed abort).
+    pub fn settled(self) -> State {
         match self {
-            State::Active => proto::TxnState::Active,
-            State::Preparing => proto::TxnState::Preparing,
-            State::Committing => proto::TxnState::Committing,
-            State::Committed => proto::TxnState::Committed,
-            State::Aborting => proto::TxnState::Aborting,
-            State::Aborted => proto::TxnState::Aborted,
+            State::Active | State::Preparing => State::Aborted,
+            s => s,
         }
     }
 }
 
+/// What a caller may be told about a transaction's fate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    Committed,
+    Aborted,
+}
+
+/// Where one branch is, as the coordinator knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BranchState {
+    /// Enlisted; running statements at its participant.
     Active,
+    /// Prepare sent, no vote yet.
     Preparing,
+    /// Voted yes: it holds a prepared transaction until phase 2.
     Prepared,
+    /// Voted read-only: it finished at its vote.
     ReadOnly,
+    /// Voted no, or no vote came (it may still be prepared if the vote was lost).
     Failed,
     Committed,
     RolledBack,
 }
 
-impl BranchState {
-    fn to_proto(self) -> proto::BranchState {
-        match self {
-            BranchState::Active => proto::BranchState::Active,
-            BranchState::Preparing => proto::BranchState::Preparing,
-            BranchState::Prepared => proto::BranchState::Prepared,
-            BranchState::ReadOnly => proto::BranchState::ReadOnly,
-            BranchState::Failed => proto::BranchState::Failed,
-            BranchState::Committed => proto::BranchState::Committed,
-            BranchState::RolledBack => proto::BranchState::RolledBack,
-        }
-    }
-}
-
+/// The coordinator's record of one participant's branch of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Branch {
+pub struct BranchRecord {
+    /// The participant's id, unique among this coordinator's participants.
     pub participant_id: String,
+    /// Where phase 1 and 2 reach it.
     pub endpoint: String,
     /// The participant process that registered it.
     #[serde(default)]
@@ -102,42 +107,63 @@ pub struct Branch {
     pub xid: u64,
 }
 
-/// A participant's answer to Prepare, with transport failures folded into `No`: whatever the
-/// reason, a branch that did not say yes cannot commit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Vote {
-    Yes { xid: u64 },
-    ReadOnly,
-    No { reason: String },
-}
-
 /// What the coordinator decided once every vote was in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Commit,
-    Abort { reason: String },
+    /// Commit. `flush`: the decision must be durable before anyone hears of it or any COMMIT
+    /// PREPARED goes out. Only a prepared branch can lose a commit, so with none (read-only or
+    /// no branches) there is nothing to make durable; and a decision read back from the log
+    /// after a restart is durable already.
+    Commit {
+        flush: bool,
+    },
+    Abort {
+        reason: String,
+    },
+}
+
+impl Decision {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Decision::Commit { .. } => Outcome::Committed,
+            Decision::Abort { .. } => Outcome::Aborted,
+        }
+    }
 }
 
 /// What `commit()` asks the driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CommitStep {
+pub enum OnCommit {
     /// Send Prepare to these branches (by index) concurrently, then call `decide`.
     Prepare(Vec<usize>),
     /// Someone else's Commit is already running it: wait for the outcome.
     Wait,
     /// Already decided.
-    Decided(proto::Outcome),
+    Decided(Outcome),
 }
 
 /// What `abort()` asks the driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AbortStep {
+pub enum OnAbort {
     /// Aborted now: roll back these branches (by index).
     RollBack(Vec<usize>),
     /// Votes are coming in: the decision will be abort; wait for it.
     Wait,
     /// Already decided.
-    Decided(proto::Outcome),
+    Decided(Outcome),
+}
+
+/// What an operator's resolution (`resolve()`) asks the driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnResolve {
+    /// Undecided, and the operator asks for an abort: an ordinary one, whose rollbacks go out
+    /// as usual. Forcing it too would retire it before they are even sent.
+    Abort,
+    /// Decided commit: wait until the decision is durable (announced), then `force` it. An
+    /// operator's ending of a commit is never told before the commit itself is durable.
+    WaitThenForce,
+    /// `force` it now.
+    Force,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -169,13 +195,17 @@ pub enum TxnError {
     CannotForce { id: TxnId, state: State },
 }
 
+/// A global transaction: its state, its branches, and the times and reasons a client or an
+/// operator may ask about. This whole struct is the log record (`log.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
     pub id: TxnId,
+    /// The client's label, for people reading lists and logs.
     pub label: String,
     pub state: State,
-    pub branches: Vec<Branch>,
+    pub branches: Vec<BranchRecord>,
     pub created_ms: i64,
+    /// When an undecided transaction is aborted (Unix ms).
     pub deadline_ms: i64,
     pub decided_ms: i64,
     pub finished_ms: i64,
@@ -243,7 +273,7 @@ impl Txn {
             }
             return Ok(false);
         }
-        self.branches.push(Branch {
+        self.branches.push(BranchRecord {
             participant_id: participant_id.to_string(),
             endpoint: endpoint.to_string(),
             instance: instance.to_string(),
@@ -254,17 +284,17 @@ impl Txn {
     }
 
     /// Commit was called: start phase 1, or report why not.
-    pub fn commit(&mut self) -> CommitStep {
+    pub fn commit(&mut self) -> OnCommit {
         match self.state {
             State::Active => {
                 self.state = State::Preparing;
                 for b in &mut self.branches {
                     b.state = BranchState::Preparing;
                 }
-                CommitStep::Prepare((0..self.branches.len()).collect())
+                OnCommit::Prepare((0..self.branches.len()).collect())
             }
-            State::Preparing => CommitStep::Wait,
-            s => CommitStep::Decided(s.outcome()),
+            State::Preparing => OnCommit::Wait,
+            s => OnCommit::Decided(s.outcome()),
         }
     }
 
@@ -285,8 +315,8 @@ impl Txn {
         }
     }
 
-    /// Every vote is in: decide. A commit decision must be logged and flushed by the caller
-    /// before anyone hears of it.
+    /// Every vote is in: decide. A commit decision with `flush` must be logged and flushed by
+    /// the caller before anyone hears of it.
     pub fn decide(&mut self, now_ms: i64) -> Decision {
         assert_eq!(self.state, State::Preparing, "decide() outside phase 1");
         self.decided_ms = now_ms;
@@ -299,8 +329,12 @@ impl Txn {
             .all(|b| matches!(b.state, BranchState::Prepared | BranchState::ReadOnly));
         if all_yes && self.reason.is_empty() {
             self.state = State::Committing;
+            let flush = self
+                .branches
+                .iter()
+                .any(|b| b.state == BranchState::Prepared);
             self.finish_if_acked(now_ms);
-            Decision::Commit
+            Decision::Commit { flush }
         } else {
             if self.reason.is_empty() {
                 self.reason = "a participant did not vote".to_string();
@@ -313,8 +347,8 @@ impl Txn {
         }
     }
 
-    /// Abort was asked for (by a client, or by the deadline).
-    pub fn abort(&mut self, reason: &str, now_ms: i64) -> AbortStep {
+    /// Abort was asked for (by a client or an operator).
+    pub fn abort(&mut self, reason: &str, now_ms: i64) -> OnAbort {
         match self.state {
             State::Active => {
                 self.state = State::Aborting;
@@ -322,22 +356,28 @@ impl Txn {
                 self.decided_ms = now_ms;
                 let branches = self.branches_to_finish();
                 self.finish_if_acked(now_ms);
-                AbortStep::RollBack(branches)
+                OnAbort::RollBack(branches)
             }
             State::Preparing => {
                 self.abort_requested
                     .get_or_insert_with(|| reason.to_string());
-                AbortStep::Wait
+                OnAbort::Wait
             }
-            s => AbortStep::Decided(s.outcome()),
+            s => OnAbort::Decided(s.outcome()),
         }
+    }
+
+    /// The deadline passed. Only a transaction nobody has called Commit on is aborted: once
+    /// phase 1 has begun, the prepare timeout bounds it instead. `None`: nothing to do.
+    pub fn expire(&mut self, now_ms: i64) -> Option<OnAbort> {
+        (self.state == State::Active).then(|| self.abort("deadline exceeded while active", now_ms))
     }
 
     /// The coordinator restarted and found this unfinished record. A durable commit decision
     /// stands; anything else never reached one, so it aborts (presumed abort).
     pub fn recover(&mut self, now_ms: i64) -> Decision {
         match self.state {
-            State::Committing => Decision::Commit,
+            State::Committing => Decision::Commit { flush: false },
             State::Active | State::Preparing | State::Aborting => {
                 if self.state != State::Aborting {
                     self.state = State::Aborting;
@@ -353,24 +393,48 @@ impl Txn {
         }
     }
 
+    /// A logged record whose transaction is no longer live, as it stands for good: see
+    /// [`State::settled`].
+    pub fn settle(mut self) -> Txn {
+        self.state = self.state.settled();
+        self
+    }
+
+    /// An operator asks to finish the transaction by hand (`commit`: force-commit). Decides how;
+    /// a decision is never reversed.
+    pub fn resolve(&self, commit: bool) -> Result<OnResolve, TxnError> {
+        match (self.state, commit) {
+            (State::Active | State::Preparing, false) => Ok(OnResolve::Abort),
+            (State::Committing, true) => Ok(OnResolve::WaitThenForce),
+            (State::Aborting, false) | (State::Committed, true) | (State::Aborted, false) => {
+                Ok(OnResolve::Force)
+            }
+            (state, _) => Err(TxnError::CannotForce { id: self.id, state }),
+        }
+    }
+
     /// An operator declares every branch still owed phase 2 finished the way the transaction
-    /// was decided (its participant is gone for good), so the transaction can retire. A
-    /// decision is never changed: forcing the other way is refused.
-    pub fn force(&mut self, commit: bool, now_ms: i64) -> Result<(), TxnError> {
+    /// was decided (its participant is gone for good), so the transaction can retire. Returns
+    /// the participants so declared. A decision is never changed: forcing the other way is
+    /// refused.
+    pub fn force(&mut self, commit: bool, now_ms: i64) -> Result<Vec<String>, TxnError> {
         match (self.state, commit) {
             (State::Committing, true) | (State::Aborting, false) => {
+                let mut declared = Vec::new();
                 for i in self.branches_to_finish() {
                     self.forced = true;
-                    self.branches[i].state = if commit {
+                    let branch = &mut self.branches[i];
+                    branch.state = if commit {
                         BranchState::Committed
                     } else {
                         BranchState::RolledBack
                     };
+                    declared.push(branch.participant_id.clone());
                 }
                 self.finish_if_acked(now_ms);
-                Ok(())
+                Ok(declared)
             }
-            (State::Committed, true) | (State::Aborted, false) => Ok(()),
+            (State::Committed, true) | (State::Aborted, false) => Ok(Vec::new()),
             (state, _) => Err(TxnError::CannotForce { id: self.id, state }),
         }
     }
@@ -399,6 +463,24 @@ impl Txn {
         self.finish_if_acked(now_ms)
     }
 
+    /// The xid a participant's branch voted with, if the record knows it (0 otherwise).
+    pub fn xid_of(&self, participant_id: &str) -> u64 {
+        self.branches
+            .iter()
+            .find(|b| b.participant_id == participant_id)
+            .map_or(0, |b| b.xid)
+    }
+
+    /// The state clients are shown. Until a commit decision is durable (`announced`), it is
+    /// shown as still preparing: nobody may read "committing" into a decision that a crash
+    /// could still undo.
+    pub fn shown_state(&self, announced: Outcome) -> State {
+        match self.state {
+            s if s.is_commit() && announced == Outcome::Pending => State::Preparing,
+            s => s,
+        }
+    }
+
     fn finish_if_acked(&mut self, now_ms: i64) -> bool {
         if !self.branches_to_finish().is_empty() {
             return false;
@@ -419,45 +501,11 @@ impl Txn {
             action,
         }
     }
-
-    /// The transaction as clients see it. Until a commit decision is durable (`announced`),
-    /// it is shown as still preparing: nobody may read "committing" into a decision that a
-    /// crash could still undo.
-    pub fn to_proto(&self, announced: proto::Outcome) -> proto::Transaction {
-        let shown = match self.state {
-            State::Committing | State::Committed if announced == proto::Outcome::Pending => {
-                State::Preparing
-            }
-            s => s,
-        };
-        proto::Transaction {
-            txn_id: self.id.to_string(),
-            state: shown.to_proto() as i32,
-            outcome: announced as i32,
-            label: self.label.clone(),
-            branches: self
-                .branches
-                .iter()
-                .map(|b| proto::Branch {
-                    participant_id: b.participant_id.clone(),
-                    endpoint: b.endpoint.clone(),
-                    state: b.state.to_proto() as i32,
-                    xid: b.xid,
-                })
-                .collect(),
-            created_unix_ms: self.created_ms,
-            deadline_unix_ms: self.deadline_ms,
-            decided_unix_ms: self.decided_ms,
-            finished_unix_ms: self.finished_ms,
-            reason: self.reason.clone(),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::Outcome;
 
     fn txn_with(branches: &[&str]) -> Txn {
         let mut txn = Txn::begin(TxnId::generate(), "t".into(), 0, 1000);
@@ -470,10 +518,10 @@ mod tests {
     #[test]
     fn all_yes_commits_and_finishes_when_every_branch_acks() {
         let mut txn = txn_with(&["p1", "p2"]);
-        assert_eq!(txn.commit(), CommitStep::Prepare(vec![0, 1]));
+        assert_eq!(txn.commit(), OnCommit::Prepare(vec![0, 1]));
         txn.record_vote(0, Vote::Yes { xid: 7 });
         txn.record_vote(1, Vote::Yes { xid: 9 });
-        assert_eq!(txn.decide(5), Decision::Commit);
+        assert_eq!(txn.decide(5), Decision::Commit { flush: true });
         assert_eq!(txn.state, State::Committing);
         assert_eq!(txn.branches_to_finish(), vec![0, 1]);
         assert!(!txn.acked(0, 6));
@@ -510,15 +558,19 @@ mod tests {
         txn.commit();
         txn.record_vote(0, Vote::ReadOnly);
         txn.record_vote(1, Vote::ReadOnly);
-        assert_eq!(txn.decide(5), Decision::Commit);
+        assert_eq!(
+            txn.decide(5),
+            Decision::Commit { flush: false },
+            "no prepared branch can lose this commit"
+        );
         assert_eq!(txn.state, State::Committed);
     }
 
     #[test]
     fn zero_branches_commit_trivially() {
         let mut txn = txn_with(&[]);
-        assert_eq!(txn.commit(), CommitStep::Prepare(vec![]));
-        assert_eq!(txn.decide(1), Decision::Commit);
+        assert_eq!(txn.commit(), OnCommit::Prepare(vec![]));
+        assert_eq!(txn.decide(1), Decision::Commit { flush: false });
         assert_eq!(txn.state, State::Committed);
     }
 
@@ -526,16 +578,16 @@ mod tests {
     fn commit_and_abort_repeat_the_recorded_outcome() {
         let mut txn = txn_with(&["p1"]);
         txn.commit();
-        assert_eq!(txn.commit(), CommitStep::Wait);
+        assert_eq!(txn.commit(), OnCommit::Wait);
         txn.record_vote(0, Vote::Yes { xid: 1 });
         txn.decide(2);
-        assert_eq!(txn.commit(), CommitStep::Decided(Outcome::Committed));
-        assert_eq!(txn.abort("late", 3), AbortStep::Decided(Outcome::Committed));
+        assert_eq!(txn.commit(), OnCommit::Decided(Outcome::Committed));
+        assert_eq!(txn.abort("late", 3), OnAbort::Decided(Outcome::Committed));
 
         let mut txn = txn_with(&["p1"]);
-        assert_eq!(txn.abort("user", 1), AbortStep::RollBack(vec![0]));
-        assert_eq!(txn.commit(), CommitStep::Decided(Outcome::Aborted));
-        assert_eq!(txn.abort("again", 2), AbortStep::Decided(Outcome::Aborted));
+        assert_eq!(txn.abort("user", 1), OnAbort::RollBack(vec![0]));
+        assert_eq!(txn.commit(), OnCommit::Decided(Outcome::Aborted));
+        assert_eq!(txn.abort("again", 2), OnAbort::Decided(Outcome::Aborted));
         assert_eq!(txn.reason, "user");
     }
 
@@ -543,7 +595,7 @@ mod tests {
     fn abort_during_phase_one_wins_over_yes_votes() {
         let mut txn = txn_with(&["p1"]);
         txn.commit();
-        assert_eq!(txn.abort("client gave up", 1), AbortStep::Wait);
+        assert_eq!(txn.abort("client gave up", 1), OnAbort::Wait);
         txn.record_vote(0, Vote::Yes { xid: 1 });
         assert_eq!(
             txn.decide(2),
@@ -565,7 +617,11 @@ mod tests {
         // What the log held when the process died: the decision, one branch acked in memory only.
         let mut logged = committing.clone();
         logged.branches[0].state = BranchState::Prepared;
-        assert_eq!(logged.recover(3), Decision::Commit);
+        assert_eq!(
+            logged.recover(3),
+            Decision::Commit { flush: false },
+            "read back from disk: durable already"
+        );
         assert_eq!(
             logged.branches_to_finish(),
             vec![0, 1],
@@ -594,7 +650,7 @@ mod tests {
             txn.force(false, 3),
             Err(TxnError::CannotForce { .. })
         ));
-        assert_eq!(txn.force(true, 3), Ok(()));
+        assert_eq!(txn.force(true, 3), Ok(vec!["p2".to_string()]));
         assert_eq!(txn.state, State::Committed);
         assert_eq!(txn.branches[1].state, BranchState::Committed);
 

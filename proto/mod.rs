@@ -1,9 +1,10 @@
 //! The wire: the code generated from `proto/twopc/v1/twopc.proto`, its descriptor set (for
-//! server reflection), and the ids both sides of the protocol parse from it: the transaction
-//! id, and the names coordinators and participants go by ([`names`]).
+//! server reflection), and what both sides of the protocol read from it: the transaction id,
+//! the names coordinators and participants go by ([`names`]), and a branch's [`vote`].
 
 pub mod names;
 mod txn_id;
+pub mod vote;
 
 pub use txn_id::{InvalidTxnId, TxnId};
 

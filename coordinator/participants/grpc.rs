@@ -1,23 +1,27 @@
-//! Reaching participants: one lazily connected gRPC channel per endpoint, shared by every
+//! Participants over gRPC: one lazily connected channel per endpoint, shared by every
 //! transaction that enlists it.
 
-use super::txn::Vote;
+use super::{Participants, PeerError};
 use crate::proto::participant_client::ParticipantClient;
-use crate::proto::{self, BranchRequest, PrepareRequest, TxnId};
+use crate::proto::vote::Vote;
+use crate::proto::{BranchRequest, PrepareRequest, TxnId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-pub struct Participants {
+/// The participants reached over gRPC, as the coordinator named `coordinator_id`.
+pub struct GrpcParticipants {
+    /// Sent with every request: a participant acts only on gids of the coordinator that asks.
     coordinator_id: String,
+    /// One client per endpoint; tonic channels multiplex every call over one connection.
     channels: Mutex<HashMap<String, ParticipantClient<Channel>>>,
     connect_timeout: Duration,
 }
 
-impl Participants {
+impl GrpcParticipants {
     pub fn new(coordinator_id: String, connect_timeout: Duration) -> Self {
-        Participants {
+        GrpcParticipants {
             coordinator_id,
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
@@ -42,10 +46,10 @@ impl Participants {
         channels.insert(endpoint.to_string(), client.clone());
         Ok(client)
     }
+}
 
-    /// Phase 1 for one branch. Anything but a clear yes or read-only is a no.
-    pub async fn prepare(&self, endpoint: &str, txn: TxnId, timeout: Duration) -> Vote {
-        crate::failpoint!("coordinator::prepare_sent");
+impl Participants for GrpcParticipants {
+    async fn prepare(&self, endpoint: &str, txn: TxnId, timeout: Duration) -> Vote {
         let call = async {
             let mut client = self.client(endpoint)?;
             let mut req = tonic::Request::new(PrepareRequest {
@@ -63,23 +67,12 @@ impl Participants {
             Ok(Err(status)) => Vote::No {
                 reason: format!("prepare at {endpoint} failed: {}", status.message()),
             },
-            Ok(Ok(resp)) => match resp.vote() {
-                proto::Vote::Yes => Vote::Yes { xid: resp.xid },
-                proto::Vote::ReadOnly => Vote::ReadOnly,
-                proto::Vote::No | proto::Vote::Unspecified => Vote::No {
-                    reason: resp.reason,
-                },
-            },
+            Ok(Ok(resp)) => resp.into(),
         }
     }
 
-    /// The txn ids of our branches prepared at `endpoint`.
-    pub async fn recover(
-        &self,
-        endpoint: &str,
-        timeout: Duration,
-    ) -> Result<Vec<TxnId>, tonic::Status> {
-        let mut client = self.client(endpoint)?;
+    async fn recover(&self, endpoint: &str, timeout: Duration) -> Result<Vec<TxnId>, PeerError> {
+        let mut client = self.client(endpoint).map_err(peer_error)?;
         let mut req = tonic::Request::new(crate::proto::RecoverRequest {
             coordinator_id: self.coordinator_id.clone(),
         });
@@ -87,10 +80,9 @@ impl Participants {
         let resp = tokio::time::timeout(timeout, client.recover(req))
             .await
             .map_err(|_| {
-                tonic::Status::deadline_exceeded(format!(
-                    "no answer from {endpoint} within {timeout:?}"
-                ))
-            })??;
+                PeerError::Unreachable(format!("no answer from {endpoint} within {timeout:?}"))
+            })?
+            .map_err(peer_error)?;
         Ok(resp
             .into_inner()
             .txn_ids
@@ -99,16 +91,15 @@ impl Participants {
             .collect())
     }
 
-    /// Phase 2 for one branch: COMMIT PREPARED (`commit`) or a rollback.
-    pub async fn finish(
+    async fn finish(
         &self,
         endpoint: &str,
         txn: TxnId,
         xid: u64,
         commit: bool,
         timeout: Duration,
-    ) -> Result<(), tonic::Status> {
-        let mut client = self.client(endpoint)?;
+    ) -> Result<(), PeerError> {
+        let mut client = self.client(endpoint).map_err(peer_error)?;
         let mut req = tonic::Request::new(BranchRequest {
             txn_id: txn.to_string(),
             xid,
@@ -124,11 +115,22 @@ impl Participants {
             }
         };
         match tokio::time::timeout(timeout, call).await {
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            Err(_) => Err(PeerError::Unreachable(format!(
                 "no answer from {endpoint} within {timeout:?}"
             ))),
-            Ok(r) => r.map(|_| ()),
+            Ok(r) => r.map(|_| ()).map_err(peer_error),
         }
+    }
+}
+
+/// A participant refuses with FAILED_PRECONDITION when a branch did not end the way it was
+/// asked to; anything else may pass with a retry.
+fn peer_error(status: tonic::Status) -> PeerError {
+    let message = status.message().to_string();
+    if status.code() == tonic::Code::FailedPrecondition {
+        PeerError::Refused(message)
+    } else {
+        PeerError::Unreachable(message)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The coordinator's transaction table: live transactions in memory, finished ones in the log.
+//! The coordinator's core: the decision log, the table of live transactions, and the
+//! participants it drives. Live transactions are in memory, finished ones in the log.
 //!
 //! A transaction is *live* from Begin until every branch has acknowledged phase 2; its [`Txn`]
 //! state machine sits behind a mutex, beside a watch channel that tells waiting RPCs when the
@@ -10,9 +11,10 @@
 
 use super::error::Error;
 use super::log::Log;
-use super::participants::Participants;
-use super::txn::{State, Txn};
-use crate::proto::{self, Outcome, TxnId};
+use super::participants::{GrpcParticipants, Participants};
+use super::txn::{Outcome, State, Txn};
+use super::wire;
+use crate::proto::{self, TxnId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,12 +65,25 @@ pub(super) struct Progress {
     pub finished: bool,
 }
 
+/// A transaction in flight: its state machine, and what may be told of it.
 pub(super) struct Live {
     pub txn: Mutex<Txn>,
     pub progress: watch::Sender<Progress>,
 }
 
 impl Live {
+    /// A transaction that becomes live with `announced` already told (`Pending` for a new one;
+    /// a recovered one's decision is durable, so it may be told at once).
+    pub fn new(txn: Txn, announced: Outcome) -> Arc<Live> {
+        Arc::new(Live {
+            txn: Mutex::new(txn),
+            progress: watch::Sender::new(Progress {
+                announced,
+                finished: false,
+            }),
+        })
+    }
+
     pub fn announce(&self, outcome: Outcome) {
         self.progress.send_modify(|p| p.announced = outcome);
     }
@@ -84,29 +99,50 @@ impl Live {
         tracing::info_span!("txn", run, txn_id = %txn.id, participants = %participants.join(","))
     }
 
-    fn announced(&self) -> Outcome {
+    pub fn announced(&self) -> Outcome {
         self.progress.borrow().announced
     }
 }
 
-pub struct Coordinator<L: Log> {
+/// The coordinator: begins transactions, enlists branches, and (in `commit.rs` and
+/// `recovery.rs`) drives them to their decision. Generic over its durable log and over how it
+/// reaches participants, so the same code runs on sled and gRPC in the binary and in memory in
+/// the scenario tests.
+pub struct Coordinator<L: Log, P: Participants = GrpcParticipants> {
+    /// The stable id, in every PostgreSQL gid of ours.
     pub(super) id: String,
+    /// The decision log: the only durable state.
     pub(super) log: L,
+    /// Transactions from Begin until every branch has acknowledged phase 2.
     pub(super) live: Mutex<HashMap<TxnId, Arc<Live>>>,
     pub(super) limits: Limits,
-    pub(super) participants: Participants,
+    pub(super) participants: P,
     /// Cache of the log's participant registry: (id → endpoint).
     enlisted: Mutex<HashMap<String, String>>,
+    /// Shutting down: Begin is refused.
     draining: AtomicBool,
 }
 
 pub use crate::process::clock::now_ms;
 
 impl<L: Log> Coordinator<L> {
+    /// A coordinator that reaches its participants over gRPC.
     pub fn new(id: String, log: L, limits: Limits) -> Result<Arc<Self>, Error> {
+        let participants = GrpcParticipants::new(id.clone(), Duration::from_secs(2));
+        Coordinator::with_participants(id, log, participants, limits)
+    }
+}
+
+impl<L: Log, P: Participants> Coordinator<L, P> {
+    pub fn with_participants(
+        id: String,
+        log: L,
+        participants: P,
+        limits: Limits,
+    ) -> Result<Arc<Self>, Error> {
         let enlisted = log.participants()?.into_iter().collect();
         Ok(Arc::new(Coordinator {
-            participants: Participants::new(id.clone(), Duration::from_secs(2)),
+            participants,
             id,
             log,
             live: Mutex::new(HashMap::new()),
@@ -181,20 +217,14 @@ impl<L: Log> Coordinator<L> {
         let id = TxnId::generate();
         let created = now_ms();
         let deadline = created + timeout.as_millis() as i64;
-        let live = Arc::new(Live {
-            txn: Mutex::new(Txn::begin(id, label, created, deadline)),
-            progress: watch::Sender::new(Progress {
-                announced: Outcome::Pending,
-                finished: false,
-            }),
-        });
+        let live = Live::new(Txn::begin(id, label, created, deadline), Outcome::Pending);
         self.live.lock().unwrap().insert(id, live);
         // Weak: a pending timer must not keep a stopped coordinator (and its log) alive.
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             if let Some(this) = this.upgrade() {
-                this.abort_if_active(id, "deadline exceeded while active");
+                this.expire(id);
             }
         });
         tracing::debug!(txn_id = %id, timeout_ms = timeout.as_millis() as u64, "begin");
@@ -277,10 +307,10 @@ impl<L: Log> Coordinator<L> {
     pub fn get(&self, id: TxnId) -> Result<proto::Transaction, Error> {
         if let Some(live) = self.live(id) {
             let announced = live.announced();
-            return Ok(live.txn.lock().unwrap().to_proto(announced));
+            return Ok(wire::transaction(&live.txn.lock().unwrap(), announced));
         }
         match self.log.get(id)? {
-            Some(txn) => Ok(recorded_proto(&txn)),
+            Some(txn) => Ok(wire::recorded_transaction(&txn)),
             None => Err(Error::NotFound(id)),
         }
     }
@@ -292,9 +322,10 @@ impl<L: Log> Coordinator<L> {
         let mut out: Vec<proto::Transaction> = live
             .iter()
             .filter_map(|l| {
+                let txn = l.txn.lock().unwrap();
                 // Filter on the state as shown: a commit being flushed shows as preparing.
-                let shown = l.txn.lock().unwrap().to_proto(l.announced());
-                wanted(State::from_proto(shown.state())).then_some(shown)
+                wanted(txn.shown_state(l.announced()))
+                    .then(|| wire::transaction(&txn, l.announced()))
             })
             .collect();
         out.sort_by(|a, b| b.txn_id.cmp(&a.txn_id));
@@ -302,9 +333,9 @@ impl<L: Log> Coordinator<L> {
         let live_ids: std::collections::HashSet<TxnId> =
             live.iter().map(|l| l.txn.lock().unwrap().id).collect();
         let logged = self.log.newest(limit - out.len(), &|t: &Txn| {
-            !live_ids.contains(&t.id) && wanted(recorded_state(t.state))
+            !live_ids.contains(&t.id) && wanted(t.state.settled())
         })?;
-        out.extend(logged.iter().map(recorded_proto));
+        out.extend(logged.iter().map(wire::recorded_transaction));
         Ok(out)
     }
 
@@ -315,33 +346,8 @@ impl<L: Log> Coordinator<L> {
             return Ok(live.announced());
         }
         Ok(match self.log.get(id)? {
-            Some(txn) => recorded_outcome(txn.state),
+            Some(txn) => txn.state.settled().outcome(),
             None => Outcome::Aborted,
         })
-    }
-}
-
-/// The outcome a record in the log stands for once its transaction is no longer live. Only a
-/// commit decision is forced to disk; any other unfinished record is a previous run's
-/// transaction that never reached one, so it is aborted.
-fn recorded_outcome(state: State) -> Outcome {
-    match state {
-        State::Committing | State::Committed => Outcome::Committed,
-        _ => Outcome::Aborted,
-    }
-}
-
-/// How a record of a transaction that is no longer live is shown to clients.
-fn recorded_proto(txn: &Txn) -> proto::Transaction {
-    let mut p = txn.to_proto(recorded_outcome(txn.state));
-    p.state = recorded_state(txn.state).to_proto() as i32;
-    p
-}
-
-/// The state a logged transaction that is no longer live is in, as far as clients are told.
-fn recorded_state(state: State) -> State {
-    match state {
-        State::Active | State::Preparing => State::Aborted,
-        s => s,
     }
 }

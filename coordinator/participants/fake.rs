@@ -1,0 +1,254 @@
+//! Participants in memory, for the drivers' tests: each endpoint keeps its prepared branches the
+//! way its PostgreSQL would (they survive anything the coordinator does), answers phase 2
+//! idempotently, and can be told to misbehave: vote no, lose a reply after acting, hang, or be
+//! down. Whatever it is told, it never lets a branch end against the decision silently: a
+//! COMMIT for a rolled-back branch or a rollback of a committed one is counted as an alarm,
+//! which every scenario checks is zero.
+//!
+//! The state sits behind a std mutex, outside any runtime, because a test "crashes" a
+//! coordinator by dropping its whole runtime while calls into this are in flight, and the
+//! participants must outlive it, as real ones outlive a coordinator process.
+
+use super::{Participants, PeerError};
+use crate::proto::TxnId;
+use crate::proto::vote::Vote;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How a fake participant answers Prepare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnPrepare {
+    /// Prepares the branch and votes yes.
+    #[default]
+    Yes,
+    /// Wrote nothing: votes read-only, nothing stays prepared.
+    ReadOnly,
+    /// Refuses (a failed statement, a deferred constraint): votes no, nothing prepared.
+    No,
+    /// Prepares the branch, then the reply is lost: the coordinator hears nothing.
+    LoseReply,
+    /// Never gets to it: nothing prepared, no answer.
+    Hang,
+}
+
+/// How a fake participant answers Commit and Rollback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnFinish {
+    /// Does it and acknowledges.
+    #[default]
+    Ack,
+    /// Does it, then the reply is lost.
+    LoseReply,
+    /// Never gets to it.
+    Hang,
+}
+
+/// How one fake participant behaves from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Behaviour {
+    pub prepare: OnPrepare,
+    pub finish: OnFinish,
+    /// Unreachable: every call fails at once, as with a refused connection.
+    pub down: bool,
+}
+
+/// What one fake participant's PostgreSQL holds.
+#[derive(Debug, Default)]
+struct Node {
+    behaviour: Behaviour,
+    /// Prepared branches and their xids: what `pg_prepared_xacts` would list.
+    prepared: BTreeMap<TxnId, u64>,
+    committed: BTreeSet<TxnId>,
+    rolled_back: BTreeSet<TxnId>,
+    next_xid: u64,
+    /// Requests received, in order, for assertions on what the coordinator sent.
+    calls: Vec<Call>,
+    /// Branches that ended against what was asked. Must stay 0.
+    alarms: usize,
+}
+
+/// A request a fake participant received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Prepare(TxnId),
+    Commit(TxnId),
+    Rollback(TxnId),
+    Recover,
+}
+
+/// Every fake participant, by endpoint. Cloning shares them.
+#[derive(Clone, Default)]
+pub struct FakeParticipants {
+    nodes: Arc<Mutex<HashMap<String, Node>>>,
+}
+
+impl FakeParticipants {
+    /// Sets how the participant at `endpoint` behaves from now on.
+    pub fn set(&self, endpoint: &str, behaviour: Behaviour) {
+        self.with(endpoint, |n| n.behaviour = behaviour);
+    }
+
+    /// The txns prepared at `endpoint`, as its `pg_prepared_xacts` would list them.
+    pub fn prepared(&self, endpoint: &str) -> Vec<TxnId> {
+        self.with(endpoint, |n| n.prepared.keys().copied().collect())
+    }
+
+    pub fn committed(&self, endpoint: &str, txn: TxnId) -> bool {
+        self.with(endpoint, |n| n.committed.contains(&txn))
+    }
+
+    pub fn rolled_back(&self, endpoint: &str, txn: TxnId) -> bool {
+        self.with(endpoint, |n| n.rolled_back.contains(&txn))
+    }
+
+    /// The requests `endpoint` received, in order.
+    pub fn calls(&self, endpoint: &str) -> Vec<Call> {
+        self.with(endpoint, |n| n.calls.clone())
+    }
+
+    /// Branches, at any participant, that ended against what the coordinator asked.
+    pub fn alarms(&self) -> usize {
+        self.nodes.lock().unwrap().values().map(|n| n.alarms).sum()
+    }
+
+    /// Prepares a branch behind the coordinator's back, as one whose coordinator died before
+    /// logging anything would be: an orphan.
+    pub fn prepare_orphan(&self, endpoint: &str, txn: TxnId) {
+        self.with(endpoint, |n| {
+            n.next_xid += 1;
+            n.prepared.insert(txn, n.next_xid);
+        });
+    }
+
+    fn with<T>(&self, endpoint: &str, f: impl FnOnce(&mut Node) -> T) -> T {
+        f(self
+            .nodes
+            .lock()
+            .unwrap()
+            .entry(endpoint.to_string())
+            .or_default())
+    }
+}
+
+/// Waits out the caller's timeout, as a call to a participant that never answers does.
+async fn silence(timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+}
+
+impl Participants for FakeParticipants {
+    async fn prepare(&self, endpoint: &str, txn: TxnId, timeout: Duration) -> Vote {
+        let (behaviour, vote) = self.with(endpoint, |n| {
+            n.calls.push(Call::Prepare(txn));
+            let b = n.behaviour;
+            if b.down {
+                return (b, None);
+            }
+            let vote = match b.prepare {
+                // A repeated Prepare answers as before.
+                _ if n.prepared.contains_key(&txn) => Some(Vote::Yes {
+                    xid: n.prepared[&txn],
+                }),
+                OnPrepare::Yes | OnPrepare::LoseReply => {
+                    n.next_xid += 1;
+                    n.prepared.insert(txn, n.next_xid);
+                    Some(Vote::Yes { xid: n.next_xid })
+                }
+                OnPrepare::ReadOnly => Some(Vote::ReadOnly),
+                OnPrepare::No => Some(Vote::No {
+                    reason: "ERROR deferred constraint (SQLSTATE 23503)".into(),
+                }),
+                OnPrepare::Hang => None,
+            };
+            (b, vote)
+        });
+        match (behaviour, vote) {
+            (b, _) if b.down => Vote::No {
+                reason: format!("prepare at {endpoint} failed: connection refused"),
+            },
+            (
+                Behaviour {
+                    prepare: OnPrepare::LoseReply | OnPrepare::Hang,
+                    ..
+                },
+                _,
+            )
+            | (_, None) => {
+                silence(timeout).await;
+                Vote::No {
+                    reason: format!("no vote from {endpoint} within {timeout:?}"),
+                }
+            }
+            (_, Some(vote)) => vote,
+        }
+    }
+
+    async fn finish(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        _xid: u64,
+        commit: bool,
+        timeout: Duration,
+    ) -> Result<(), PeerError> {
+        let result = self.with(endpoint, |n| {
+            n.calls.push(if commit {
+                Call::Commit(txn)
+            } else {
+                Call::Rollback(txn)
+            });
+            let b = n.behaviour;
+            if b.down {
+                return Err(PeerError::Unreachable("connection refused".into()));
+            }
+            if b.finish == OnFinish::Hang {
+                return Ok(false);
+            }
+            // Like COMMIT/ROLLBACK PREPARED followed by the pg_xact_status check when the gid
+            // is gone: a repeat is fine, a contradiction is refused.
+            let result = if n.prepared.remove(&txn).is_some() {
+                if commit {
+                    n.committed.insert(txn);
+                } else {
+                    n.rolled_back.insert(txn);
+                }
+                Ok(())
+            } else if commit && !n.committed.contains(&txn) {
+                if n.rolled_back.contains(&txn) {
+                    n.alarms += 1;
+                }
+                Err(PeerError::Refused(format!(
+                    "{txn} is not prepared at {endpoint}, and it did not commit"
+                )))
+            } else if !commit && n.committed.contains(&txn) {
+                n.alarms += 1;
+                Err(PeerError::Refused(format!(
+                    "{txn} committed at {endpoint}: it cannot be rolled back"
+                )))
+            } else {
+                Ok(())
+            };
+            result.map(|()| b.finish == OnFinish::Ack)
+        });
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                silence(timeout).await;
+                Err(PeerError::Unreachable(format!(
+                    "no answer from {endpoint} within {timeout:?}"
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn recover(&self, endpoint: &str, _timeout: Duration) -> Result<Vec<TxnId>, PeerError> {
+        self.with(endpoint, |n| {
+            n.calls.push(Call::Recover);
+            if n.behaviour.down {
+                return Err(PeerError::Unreachable("connection refused".into()));
+            }
+            Ok(n.prepared.keys().copied().collect())
+        })
+    }
+}

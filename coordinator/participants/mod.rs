@@ -1,0 +1,62 @@
+//! Reaching participants: what the coordinator asks of them in phase 1, phase 2 and the orphan
+//! scan.
+//!
+//! The drivers (`commit.rs`, `recovery.rs`) are generic over [`Participants`], as they are over
+//! the `Log`: [`GrpcParticipants`] in the binary, and in tests an in-memory fake that keeps
+//! each participant's prepared branches the way its PostgreSQL would, so the commit driver and
+//! recovery run crash by crash with no network and no database.
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod fake;
+mod grpc;
+
+pub use grpc::GrpcParticipants;
+
+use crate::proto::TxnId;
+use crate::proto::vote::Vote;
+use std::future::Future;
+use std::time::Duration;
+
+/// The participants, as the coordinator's drivers see them: addressed by endpoint, each call
+/// bounded by `timeout`.
+pub trait Participants: Send + Sync + 'static {
+    /// Phase 1 for one branch. Anything but a clear yes or read-only comes back as a no
+    /// (a refusal, an error, no answer within `timeout`): a branch that did not say yes
+    /// cannot commit.
+    fn prepare(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        timeout: Duration,
+    ) -> impl Future<Output = Vote> + Send;
+
+    /// Phase 2 for one branch: COMMIT PREPARED (`commit`) or a rollback. `xid` (0 if unknown)
+    /// lets the participant tell how a branch whose gid is gone really ended.
+    fn finish(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        xid: u64,
+        commit: bool,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
+    /// The txn ids of this coordinator's branches prepared at `endpoint`.
+    fn recover(
+        &self,
+        endpoint: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<TxnId>, PeerError>> + Send;
+}
+
+/// Why a phase-2 or recovery call did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The participant answered and refused: the branch did not end the way it was asked to.
+    /// Retrying changes nothing, but an operator must hear of it.
+    #[error("{0}")]
+    Refused(String),
+    /// No answer, or an error a retry may cure (the participant or its PostgreSQL is down).
+    #[error("{0}")]
+    Unreachable(String),
+}
