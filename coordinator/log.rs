@@ -291,6 +291,8 @@ struct MemInner {
     durable: BTreeMap<TxnId, Txn>,
     participants: BTreeMap<String, String>,
     syncs: usize,
+    /// Syncs never complete, as on a disk that hangs mid-fsync.
+    stalled: bool,
 }
 
 impl MemLog {
@@ -302,8 +304,15 @@ impl MemLog {
                 durable: inner.durable.clone(),
                 participants: inner.participants.clone(),
                 syncs: 0,
+                stalled: false,
             })),
         }
+    }
+
+    /// From now on no sync completes and nothing more becomes durable: a test can stop the
+    /// coordinator between writing a decision and its flush.
+    pub fn stall_syncs(&self) {
+        self.inner.lock().unwrap().stalled = true;
     }
 
     /// How many times `sync` ran: the forced writes the protocol paid for.
@@ -324,9 +333,17 @@ impl Log for MemLog {
 
     fn sync(&self) -> impl Future<Output = Result<(), LogError>> + Send {
         let mut inner = self.inner.lock().unwrap();
-        inner.durable = inner.written.clone();
-        inner.syncs += 1;
-        std::future::ready(Ok(()))
+        let stalled = inner.stalled;
+        if !stalled {
+            inner.durable = inner.written.clone();
+            inner.syncs += 1;
+        }
+        async move {
+            if stalled {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
     }
 
     fn get(&self, id: TxnId) -> Result<Option<Txn>, LogError> {

@@ -1,1 +1,581 @@
-//! placeholder
+//! The commit driver and recovery, crash by crash, with no network, no sled and no PostgreSQL.
+//!
+//! Each test is one row of docs/RECOVERY.md's crash table, or one of the failures around it:
+//! a coordinator runs on its own runtime over a [`MemLog`] and [`FakeParticipants`]; the test
+//! stops it at the named step by making a participant or the disk hang there, "crashes" it by
+//! dropping the runtime (every task dies mid-await, nothing more is written), restarts a new
+//! coordinator on what the log had made durable, and checks the outcome: what the restarted
+//! coordinator answers, and what every participant's database ends up holding. The fake
+//! participants outlive the crash, as real ones (and their prepared transactions) would.
+
+use super::core::{Coordinator, Limits};
+use super::log::{Log, MemLog};
+use super::participants::fake::{Behaviour, Call, FakeParticipants, OnFinish, OnPrepare};
+use super::txn::{Outcome, State};
+use crate::proto::{self, TxnId};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const P1: &str = "http://p1";
+const P2: &str = "http://p2";
+
+type Core = Arc<Coordinator<MemLog, FakeParticipants>>;
+
+/// One coordinator process: its runtime (whose end is the process's end) and its core.
+struct Process {
+    runtime: tokio::runtime::Runtime,
+    core: Core,
+    log: MemLog,
+}
+
+impl Process {
+    /// Starts a coordinator on `log`, recovering what it holds, as the binary does.
+    fn start(log: MemLog, participants: &FakeParticipants) -> Process {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let limits = Limits {
+            prepare_timeout: Duration::from_millis(300),
+            commit_wait: Duration::from_millis(200),
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(5),
+            ..Limits::default()
+        };
+        let core =
+            Coordinator::with_participants("c1".into(), log.clone(), participants.clone(), limits)
+                .unwrap();
+        runtime.block_on(async { core.recover().unwrap() });
+        Process { runtime, core, log }
+    }
+
+    /// Runs `f` on this process's runtime; its background tasks make progress meanwhile.
+    fn run<T>(&self, f: impl Future<Output = T>) -> T {
+        self.runtime.block_on(f)
+    }
+
+    /// Runs `f` in the background, as a client's call in flight.
+    fn spawn<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) {
+        self.runtime.spawn(f);
+    }
+
+    /// Lets the process run until `done` holds (at most 5 s, then the test fails).
+    fn until(&self, what: &str, done: impl Fn() -> bool) {
+        let started = Instant::now();
+        self.run(async {
+            while !done() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "timed out waiting until {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    }
+
+    /// The process dies: every task stops where it is, and only what was synced survives.
+    fn crash(self) -> MemLog {
+        let survivors = self.log.crash();
+        self.runtime.shutdown_background();
+        survivors
+    }
+
+    /// Begins a transaction with a branch on each endpoint (participant id = its host).
+    fn begin_with(&self, endpoints: &[&str]) -> TxnId {
+        self.run(async {
+            let (id, _) = self.core.begin(30_000, "scenario".into()).unwrap();
+            for ep in endpoints {
+                let participant = ep.trim_start_matches("http://");
+                self.core
+                    .register_branch(id, participant, ep, "instance-1")
+                    .await
+                    .unwrap();
+            }
+            id
+        })
+    }
+
+    /// Sends Commit in the background (a client whose call is in flight when the crash comes).
+    fn commit_in_background(&self, id: TxnId) {
+        let core = Arc::clone(&self.core);
+        self.spawn(async move { core.commit(id, Duration::from_millis(200)).await });
+    }
+
+    fn commit(&self, id: TxnId) -> Outcome {
+        self.run(self.core.commit(id, Duration::from_millis(200)))
+            .unwrap()
+            .outcome
+    }
+
+    fn query(&self, id: TxnId) -> Outcome {
+        self.core.query_outcome(id).unwrap()
+    }
+
+    fn shown_state(&self, id: TxnId) -> proto::TxnState {
+        self.core.get(id).unwrap().state()
+    }
+
+    /// Waits until the transaction has left the live table, finished.
+    fn until_finished(&self, id: TxnId) {
+        self.until("the transaction finished", || self.core.live(id).is_none());
+    }
+}
+
+fn participants() -> FakeParticipants {
+    FakeParticipants::default()
+}
+
+fn behave(prepare: OnPrepare, finish: OnFinish) -> Behaviour {
+    Behaviour {
+        prepare,
+        finish,
+        down: false,
+    }
+}
+
+/// Every participant's database ended the way the coordinator decided, and nothing is left
+/// prepared: what every scenario must end with.
+fn assert_settled(ps: &FakeParticipants, id: TxnId, committed: bool) {
+    for ep in [P1, P2] {
+        assert!(
+            ps.prepared(ep).is_empty(),
+            "{ep} still holds a prepared branch"
+        );
+        if committed {
+            assert!(ps.committed(ep, id), "{ep} did not commit");
+        } else {
+            assert!(
+                !ps.committed(ep, id),
+                "{ep} committed an aborted transaction"
+            );
+        }
+    }
+    assert_eq!(ps.alarms(), 0, "a branch ended against the decision");
+}
+
+// ---- The happy paths, and what they cost ----
+
+#[test]
+fn all_yes_commits_every_branch_and_flushes_once_for_the_decision() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    let syncs_before = c.log.syncs();
+
+    assert_eq!(c.commit(id), Outcome::Committed);
+
+    c.until_finished(id);
+    assert_settled(&ps, id, true);
+    assert_eq!(
+        c.log.syncs(),
+        syncs_before + 1,
+        "one forced write: the decision"
+    );
+    assert_eq!(c.shown_state(id), proto::TxnState::Committed);
+}
+
+#[test]
+fn read_only_branches_commit_without_a_forced_write() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::ReadOnly, OnFinish::Ack));
+    ps.set(P2, behave(OnPrepare::ReadOnly, OnFinish::Ack));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    let syncs_before = c.log.syncs();
+
+    assert_eq!(c.commit(id), Outcome::Committed);
+
+    assert_eq!(
+        c.log.syncs(),
+        syncs_before,
+        "nothing prepared, nothing to make durable"
+    );
+    assert!(
+        !ps.calls(P1).contains(&Call::Commit(id)),
+        "no phase 2 for read-only"
+    );
+}
+
+#[test]
+fn a_no_vote_aborts_and_rolls_back_the_prepared_branch() {
+    let ps = participants();
+    ps.set(P2, behave(OnPrepare::No, OnFinish::Ack));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+
+    assert_eq!(c.commit(id), Outcome::Aborted);
+
+    c.until_finished(id);
+    assert_settled(&ps, id, false);
+    assert!(ps.rolled_back(P1, id));
+    let reason = c.core.get(id).unwrap().reason;
+    assert!(
+        reason.contains("p2") && reason.contains("23503"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn concurrent_commits_and_an_abort_share_one_run_and_one_outcome() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+
+    let (first, second, abort) = c.run(async {
+        futures::future::join3(
+            c.core.commit(id, Duration::ZERO),
+            c.core.commit(id, Duration::ZERO),
+            c.core.abort(id, "changed my mind"),
+        )
+        .await
+    });
+
+    // The abort arrived while votes were coming in, and an abort in phase 1 wins.
+    assert_eq!(first.unwrap().outcome, Outcome::Aborted);
+    assert_eq!(second.unwrap().outcome, Outcome::Aborted);
+    assert_eq!(abort.unwrap(), Outcome::Aborted);
+    let prepares = ps
+        .calls(P1)
+        .iter()
+        .filter(|c| **c == Call::Prepare(id))
+        .count();
+    assert_eq!(prepares, 1, "one phase 1, however many callers");
+    c.until_finished(id);
+    assert_settled(&ps, id, false);
+}
+
+#[test]
+fn the_deadline_aborts_an_active_transaction() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.run(async {
+        let (id, _) = c.core.begin(20, "short".into()).unwrap();
+        c.core.register_branch(id, "p1", P1, "i").await.unwrap();
+        id
+    });
+
+    c.until("the deadline aborted it", || {
+        c.query(id) == Outcome::Aborted
+    });
+
+    assert_eq!(c.commit(id), Outcome::Aborted);
+    c.until_finished(id);
+    assert!(ps.calls(P1).contains(&Call::Rollback(id)));
+}
+
+// ---- Coordinator crashes, at each failpoint of docs/FAILPOINTS.md ----
+
+#[test]
+fn crash_after_branch_registered_aborts_and_rolls_back() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+
+    let c = Process::start(c.crash(), &ps);
+
+    assert_eq!(c.query(id), Outcome::Aborted);
+    c.until_finished(id);
+    assert!(ps.calls(P1).contains(&Call::Rollback(id)));
+    assert!(ps.calls(P2).contains(&Call::Rollback(id)));
+    assert_eq!(
+        c.commit(id),
+        Outcome::Aborted,
+        "a retried Commit hears the truth"
+    );
+    assert_settled(&ps, id, false);
+}
+
+#[test]
+fn crash_with_no_record_at_all_is_a_presumed_abort() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    c.begin_with(&[P1]); // enlists p1 durably once
+    let id = c.begin_with(&[P1]); // a known participant: its registration is not forced
+
+    let c = Process::start(c.crash(), &ps);
+
+    assert_eq!(c.query(id), Outcome::Aborted, "no record: presumed abort");
+    assert!(matches!(
+        c.run(c.core.commit(id, Duration::ZERO)),
+        Err(super::error::Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn crash_while_prepare_is_in_flight_aborts_and_rolls_back_what_prepared() {
+    let ps = participants();
+    ps.set(P2, behave(OnPrepare::Hang, OnFinish::Ack));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    c.commit_in_background(id);
+    c.until("p1 prepared", || ps.prepared(P1).contains(&id));
+    assert_eq!(c.query(id), Outcome::Pending, "votes are still coming in");
+
+    ps.set(P2, Behaviour::default());
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_eq!(c.query(id), Outcome::Aborted);
+    assert_settled(&ps, id, false);
+    assert!(ps.rolled_back(P1, id));
+}
+
+#[test]
+fn crash_when_every_vote_is_in_but_none_was_heard_aborts() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::LoseReply, OnFinish::Ack));
+    ps.set(P2, behave(OnPrepare::LoseReply, OnFinish::Ack));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    c.commit_in_background(id);
+    c.until("both prepared", || {
+        ps.prepared(P1).contains(&id) && ps.prepared(P2).contains(&id)
+    });
+
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_settled(&ps, id, false);
+    assert!(ps.rolled_back(P1, id) && ps.rolled_back(P2, id));
+}
+
+#[test]
+fn crash_after_the_decision_is_written_but_not_flushed_aborts_and_nobody_was_told() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    c.log.stall_syncs();
+    c.commit_in_background(id);
+    c.until("the decision is written", || {
+        c.log.get(id).unwrap().unwrap().state == State::Committing
+    });
+
+    // Decided, not durable: nobody may hear "committed" yet.
+    assert_eq!(c.query(id), Outcome::Pending);
+    assert_eq!(c.shown_state(id), proto::TxnState::Preparing);
+    assert!(
+        !ps.calls(P1).contains(&Call::Commit(id)),
+        "no COMMIT PREPARED before the flush"
+    );
+
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_eq!(
+        c.query(id),
+        Outcome::Aborted,
+        "the decision did not survive"
+    );
+    assert_settled(&ps, id, false);
+}
+
+#[test]
+fn crash_after_the_decision_is_flushed_commits_everywhere() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::Yes, OnFinish::Hang));
+    ps.set(P2, behave(OnPrepare::Yes, OnFinish::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+
+    let answer = c.run(c.core.commit(id, Duration::from_millis(20))).unwrap();
+    assert_eq!(answer.outcome, Outcome::Committed);
+    assert!(answer.branches_pending, "phase 2 could not finish yet");
+
+    ps.set(P1, Behaviour::default());
+    ps.set(P2, Behaviour::default());
+    let c = Process::start(c.crash(), &ps);
+
+    assert_eq!(
+        c.query(id),
+        Outcome::Committed,
+        "announced at once after restart"
+    );
+    assert_eq!(
+        c.commit(id),
+        Outcome::Committed,
+        "a retried Commit hears the truth"
+    );
+    c.until_finished(id);
+    assert_settled(&ps, id, true);
+}
+
+#[test]
+fn crash_after_one_commit_is_acked_commits_the_other_and_repeats_the_first_harmlessly() {
+    let ps = participants();
+    ps.set(P2, behave(OnPrepare::Yes, OnFinish::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    c.commit_in_background(id);
+    c.until("p1 committed", || ps.committed(P1, id));
+
+    ps.set(P2, Behaviour::default());
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_settled(&ps, id, true);
+    let commits_to_p1 = ps
+        .calls(P1)
+        .iter()
+        .filter(|c| **c == Call::Commit(id))
+        .count();
+    assert_eq!(commits_to_p1, 2, "re-driven to both: acks are not logged");
+}
+
+#[test]
+fn crash_after_every_ack_but_before_the_final_record_retires_it_as_committed() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    assert_eq!(c.commit(id), Outcome::Committed);
+    c.until_finished(id);
+    assert_eq!(c.log.get(id).unwrap().unwrap().state, State::Committed);
+
+    // The final record is a hint, never forced: the crash takes it.
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_eq!(c.log.get(id).unwrap().unwrap().state, State::Committed);
+    assert_settled(&ps, id, true);
+}
+
+// ---- Participants failing while the coordinator lives ----
+
+#[test]
+fn a_participant_down_in_phase_one_is_a_no() {
+    let ps = participants();
+    ps.set(
+        P2,
+        Behaviour {
+            down: true,
+            ..Behaviour::default()
+        },
+    );
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+
+    assert_eq!(c.commit(id), Outcome::Aborted);
+
+    ps.set(P2, Behaviour::default());
+    c.until_finished(id);
+    assert_settled(&ps, id, false);
+}
+
+#[test]
+fn a_participant_down_in_phase_two_is_retried_until_it_is_back() {
+    let ps = participants();
+    // Both vote yes, then p2 goes away before its COMMIT PREPARED.
+    ps.set(P2, behave(OnPrepare::Yes, OnFinish::Unreachable));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    let answer = c.run(c.core.commit(id, Duration::from_millis(20))).unwrap();
+    assert!(answer.branches_pending);
+    c.until("several retries", || {
+        ps.calls(P2)
+            .iter()
+            .filter(|c| **c == Call::Commit(id))
+            .count()
+            >= 3
+    });
+
+    ps.set(P2, Behaviour::default());
+
+    c.until_finished(id);
+    assert_settled(&ps, id, true);
+}
+
+#[test]
+fn a_lost_commit_ack_is_retried_and_the_repeat_succeeds() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::Yes, OnFinish::LoseReply));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    c.commit_in_background(id);
+    c.until("p1 committed without telling", || ps.committed(P1, id));
+
+    ps.set(P1, Behaviour::default());
+
+    c.until_finished(id);
+    assert_settled(&ps, id, true);
+}
+
+#[test]
+fn abort_during_phase_one_wins_over_yes_votes() {
+    let ps = participants();
+    ps.set(P2, behave(OnPrepare::LoseReply, OnFinish::Ack));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    c.commit_in_background(id);
+    c.until("p2 prepared", || ps.prepared(P2).contains(&id));
+
+    ps.set(P2, Behaviour::default());
+    let outcome = c.run(c.core.abort(id, "client gave up")).unwrap();
+
+    assert_eq!(outcome, Outcome::Aborted);
+    c.until_finished(id);
+    assert_settled(&ps, id, false);
+}
+
+// ---- Orphans: prepared branches no live transaction owns ----
+
+#[test]
+fn an_orphan_with_no_record_is_rolled_back() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    c.begin_with(&[P1]); // p1 is in the registry
+    let orphan = TxnId::generate();
+    ps.prepare_orphan(P1, orphan);
+
+    let scan = c.run(c.core.resolve_orphans()).unwrap();
+
+    assert_eq!(scan.rolled_back, 1);
+    assert!(ps.rolled_back(P1, orphan));
+    assert!(ps.prepared(P1).is_empty());
+}
+
+#[test]
+fn an_orphan_whose_record_says_committed_is_committed() {
+    let ps = participants();
+    ps.set(P2, behave(OnPrepare::Yes, OnFinish::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1, P2]);
+    assert_eq!(
+        c.run(c.core.commit(id, Duration::ZERO)).unwrap().outcome,
+        Outcome::Committed
+    );
+    c.until("p1 committed", || ps.committed(P1, id));
+    // An operator retires it while p2 is away, declaring p2's branch finished...
+    c.run(c.core.resolve(id, true, "ops", "p2 is gone"))
+        .unwrap();
+    assert_eq!(c.log.get(id).unwrap().unwrap().state, State::Committed);
+    assert_eq!(
+        ps.prepared(P2),
+        vec![id],
+        "...but p2 comes back still prepared"
+    );
+    ps.set(P2, Behaviour::default());
+
+    let scan = c.run(c.core.resolve_orphans()).unwrap();
+
+    assert_eq!(scan.committed, 1);
+    assert_settled(&ps, id, true);
+}
+
+#[test]
+fn an_operator_cannot_reverse_a_decision() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::Yes, OnFinish::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1]);
+    c.run(c.core.commit(id, Duration::ZERO)).unwrap();
+
+    let refused = c.run(c.core.resolve(id, false, "ops", "wrong button"));
+
+    assert!(matches!(
+        refused,
+        Err(super::error::Error::Txn(
+            super::txn::TxnError::CannotForce { .. }
+        ))
+    ));
+    assert_eq!(c.query(id), Outcome::Committed);
+}

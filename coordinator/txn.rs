@@ -682,4 +682,76 @@ mod tests {
             Err(TxnError::NotActive { .. })
         ));
     }
+
+    #[test]
+    fn the_deadline_aborts_only_what_nobody_is_committing() {
+        let mut active = txn_with(&["p1"]);
+        assert_eq!(active.expire(9), Some(OnAbort::RollBack(vec![0])));
+        assert_eq!(active.reason, "deadline exceeded while active");
+
+        let mut preparing = txn_with(&["p1"]);
+        preparing.commit();
+        assert_eq!(
+            preparing.expire(9),
+            None,
+            "the prepare timeout bounds phase 1"
+        );
+        assert_eq!(preparing.state, State::Preparing);
+    }
+
+    #[test]
+    fn a_record_that_is_no_longer_live_stands_for_its_settled_outcome() {
+        for (logged, settled) in [
+            (State::Active, State::Aborted),
+            (State::Preparing, State::Aborted),
+            (State::Committing, State::Committing),
+            (State::Aborting, State::Aborting),
+        ] {
+            assert_eq!(logged.settled(), settled);
+        }
+        assert_eq!(State::Committing.settled().outcome(), Outcome::Committed);
+        assert_eq!(State::Preparing.settled().outcome(), Outcome::Aborted);
+    }
+
+    #[test]
+    fn a_commit_is_shown_as_preparing_until_it_is_announced() {
+        let mut txn = txn_with(&["p1"]);
+        txn.commit();
+        txn.record_vote(0, Vote::Yes { xid: 1 });
+        txn.decide(1);
+        assert_eq!(txn.shown_state(Outcome::Pending), State::Preparing);
+        assert_eq!(txn.shown_state(Outcome::Committed), State::Committing);
+    }
+
+    #[test]
+    fn an_operator_aborts_the_undecided_and_forces_only_the_decided_way() {
+        let active = txn_with(&["p1"]);
+        assert_eq!(active.resolve(false), Ok(OnResolve::Abort));
+        assert!(matches!(
+            active.resolve(true),
+            Err(TxnError::CannotForce { .. })
+        ));
+
+        let mut committing = txn_with(&["p1"]);
+        committing.commit();
+        committing.record_vote(0, Vote::Yes { xid: 1 });
+        committing.decide(1);
+        assert_eq!(committing.resolve(true), Ok(OnResolve::WaitThenForce));
+        assert!(matches!(
+            committing.resolve(false),
+            Err(TxnError::CannotForce { .. })
+        ));
+
+        let settled = txn_with(&["p1"]).settle();
+        assert_eq!(settled.state, State::Aborted);
+        assert_eq!(
+            settled.resolve(false),
+            Ok(OnResolve::Force),
+            "a repeat is fine"
+        );
+        assert!(matches!(
+            settled.resolve(true),
+            Err(TxnError::CannotForce { .. })
+        ));
+    }
 }

@@ -42,6 +42,8 @@ pub enum OnFinish {
     LoseReply,
     /// Never gets to it.
     Hang,
+    /// Fails at once without doing it, as a participant whose PostgreSQL is down does.
+    Unreachable,
 }
 
 /// How one fake participant behaves from now on.
@@ -201,8 +203,14 @@ impl Participants for FakeParticipants {
             if b.down {
                 return Err(PeerError::Unreachable("connection refused".into()));
             }
-            if b.finish == OnFinish::Hang {
-                return Ok(false);
+            match b.finish {
+                OnFinish::Hang => return Ok(false),
+                OnFinish::Unreachable => {
+                    return Err(PeerError::Unreachable(format!(
+                        "PostgreSQL at {endpoint} is not available"
+                    )));
+                }
+                OnFinish::Ack | OnFinish::LoseReply => {}
             }
             // Like COMMIT/ROLLBACK PREPARED followed by the pg_xact_status check when the gid
             // is gone: a repeat is fine, a contradiction is refused.
