@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 use tokio::sync::watch;
 
+/// The group-commit thread and the tickets that say how far it has flushed.
 pub struct Flusher {
     next_ticket: AtomicU64,
     /// `None` only while dropping.

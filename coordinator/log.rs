@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 /// The on-disk format; a data dir written by another version is refused, never reinterpreted.
 const FORMAT_VERSION: &str = "twopc-log-1";
 
+/// Why the log could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("decision log I/O failed: {0}")]
@@ -54,6 +55,9 @@ pub enum LogError {
     NotALog { dir: String },
 }
 
+/// The coordinator's durable state, as the protocol needs it: one record per transaction, and
+/// the registry of participants ever enlisted. Writes are cheap and not durable until `sync`,
+/// which is the protocol's one forced write.
 pub trait Log: Send + Sync + 'static {
     /// Writes (or overwrites) the transaction's record. Durable only after `sync`.
     fn put(&self, txn: &Txn) -> Result<(), LogError>;
@@ -279,7 +283,7 @@ impl Log for SledLog {
 }
 
 /// An in-memory log for tests. `crash()` returns the log a restarted process would find:
-/// only what was synced.
+/// only what was synced. Clones share one log.
 #[derive(Clone, Default)]
 pub struct MemLog {
     inner: Arc<Mutex<MemInner>>,

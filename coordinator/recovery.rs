@@ -28,10 +28,15 @@ use tracing::Instrument;
 /// What one orphan scan did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct OrphanScan {
+    /// Participants in the registry, asked for their prepared branches.
     pub participants: usize,
+    /// Of those, the ones that did not answer (asked again next scan).
     pub unreachable: usize,
+    /// Orphans whose record says commit, committed.
     pub committed: usize,
+    /// Orphans with no commit record, rolled back (presumed abort).
     pub rolled_back: usize,
+    /// Orphans whose phase 2 failed this time.
     pub failed: usize,
 }
 
