@@ -13,9 +13,15 @@
 //!
 //! Every request the coordinator may repeat (after a lost reply) lands on a step that answers
 //! the same way again, and a request that contradicts how the branch really ended is refused.
+//!
+//! The driver (`core.rs`) asks a `*_step` what to do, does the PostgreSQL work, and reports what
+//! happened through a transition (`prepared`, `prepare_failed`, `committed`, …), which also says
+//! how to answer. It never assigns a state itself.
 
 use super::gid::Gid;
+pub use crate::proto::vote::Vote;
 
+/// Where a branch is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum State {
     /// A PostgreSQL transaction is open on the branch's connection.
@@ -34,16 +40,9 @@ pub enum State {
     RolledBack,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Vote {
-    Yes { xid: u64 },
-    ReadOnly,
-    No { reason: String },
-}
-
 /// What Prepare must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PrepareStep {
+pub enum OnPrepare {
     /// Read the xid and PREPARE TRANSACTION.
     Prepare,
     /// Roll the open transaction back and vote no.
@@ -54,14 +53,14 @@ pub enum PrepareStep {
 
 /// What Commit must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CommitStep {
+pub enum OnCommit {
     CommitPrepared { xid: u64 },
     AlreadyDone,
 }
 
 /// What Rollback must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RollbackStep {
+pub enum OnRollback {
     /// ROLLBACK on the branch's open connection.
     RollBackOpen,
     RollBackPrepared {
@@ -70,6 +69,7 @@ pub enum RollbackStep {
     AlreadyDone,
 }
 
+/// A request that the branch's state does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BranchError {
     #[error("branch {gid} is {state}: statements run only while it is active")]
@@ -82,8 +82,10 @@ pub enum BranchError {
     AlreadyCommitted { gid: String },
 }
 
+/// One branch of a global transaction on this participant.
 #[derive(Clone, Debug)]
 pub struct Branch {
+    /// Its PostgreSQL gid, naming its coordinator and transaction.
     pub gid: Gid,
     pub state: State,
     /// When the coordinator aborts the transaction if it is still active (Unix ms).
@@ -131,25 +133,25 @@ impl Branch {
         }
     }
 
-    pub fn prepare_step(&self) -> PrepareStep {
+    pub fn prepare_step(&self) -> OnPrepare {
         match &self.state {
-            State::Active => PrepareStep::Prepare,
-            State::Doomed { reason } => PrepareStep::RollBackAndRefuse {
+            State::Active => OnPrepare::Prepare,
+            State::Doomed { reason } => OnPrepare::RollBackAndRefuse {
                 reason: reason.clone(),
             },
-            State::Prepared { xid } => PrepareStep::Answer(Vote::Yes { xid: *xid }),
-            State::Committed => PrepareStep::Answer(Vote::Yes { xid: 0 }),
-            State::ReadOnly => PrepareStep::Answer(Vote::ReadOnly),
-            State::RolledBack => PrepareStep::Answer(Vote::No {
+            State::Prepared { xid } => OnPrepare::Answer(Vote::Yes { xid: *xid }),
+            State::Committed => OnPrepare::Answer(Vote::Yes { xid: 0 }),
+            State::ReadOnly => OnPrepare::Answer(Vote::ReadOnly),
+            State::RolledBack => OnPrepare::Answer(Vote::No {
                 reason: "the branch was rolled back".into(),
             }),
         }
     }
 
-    pub fn commit_step(&self) -> Result<CommitStep, BranchError> {
+    pub fn commit_step(&self) -> Result<OnCommit, BranchError> {
         match &self.state {
-            State::Prepared { xid } => Ok(CommitStep::CommitPrepared { xid: *xid }),
-            State::Committed | State::ReadOnly => Ok(CommitStep::AlreadyDone),
+            State::Prepared { xid } => Ok(OnCommit::CommitPrepared { xid: *xid }),
+            State::Committed | State::ReadOnly => Ok(OnCommit::AlreadyDone),
             _ => Err(BranchError::NotPrepared {
                 gid: self.gid.to_string(),
                 state: self.describe(),
@@ -157,12 +159,12 @@ impl Branch {
         }
     }
 
-    pub fn rollback_step(&self) -> Result<RollbackStep, BranchError> {
+    pub fn rollback_step(&self) -> Result<OnRollback, BranchError> {
         match &self.state {
-            State::Active | State::Doomed { .. } => Ok(RollbackStep::RollBackOpen),
-            State::Prepared { xid } => Ok(RollbackStep::RollBackPrepared { xid: *xid }),
+            State::Active | State::Doomed { .. } => Ok(OnRollback::RollBackOpen),
+            State::Prepared { xid } => Ok(OnRollback::RollBackPrepared { xid: *xid }),
             // A read-only branch wrote nothing: committed and rolled back look the same.
-            State::RolledBack | State::ReadOnly => Ok(RollbackStep::AlreadyDone),
+            State::RolledBack | State::ReadOnly => Ok(OnRollback::AlreadyDone),
             State::Committed => Err(BranchError::AlreadyCommitted {
                 gid: self.gid.to_string(),
             }),
@@ -174,6 +176,53 @@ impl Branch {
             self.state,
             State::ReadOnly | State::Committed | State::RolledBack
         )
+    }
+
+    /// Its PostgreSQL transaction is still open (not prepared, not ended): a deadline or a
+    /// rollback must end it on its connection.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Active | State::Doomed { .. })
+    }
+
+    /// PREPARE TRANSACTION succeeded and was seen in `pg_prepared_xacts`.
+    pub fn prepared(&mut self, xid: u64) -> Vote {
+        self.state = State::Prepared { xid };
+        Vote::Yes { xid }
+    }
+
+    /// It wrote nothing (or no statement ever ran): finished at once.
+    pub fn read_only(&mut self) -> Vote {
+        self.state = State::ReadOnly;
+        Vote::ReadOnly
+    }
+
+    /// PostgreSQL rolled the transaction back instead of preparing it, or a doomed branch was
+    /// rolled back at Prepare: either way it is gone, and the vote is no.
+    pub fn refused(&mut self, reason: String) -> Vote {
+        self.state = State::RolledBack;
+        Vote::No { reason }
+    }
+
+    /// The connection broke mid-PREPARE: the branch may or may not be prepared. It is taken
+    /// as prepared (with the xid, if `pg_prepared_xacts` shows it, else 0) and votes no: the
+    /// rollback that must follow settles it either way, and a Commit can never reach it.
+    pub fn prepare_failed(&mut self, xid: Option<u64>, error: String) -> Vote {
+        self.state = State::Prepared {
+            xid: xid.unwrap_or(0),
+        };
+        Vote::No {
+            reason: format!("PREPARE TRANSACTION did not complete: {error}"),
+        }
+    }
+
+    /// COMMIT PREPARED succeeded (or was found done).
+    pub fn committed(&mut self) {
+        self.state = State::Committed;
+    }
+
+    /// The open transaction or the prepared one was rolled back.
+    pub fn rolled_back(&mut self) {
+        self.state = State::RolledBack;
     }
 }
 
@@ -193,25 +242,25 @@ mod tests {
         assert!(matches!(b.check_execute(), Err(BranchError::Doomed { .. })));
         assert_eq!(
             b.prepare_step(),
-            PrepareStep::RollBackAndRefuse {
+            OnPrepare::RollBackAndRefuse {
                 reason: "ERROR 23505".into()
             }
         );
-        assert_eq!(b.rollback_step(), Ok(RollbackStep::RollBackOpen));
+        assert_eq!(b.rollback_step(), Ok(OnRollback::RollBackOpen));
     }
 
     #[test]
     fn prepared_branch_answers_repeats_the_same_way() {
         let mut b = branch();
-        b.state = State::Prepared { xid: 42 };
-        assert_eq!(b.prepare_step(), PrepareStep::Answer(Vote::Yes { xid: 42 }));
+        assert_eq!(b.prepared(42), Vote::Yes { xid: 42 });
+        assert_eq!(b.prepare_step(), OnPrepare::Answer(Vote::Yes { xid: 42 }));
         assert!(matches!(
             b.check_execute(),
             Err(BranchError::NotActive { .. })
         ));
-        assert_eq!(b.commit_step(), Ok(CommitStep::CommitPrepared { xid: 42 }));
-        b.state = State::Committed;
-        assert_eq!(b.commit_step(), Ok(CommitStep::AlreadyDone));
+        assert_eq!(b.commit_step(), Ok(OnCommit::CommitPrepared { xid: 42 }));
+        b.committed();
+        assert_eq!(b.commit_step(), Ok(OnCommit::AlreadyDone));
         assert!(matches!(
             b.rollback_step(),
             Err(BranchError::AlreadyCommitted { .. })
@@ -221,15 +270,15 @@ mod tests {
     #[test]
     fn a_rolled_back_branch_cannot_be_committed() {
         let mut b = branch();
-        b.state = State::RolledBack;
+        b.rolled_back();
         assert!(matches!(
             b.commit_step(),
             Err(BranchError::NotPrepared { .. })
         ));
-        assert_eq!(b.rollback_step(), Ok(RollbackStep::AlreadyDone));
+        assert_eq!(b.rollback_step(), Ok(OnRollback::AlreadyDone));
         assert!(matches!(
             b.prepare_step(),
-            PrepareStep::Answer(Vote::No { .. })
+            OnPrepare::Answer(Vote::No { .. })
         ));
     }
 
@@ -239,5 +288,36 @@ mod tests {
             branch().commit_step(),
             Err(BranchError::NotPrepared { .. })
         ));
+    }
+
+    #[test]
+    fn a_prepare_that_broke_midway_votes_no_and_can_only_be_rolled_back() {
+        let mut b = branch();
+        let vote = b.prepare_failed(Some(7), "connection reset".into());
+        assert!(matches!(vote, Vote::No { reason } if reason.contains("connection reset")));
+        assert_eq!(
+            b.rollback_step(),
+            Ok(OnRollback::RollBackPrepared { xid: 7 })
+        );
+        assert_eq!(
+            b.commit_step(),
+            Ok(OnCommit::CommitPrepared { xid: 7 }),
+            "the coordinator never sends it (the vote was no), but a commit by gid stays checkable"
+        );
+        let mut unknown = branch();
+        unknown.prepare_failed(None, "timeout".into());
+        assert_eq!(
+            unknown.rollback_step(),
+            Ok(OnRollback::RollBackPrepared { xid: 0 })
+        );
+    }
+
+    #[test]
+    fn a_branch_that_wrote_nothing_finishes_at_its_vote() {
+        let mut b = branch();
+        assert_eq!(b.read_only(), Vote::ReadOnly);
+        assert!(b.is_finished() && !b.is_open());
+        assert_eq!(b.prepare_step(), OnPrepare::Answer(Vote::ReadOnly));
+        assert_eq!(b.rollback_step(), Ok(OnRollback::AlreadyDone));
     }
 }

@@ -41,10 +41,10 @@ impl Error {
     pub fn statement(txn: TxnId, e: SqlError) -> Error {
         match e {
             SqlError::Refused(msg) => Error::InvalidArgument(msg),
-            SqlError::Postgres(e) => Error::Statement {
+            SqlError::Failed { message, sqlstate } => Error::Statement {
                 txn,
-                message: describe(&e),
-                sqlstate: e.code().map(|c| c.code().to_string()),
+                message,
+                sqlstate,
             },
         }
     }

@@ -3,7 +3,9 @@
 //! registering), NOT_SERVING while draining. Checked every second, for the overall status ("")
 //! and `twopc.v1.Participant` alike.
 
-use super::branches::Participant;
+use super::core::Participant;
+use super::link::GrpcCoordinator;
+use super::postgres::Postgres;
 use super::service::Service;
 use crate::proto::participant_server::ParticipantServer;
 use std::sync::Weak;
@@ -26,7 +28,7 @@ pub async fn set(reporter: &HealthReporter, serving: bool) {
     reporter.set_service_status("", status).await;
     reporter
         .set_service_status(
-            <ParticipantServer<Service> as tonic::server::NamedService>::NAME,
+            <ParticipantServer<Service<Postgres, GrpcCoordinator>> as tonic::server::NamedService>::NAME,
             status,
         )
         .await;

@@ -1,28 +1,38 @@
 //! The participant: one per PostgreSQL database. Clients run SQL through it inside a branch of
 //! a global transaction; the coordinator prepares, commits and rolls the branch back through it.
 //!
-//! - [`branch`]: one branch's state machine (no I/O).
-//! - [`branches`]: the table of open branches and the protocol steps on them.
-//! - [`postgres`]: the connection pool and the two-phase-commit statements.
+//! - [`branch`]: one branch's state machine: every transition, no I/O.
+//! - [`core`]: the [`Participant`]: the table of open branches and the protocol steps on them.
+//! - [`database`]: what the core needs of its database, and the rule for a gid that is gone;
+//!   [`postgres`] is the real one (pool, two-phase-commit statements), [`sql`] runs a client's
+//!   statement (parameters, result rows, the statements Execute refuses).
+//! - [`link`]: the line to the coordinator (RegisterBranch, QueryOutcome).
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
-//! - [`sql`]: parameters, result rows, and the statements Execute refuses.
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
 //! - [`health`]: `grpc.health.v1` status from PostgreSQL's and the coordinator's reachability.
 //! - [`service`]: the `twopc.v1.Participant` gRPC service; [`error`] maps errors to statuses.
+//! - `fake` (tests and the `testkit` feature): an in-memory database and coordinator.
 
 pub mod branch;
-pub mod branches;
+pub mod core;
+pub mod database;
 pub mod error;
+#[cfg(any(test, feature = "testkit"))]
+pub mod fake;
 pub mod gid;
 pub mod health;
+pub mod link;
 pub mod postgres;
 pub mod recovery;
+#[cfg(test)]
+mod scenarios;
 pub mod service;
 pub mod sql;
 
-use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::participant_server::ParticipantServer;
-use branches::Participant;
+pub use core::Participant;
+use link::GrpcCoordinator;
+use postgres::Postgres;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -31,6 +41,7 @@ use tokio::net::TcpListener;
 /// Branches found to have ended against the coordinator's decision. Should stay 0 forever.
 pub static ALARMS: AtomicU64 = AtomicU64::new(0);
 
+/// Everything a participant process needs, whatever the source (flags, env, tests).
 #[derive(Clone, Debug)]
 pub struct Config {
     /// This participant's id, unique among the coordinator's participants.
@@ -53,7 +64,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let db = postgres::Database::new(&config.postgres, config.max_connections)?;
+    let db = Postgres::new(&config.postgres, config.max_connections)?;
     db.check_prepared_transactions_enabled().await?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         format!(
@@ -69,9 +80,9 @@ pub async fn run(
         .tcp_nodelay(true)
         .connect_lazy();
     tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, %advertise, postgres = db.target(), "participant serving");
-    let coordinator = CoordinatorClient::new(channel.clone());
-    let core = Participant::new(config.id.clone(), advertise, db, coordinator.clone());
-    core.spawn_resolver(coordinator, config.resolve_interval);
+    let coordinator = GrpcCoordinator::new(channel.clone());
+    let core = Participant::new(config.id.clone(), advertise, db, coordinator);
+    core.spawn_resolver(config.resolve_interval);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts out SERVING; nothing is known yet.

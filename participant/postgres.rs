@@ -9,8 +9,11 @@
 //! once the gid is seen in `pg_prepared_xacts`. When a gid is gone, `pg_xact_status` of the xid
 //! read before PREPARE tells whether it committed or rolled back.
 
+use super::database::{Database, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
+use super::sql::{self, SqlError};
+use crate::proto;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::time::Duration;
 use tokio_postgres::NoTls;
@@ -21,7 +24,8 @@ use tokio_postgres::error::SqlState;
 const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
                              SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
 
-pub struct Database {
+/// A PostgreSQL database reached through a connection pool.
+pub struct Postgres {
     pool: Pool,
     /// For connections outside the pool (the health check's).
     config: tokio_postgres::Config,
@@ -29,31 +33,7 @@ pub struct Database {
     target: String,
 }
 
-/// How PREPARE TRANSACTION went.
-#[derive(Debug)]
-pub enum Prepared {
-    Yes {
-        xid: u64,
-    },
-    /// Nothing was written: its (empty) prepared transaction was committed at once.
-    ReadOnly,
-    /// PostgreSQL rolled the transaction back instead of preparing it.
-    No {
-        reason: String,
-    },
-}
-
-/// How a branch ended, by `pg_xact_status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum XactStatus {
-    Committed,
-    Aborted,
-    InProgress,
-    /// Too old for the commit log to tell, or not a valid xid.
-    Unknown,
-}
-
-impl Database {
+impl Postgres {
     pub fn new(conn_str: &str, max_connections: usize) -> Result<Self, Error> {
         let config: tokio_postgres::Config = conn_str.parse().map_err(|e| {
             Error::InvalidArgument(format!(
@@ -83,7 +63,7 @@ impl Database {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
-        Ok(Database {
+        Ok(Postgres {
             pool,
             config,
             target,
@@ -94,7 +74,7 @@ impl Database {
         &self.target
     }
 
-    pub async fn conn(&self) -> Result<Object, Error> {
+    async fn pooled(&self) -> Result<Object, Error> {
         self.pool.get().await.map_err(|e| {
             Error::Unavailable(format!(
                 "PostgreSQL at {} is not available: {e}",
@@ -120,7 +100,7 @@ impl Database {
 
     /// Refuses a server that cannot prepare transactions, with the fix.
     pub async fn check_prepared_transactions_enabled(&self) -> Result<(), Error> {
-        let conn = self.conn().await?;
+        let conn = self.pooled().await?;
         let row = conn
             .query_one("SHOW max_prepared_transactions", &[])
             .await?;
@@ -138,7 +118,7 @@ impl Database {
 
     /// Phase 1 on the branch's connection. On `Err` the connection's state is unknown, so it
     /// is detached from the pool.
-    pub async fn prepare(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object), Error> {
+    async fn prepare_on(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object), Error> {
         // One round trip: the xid (NULL if the branch wrote nothing), the PREPARE, and the
         // check that it really prepared (after a failed statement PREPARE rolls back without
         // an error). The statements run in order and stop at the first error.
@@ -200,7 +180,7 @@ impl Database {
     /// Gives a branch's connection back to the pool, off the caller's critical path: first it
     /// is cleaned, because a client's statements may have left session state behind (`SET`
     /// and `SET ROLE` survive PREPARE) that the next branch must not inherit.
-    pub fn release(conn: Object) {
+    fn release(conn: Object) {
         tokio::spawn(async move {
             if conn.batch_execute(CLEAN_SESSION).await.is_err() {
                 drop(Object::take(conn));
@@ -210,8 +190,8 @@ impl Database {
 
     /// The xid8 of a prepared gid, if it is prepared. `pg_prepared_xacts` shows a 32-bit xid;
     /// the epoch comes from the next xid, which is at most one wraparound ahead of it.
-    pub async fn prepared_xid(&self, gid: &Gid) -> Result<Option<u64>, Error> {
-        let conn = self.conn().await?;
+    async fn xid_of_prepared(&self, gid: &Gid) -> Result<Option<u64>, Error> {
+        let conn = self.pooled().await?;
         let row = conn
             .query_opt(
                 "SELECT transaction::text, pg_snapshot_xmax(pg_current_snapshot())::text \
@@ -222,12 +202,8 @@ impl Database {
         Ok(row.and_then(|r| full_xid(r.get(0), r.get(1))))
     }
 
-    /// Our branches prepared at least `min_age` ago: (gid, age in seconds, xid8).
-    pub async fn prepared_older_than(
-        &self,
-        min_age: Duration,
-    ) -> Result<Vec<(Gid, f64, u64)>, Error> {
-        let conn = self.conn().await?;
+    async fn prepared_list(&self, min_age: Duration) -> Result<Vec<PreparedBranch>, Error> {
+        let conn = self.pooled().await?;
         let rows = conn
             .query(
                 "SELECT gid, extract(epoch FROM now() - prepared)::float8, transaction::text, \
@@ -240,25 +216,19 @@ impl Database {
         Ok(rows
             .iter()
             .filter_map(|r| {
-                let xid = full_xid(r.get(2), r.get(3)).unwrap_or(0);
-                Some((Gid::parse(r.get(0))?, r.get::<_, f64>(1), xid))
+                Some(PreparedBranch {
+                    gid: Gid::parse(r.get(0))?,
+                    age_s: r.get(1),
+                    xid: full_xid(r.get(2), r.get(3)).unwrap_or(0),
+                })
             })
             .collect())
     }
 
-    /// Phase 2, commit. Idempotent: a gid that is gone is success only if its xid committed.
-    pub async fn commit_prepared(&self, gid: &Gid, xid: u64) -> Result<(), Error> {
-        self.finish_prepared(gid, xid, true).await
-    }
-
-    /// Rolls back a prepared branch. Idempotent: a gid that is gone is success unless its xid
-    /// committed.
-    pub async fn rollback_prepared(&self, gid: &Gid, xid: u64) -> Result<(), Error> {
-        self.finish_prepared(gid, xid, false).await
-    }
-
-    async fn finish_prepared(&self, gid: &Gid, xid: u64, commit: bool) -> Result<(), Error> {
-        let conn = self.conn().await?;
+    /// Phase 2. Idempotent: when the gid is gone, `pg_xact_status` of its xid says whether it
+    /// ended the asked way (`settle_gone`).
+    async fn finish(&self, gid: &Gid, xid: u64, commit: bool) -> Result<(), Error> {
+        let conn = self.pooled().await?;
         let verb = if commit {
             "COMMIT PREPARED"
         } else {
@@ -283,40 +253,11 @@ impl Database {
             Err(e) => return Err(e.into()),
         }
         // The gid is gone: finished earlier (a repeat after a lost reply), or never prepared.
-        if xid == 0 {
-            return if commit {
-                Err(Error::FailedPrecondition(format!(
-                    "{gid} is not prepared here and no xid was given to check whether it committed"
-                )))
-            } else {
-                // Nothing is prepared under this gid, so nothing can commit: rolled back.
-                Ok(())
-            };
-        }
-        let status = self.xact_status(&conn, xid).await?;
-        match (commit, status) {
-            (true, XactStatus::Committed) | (false, XactStatus::Aborted) => Ok(()),
-            (_, XactStatus::InProgress) => Err(Error::Unavailable(format!(
-                "{gid} (xid {xid}) is still in progress; retry"
-            ))),
-            (false, XactStatus::Unknown) => {
-                tracing::warn!(%gid, xid, "gid gone and xid too old to check; taking the rollback as done");
-                Ok(())
-            }
-            (true, XactStatus::Unknown) => Err(Error::FailedPrecondition(format!(
-                "{gid} is not prepared here and xid {xid} is too old (or invalid) for pg_xact_status to tell whether it committed"
-            ))),
-            (_, status) => {
-                tracing::error!(%gid, xid, ?status, expected = if commit { "committed" } else { "rolled back" },
-                    "ATOMICITY ALARM: a branch did not end the way the coordinator decided");
-                super::ALARMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("twopc_atomicity_alarms_total").increment(1);
-                Err(Error::FailedPrecondition(format!(
-                    "ATOMICITY ALARM: {gid} (xid {xid}) is {status:?} in PostgreSQL, but the coordinator asked to {}",
-                    if commit { "commit it" } else { "roll it back" }
-                )))
-            }
-        }
+        let status = match xid {
+            0 => None,
+            xid => Some(self.xact_status(&conn, xid).await?),
+        };
+        settle_gone(gid, xid, commit, status)
     }
 
     async fn xact_status(&self, conn: &Object, xid: u64) -> Result<XactStatus, Error> {
@@ -335,6 +276,61 @@ impl Database {
             Some("in progress") => XactStatus::InProgress,
             _ => XactStatus::Unknown,
         })
+    }
+}
+
+impl Database for Postgres {
+    type Conn = Object;
+    type Cancel = tokio_postgres::CancelToken;
+
+    async fn conn(&self) -> Result<Object, Error> {
+        self.pooled().await
+    }
+
+    fn cancel_handle(conn: &Object) -> tokio_postgres::CancelToken {
+        conn.cancel_token()
+    }
+
+    async fn cancel(&self, token: &tokio_postgres::CancelToken) {
+        if let Err(e) = token.cancel_query(NoTls).await {
+            tracing::warn!(error = %e, "could not cancel a running statement");
+        }
+    }
+
+    async fn execute(
+        &self,
+        conn: &Object,
+        sql: &str,
+        params: &[proto::Value],
+        begin: bool,
+    ) -> Result<proto::ExecuteResponse, SqlError> {
+        sql::execute(conn, sql, params, begin).await
+    }
+
+    async fn prepare(&self, conn: Object, gid: &Gid) -> Result<Prepared, Error> {
+        let (prepared, conn) = self.prepare_on(conn, gid).await?;
+        Postgres::release(conn);
+        Ok(prepared)
+    }
+
+    async fn roll_back_open(&self, conn: Object) {
+        match conn.batch_execute("ROLLBACK").await {
+            Ok(()) => Postgres::release(conn),
+            // Closing the connection rolls the transaction back all the same.
+            Err(_) => drop(Object::take(conn)),
+        }
+    }
+
+    async fn finish_prepared(&self, gid: &Gid, xid: u64, commit: bool) -> Result<(), Error> {
+        self.finish(gid, xid, commit).await
+    }
+
+    async fn prepared_xid(&self, gid: &Gid) -> Result<Option<u64>, Error> {
+        self.xid_of_prepared(gid).await
+    }
+
+    async fn prepared_older_than(&self, min_age: Duration) -> Result<Vec<PreparedBranch>, Error> {
+        self.prepared_list(min_age).await
     }
 }
 

@@ -8,14 +8,14 @@
 //! the coordinator is unreachable the branch stays prepared (no heuristic decisions: guessing
 //! could break atomicity) and a warning names the gid and its age.
 
-use super::branches::Participant;
+use super::core::Participant;
+use super::database::{Database, PreparedBranch};
 use super::gid::Gid;
+use super::link::CoordinatorLink;
 use crate::proto::Outcome;
-use crate::proto::coordinator_client::CoordinatorClient;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -32,53 +32,40 @@ pub struct Pass {
 /// How long one QueryOutcome may take: a hung coordinator must not stall the pass.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl Participant {
+impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// One pass over the prepared branches older than `min_age`.
-    pub async fn resolve_in_doubt(
-        &self,
-        coordinator: &CoordinatorClient<Channel>,
-        min_age: Duration,
-    ) -> Result<Pass, super::error::Error> {
+    pub async fn resolve_in_doubt(&self, min_age: Duration) -> Result<Pass, super::error::Error> {
         let prepared = self.db.prepared_older_than(min_age).await?;
         let mut pass = Pass {
             in_doubt: prepared.len(),
             ..Pass::default()
         };
         let results: Vec<(Gid, f64, Result<Outcome, String>)> = futures::stream::iter(prepared)
-            .map(|(gid, age, xid)| {
-                let mut coordinator = coordinator.clone();
-                async move {
-                    let mut request = tonic::Request::new(crate::proto::QueryOutcomeRequest {
-                        txn_id: gid.txn.to_string(),
-                        coordinator_id: gid.coordinator_id.clone(),
-                    });
-                    request.set_timeout(QUERY_TIMEOUT);
-                    let asked =
-                        tokio::time::timeout(QUERY_TIMEOUT, coordinator.query_outcome(request))
-                            .await
-                            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")));
-                    let outcome = match asked {
-                        // Another coordinator's branch in a shared database: not ours to resolve.
-                        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                            Ok(Outcome::Unspecified)
-                        }
-                        Err(status) => Err(status.message().to_string()),
-                        Ok(resp) => {
-                            let outcome = resp.into_inner().outcome();
-                            let applied = match outcome {
-                                Outcome::Committed => {
-                                    self.commit(gid.txn, xid, &gid.coordinator_id).await
-                                }
-                                Outcome::Aborted => {
-                                    self.rollback(gid.txn, xid, &gid.coordinator_id).await
-                                }
-                                _ => Ok(()),
-                            };
-                            applied.map(|()| outcome).map_err(|e| e.to_string())
-                        }
-                    };
-                    (gid, age, outcome)
-                }
+            .map(|PreparedBranch { gid, age_s, xid }| async move {
+                let asked = self
+                    .coordinator
+                    .query_outcome(gid.txn, &gid.coordinator_id, QUERY_TIMEOUT)
+                    .await;
+                let outcome = match asked {
+                    // Another coordinator's branch in a shared database: not ours to resolve.
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        Ok(Outcome::Unspecified)
+                    }
+                    Err(status) => Err(status.message().to_string()),
+                    Ok(outcome) => {
+                        let applied = match outcome {
+                            Outcome::Committed => {
+                                self.commit(gid.txn, xid, &gid.coordinator_id).await
+                            }
+                            Outcome::Aborted => {
+                                self.rollback(gid.txn, xid, &gid.coordinator_id).await
+                            }
+                            _ => Ok(()),
+                        };
+                        applied.map(|()| outcome).map_err(|e| e.to_string())
+                    }
+                };
+                (gid, age_s, outcome)
             })
             .buffer_unordered(32)
             .collect()
@@ -99,11 +86,7 @@ impl Participant {
     }
 
     /// Runs passes now and every `interval` until the participant is dropped.
-    pub fn spawn_resolver(
-        self: &Arc<Self>,
-        coordinator: CoordinatorClient<Channel>,
-        interval: Duration,
-    ) {
+    pub fn spawn_resolver(self: &Arc<Self>, interval: Duration) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             // The first pass takes every prepared branch: after a restart all of them are in
@@ -111,7 +94,7 @@ impl Participant {
             let mut min_age = Duration::ZERO;
             loop {
                 let Some(core) = this.upgrade() else { return };
-                match core.resolve_in_doubt(&coordinator, min_age).await {
+                match core.resolve_in_doubt(min_age).await {
                     Ok(pass) if pass.in_doubt > pass.foreign => {
                         tracing::info!(?pass, "in-doubt branches")
                     }

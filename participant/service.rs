@@ -2,21 +2,23 @@
 //! errors. Every protocol step runs in its own task, so a client that cancels (or a deadline
 //! that passes) cannot stop a PREPARE or a COMMIT PREPARED halfway through its bookkeeping.
 
-use super::branch::Vote;
-use super::branches::Participant;
+use super::core::Participant;
+use super::database::Database;
 use super::error::Error;
+use super::link::CoordinatorLink;
 use crate::proto::{self, TxnId, participant_server};
 use std::future::Future;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-pub struct Service {
-    core: Arc<Participant>,
+/// The gRPC face of a [`Participant`].
+pub struct Service<D: Database, C: CoordinatorLink> {
+    core: Arc<Participant<D, C>>,
 }
 
-impl Service {
-    pub fn new(core: Arc<Participant>) -> Self {
+impl<D: Database, C: CoordinatorLink> Service<D, C> {
+    pub fn new(core: Arc<Participant<D, C>>) -> Self {
         Service { core }
     }
 }
@@ -76,7 +78,7 @@ async fn detached<T: Send + 'static>(
 }
 
 #[tonic::async_trait]
-impl participant_server::Participant for Service {
+impl<D: Database, C: CoordinatorLink> participant_server::Participant for Service<D, C> {
     async fn execute(
         &self,
         req: Request<proto::ExecuteRequest>,
@@ -109,19 +111,11 @@ impl participant_server::Participant for Service {
         )
         .await?;
         crate::failpoint!("participant::before_vote_reply");
-        let (vote, reason, xid) = match vote {
-            Vote::Yes { xid } => (proto::Vote::Yes, String::new(), xid),
-            Vote::ReadOnly => (proto::Vote::ReadOnly, String::new(), 0),
-            Vote::No { reason } => (proto::Vote::No, reason, 0),
-        };
-        tracing::debug!(txn_id = %txn, ?vote, "voted");
-        metrics::counter!("twopc_participant_votes_total", "vote" => vote.as_str_name())
+        let resp = proto::PrepareResponse::from(vote);
+        tracing::debug!(txn_id = %txn, vote = ?resp.vote(), "voted");
+        metrics::counter!("twopc_participant_votes_total", "vote" => resp.vote().as_str_name())
             .increment(1);
-        Ok(Response::new(proto::PrepareResponse {
-            vote: vote as i32,
-            reason,
-            xid,
-        }))
+        Ok(Response::new(resp))
     }
 
     async fn commit(

@@ -23,8 +23,22 @@ pub enum SqlError {
     #[error("{0}")]
     Refused(String),
     /// PostgreSQL (or the connection to it) failed the statement; the branch is doomed.
-    #[error(transparent)]
-    Postgres(#[from] tokio_postgres::Error),
+    /// `message` is PostgreSQL's, as a person reads it; `sqlstate` is absent when the
+    /// connection itself failed.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        sqlstate: Option<String>,
+    },
+}
+
+impl From<tokio_postgres::Error> for SqlError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SqlError::Failed {
+            message: super::postgres::describe(&e),
+            sqlstate: e.code().map(|c| c.code().to_string()),
+        }
+    }
 }
 
 /// A parameter in text format; `None` is SQL NULL.

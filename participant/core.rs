@@ -1,0 +1,327 @@
+//! The participant's core: the table of open branches, and the protocol steps on them.
+//!
+//! A branch appears on a transaction's first Execute here (after the coordinator accepts its
+//! registration) and leaves the table once finished. Each branch sits behind an async mutex,
+//! held across its database work, so a Prepare waits for a running statement and a repeated
+//! Commit waits for the first. Requests for a branch that is no longer in the table (finished,
+//! or this process restarted) go straight to the database by gid, which stays correct because
+//! COMMIT PREPARED / ROLLBACK PREPARED of a gone gid are checked against how its xid ended
+//! (`database::settle_gone`).
+//!
+//! Generic over the [`Database`] and the [`CoordinatorLink`], so the same code runs on
+//! PostgreSQL and gRPC in the binary and in memory in the scenario tests (`scenarios.rs`).
+
+use super::branch::{Branch, OnCommit, OnPrepare, OnRollback, Vote};
+use super::database::{Database, Prepared};
+use super::error::Error;
+use super::gid::Gid;
+use super::link::{CoordinatorLink, GrpcCoordinator};
+use super::postgres::Postgres;
+use super::sql;
+use crate::proto::{self, TxnId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// A branch in the table: its state machine, the connection holding its open transaction, and
+/// a way to cancel the statement running there without waiting for the branch's lock (a
+/// deadline or a rollback must not wait behind a statement stuck on a lock).
+struct OpenBranch<D: Database> {
+    slot: tokio::sync::Mutex<Slot<D>>,
+    /// Set only while the slot holds its connection (after that the connection may serve
+    /// another branch, whose statements are not ours to cancel). An async lock: held while a
+    /// cancel is in flight, so the connection cannot leave the branch under it.
+    cancel: tokio::sync::Mutex<Option<D::Cancel>>,
+}
+
+/// What the branch's lock guards.
+struct Slot<D: Database> {
+    branch: Branch,
+    /// The connection holding the branch's open transaction, until it is prepared or ended.
+    conn: Option<D::Conn>,
+}
+
+impl<D: Database> OpenBranch<D> {
+    /// Locks the slot, cancelling the statement running on it if it is busy.
+    async fn lock_interrupting(&self, db: &D) -> tokio::sync::MutexGuard<'_, Slot<D>> {
+        if let Ok(slot) = self.slot.try_lock() {
+            return slot;
+        }
+        {
+            let cancel = self.cancel.lock().await;
+            if let Some(cancel) = cancel.as_ref() {
+                db.cancel(cancel).await;
+            }
+        }
+        self.slot.lock().await
+    }
+
+    async fn take_conn(&self, slot: &mut Slot<D>) -> Option<D::Conn> {
+        *self.cancel.lock().await = None;
+        slot.conn.take()
+    }
+}
+
+/// One participant: its database, its coordinator, and its open branches.
+pub struct Participant<D: Database = Postgres, C: CoordinatorLink = GrpcCoordinator> {
+    /// This participant's id, unique among the coordinator's participants.
+    pub(super) id: String,
+    /// Where the coordinator reaches this participant.
+    advertise: String,
+    pub(super) db: D,
+    pub(super) coordinator: C,
+    /// This process, for the coordinator: a restarted participant has lost its open branches.
+    instance: String,
+    /// Learned from the coordinator's first answer; names our gids.
+    coordinator_id: OnceLock<String>,
+    branches: Mutex<HashMap<TxnId, Arc<OpenBranch<D>>>>,
+}
+
+/// How long after its deadline an unfinished, unprepared branch is rolled back here. The
+/// coordinator aborts at the deadline; the grace keeps us from racing its Prepare.
+const DEADLINE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long an expired branch is remembered as rolled back.
+const TOMBSTONE: Duration = Duration::from_secs(60);
+
+impl<D: Database, C: CoordinatorLink> Participant<D, C> {
+    pub fn new(id: String, advertise: String, db: D, coordinator: C) -> Arc<Self> {
+        Arc::new(Participant {
+            id,
+            advertise,
+            db,
+            coordinator,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            coordinator_id: OnceLock::new(),
+            branches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn open_branch(&self, txn: TxnId) -> Option<Arc<OpenBranch<D>>> {
+        self.branches.lock().unwrap().get(&txn).cloned()
+    }
+
+    fn forget(&self, txn: TxnId) {
+        self.branches.lock().unwrap().remove(&txn);
+    }
+
+    /// The gid of a branch the coordinator asks about: it names itself, or it is ours.
+    fn gid(&self, txn: TxnId, coordinator_id: &str) -> Result<Gid, Error> {
+        let owner = match coordinator_id {
+            "" => self.coordinator_id.get().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "coordinator_id is required: this participant has not met its coordinator yet"
+                        .into(),
+                )
+            })?,
+            id => id,
+        };
+        Ok(Gid::new(owner, txn)?)
+    }
+
+    pub async fn execute(
+        self: &Arc<Self>,
+        txn: TxnId,
+        sql_text: &str,
+        params: &[proto::Value],
+    ) -> Result<proto::ExecuteResponse, Error> {
+        sql::refuse_transaction_control(sql_text).map_err(|e| Error::statement(txn, e))?;
+        let open = match self.open_branch(txn) {
+            Some(open) => open,
+            None => self.open(txn).await?,
+        };
+        let mut slot = open.slot.lock().await;
+        slot.branch.check_execute()?;
+        let begin = slot.conn.is_none();
+        if begin {
+            // Nothing has run in the branch yet, so a failure here dooms nothing: the client
+            // may retry the statement.
+            let conn = self.db.conn().await?;
+            *open.cancel.lock().await = Some(D::cancel_handle(&conn));
+            slot.conn = Some(conn);
+        }
+        let conn = slot
+            .conn
+            .as_ref()
+            .expect("an active branch has a connection");
+        match self.db.execute(conn, sql_text, params, begin).await {
+            Ok(resp) => Ok(resp),
+            Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
+            Err(e) => {
+                let err = Error::statement(txn, e);
+                if let Error::Statement { message, .. } = &err {
+                    slot.branch.doom(message.clone());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Enlists this participant with the coordinator and makes the branch's entry.
+    async fn open(self: &Arc<Self>, txn: TxnId) -> Result<Arc<OpenBranch<D>>, Error> {
+        let enlisted = self
+            .coordinator
+            .register(txn, &self.id, &self.advertise, &self.instance)
+            .await
+            .map_err(Error::Coordinator)?;
+        let gid = Gid::new(&enlisted.coordinator_id, txn)?;
+        let _ = self.coordinator_id.set(enlisted.coordinator_id);
+        let mut table = self.branches.lock().unwrap();
+        if let Some(existing) = table.get(&txn) {
+            // A concurrent Execute got here first.
+            return Ok(existing.clone());
+        }
+        let open = Arc::new(OpenBranch {
+            slot: tokio::sync::Mutex::new(Slot {
+                branch: Branch::new(gid, enlisted.deadline_ms),
+                conn: None,
+            }),
+            cancel: tokio::sync::Mutex::new(None),
+        });
+        table.insert(txn, open.clone());
+        drop(table);
+        // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
+        let this = Arc::downgrade(self);
+        let until = crate::process::clock::until(enlisted.deadline_ms) + DEADLINE_GRACE;
+        tokio::spawn(async move {
+            tokio::time::sleep(until).await;
+            let expired = match this.upgrade() {
+                Some(p) => p.expire(txn).await,
+                None => return,
+            };
+            if expired {
+                tokio::time::sleep(TOMBSTONE).await;
+                if let Some(p) = this.upgrade() {
+                    p.forget(txn);
+                }
+            }
+        });
+        tracing::debug!(txn_id = %txn, "branch opened");
+        Ok(open)
+    }
+
+    /// The deadline passed: a branch still open here will never be committed.
+    async fn expire(&self, txn: TxnId) -> bool {
+        let Some(open) = self.open_branch(txn) else {
+            return false;
+        };
+        let mut slot = open.lock_interrupting(&self.db).await;
+        if slot.branch.is_open() {
+            tracing::info!(txn_id = %txn, "branch passed its deadline unprepared: rolling back");
+            self.roll_back_open(&open, &mut slot).await;
+            // Kept a while as a tombstone: with clock skew the coordinator may still think the
+            // transaction active, and a late Execute must hear "rolled back", not start a fresh
+            // PostgreSQL transaction that would silently drop the statements before it.
+            return true;
+        }
+        false
+    }
+
+    async fn roll_back_open(&self, open: &OpenBranch<D>, slot: &mut Slot<D>) {
+        if let Some(conn) = open.take_conn(slot).await {
+            self.db.roll_back_open(conn).await;
+        }
+        slot.branch.rolled_back();
+    }
+
+    pub async fn prepare(&self, txn: TxnId, coordinator_id: &str) -> Result<Vote, Error> {
+        let Some(open) = self.open_branch(txn) else {
+            // Not open here: prepared before a lost reply or a restart, or never opened.
+            let gid = self.gid(txn, coordinator_id)?;
+            return Ok(match self.db.prepared_xid(&gid).await? {
+                Some(xid) => Vote::Yes { xid },
+                None => Vote::No {
+                    reason: format!(
+                        "{gid} is not open on participant {}: it never ran a statement here, or it was rolled back",
+                        self.id
+                    ),
+                },
+            });
+        };
+        let mut slot = open.slot.lock().await;
+        let vote = match slot.branch.prepare_step() {
+            OnPrepare::Answer(vote) => return Ok(vote),
+            OnPrepare::RollBackAndRefuse { reason } => {
+                self.roll_back_open(&open, &mut slot).await;
+                slot.branch.refused(reason)
+            }
+            OnPrepare::Prepare => match open.take_conn(&mut slot).await {
+                // No statement ever ran here: there is nothing to commit or undo.
+                None => slot.branch.read_only(),
+                Some(conn) => {
+                    let gid = slot.branch.gid.clone();
+                    match self.db.prepare(conn, &gid).await {
+                        Ok(Prepared::Yes { xid }) => slot.branch.prepared(xid),
+                        Ok(Prepared::ReadOnly) => slot.branch.read_only(),
+                        Ok(Prepared::No { reason }) => slot.branch.refused(reason),
+                        Err(e) => {
+                            let xid = self.db.prepared_xid(&gid).await.ok().flatten();
+                            slot.branch.prepare_failed(xid, e.to_string())
+                        }
+                    }
+                }
+            },
+        };
+        if slot.branch.is_finished() {
+            self.forget(txn);
+        }
+        Ok(vote)
+    }
+
+    pub async fn commit(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        let Some(open) = self.open_branch(txn) else {
+            let gid = self.gid(txn, coordinator_id)?;
+            return self.db.finish_prepared(&gid, xid, true).await;
+        };
+        let mut slot = open.slot.lock().await;
+        match slot.branch.commit_step()? {
+            OnCommit::AlreadyDone => Ok(()),
+            OnCommit::CommitPrepared { xid: ours } => {
+                let gid = slot.branch.gid.clone();
+                self.db
+                    .finish_prepared(&gid, if ours != 0 { ours } else { xid }, true)
+                    .await?;
+                slot.branch.committed();
+                self.forget(txn);
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn rollback(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        let Some(open) = self.open_branch(txn) else {
+            let gid = self.gid(txn, coordinator_id)?;
+            return self.db.finish_prepared(&gid, xid, false).await;
+        };
+        let mut slot = open.lock_interrupting(&self.db).await;
+        match slot.branch.rollback_step()? {
+            OnRollback::AlreadyDone => {}
+            OnRollback::RollBackOpen => self.roll_back_open(&open, &mut slot).await,
+            OnRollback::RollBackPrepared { xid: ours } => {
+                let gid = slot.branch.gid.clone();
+                self.db
+                    .finish_prepared(&gid, if ours != 0 { ours } else { xid }, false)
+                    .await?;
+                slot.branch.rolled_back();
+            }
+        }
+        self.forget(txn);
+        Ok(())
+    }
+
+    /// Our prepared branches in this database (of `coordinator_id`, or all).
+    pub async fn recover(&self, coordinator_id: &str) -> Result<Vec<proto::PreparedBranch>, Error> {
+        let prepared = self.db.prepared_older_than(Duration::ZERO).await?;
+        Ok(prepared
+            .into_iter()
+            .filter(|p| coordinator_id.is_empty() || p.gid.coordinator_id == coordinator_id)
+            .map(|p| proto::PreparedBranch {
+                txn_id: p.gid.txn.to_string(),
+                coordinator_id: p.gid.coordinator_id.clone(),
+                gid: p.gid.to_string(),
+                xid: p.xid,
+                age_ms: (p.age_s * 1000.0) as i64,
+            })
+            .collect())
+    }
+}
