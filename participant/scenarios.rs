@@ -1,1 +1,342 @@
-//! placeholder
+//! The participant's branch table and in-doubt resolver, scenario by scenario, with no
+//! PostgreSQL and no sockets: a [`Participant`] over a [`FakeDatabase`] and a
+//! [`FakeCoordinator`], each "process" on its own runtime so a test can crash it (drop the
+//! runtime, and the database loses the process's open transactions) and start another on the
+//! same database, as docs/RECOVERY.md's participant rows describe.
+
+use super::branch::Vote;
+use super::core::Participant;
+use super::database::XactStatus;
+use super::error::Error;
+use super::fake::{FakeCoordinator, FakeDatabase};
+use super::gid::Gid;
+use crate::proto::{Outcome, TxnId};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const COORDINATOR: &str = "c1";
+
+type Core = Arc<Participant<FakeDatabase, FakeCoordinator>>;
+
+/// One participant process.
+struct Process {
+    runtime: tokio::runtime::Runtime,
+    core: Core,
+}
+
+impl Process {
+    fn start(db: &FakeDatabase, coordinator: &FakeCoordinator) -> Process {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let core = Participant::new(
+            "p1".into(),
+            "http://p1".into(),
+            db.clone(),
+            coordinator.clone(),
+        );
+        Process { runtime, core }
+    }
+
+    fn run<T>(&self, f: impl Future<Output = T>) -> T {
+        self.runtime.block_on(f)
+    }
+
+    fn exec(&self, txn: TxnId, sql: &str) -> Result<(), Error> {
+        self.run(self.core.execute(txn, sql, &[])).map(|_| ())
+    }
+
+    fn prepare(&self, txn: TxnId) -> Vote {
+        self.run(self.core.prepare(txn, COORDINATOR)).unwrap()
+    }
+
+    fn commit(&self, txn: TxnId, xid: u64) -> Result<(), Error> {
+        self.run(self.core.commit(txn, xid, COORDINATOR))
+    }
+
+    fn rollback(&self, txn: TxnId, xid: u64) -> Result<(), Error> {
+        self.run(self.core.rollback(txn, xid, COORDINATOR))
+    }
+
+    /// The process dies: its runtime stops, and its connections close, which ends their open
+    /// transactions. Prepared ones stay in the database.
+    fn crash(self, db: &FakeDatabase) {
+        self.runtime.shutdown_background();
+        db.restart();
+    }
+}
+
+fn world() -> (FakeDatabase, FakeCoordinator) {
+    let deadline = crate::process::clock::now_ms() + 60_000;
+    (
+        FakeDatabase::default(),
+        FakeCoordinator::new(COORDINATOR, deadline),
+    )
+}
+
+fn gid(txn: TxnId) -> Gid {
+    Gid::new(COORDINATOR, txn).unwrap()
+}
+
+fn xid_of(vote: &Vote) -> u64 {
+    match vote {
+        Vote::Yes { xid } => *xid,
+        other => panic!("expected a yes vote, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_branch_that_wrote_prepares_and_commits() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = bal - 1").unwrap();
+
+    let vote = p.prepare(txn);
+    p.commit(txn, xid_of(&vote)).unwrap();
+
+    assert!(db.prepared().is_empty());
+    assert_eq!(db.status(xid_of(&vote)), Some(XactStatus::Committed));
+    assert_eq!(coord.registrations(txn).len(), 1, "registered once");
+}
+
+#[test]
+fn repeats_after_lost_replies_answer_the_same_way() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "INSERT INTO t VALUES (1)").unwrap();
+    p.exec(txn, "INSERT INTO t VALUES (2)").unwrap();
+
+    let first = p.prepare(txn);
+    let again = p.prepare(txn);
+    p.commit(txn, xid_of(&first)).unwrap();
+    let commit_again = p.commit(txn, xid_of(&first));
+
+    assert_eq!(first, again);
+    assert!(commit_again.is_ok(), "{commit_again:?}");
+    assert_eq!(coord.registrations(txn).len(), 1);
+}
+
+#[test]
+fn a_failed_statement_dooms_the_branch_to_vote_no() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "INSERT INTO t VALUES (1)").unwrap();
+
+    let failed = p.exec(txn, "INSERT that will fail").unwrap_err();
+    let later = p.exec(txn, "SELECT 1").unwrap_err();
+    let vote = p.prepare(txn);
+
+    assert!(matches!(failed, Error::Statement { sqlstate: Some(ref s), .. } if s == "23505"));
+    assert!(later.to_string().contains("failed earlier"), "{later}");
+    assert!(matches!(vote, Vote::No { reason } if reason.contains("23505")));
+    assert_eq!(db.open_transactions(), 0, "rolled back at the vote");
+    assert!(db.prepared().is_empty());
+}
+
+#[test]
+fn a_branch_that_only_read_votes_read_only_and_holds_nothing() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "SELECT 1").unwrap();
+
+    assert_eq!(p.prepare(txn), Vote::ReadOnly);
+    assert!(db.prepared().is_empty());
+}
+
+#[test]
+fn a_rollback_cancels_a_statement_stuck_on_a_lock() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = 0").unwrap();
+    let core = Arc::clone(&p.core);
+    let stuck = p
+        .runtime
+        .spawn(async move { core.execute(txn, "SELECT sleep_on_a_lock()", &[]).await });
+    // Let it start and block (a current-thread runtime runs it only when we yield).
+    p.run(async { tokio::time::sleep(Duration::from_millis(10)).await });
+
+    p.rollback(txn, 0).unwrap();
+
+    let stuck = p.run(stuck).unwrap();
+    assert!(matches!(stuck, Err(Error::Statement { sqlstate: Some(ref s), .. }) if s == "57014"));
+    assert_eq!(db.open_transactions(), 0);
+    assert!(
+        matches!(p.prepare(txn), Vote::No { .. }),
+        "rolled back: it cannot vote yes"
+    );
+}
+
+#[test]
+fn a_prepare_that_breaks_after_preparing_votes_no_and_the_rollback_settles_it() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = 0").unwrap();
+    db.break_next_prepare(true);
+
+    let vote = p.prepare(txn);
+    assert!(matches!(vote, Vote::No { ref reason } if reason.contains("did not complete")));
+    assert_eq!(
+        db.prepared(),
+        vec![gid(txn).to_string()],
+        "prepared all the same"
+    );
+
+    p.rollback(txn, 0).unwrap();
+
+    assert!(db.prepared().is_empty());
+}
+
+#[test]
+fn a_prepare_that_breaks_before_preparing_leaves_nothing_to_settle() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = 0").unwrap();
+    db.break_next_prepare(false);
+
+    assert!(matches!(p.prepare(txn), Vote::No { .. }));
+    p.rollback(txn, 0).unwrap();
+
+    assert!(db.prepared().is_empty());
+    assert_eq!(db.open_transactions(), 0);
+}
+
+#[test]
+fn after_a_restart_an_open_branch_is_gone_and_a_prepared_one_commits_by_gid() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let (prepared, open) = (TxnId::generate(), TxnId::generate());
+    p.exec(prepared, "UPDATE acct SET bal = 1").unwrap();
+    let xid = xid_of(&p.prepare(prepared));
+    p.exec(open, "UPDATE acct SET bal = 2").unwrap();
+
+    p.crash(&db);
+    let p = Process::start(&db, &coord);
+
+    assert!(matches!(p.prepare(open), Vote::No { ref reason } if reason.contains("not open")));
+    assert_eq!(p.prepare(prepared), Vote::Yes { xid }, "found by gid");
+    p.commit(prepared, xid).unwrap();
+    assert_eq!(db.status(xid), Some(XactStatus::Committed));
+    assert!(
+        p.commit(prepared, xid).is_ok(),
+        "a repeat checks the xid: committed"
+    );
+}
+
+#[test]
+fn a_phase_two_request_against_how_the_branch_ended_is_an_alarm() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = 1").unwrap();
+    let xid = xid_of(&p.prepare(txn));
+    p.crash(&db);
+    db.finish_directly(&gid(txn), true); // a DBA committed it by hand
+    let p = Process::start(&db, &coord);
+
+    let rollback = p.rollback(txn, xid).unwrap_err();
+    let commit = p.commit(txn, xid);
+
+    assert!(
+        rollback.to_string().contains("ATOMICITY ALARM"),
+        "{rollback}"
+    );
+    assert!(commit.is_ok(), "committed is what a commit asks for");
+    assert!(
+        matches!(
+            p.commit(TxnId::generate(), 0),
+            Err(Error::FailedPrecondition(_))
+        ),
+        "a commit of an unknown gid without an xid cannot be taken as done"
+    );
+}
+
+#[test]
+fn the_resolver_applies_what_the_coordinator_decided_and_leaves_the_rest() {
+    let (db, coord) = world();
+    let (committed, aborted, pending) = (TxnId::generate(), TxnId::generate(), TxnId::generate());
+    for txn in [committed, aborted, pending] {
+        db.prepare_directly(&gid(txn));
+    }
+    let foreign = Gid::new("someone-else", TxnId::generate()).unwrap();
+    db.prepare_directly(&foreign);
+    coord.decide(committed, Outcome::Committed);
+    coord.decide(pending, Outcome::Pending);
+    // `aborted` has no record: presumed abort.
+    let p = Process::start(&db, &coord);
+
+    let pass = p.run(p.core.resolve_in_doubt(Duration::ZERO)).unwrap();
+
+    assert_eq!(
+        (
+            pass.in_doubt,
+            pass.committed,
+            pass.rolled_back,
+            pass.pending,
+            pass.foreign
+        ),
+        (4, 1, 1, 1, 1)
+    );
+    let mut left = db.prepared();
+    left.sort();
+    let mut expected = vec![gid(pending).to_string(), foreign.to_string()];
+    expected.sort();
+    assert_eq!(left, expected);
+}
+
+#[test]
+fn while_the_coordinator_is_unreachable_in_doubt_branches_stay_prepared() {
+    let (db, coord) = world();
+    let txn = TxnId::generate();
+    db.prepare_directly(&gid(txn));
+    coord.set_reachable(false);
+    let p = Process::start(&db, &coord);
+
+    let pass = p.run(p.core.resolve_in_doubt(Duration::ZERO)).unwrap();
+
+    assert_eq!(pass.unresolved, 1);
+    assert_eq!(
+        db.prepared(),
+        vec![gid(txn).to_string()],
+        "no heuristic decision"
+    );
+
+    coord.set_reachable(true);
+    coord.decide(txn, Outcome::Committed);
+    let pass = p.run(p.core.resolve_in_doubt(Duration::ZERO)).unwrap();
+    assert_eq!(pass.committed, 1);
+    assert!(db.prepared().is_empty());
+}
+
+#[test]
+fn a_branch_past_its_deadline_is_rolled_back_and_stays_refused() {
+    let db = FakeDatabase::default();
+    let coord = FakeCoordinator::new(COORDINATOR, crate::process::clock::now_ms() - 5_000);
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = 0").unwrap();
+
+    let started = Instant::now();
+    p.run(async {
+        while db.open_transactions() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "never expired");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+
+    let late = p.exec(txn, "UPDATE acct SET bal = 1").unwrap_err();
+    assert!(late.to_string().contains("rolled back"), "{late}");
+    assert_eq!(
+        coord.registrations(txn).len(),
+        1,
+        "no fresh branch was opened"
+    );
+}
