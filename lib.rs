@@ -6,9 +6,15 @@
 //!   prepares, commits and rolls it back on the coordinator's word.
 //!
 //! [`proto`] is the wire: the generated gRPC code and the transaction id both sides share.
-//! [`process`] is what every process shares: signals, failpoints, logs and metrics, config.
+//! [`process`] is what every process shares: clock, signals, failpoints, logs and metrics, config.
+//! `testkit` (feature `testkit`) makes throwaway PostgreSQL clusters for tests and tools.
+//!
+//! The binaries (`bin/`) are thin: flags in, `run(listener, config, shutdown)` out. See
+//! docs/ARCHITECTURE.md for where each rule of the protocol lives.
 
 pub mod coordinator;
 pub mod participant;
 pub mod process;
 pub mod proto;
+#[cfg(feature = "testkit")]
+pub mod testkit;

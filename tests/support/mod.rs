@@ -7,11 +7,6 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
-#[path = "../../demo/cluster.rs"]
-mod cluster;
-
-#[allow(unused_imports)] // each test binary uses its own part
-pub use cluster::{PgCluster, Settings};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -23,6 +18,8 @@ use twopc::participant;
 use twopc::proto;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
+#[allow(unused_imports)] // each test binary uses its own part
+pub use twopc::testkit::cluster::{PgCluster, Settings};
 
 pub struct Server {
     pub addr: SocketAddr,

@@ -236,24 +236,47 @@ fn db_list(dbs: &[usize]) -> String {
 /// Checks every invariant over the whole history. Call it settled, with the workload stopped.
 pub async fn check(sys: &System, clients: &Clients, txns: &[TxnRecord]) -> Vec<Violation> {
     let mut violations = Vec::new();
+    let dbs = match read_all(sys).await {
+        Ok(dbs) => dbs,
+        Err(v) => return vec![v],
+    };
+    money(&dbs, &mut violations);
+    unknown_txns(&dbs, txns, &mut violations);
+    let told: HashMap<String, Told> = futures::stream::iter(txns)
+        .map(|t| async move { (t.id.clone(), get_transaction(clients, &t.id).await) })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for t in txns {
+        let seen = Presence::of(t, &dbs);
+        atomicity(t, &seen, &dbs, &mut violations);
+        durability(t, &seen, &mut violations);
+        coordinator_agrees(t, &seen, told.get(&t.id), &mut violations);
+    }
+    violations
+}
 
+/// Every database's state, or the violation that it could not be read.
+async fn read_all(sys: &System) -> Result<Vec<DbState>, Violation> {
     let mut dbs = Vec::new();
     for i in 0..DATABASES {
         let read = tokio::time::timeout(Duration::from_secs(30), read_db(sys, i)).await;
         match read.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after 30 s"))) {
             Ok(s) => dbs.push(s),
             Err(e) => {
-                violations.push(Violation::new(
+                return Err(Violation::new(
                     "check",
                     None,
                     format!("cannot read db{}: {e:#}", i + 1),
                 ));
-                return violations;
             }
         }
     }
+    Ok(dbs)
+}
 
-    // 1. Money.
+/// 1. Money: conserved overall, each database's balances match its ledger, no poison row.
+fn money(dbs: &[DbState], violations: &mut Vec<Violation>) {
     let initial = ACCOUNTS * INITIAL_BALANCE;
     let total: i64 = dbs.iter().map(|d| d.balance).sum();
     if total != DATABASES as i64 * initial {
@@ -298,8 +321,10 @@ pub async fn check(sys: &System, clients: &Clients, txns: &[TxnRecord]) -> Vec<V
             ));
         }
     }
+}
 
-    // 2 and 3, per transaction; 5 needs the coordinator, so it runs concurrently.
+/// 2. No ledger rows for a transaction no client began.
+fn unknown_txns(dbs: &[DbState], txns: &[TxnRecord], violations: &mut Vec<Violation>) {
     let known: HashMap<&str, &TxnRecord> = txns.iter().map(|t| (t.id.as_str(), t)).collect();
     for (i, d) in dbs.iter().enumerate() {
         for (id, (rows, sum)) in &d.ledger {
@@ -315,14 +340,19 @@ pub async fn check(sys: &System, clients: &Clients, txns: &[TxnRecord]) -> Vec<V
             }
         }
     }
+}
 
-    let told: HashMap<String, Told> = futures::stream::iter(txns)
-        .map(|t| async move { (t.id.clone(), get_transaction(clients, &t.id).await) })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+/// Where one transaction's ledger rows are, and how to describe it in a violation.
+struct Presence {
+    /// The databases holding its ledger rows.
+    present: Vec<usize>,
+    /// Rows in both of its databases.
+    both: bool,
+    what: String,
+}
 
-    for t in txns {
+impl Presence {
+    fn of(t: &TxnRecord, dbs: &[DbState]) -> Presence {
         let present: Vec<usize> = (0..DATABASES)
             .filter(|&i| dbs[i].ledger.contains_key(&t.id))
             .collect();
@@ -336,71 +366,92 @@ pub async fn check(sys: &System, clients: &Clients, txns: &[TxnRecord]) -> Vec<V
             db_list(&present)
         );
         let both = t.dbs.iter().all(|d| present.contains(d));
-        let stray = present.iter().any(|d| !t.dbs.contains(d));
-        if stray {
+        Presence {
+            present,
+            both,
+            what,
+        }
+    }
+}
+
+/// 2. Atomicity: in both of its databases or in neither, one row of the right amount each.
+fn atomicity(t: &TxnRecord, seen: &Presence, dbs: &[DbState], violations: &mut Vec<Violation>) {
+    let (present, both, what) = (&seen.present, seen.both, &seen.what);
+    let stray = present.iter().any(|d| !t.dbs.contains(d));
+    if stray {
+        violations.push(Violation::new(
+            "atomicity",
+            Some(&t.id),
+            format!("ledger row in a database it never touched: {what}"),
+        ));
+    }
+    if !present.is_empty() && !both {
+        violations.push(Violation::new(
+            "atomicity",
+            Some(&t.id),
+            format!("in one database only: {what}"),
+        ));
+    }
+    for (db, delta) in [(t.dbs[0], -t.amount), (t.dbs[1], t.amount)] {
+        if let Some(&(rows, sum)) = dbs[db].ledger.get(&t.id)
+            && (rows != 1 || sum != delta)
+        {
             violations.push(Violation::new(
                 "atomicity",
                 Some(&t.id),
-                format!("ledger row in a database it never touched: {what}"),
-            ));
-        }
-        if !present.is_empty() && !both {
-            violations.push(Violation::new(
-                "atomicity",
-                Some(&t.id),
-                format!("in one database only: {what}"),
-            ));
-        }
-        for (db, delta) in [(t.dbs[0], -t.amount), (t.dbs[1], t.amount)] {
-            if let Some(&(rows, sum)) = dbs[db].ledger.get(&t.id)
-                && (rows != 1 || sum != delta)
-            {
-                violations.push(Violation::new(
-                    "atomicity",
-                    Some(&t.id),
-                    format!(
-                        "db{} has {rows} ledger row(s) adding up to {sum}, expected one row of {delta}: {what}",
-                        db + 1
-                    ),
-                ));
-            }
-        }
-        match t.seen {
-            Seen::Committed if !both => violations.push(Violation::new(
-                "durability",
-                Some(&t.id),
-                format!("committed but not in both databases: {what}"),
-            )),
-            Seen::Aborted if !present.is_empty() => violations.push(Violation::new(
-                "durability",
-                Some(&t.id),
-                format!("aborted but present: {what}"),
-            )),
-            _ => {}
-        }
-        // 5. The coordinator's word.
-        let told = told
-            .get(&t.id)
-            .cloned()
-            .unwrap_or(Told::Error("not asked".into()));
-        let agrees = matches!(
-            (&told, present.is_empty()),
-            (Told::State(TxnState::Committed, _), false)
-                | (Told::State(TxnState::Aborted, _), true)
-                | (Told::NotFound, true)
-        );
-        if !agrees {
-            let said = match &told {
-                Told::State(s, detail) => format!("{s:?} ({detail})"),
-                Told::NotFound => "NOT_FOUND".into(),
-                Told::Error(e) => format!("error {e}"),
-            };
-            violations.push(Violation::new(
-                "coordinator",
-                Some(&t.id),
-                format!("GetTransaction says {said}, but {what}"),
+                format!(
+                    "db{} has {rows} ledger row(s) adding up to {sum}, expected one row of {delta}: {what}",
+                    db + 1
+                ),
             ));
         }
     }
-    violations
+}
+
+/// 3. Durability: what a client was told is what the databases hold.
+fn durability(t: &TxnRecord, seen: &Presence, violations: &mut Vec<Violation>) {
+    let (present, both, what) = (&seen.present, seen.both, &seen.what);
+    match t.seen {
+        Seen::Committed if !both => violations.push(Violation::new(
+            "durability",
+            Some(&t.id),
+            format!("committed but not in both databases: {what}"),
+        )),
+        Seen::Aborted if !present.is_empty() => violations.push(Violation::new(
+            "durability",
+            Some(&t.id),
+            format!("aborted but present: {what}"),
+        )),
+        _ => {}
+    }
+}
+
+/// 5. The coordinator's word (GetTransaction) agrees with the databases.
+fn coordinator_agrees(
+    t: &TxnRecord,
+    seen: &Presence,
+    told: Option<&Told>,
+    violations: &mut Vec<Violation>,
+) {
+    let (present, what) = (&seen.present, &seen.what);
+    // 5. The coordinator's word.
+    let told = told.cloned().unwrap_or(Told::Error("not asked".into()));
+    let agrees = matches!(
+        (&told, present.is_empty()),
+        (Told::State(TxnState::Committed, _), false)
+            | (Told::State(TxnState::Aborted, _), true)
+            | (Told::NotFound, true)
+    );
+    if !agrees {
+        let said = match &told {
+            Told::State(s, detail) => format!("{s:?} ({detail})"),
+            Told::NotFound => "NOT_FOUND".into(),
+            Told::Error(e) => format!("error {e}"),
+        };
+        violations.push(Violation::new(
+            "coordinator",
+            Some(&t.id),
+            format!("GetTransaction says {said}, but {what}"),
+        ));
+    }
 }

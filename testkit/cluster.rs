@@ -11,12 +11,6 @@
 //! that case the temp dir is handed to the `postgres` OS user (which the Debian
 //! `postgresql` package creates) and every PostgreSQL binary runs via `runuser`.
 //!
-//! This file is included by path from both `demo/main.rs` and
-//! `tests/support/mod.rs`, so it must stay self-contained: no `crate::` paths.
-
-// Each includer uses a different subset of the API; unused parts are not dead.
-#![allow(dead_code)]
-
 use std::fs::{self, File};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;

@@ -16,8 +16,6 @@
 //! fired, 2 if the harness itself could not run.
 
 mod check;
-#[path = "../demo/cluster.rs"]
-mod cluster;
 mod report;
 mod system;
 mod workload;

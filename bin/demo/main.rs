@@ -5,11 +5,8 @@
 //! one participant per database, all on loopback, then talks to them over gRPC exactly as a
 //! client service would. With `--keep` it stays up afterwards so you can try grpcurl on it.
 
-mod cluster;
-
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cluster::PgCluster;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -17,6 +14,7 @@ use tonic::transport::Channel;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
+use twopc::testkit::cluster::PgCluster;
 use twopc::{coordinator, participant};
 
 /// Runs a local twopc system and a bank-transfer demo on it.
@@ -194,6 +192,33 @@ async fn run(args: Args) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    let (east, west) = start_databases().await?;
+    let system = System::start(&east, &west).await?;
+    let caddr = system.coordinator;
+    let participant_addrs = &system.participants;
+    let bank = Arc::new(Bank {
+        coordinator: CoordinatorClient::connect(format!("http://{caddr}"))
+            .await
+            .context("connect to the coordinator")?,
+        east: ParticipantClient::connect(format!("http://{}", participant_addrs[0])).await?,
+        west: ParticipantClient::connect(format!("http://{}", participant_addrs[1])).await?,
+    });
+    println!("   balances: {}", balances(&east, &west).await?);
+
+    commit_across_databases(&bank, &east, &west).await?;
+    a_failed_check_moves_nothing(&bank, &east, &west).await?;
+    a_client_aborts(&bank, &east, &west).await?;
+    concurrent_transfers(&bank, &east, &west, &args).await?;
+    if args.keep {
+        print_how_to_reach(&system, &east);
+        std::future::pending::<()>().await;
+    }
+    drop(bank);
+    system.stop().await
+}
+
+/// The two bank databases, with their tables and first balances.
+async fn start_databases() -> Result<(PgCluster, PgCluster)> {
     println!(
         "== Starting two throwaway PostgreSQL clusters (initdb + pg_ctl, max_prepared_transactions=64)"
     );
@@ -224,62 +249,91 @@ async fn run(args: Args) -> Result<()> {
         .batch_execute("INSERT INTO acct VALUES ('bob', 100), ('dave', 1000)")
         .await?;
 
-    let data_dir = tempfile::Builder::new().prefix("twopc-demo-").tempdir()?;
-    let (cl, caddr) = listener().await?;
-    let coordinator_config = coordinator::Config {
-        data_dir: data_dir.path().to_path_buf(),
-        id: Some("demo".into()),
-        limits: coordinator::Limits::default(),
-        drain_timeout: Duration::from_secs(5),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let coord_task = tokio::spawn(coordinator::run(
-        cl,
-        coordinator_config,
-        stopped(stop_rx.clone()),
-    ));
-    let mut participant_tasks = Vec::new();
-    let mut participant_addrs = Vec::new();
-    for (id, pg) in [("east", &east), ("west", &west)] {
-        let (l, addr) = listener().await?;
-        let config = participant::Config {
-            id: id.into(),
-            coordinator: format!("http://{caddr}"),
-            advertise: None,
-            postgres: pg.conn_str(),
-            max_connections: 32,
-            resolve_interval: Duration::from_secs(5),
+    Ok((east, west))
+}
+
+/// A coordinator and one participant per database, served in this process.
+struct System {
+    coordinator: std::net::SocketAddr,
+    participants: Vec<std::net::SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
+    coordinator_task: tokio::task::JoinHandle<Result<()>>,
+    participant_tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    /// The decision log's directory, removed on drop.
+    _data_dir: tempfile::TempDir,
+}
+
+impl System {
+    async fn start(east: &PgCluster, west: &PgCluster) -> Result<System> {
+        let data_dir = tempfile::Builder::new().prefix("twopc-demo-").tempdir()?;
+        let (cl, caddr) = listener().await?;
+        let coordinator_config = coordinator::Config {
+            data_dir: data_dir.path().to_path_buf(),
+            id: Some("demo".into()),
+            limits: coordinator::Limits::default(),
+            drain_timeout: Duration::from_secs(5),
         };
-        participant_tasks.push(tokio::spawn(participant::run(
-            l,
-            config,
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let coord_task = tokio::spawn(coordinator::run(
+            cl,
+            coordinator_config,
             stopped(stop_rx.clone()),
-        )));
-        participant_addrs.push(addr);
+        ));
+        let mut participant_tasks = Vec::new();
+        let mut participant_addrs = Vec::new();
+        for (id, pg) in [("east", &east), ("west", &west)] {
+            let (l, addr) = listener().await?;
+            let config = participant::Config {
+                id: id.into(),
+                coordinator: format!("http://{caddr}"),
+                advertise: None,
+                postgres: pg.conn_str(),
+                max_connections: 32,
+                resolve_interval: Duration::from_secs(5),
+            };
+            participant_tasks.push(tokio::spawn(participant::run(
+                l,
+                config,
+                stopped(stop_rx.clone()),
+            )));
+            participant_addrs.push(addr);
+        }
+        println!(
+            "== twopc is up: coordinator {caddr} (decision log in {}), participants east {} and west {}",
+            data_dir.path().display(),
+            participant_addrs[0],
+            participant_addrs[1]
+        );
+        Ok(System {
+            coordinator: caddr,
+            participants: participant_addrs,
+            stop: stop_tx,
+            coordinator_task: coord_task,
+            participant_tasks,
+            _data_dir: data_dir,
+        })
     }
-    println!(
-        "== twopc is up: coordinator {caddr} (decision log in {}), participants east {} and west {}",
-        data_dir.path().display(),
-        participant_addrs[0],
-        participant_addrs[1]
-    );
 
-    let bank = Arc::new(Bank {
-        coordinator: CoordinatorClient::connect(format!("http://{caddr}"))
-            .await
-            .context("connect to the coordinator")?,
-        east: ParticipantClient::connect(format!("http://{}", participant_addrs[0])).await?,
-        west: ParticipantClient::connect(format!("http://{}", participant_addrs[1])).await?,
-    });
-    println!("   balances: {}", balances(&east, &west).await?);
+    async fn stop(self) -> Result<()> {
+        println!("\n== Done: stopping the servers and removing the clusters");
+        let _ = self.stop.send(true);
+        self.coordinator_task.await??;
+        for t in self.participant_tasks {
+            t.await??;
+        }
+        Ok(())
+    }
+}
 
+/// Scene 1: a transfer that commits in both databases.
+async fn commit_across_databases(bank: &Bank, east: &PgCluster, west: &PgCluster) -> Result<()> {
     println!("\n== 1. alice (east) pays bob (west) 30: one transaction across both databases");
     let (txn, outcome, _) = bank.transfer("alice", "bob", 30).await?;
     println!("   txn {txn}: {outcome:?}");
-    println!("   balances: {}", balances(&east, &west).await?);
+    println!("   balances: {}", balances(east, west).await?);
     let t = bank
         .coordinator
         .clone()
@@ -301,16 +355,30 @@ async fn run(args: Args) -> Result<()> {
         bail!("transfer 1 should have committed");
     }
 
+    Ok(())
+}
+
+/// Scene 2: a CHECK fails in one database, so nothing moves in either.
+async fn a_failed_check_moves_nothing(
+    bank: &Bank,
+    east: &PgCluster,
+    west: &PgCluster,
+) -> Result<()> {
     println!(
         "\n== 2. alice pays bob 500 but has only 70: east's CHECK (bal >= 0) fails, so nothing moves anywhere"
     );
     let (txn, outcome, reason) = bank.transfer("alice", "bob", 500).await?;
     println!("   txn {txn}: {outcome:?} because {reason}");
-    println!("   balances: {}", balances(&east, &west).await?);
+    println!("   balances: {}", balances(east, west).await?);
     if outcome != Outcome::Aborted {
         bail!("transfer 2 should have aborted");
     }
 
+    Ok(())
+}
+
+/// Scene 3: a client runs both halves, then aborts.
+async fn a_client_aborts(bank: &Bank, east: &PgCluster, west: &PgCluster) -> Result<()> {
     println!("\n== 3. a client changes its mind: debit and credit run, then Abort");
     let mut coordinator = bank.coordinator.clone();
     let txn = coordinator
@@ -353,9 +421,19 @@ async fn run(args: Args) -> Result<()> {
         aborted.outcome(),
         again.outcome()
     );
-    println!("   balances: {}", balances(&east, &west).await?);
+    println!("   balances: {}", balances(east, west).await?);
 
-    let before = total(&east).await? + total(&west).await?;
+    Ok(())
+}
+
+/// Scene 4: concurrent transfers both ways; money conserved, nothing left prepared.
+async fn concurrent_transfers(
+    bank: &Arc<Bank>,
+    east: &PgCluster,
+    west: &PgCluster,
+    args: &Args,
+) -> Result<()> {
+    let before = total(east).await? + total(west).await?;
     println!(
         "\n== 4. {} clients make {} transfers each, carol (east) <-> dave (west), concurrently",
         args.clients, args.transfers
@@ -368,7 +446,7 @@ async fn run(args: Args) -> Result<()> {
     );
     let tasks: Vec<_> = (0..args.clients)
         .map(|c| {
-            let bank = Arc::clone(&bank);
+            let bank = Arc::clone(bank);
             let n = args.transfers;
             let progress = progress.clone();
             tokio::spawn(async move {
@@ -395,7 +473,7 @@ async fn run(args: Args) -> Result<()> {
     }
     progress.finish_and_clear();
     let elapsed = started.elapsed();
-    let after = total(&east).await? + total(&west).await?;
+    let after = total(east).await? + total(west).await?;
     println!(
         "   {committed} committed, {aborted} aborted (lock timeouts) in {:.1}s ({:.0} transfers/s)",
         elapsed.as_secs_f64(),
@@ -409,41 +487,33 @@ async fn run(args: Args) -> Result<()> {
             "NOT CONSERVED"
         }
     );
-    let left = prepared(&east).await? + prepared(&west).await?;
+    let left = prepared(east).await? + prepared(west).await?;
     println!("   prepared transactions left in PostgreSQL: {left}");
-    println!("   balances: {}", balances(&east, &west).await?);
+    println!("   balances: {}", balances(east, west).await?);
     if before != after || left != 0 {
         bail!("the demo found an inconsistency");
     }
 
-    if args.keep {
-        let p = participant_addrs[0];
-        println!(
-            "\n== Still running. From another shell in this directory (grpcurl needs no .proto):"
-        );
-        println!("   .venv/bin/grpcurl -plaintext {caddr} list");
-        println!(
-            "   .venv/bin/grpcurl -plaintext -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
-        );
-        println!(
-            "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {p} twopc.v1.Participant/Execute"
-        );
-        println!(
-            "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
-        );
-        println!("   cargo run -q --bin twopcctl -- --coordinator http://{caddr} list");
-        println!("   cargo run -q --bin twopcctl -- in-doubt --participant http://{p}");
-        println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
-        println!("   Ctrl-C stops everything and removes the clusters.");
-        std::future::pending::<()>().await;
-    }
-
-    println!("\n== Done: stopping the servers and removing the clusters");
-    drop(bank);
-    let _ = stop_tx.send(true);
-    coord_task.await??;
-    for t in participant_tasks {
-        t.await??;
-    }
     Ok(())
+}
+
+/// With --keep: the commands to try on the running system.
+fn print_how_to_reach(system: &System, east: &PgCluster) {
+    let caddr = system.coordinator;
+    let p = system.participants[0];
+    println!("\n== Still running. From another shell in this directory (grpcurl needs no .proto):");
+    println!("   .venv/bin/grpcurl -plaintext {caddr} list");
+    println!(
+        "   .venv/bin/grpcurl -plaintext -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
+    );
+    println!(
+        "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {p} twopc.v1.Participant/Execute"
+    );
+    println!(
+        "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
+    );
+    println!("   cargo run -q --bin twopcctl -- --coordinator http://{caddr} list");
+    println!("   cargo run -q --bin twopcctl -- in-doubt --participant http://{p}");
+    println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
+    println!("   Ctrl-C stops everything and removes the clusters.");
 }

@@ -12,17 +12,14 @@
 //! `pg_prepared_xacts` is empty in both databases, and checks each transaction ended the right
 //! way.
 
-#[path = "../demo/cluster.rs"]
-mod cluster;
-
 use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
-use cluster::{PgCluster, Settings};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use twopc::coordinator::log::{Log, SledLog};
 use twopc::coordinator::txn::{BranchRecord, BranchState, State, Txn};
 use twopc::proto::TxnId;
+use twopc::testkit::cluster::{PgCluster, Settings};
 use twopc::{coordinator, participant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -23,29 +23,38 @@ struct Args {
     #[arg(long, env = "TWOPC_ID")]
     id: Option<String>,
     /// Timeout of a transaction that Begin gives none (ms).
-    #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT_MS", default_value_t = ms(Limits::default().default_timeout))]
     default_timeout_ms: u64,
     /// The longest timeout Begin accepts (ms).
-    #[arg(long, env = "TWOPC_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
+    #[arg(long, env = "TWOPC_MAX_TIMEOUT_MS", default_value_t = ms(Limits::default().max_timeout))]
     max_timeout_ms: u64,
     /// How long phase 1 waits for each vote before counting it as no (ms).
-    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = ms(Limits::default().prepare_timeout))]
     prepare_timeout_ms: u64,
     /// How long Commit waits for phase-2 acknowledgements before answering anyway (ms).
-    #[arg(long, env = "TWOPC_COMMIT_WAIT_MS", default_value_t = 5_000)]
+    #[arg(long, env = "TWOPC_COMMIT_WAIT_MS", default_value_t = ms(Limits::default().commit_wait))]
     commit_wait_ms: u64,
     /// How often enlisted participants are asked for orphaned prepared branches (ms; also at start).
-    #[arg(long, env = "TWOPC_ORPHAN_SCAN_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "TWOPC_ORPHAN_SCAN_INTERVAL_MS", default_value_t = ms(Limits::default().orphan_scan_interval))]
     orphan_scan_interval_ms: u64,
     /// How long a finished transaction stays in the log for GetTransaction and repeated
     /// Commit/Abort, in hours; 0 keeps every one for ever.
-    #[arg(long, env = "TWOPC_RETAIN_FINISHED_HOURS", default_value_t = 168)]
+    #[arg(long, env = "TWOPC_RETAIN_FINISHED_HOURS", default_value_t = hours(Limits::default().retain_finished))]
     retain_finished_hours: u64,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
     #[command(flatten)]
     process: telemetry::Options,
+}
+
+/// A default of `Limits` as a flag's default, so each number is written once.
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn hours(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| d.as_secs() / 3600)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -10,12 +10,8 @@
 //! shares this machine's cores, as the baseline's pgbench shares them with its server. The
 //! coordinator and participants run in this process, on their own runtime.
 
-#[path = "../demo/cluster.rs"]
-mod cluster;
-
 use anyhow::Result;
 use clap::Parser;
-use cluster::{PgCluster, Settings};
 use hdrhistogram::Histogram;
 use rand::Rng;
 use std::sync::Arc;
@@ -25,6 +21,7 @@ use tonic::transport::Channel;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
+use twopc::testkit::cluster::{PgCluster, Settings};
 use twopc::{coordinator, participant};
 
 /// Measures global transactions per second through twopc.

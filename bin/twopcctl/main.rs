@@ -174,165 +174,188 @@ fn print_txn(t: &proto::Transaction) {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let coordinator = || channel(&cli.coordinator).map(CoordinatorClient::new);
+    let json = cli.json;
     match cli.command {
-        Command::List { states, limit } => {
-            let resp = coordinator()?
-                .list_transactions(proto::ListTransactionsRequest {
-                    states: states.iter().map(|s| *s as i32).collect(),
-                    limit,
-                })
-                .await?
-                .into_inner();
-            if cli.json {
-                println!(
-                    "{}",
-                    Json::Array(resp.transactions.iter().map(txn_json).collect())
-                );
-                return Ok(());
-            }
-            let mut t = table(&["txn id", "state", "outcome", "age", "branches", "label"]);
-            for x in &resp.transactions {
-                t.add_row(vec![
-                    x.txn_id.clone(),
-                    short(x.state().as_str_name(), "TXN_STATE_"),
-                    short(x.outcome().as_str_name(), "OUTCOME_"),
-                    age(x.created_unix_ms),
-                    x.branches
-                        .iter()
-                        .map(|b| b.participant_id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    x.label.clone(),
-                ]);
-            }
-            println!("{t}\n{} transaction(s)", resp.transactions.len());
-        }
-        Command::Show { txn_id } => {
-            let t = coordinator()?
-                .get_transaction(proto::GetTransactionRequest { txn_id })
-                .await?
-                .into_inner();
-            if cli.json {
-                println!("{}", txn_json(&t));
-            } else {
-                print_txn(&t);
-            }
-        }
-        Command::Abort { txn_id, reason } => {
-            let r = coordinator()?
-                .abort(proto::AbortRequest {
-                    txn_id: txn_id.clone(),
-                    reason,
-                })
-                .await?
-                .into_inner();
-            let outcome = short(r.outcome().as_str_name(), "OUTCOME_");
-            if cli.json {
-                println!("{}", json!({"txn_id": txn_id, "outcome": outcome}));
-            } else {
-                println!("transaction {txn_id}: {outcome}");
-            }
-        }
-        Command::InDoubt { participant } => {
-            let resp = ParticipantClient::new(channel(&participant)?)
+        Command::List { states, limit } => list(&cli.coordinator, &states, limit, json).await,
+        Command::Show { txn_id } => show(&cli.coordinator, txn_id, json).await,
+        Command::Abort { txn_id, reason } => abort(&cli.coordinator, txn_id, reason, json).await,
+        Command::InDoubt { participant } => in_doubt(&participant, json).await,
+        Command::Resolve(r) => resolve(&cli.coordinator, r, json).await,
+    }
+}
+
+fn coordinator(url: &str) -> Result<CoordinatorClient<Channel>> {
+    channel(url).map(CoordinatorClient::new)
+}
+
+/// `list`: transactions, newest first.
+async fn list(url: &str, states: &[TxnState], limit: u32, json: bool) -> Result<()> {
+    let resp = coordinator(url)?
+        .list_transactions(proto::ListTransactionsRequest {
+            states: states.iter().map(|s| *s as i32).collect(),
+            limit,
+        })
+        .await?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            Json::Array(resp.transactions.iter().map(txn_json).collect())
+        );
+        return Ok(());
+    }
+    let mut t = table(&["txn id", "state", "outcome", "age", "branches", "label"]);
+    for x in &resp.transactions {
+        t.add_row(vec![
+            x.txn_id.clone(),
+            short(x.state().as_str_name(), "TXN_STATE_"),
+            short(x.outcome().as_str_name(), "OUTCOME_"),
+            age(x.created_unix_ms),
+            x.branches
+                .iter()
+                .map(|b| b.participant_id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            x.label.clone(),
+        ]);
+    }
+    println!("{t}\n{} transaction(s)", resp.transactions.len());
+    Ok(())
+}
+
+/// `show`: one transaction and its branches.
+async fn show(url: &str, txn_id: String, json: bool) -> Result<()> {
+    let t = coordinator(url)?
+        .get_transaction(proto::GetTransactionRequest { txn_id })
+        .await?
+        .into_inner();
+    if json {
+        println!("{}", txn_json(&t));
+    } else {
+        print_txn(&t);
+    }
+    Ok(())
+}
+
+/// `abort`: ask the coordinator to abort.
+async fn abort(url: &str, txn_id: String, reason: String, json: bool) -> Result<()> {
+    let r = coordinator(url)?
+        .abort(proto::AbortRequest {
+            txn_id: txn_id.clone(),
+            reason,
+        })
+        .await?
+        .into_inner();
+    let outcome = short(r.outcome().as_str_name(), "OUTCOME_");
+    if json {
+        println!("{}", json!({"txn_id": txn_id, "outcome": outcome}));
+    } else {
+        println!("transaction {txn_id}: {outcome}");
+    }
+    Ok(())
+}
+
+/// `in-doubt`: a participant's prepared branches.
+async fn in_doubt(participant: &str, json: bool) -> Result<()> {
+    let resp = ParticipantClient::new(channel(participant)?)
+        .recover(proto::RecoverRequest::default())
+        .await?
+        .into_inner();
+    if json {
+        let rows: Vec<Json> = resp
+            .branches
+            .iter()
+            .map(|b| json!({"txn_id": b.txn_id, "coordinator_id": b.coordinator_id, "gid": b.gid, "xid": b.xid, "age_ms": b.age_ms}))
+            .collect();
+        println!("{}", Json::Array(rows));
+        return Ok(());
+    }
+    let mut t = table(&["txn id", "coordinator", "prepared for", "xid", "gid"]);
+    for b in &resp.branches {
+        t.add_row(vec![
+            b.txn_id.clone(),
+            b.coordinator_id.clone(),
+            age(now_ms() - b.age_ms),
+            b.xid.to_string(),
+            b.gid.clone(),
+        ]);
+    }
+    println!(
+        "{t}\n{} prepared branch(es) at {participant}",
+        resp.branches.len()
+    );
+    Ok(())
+}
+
+/// `resolve`: an operator finishes a transaction by hand, at the coordinator or at one
+/// participant (a heuristic decision).
+async fn resolve(url: &str, r: Resolve, json: bool) -> Result<()> {
+    let operator = r
+        .operator
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let verb = if r.force_commit {
+        "committed"
+    } else {
+        "rolled back"
+    };
+    match &r.participant {
+        Some(url) => {
+            let mut client = ParticipantClient::new(channel(url)?);
+            let prepared = client
                 .recover(proto::RecoverRequest::default())
                 .await?
                 .into_inner();
-            if cli.json {
-                let rows: Vec<Json> = resp
-                    .branches
-                    .iter()
-                    .map(|b| json!({"txn_id": b.txn_id, "coordinator_id": b.coordinator_id, "gid": b.gid, "xid": b.xid, "age_ms": b.age_ms}))
-                    .collect();
-                println!("{}", Json::Array(rows));
-                return Ok(());
-            }
-            let mut t = table(&["txn id", "coordinator", "prepared for", "xid", "gid"]);
-            for b in &resp.branches {
-                t.add_row(vec![
-                    b.txn_id.clone(),
-                    b.coordinator_id.clone(),
-                    age(now_ms() - b.age_ms),
-                    b.xid.to_string(),
-                    b.gid.clone(),
-                ]);
-            }
-            println!(
-                "{t}\n{} prepared branch(es) at {participant}",
-                resp.branches.len()
-            );
-        }
-        Command::Resolve(r) => {
-            let operator = r
-                .operator
-                .clone()
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| "unknown".into());
-            let verb = if r.force_commit {
-                "committed"
-            } else {
-                "rolled back"
+            let Some(branch) = prepared.branches.iter().find(|b| b.txn_id == r.txn_id) else {
+                bail!("{url} holds no prepared branch of transaction {}", r.txn_id);
             };
-            match &r.participant {
-                Some(url) => {
-                    let mut client = ParticipantClient::new(channel(url)?);
-                    let prepared = client
-                        .recover(proto::RecoverRequest::default())
-                        .await?
-                        .into_inner();
-                    let Some(branch) = prepared.branches.iter().find(|b| b.txn_id == r.txn_id)
-                    else {
-                        bail!("{url} holds no prepared branch of transaction {}", r.txn_id);
-                    };
-                    let mut req = tonic::Request::new(proto::BranchRequest {
-                        txn_id: r.txn_id.clone(),
-                        xid: branch.xid,
-                        coordinator_id: branch.coordinator_id.clone(),
-                    });
-                    req.metadata_mut().insert(
-                        "x-twopc-operator",
-                        operator.parse().context("operator name")?,
-                    );
-                    if !r.reason.is_empty() {
-                        req.metadata_mut()
-                            .insert("x-twopc-reason", r.reason.parse().context("reason")?);
-                    }
-                    if r.force_commit {
-                        client.commit(req).await?;
+            let mut req = tonic::Request::new(proto::BranchRequest {
+                txn_id: r.txn_id.clone(),
+                xid: branch.xid,
+                coordinator_id: branch.coordinator_id.clone(),
+            });
+            req.metadata_mut().insert(
+                "x-twopc-operator",
+                operator.parse().context("operator name")?,
+            );
+            if !r.reason.is_empty() {
+                req.metadata_mut()
+                    .insert("x-twopc-reason", r.reason.parse().context("reason")?);
+            }
+            if r.force_commit {
+                client.commit(req).await?;
+            } else {
+                client.rollback(req).await?;
+            }
+            if json {
+                println!(
+                    "{}",
+                    json!({"txn_id": r.txn_id, "participant": url, "branch": verb, "gid": branch.gid})
+                );
+            } else {
+                println!("branch {} at {url}: {verb} by {operator}", branch.gid);
+            }
+        }
+        None => {
+            let t = coordinator(url)?
+                .resolve_transaction(proto::ResolveTransactionRequest {
+                    txn_id: r.txn_id.clone(),
+                    resolution: if r.force_commit {
+                        proto::Resolution::ForceCommit
                     } else {
-                        client.rollback(req).await?;
-                    }
-                    if cli.json {
-                        println!(
-                            "{}",
-                            json!({"txn_id": r.txn_id, "participant": url, "branch": verb, "gid": branch.gid})
-                        );
-                    } else {
-                        println!("branch {} at {url}: {verb} by {operator}", branch.gid);
-                    }
-                }
-                None => {
-                    let t = coordinator()?
-                        .resolve_transaction(proto::ResolveTransactionRequest {
-                            txn_id: r.txn_id.clone(),
-                            resolution: if r.force_commit {
-                                proto::Resolution::ForceCommit
-                            } else {
-                                proto::Resolution::ForceAbort
-                            } as i32,
-                            operator: operator.clone(),
-                            reason: r.reason.clone(),
-                        })
-                        .await?
-                        .into_inner();
-                    if cli.json {
-                        println!("{}", txn_json(&t));
-                    } else {
-                        println!("resolved by {operator}:");
-                        print_txn(&t);
-                    }
-                }
+                        proto::Resolution::ForceAbort
+                    } as i32,
+                    operator: operator.clone(),
+                    reason: r.reason.clone(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", txn_json(&t));
+            } else {
+                println!("resolved by {operator}:");
+                print_txn(&t);
             }
         }
     }

@@ -6,7 +6,6 @@
 //! start. A process handle kills its child (SIGKILL) when dropped, also while a panic unwinds;
 //! the clusters stop on their own drop.
 
-use crate::cluster::PgCluster;
 use anyhow::{Context, Result, anyhow, bail};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -19,6 +18,7 @@ use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use twopc::testkit::cluster::PgCluster;
 
 /// The number of databases (and participants).
 pub const DATABASES: usize = 3;
