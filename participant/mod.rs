@@ -31,7 +31,8 @@ pub mod sql;
 
 use crate::proto::participant_server::ParticipantServer;
 pub use core::Participant;
-use link::GrpcCoordinator;
+use database::Database;
+use link::{CoordinatorLink, GrpcCoordinator};
 use postgres::Postgres;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -93,11 +94,34 @@ pub async fn run(
         watch.abort();
         health::set(&reporter, false).await;
     };
-    crate::proto::server_with(health_service)?
+    serve_with(listener, core, health_service, draining).await
+}
+
+/// Serves an already-built core, on any database and coordinator link, until `shutdown`: the
+/// Participant service, health (SERVING, not watched) and reflection. For cores `run` does not
+/// build, such as `loadgen`'s coordinator-only mode over an in-memory database.
+pub async fn serve<D: Database, C: CoordinatorLink>(
+    listener: TcpListener,
+    core: std::sync::Arc<Participant<D, C>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (_reporter, health_service) = tonic_health::server::health_reporter();
+    serve_with(listener, core, health_service, shutdown).await
+}
+
+async fn serve_with<D: Database, C: CoordinatorLink>(
+    listener: TcpListener,
+    core: std::sync::Arc<Participant<D, C>>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    crate::proto::server_with(health)?
         .add_service(ParticipantServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            draining,
+            shutdown,
         )
         .await?;
     Ok(())
