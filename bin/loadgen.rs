@@ -269,6 +269,20 @@ async fn run(
     })
 }
 
+/// A coordinator served on this runtime, on a loopback port, with its log in `dir`.
+async fn start_coordinator(dir: &std::path::Path, id: &str) -> Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = coordinator::Config {
+        data_dir: dir.to_path_buf(),
+        id: Some(id.into()),
+        limits: coordinator::Limits::default(),
+        drain_timeout: Duration::from_secs(1),
+    };
+    tokio::spawn(coordinator::run(listener, config, std::future::pending()));
+    Ok(addr)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -307,15 +321,7 @@ fn main() -> Result<()> {
                 ))
                 .await?;
         }
-        let cl = TcpListener::bind("127.0.0.1:0").await?;
-        let caddr = cl.local_addr()?;
-        let config = coordinator::Config {
-            data_dir: data_dir.path().to_path_buf(),
-            id: Some("load".into()),
-            limits: coordinator::Limits::default(),
-            drain_timeout: Duration::from_secs(1),
-        };
-        tokio::spawn(coordinator::run(cl, config, std::future::pending()));
+        let caddr = start_coordinator(data_dir.path(), "load").await?;
         let mut paddrs = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
             let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -336,15 +342,7 @@ fn main() -> Result<()> {
     // Coordinator-only: a second coordinator, with participants over an in-memory database.
     let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
     let (fast_caddr, fast_paddrs) = servers.block_on(async {
-        let cl = TcpListener::bind("127.0.0.1:0").await?;
-        let caddr = cl.local_addr()?;
-        let config = coordinator::Config {
-            data_dir: fast_dir.path().to_path_buf(),
-            id: Some("load-c".into()),
-            limits: coordinator::Limits::default(),
-            drain_timeout: Duration::from_secs(1),
-        };
-        tokio::spawn(coordinator::run(cl, config, std::future::pending()));
+        let caddr = start_coordinator(fast_dir.path(), "load-c").await?;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
             .tcp_nodelay(true)
             .connect_lazy();
