@@ -54,6 +54,11 @@ struct Args {
     /// One JSON object per result line instead of the table.
     #[arg(long)]
     json: bool,
+    /// Instead of the sweep: time one Execute returning 20,000 rows of six columns of types the
+    /// wire has no field for (numeric, timestamptz, uuid, jsonb, text[], interval), against the
+    /// same rows as six int8 columns.
+    #[arg(long)]
+    types: bool,
 }
 
 /// What a run measures; see the module header.
@@ -186,6 +191,60 @@ async fn one_transaction(t: &Target, branches: usize) -> Result<Outcome> {
         .await?
         .into_inner();
     Ok(r.outcome())
+}
+
+/// The types mode's tables: the same 20,000 rows as six int8 columns, and as six columns of
+/// types the wire has no field for (so the participant returns them as PostgreSQL prints them).
+const TYPES_TABLES: &str = "\
+    CREATE TABLE int8_rows AS SELECT g::int8 a, g::int8 * 60 b, g::int8 * 7 c, g::int8 + 1 d, \
+        g::int8 * 2 e, g::int8 * 1000 f FROM generate_series(1, 20000) g; \
+    CREATE TABLE typed_rows AS SELECT g::numeric / 7 a, \
+        timestamptz '2026-01-01 00:00+00' + g * interval '1 min' b, md5(g::text)::uuid c, \
+        jsonb_build_object('g', g) d, ARRAY[g::text, 'x'] e, g * interval '1 sec' f \
+        FROM generate_series(1, 20000) g;";
+
+/// The types mode's two queries.
+const TYPES_QUERIES: [(&str, &str); 2] = [
+    ("int8", "SELECT * FROM int8_rows"),
+    (
+        "numeric,timestamptz,uuid,jsonb,text[],interval",
+        "SELECT * FROM typed_rows",
+    ),
+];
+
+/// Milliseconds of each Execute in the types mode (`rounds` of each query, alternating).
+async fn time_types(t: &Target, rounds: usize) -> Result<Vec<(&'static str, Vec<f64>)>> {
+    let mut times: Vec<(&'static str, Vec<f64>)> = TYPES_QUERIES
+        .iter()
+        .map(|(name, _)| (*name, Vec::new()))
+        .collect();
+    for _ in 0..rounds {
+        for (k, (_, sql)) in TYPES_QUERIES.iter().enumerate() {
+            let mut coordinator = t.coordinator.clone();
+            let txn = coordinator
+                .begin(proto::BeginRequest::default())
+                .await?
+                .into_inner()
+                .txn_id;
+            let started = Instant::now();
+            let resp = t.participants[0]
+                .clone()
+                .max_decoding_message_size(usize::MAX)
+                .execute(proto::ExecuteRequest {
+                    txn_id: txn.clone(),
+                    sql: sql.to_string(),
+                    params: vec![],
+                })
+                .await?
+                .into_inner();
+            times[k].1.push(started.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(resp.rows.len() == 20_000, "expected 20,000 rows");
+            coordinator
+                .commit(proto::CommitRequest { txn_id: txn })
+                .await?;
+        }
+    }
+    Ok(times)
 }
 
 struct RunResult {
@@ -380,6 +439,36 @@ fn main() -> Result<()> {
         })
     })?;
 
+    if args.types {
+        servers.block_on(async {
+            pgs[0].client().await?.batch_execute(TYPES_TABLES).await?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        let times = clients.block_on(time_types(&targets.twopc, 5))?;
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let base = median(&times[0].1);
+        for (columns, t) in &times {
+            let ms = median(t);
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"mode": "types", "columns": columns, "rows": 20000, "median_ms": (ms * 10.0).round() / 10.0, "ratio_to_int8": (ms / base * 100.0).round() / 100.0})
+                );
+            } else {
+                println!(
+                    "Execute of 20,000 rows of {columns:<48} median {ms:>8.1} ms  ({:.2}x int8)",
+                    ms / base
+                );
+            }
+        }
+        clients.shutdown_timeout(Duration::from_secs(1));
+        servers.shutdown_timeout(Duration::from_secs(1));
+        return Ok(());
+    }
     if !args.json {
         println!(
             "{:<17} {:<8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>14}",

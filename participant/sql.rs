@@ -6,8 +6,10 @@
 //!
 //! Result cells of the types the wire has a field for (integers, floats, bool, bytea, NULL) keep
 //! their type; every other type becomes PostgreSQL's own text form, which the server itself
-//! produces (`$1::text` over the binary value), so a timestamp or numeric reads exactly as psql
-//! would print it.
+//! produces, so a timestamp or numeric reads exactly as psql would print it. A plain query is
+//! wrapped so the server prints those columns as it produces them (`printing_statement`); any
+//! other statement's cells go back to the server afterwards, thousands per round trip
+//! (`print_on_server`). Never one round trip per cell.
 
 use crate::proto::{self, value::Kind};
 use bytes::BytesMut;
@@ -72,11 +74,11 @@ impl ToSql for TextParam {
 }
 
 /// A result cell's bytes as the server sent them (binary format), for types we do not decode.
-struct RawCell(Vec<u8>);
+struct RawCell<'a>(&'a [u8]);
 
-impl<'a> FromSql<'a> for RawCell {
+impl<'a> FromSql<'a> for RawCell<'a> {
     fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
-        Ok(RawCell(raw.to_vec()))
+        Ok(RawCell(raw))
     }
 
     fn accepts(_ty: &Type) -> bool {
@@ -84,9 +86,10 @@ impl<'a> FromSql<'a> for RawCell {
     }
 }
 
-/// A binary-format parameter of any type: sends a [`RawCell`] back to be printed as text.
+/// A binary-format parameter of any type (`None`: NULL): a [`RawCell`] sent back to be printed
+/// as text.
 #[derive(Debug)]
-struct RawParam<'a>(&'a [u8]);
+struct RawParam<'a>(Option<&'a [u8]>);
 
 impl ToSql for RawParam<'_> {
     fn to_sql(
@@ -94,8 +97,13 @@ impl ToSql for RawParam<'_> {
         _ty: &Type,
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
-        out.extend_from_slice(self.0);
-        Ok(IsNull::No)
+        match self.0 {
+            Some(raw) => {
+                out.extend_from_slice(raw);
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
     }
 
     fn accepts(_ty: &Type) -> bool {
@@ -229,22 +237,28 @@ pub async fn execute(
         .enumerate()
         .map(|(i, v)| param(i + 1, v))
         .collect::<Result<Vec<_>, _>>()?;
-    let stream = client.query_raw(&stmt, bound.iter()).await?;
-    futures::pin_mut!(stream);
-    let mut rows = Vec::new();
-    while let Some(row) = stream.next().await {
-        rows.push(row?);
-    }
-    let rows_affected = stream.rows_affected().unwrap_or(0);
+    let printing = match stmt.columns().iter().any(|c| !decoded_here(c.type_())) {
+        true => printing_statement(client, sql, &stmt).await?,
+        false => None,
+    };
+    let (rows, rows_affected) = match &printing {
+        Some(wrapped) => {
+            let (ran, released) = tokio::join!(
+                run(client, wrapped, &bound),
+                client.batch_execute("RELEASE SAVEPOINT twopc_print")
+            );
+            let ran = ran?;
+            released?;
+            ran
+        }
+        None => run(client, &stmt, &bound).await?,
+    };
     let columns = stmt
         .columns()
         .iter()
         .map(|c| c.name().to_string())
         .collect();
-    let mut converted = Vec::with_capacity(rows.len());
-    for row in &rows {
-        converted.push(convert_row(client, row).await?);
-    }
+    let converted = convert_rows(client, &rows).await?;
     Ok(proto::ExecuteResponse {
         rows_affected,
         columns,
@@ -252,24 +266,135 @@ pub async fn execute(
     })
 }
 
-async fn convert_row(client: &Client, row: &Row) -> Result<proto::Row, tokio_postgres::Error> {
-    let mut values = Vec::with_capacity(row.len());
-    for (i, col) in row.columns().iter().enumerate() {
-        values.push(proto::Value {
-            kind: Some(convert_cell(client, row, i, col.type_()).await?),
-        });
+/// Runs a prepared statement and collects its rows.
+async fn run(
+    client: &Client,
+    stmt: &tokio_postgres::Statement,
+    params: &[TextParam],
+) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+    let stream = client.query_raw(stmt, params.iter()).await?;
+    futures::pin_mut!(stream);
+    let mut rows = Vec::new();
+    while let Some(row) = stream.next().await {
+        rows.push(row?);
     }
-    Ok(proto::Row { values })
+    Ok((rows, stream.rows_affected().unwrap_or(0)))
 }
 
-async fn convert_cell(
+/// For a query whose result has columns of types the wire has no field for: the same query
+/// wrapped so that the server prints those columns as text while it produces them, which costs
+/// it next to nothing (psql gets every cell that way). Only a plain `SELECT`, `VALUES` or
+/// `TABLE` is wrapped (a data-modifying statement cannot be a subquery), and the wrapped form is
+/// parsed under a savepoint, because a statement that fails to parse would abort the branch's
+/// transaction: on any error the savepoint is rolled back and `None` says to print afterwards
+/// (`print_on_server`). On `Some`, the savepoint `twopc_print` is open; the caller releases it.
+async fn printing_statement(
     client: &Client,
-    row: &Row,
-    i: usize,
-    ty: &Type,
-) -> Result<Kind, tokio_postgres::Error> {
-    // The column's declared type is checked by try_get, so these cannot fail on a mismatch.
-    let kind = match *ty {
+    sql: &str,
+    stmt: &tokio_postgres::Statement,
+) -> Result<Option<tokio_postgres::Statement>, tokio_postgres::Error> {
+    let first = leading_words(sql, 1);
+    if !matches!(
+        first.first().map(String::as_str),
+        Some("SELECT" | "VALUES" | "TABLE")
+    ) {
+        return Ok(None);
+    }
+    let columns = stmt.columns();
+    let aliases: Vec<String> = (1..=columns.len()).map(|i| format!("c{i}")).collect();
+    let outputs: Vec<String> = columns
+        .iter()
+        .zip(&aliases)
+        .map(|(c, a)| match decoded_here(c.type_()) {
+            true => a.clone(),
+            false => format!("{a}::text"),
+        })
+        .collect();
+    // The newlines keep a trailing `--` comment from swallowing the closing parenthesis.
+    let wrapped = format!(
+        "SELECT {} FROM (\n{sql}\n) AS twopc_result({})",
+        outputs.join(", "),
+        aliases.join(", ")
+    );
+    let (saved, parsed) = tokio::join!(
+        client.batch_execute("SAVEPOINT twopc_print"),
+        client.prepare_typed(&wrapped, stmt.params())
+    );
+    saved?;
+    match parsed {
+        Ok(wrapped) => Ok(Some(wrapped)),
+        Err(e) if e.as_db_error().is_some() => {
+            tracing::debug!(error = %e, "cannot wrap the query to print its columns; printing afterwards");
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT twopc_print; RELEASE SAVEPOINT twopc_print")
+                .await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// How many cells one printing round trip carries (PostgreSQL allows 65,535 parameters; a
+/// statement this size still parses in well under a millisecond).
+const PRINT_BATCH: usize = 4096;
+
+/// The rows for the wire: cells of the types it has a field for are decoded here; every other
+/// column is printed by the server, many cells per round trip (never one per cell: 20,000 rows
+/// of a numeric would be 20,000 round trips).
+async fn convert_rows(
+    client: &Client,
+    rows: &[Row],
+) -> Result<Vec<proto::Row>, tokio_postgres::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let printed_cols: Vec<usize> = first
+        .columns()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !decoded_here(c.type_()))
+        .map(|(i, _)| i)
+        .collect();
+    let mut printed = print_on_server(client, rows, &printed_cols)
+        .await?
+        .into_iter();
+    let mut converted = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut values = Vec::with_capacity(row.len());
+        for (i, col) in row.columns().iter().enumerate() {
+            let kind = if decoded_here(col.type_()) {
+                decode_cell(row, i, col.type_())?
+            } else {
+                printed.next().flatten().map(Kind::TextValue)
+            };
+            values.push(proto::Value {
+                kind: Some(kind.unwrap_or(Kind::NullValue(true))),
+            });
+        }
+        converted.push(proto::Row { values });
+    }
+    Ok(converted)
+}
+
+/// Whether a result column's type has a field on the wire (or is text already).
+fn decoded_here(ty: &Type) -> bool {
+    matches!(
+        *ty,
+        Type::BOOL
+            | Type::INT2
+            | Type::INT4
+            | Type::INT8
+            | Type::OID
+            | Type::FLOAT4
+            | Type::FLOAT8
+            | Type::BYTEA
+    ) || <String as FromSql>::accepts(ty)
+}
+
+/// A cell of a type [`decoded_here`]. The column's declared type is checked by try_get, so
+/// these cannot fail on a mismatch.
+fn decode_cell(row: &Row, i: usize, ty: &Type) -> Result<Option<Kind>, tokio_postgres::Error> {
+    Ok(match *ty {
         Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Kind::BoolValue),
         Type::INT2 => row
             .try_get::<_, Option<i16>>(i)?
@@ -286,24 +411,52 @@ async fn convert_cell(
             .map(|v| Kind::DoubleValue(v.into())),
         Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Kind::DoubleValue),
         Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(Kind::BytesValue),
-        _ if <String as FromSql>::accepts(ty) => {
-            row.try_get::<_, Option<String>>(i)?.map(Kind::TextValue)
-        }
-        _ => match row.try_get::<_, Option<RawCell>>(i)? {
-            None => None,
-            Some(raw) => {
-                let print = client
-                    .prepare_typed("SELECT $1::text", std::slice::from_ref(ty))
-                    .await?;
-                let text: String = client
-                    .query_one(&print, &[&RawParam(&raw.0)])
-                    .await?
-                    .try_get(0)?;
-                Some(Kind::TextValue(text))
+        _ => row.try_get::<_, Option<String>>(i)?.map(Kind::TextValue),
+    })
+}
+
+/// The text form of the cells in columns `cols`, row by row, as the server prints them
+/// (`$n::text` over the binary value, so the session's DateStyle, TimeZone and IntervalStyle
+/// apply as in psql): the binary cells go back as parameters of their own types, many per
+/// statement, and come back as one text array.
+async fn print_on_server(
+    client: &Client,
+    rows: &[Row],
+    cols: &[usize],
+) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
+    if cols.is_empty() || rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows_per_batch = (PRINT_BATCH / cols.len()).max(1);
+    let mut out = Vec::with_capacity(rows.len() * cols.len());
+    // Every full batch has the same shape: prepared once.
+    let mut statement: Option<(usize, tokio_postgres::Statement)> = None;
+    for batch in rows.chunks(rows_per_batch) {
+        let stmt = match &statement {
+            Some((n, stmt)) if *n == batch.len() => stmt.clone(),
+            _ => {
+                let types: Vec<Type> = (0..batch.len())
+                    .flat_map(|_| cols.iter().map(|&i| rows[0].columns()[i].type_().clone()))
+                    .collect();
+                let list: Vec<String> = (1..=types.len()).map(|p| format!("${p}::text")).collect();
+                let sql = format!("SELECT ARRAY[{}]", list.join(","));
+                let stmt = client.prepare_typed(&sql, &types).await?;
+                statement = Some((batch.len(), stmt.clone()));
+                stmt
             }
-        },
-    };
-    Ok(kind.unwrap_or(Kind::NullValue(true)))
+        };
+        let mut cells = Vec::with_capacity(batch.len() * cols.len());
+        for row in batch {
+            for &i in cols {
+                cells.push(RawParam(row.try_get::<_, Option<RawCell>>(i)?.map(|c| c.0)));
+            }
+        }
+        let params: Vec<&(dyn ToSql + Sync)> =
+            cells.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let texts: Vec<Option<String>> = client.query_one(&stmt, &params).await?.try_get(0)?;
+        out.extend(texts);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -173,6 +173,87 @@ async fn values_round_trip_with_their_types() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_rows_of_other_types_read_as_psql_prints_them() {
+    let sys = System::start(1).await;
+    sys.setup_sql("CREATE TABLE prices (id int PRIMARY KEY, price numeric(6, 3))")
+        .await;
+    // Many rows of many types, NULLs among them.
+    let columns = "g::numeric / 7, timestamptz '2026-11-24 10:00+00' + g * interval '1 min', \
+                   md5(g::text)::uuid, jsonb_build_object('g', g), ARRAY[g::text, NULL], \
+                   g * interval '1 sec', CASE WHEN g % 3 = 0 THEN NULL ELSE g::numeric END";
+    let query = format!("SELECT {columns} FROM generate_series(1, 3000) g ORDER BY g");
+    let txn = sys.begin().await;
+
+    let resp = sys.exec(0, &txn, &query, vec![]).await.unwrap();
+    // Statements that cannot be wrapped to print in place: printed afterwards, and the branch
+    // is unharmed by the attempt.
+    let semicolon = sys
+        .exec(0, &txn, "SELECT 2.50::numeric; -- trailing", vec![])
+        .await
+        .unwrap();
+    let returning = sys
+        .exec(
+            0,
+            &txn,
+            "INSERT INTO prices VALUES (1, 9.990) RETURNING price, interval '90 min'",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(sys.commit(&txn).await.outcome), Outcome::Committed);
+
+    assert_eq!(
+        semicolon.rows[0].values[0].kind,
+        Some(Kind::TextValue("2.50".into()))
+    );
+    assert_eq!(
+        returning.rows[0]
+            .values
+            .iter()
+            .map(|v| v.kind.clone())
+            .collect::<Vec<_>>(),
+        vec![
+            Some(Kind::TextValue("9.990".into())),
+            Some(Kind::TextValue("01:30:00".into()))
+        ]
+    );
+    assert_eq!(sys.scalar(0, "SELECT count(*) FROM prices").await, 1);
+
+    // What PostgreSQL itself prints, cell by cell.
+    let pg = sys.pgs[0].client().await.unwrap();
+    let printed = format!(
+        "SELECT ARRAY[{}] FROM ({query}) q(a, b, c, d, e, f, h)",
+        ["a", "b", "c", "d", "e", "f", "h"]
+            .map(|c| format!("{c}::text"))
+            .join(", ")
+    );
+    let expected: Vec<Vec<Option<String>>> = pg
+        .query(&printed, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let got: Vec<Vec<Option<String>>> = resp
+        .rows
+        .iter()
+        .map(|r| {
+            r.values
+                .iter()
+                .map(|v| match v.kind.clone().unwrap() {
+                    Kind::TextValue(t) => Some(t),
+                    Kind::NullValue(_) => None,
+                    other => panic!("a printed type came back as {other:?}"),
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(got.len(), 3000);
+    assert_eq!(got, expected);
+    sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_do_not_leak_from_one_branch_to_the_next() {
     let sys = System::start(1).await;
     let mut seen = Vec::new();
