@@ -46,7 +46,7 @@ impl Flusher {
                     }
                     metrics::histogram!("twopc_log_flush_seconds").record(started.elapsed());
                     tracing::trace!(ticket, elapsed_us = started.elapsed().as_micros() as u64, "log flushed");
-                    flushed_tx.send_replace(ticket);
+                    flushed_tx.send_if_modified(|flushed| advance(flushed, ticket));
                 }
             })
             .expect("spawn the log flusher thread");
@@ -82,6 +82,17 @@ impl Flusher {
     }
 }
 
+/// Moves the flushed mark up to `ticket`; returns whether it moved. Never backwards: tickets
+/// can reach the thread out of order (a caller may be preempted between taking its ticket and
+/// sending it), and a flush for a lower ticket that lands after a higher one must not hide the
+/// higher one from the callers still waiting on it: they would wait for the next flush, which
+/// may never come.
+fn advance(flushed: &mut u64, ticket: u64) -> bool {
+    let moved = ticket > *flushed;
+    *flushed = (*flushed).max(ticket);
+    moved
+}
+
 impl Drop for Flusher {
     /// Waits for the thread, so the database (and its file lock) is closed on return: a
     /// coordinator restarted in the same process can reopen it at once.
@@ -90,5 +101,20 @@ impl Drop for Flusher {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advance;
+
+    #[test]
+    fn the_flushed_mark_never_moves_back_for_a_late_lower_ticket() {
+        let mut flushed = 0;
+        assert!(advance(&mut flushed, 6));
+        assert!(!advance(&mut flushed, 5));
+        assert_eq!(flushed, 6);
+        assert!(advance(&mut flushed, 7));
+        assert_eq!(flushed, 7);
     }
 }

@@ -437,6 +437,32 @@ mod tests {
         assert_eq!(log.newest(100, &|_| true).unwrap().len(), 64);
     }
 
+    /// Tickets can reach the flusher out of order when callers on several threads race; the
+    /// last caller of a burst must still return (it once waited for a flush that never came,
+    /// because a lower ticket's flush had moved the flushed mark back below its own).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_sync_of_every_burst_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SledLog::open(dir.path(), None).unwrap();
+        let log = Arc::new(log);
+        for _ in 0..200 {
+            let burst = (0..32).map(|_| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    log.put(&txn()).unwrap();
+                    log.sync().await.unwrap();
+                })
+            });
+            // Generous: a burst takes milliseconds; without the fix one hangs for ever.
+            tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                futures::future::join_all(burst),
+            )
+            .await
+            .expect("a sync waited for a flush that never came");
+        }
+    }
+
     #[test]
     fn refuses_another_id_or_format() {
         let dir = tempfile::tempdir().unwrap();
