@@ -69,11 +69,13 @@ fn in_process_commit(c: &mut Criterion) {
             .expect("a coordinator");
     let endpoints = ["http://p1", "http://p2"];
 
-    let one = move |core: Arc<Coordinator<SledLog, FakeParticipants>>, branches: usize| async move {
+    let one = move |core: Arc<Coordinator<SledLog, FakeParticipants>>,
+                    branches: usize,
+                    one_phase: bool| async move {
         let (txn, _) = core.begin(0, String::new()).unwrap();
         for ep in &endpoints[..branches] {
             let participant = ep.trim_start_matches("http://");
-            core.register_branch(txn, participant, ep, "i")
+            core.register_branch(txn, participant, ep, "i", one_phase)
                 .await
                 .unwrap();
         }
@@ -85,16 +87,22 @@ fn in_process_commit(c: &mut Criterion) {
     };
 
     let mut group = c.benchmark_group("in_process_commit");
-    for branches in [1, 2] {
+    // A lone branch whose participant can commit in one phase skips Prepare.
+    for (name, branches, one_phase) in [
+        ("1_branch", 1, false),
+        ("1_branch_one_phase", 1, true),
+        ("2_branch", 2, false),
+    ] {
         group.throughput(Throughput::Elements(1));
-        group.bench_function(format!("{branches}_branch"), |b| {
-            b.iter(|| rt.block_on(one(Arc::clone(&core), branches)))
+        group.bench_function(name, |b| {
+            b.iter(|| rt.block_on(one(Arc::clone(&core), branches, one_phase)))
         });
         group.throughput(Throughput::Elements(32));
-        group.bench_function(format!("{branches}_branch_32_at_once"), |b| {
+        group.bench_function(format!("{name}_32_at_once"), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let commits = (0..32).map(|_| tokio::spawn(one(Arc::clone(&core), branches)));
+                    let commits =
+                        (0..32).map(|_| tokio::spawn(one(Arc::clone(&core), branches, one_phase)));
                     futures::future::join_all(commits).await
                 })
             })

@@ -164,6 +164,7 @@ async fn run(args: Args) -> Result<()> {
                         instance: String::new(),
                         state: BranchState::Prepared,
                         xid: xids[i][n],
+                        one_phase: false,
                     })
                     .collect();
                 log.put(&txn)?;
@@ -184,6 +185,7 @@ async fn run(args: Args) -> Result<()> {
             postgres: pg.conn_str(),
             max_connections: 32,
             resolve_interval: Duration::from_secs(5),
+            one_phase: true,
         };
         servers.push(tokio::spawn(participant::run(
             l,

@@ -41,6 +41,10 @@ struct Args {
     /// Commit/Abort, in hours; 0 keeps every one for ever.
     #[arg(long, env = "TWOPC_RETAIN_FINISHED_HOURS", default_value_t = hours(Limits::default().retain_finished))]
     retain_finished_hours: u64,
+    /// Commit a transaction with a lone branch in one phase when its participant can
+    /// (docs/PROTOCOL.md); `false`: always two phases.
+    #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
+    one_phase: bool,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
                 orphan_scan_interval: Duration::from_millis(args.orphan_scan_interval_ms),
                 retain_finished: (args.retain_finished_hours > 0)
                     .then(|| Duration::from_secs(args.retain_finished_hours * 3600)),
+                one_phase: args.one_phase,
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),

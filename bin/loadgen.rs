@@ -393,6 +393,7 @@ async fn open_txns(n: usize, json: bool) -> Result<()> {
                     participant_id: format!("p{p}"),
                     endpoint: format!("http://127.0.0.1:{}", 1 + p),
                     instance_id: "loadgen".into(),
+                    one_phase: false,
                 })
                 .await?;
         }
@@ -465,6 +466,7 @@ fn main() -> Result<()> {
                 postgres: pg.conn_str(),
                 max_connections: 64,
                 resolve_interval: Duration::from_secs(5),
+                one_phase: true,
             };
             tokio::spawn(participant::run(l, config, std::future::pending()));
         }

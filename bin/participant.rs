@@ -40,6 +40,10 @@ struct Args {
     /// How often prepared branches are checked with the coordinator, in ms (also at start).
     #[arg(long, env = "TWOPC_RESOLVE_INTERVAL_MS", default_value_t = 5_000)]
     resolve_interval_ms: u64,
+    /// Offer one-phase commit for a transaction whose only branch is here. Needs the table
+    /// twopc.one_phase_outcomes, created at start if this role may; without it, it is off.
+    #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
+    one_phase: bool,
     #[command(flatten)]
     process: telemetry::Options,
 }
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             postgres: args.postgres,
             max_connections: args.max_connections,
             resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
+            one_phase: args.one_phase,
         };
         run(listener, config, twopc::process::signal::shutdown()).await
     })

@@ -13,12 +13,20 @@
 //! 6. COMMIT PREPARED goes to every prepared branch, retried with backoff until acknowledged.
 //!    crash → recovery finds the commit record and re-drives it.
 //! 7. All acknowledged: the final record is written (not forced) and the txn leaves memory.
+//!
+//! A lone branch whose participant can commit in one phase skips all of that (`run_one_phase`,
+//! and docs/PROTOCOL.md "One-phase commit of a lone branch" for its crash table):
+//! 1. The OnePhase record is written and flushed: from here on, never presumed aborted.
+//! 2. CommitOnePhase goes to the participant, retried with backoff until it answers; its
+//!    answer is the outcome (a repeat is answered from its database, so it is the truth).
+//! 3. The outcome is announced, the final record written (not forced), and the txn id queued
+//!    so that the participant may forget its marker once that record is durable.
 
 use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
 use super::participants::{Participants, PeerError};
-use super::txn::{Decision, OnAbort, OnCommit, OnResolve, Outcome, State, Txn};
+use super::txn::{Decision, OnAbort, OnCommit, OnResolve, OnePhaseOutcome, Outcome, State, Txn};
 use crate::proto::TxnId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +52,15 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         let Some(live) = self.live(id) else {
             return self.recorded(id);
         };
-        let step = live.txn.lock().unwrap().commit();
+        let step = live.txn.lock().unwrap().commit(self.limits.one_phase);
         match step {
+            OnCommit::OnePhase(_) => {
+                tracing::debug!(txn_id = %id, "commit: one phase");
+                let this = Arc::clone(self);
+                let run = Arc::clone(&live);
+                let span = live.span("commit");
+                tokio::spawn(async move { this.run_one_phase(run, true).await }.instrument(span));
+            }
             OnCommit::Prepare(branches) => {
                 tracing::debug!(txn_id = %id, branches = branches.len(), "commit: phase 1");
                 let this = Arc::clone(self);
@@ -55,7 +70,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             }
             OnCommit::Wait | OnCommit::Decided(_) => {}
         }
-        Ok(self.wait_for_outcome(&live, wait).await)
+        self.wait_for_outcome(&live, wait).await
     }
 
     /// Aborts unless already decided, and returns the outcome.
@@ -69,7 +84,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             reason
         };
         self.start_abort(&live, |txn| Some(txn.abort(reason, now_ms())));
-        Ok(self.wait_for_outcome(&live, Duration::ZERO).await.outcome)
+        Ok(self.wait_for_outcome(&live, Duration::ZERO).await?.outcome)
     }
 
     /// The deadline passed: abort if nobody has called Commit yet.
@@ -121,10 +136,35 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         })
     }
 
-    async fn wait_for_outcome(&self, live: &Live, phase2_wait: Duration) -> CommitResult {
+    async fn wait_for_outcome(
+        &self,
+        live: &Live,
+        phase2_wait: Duration,
+    ) -> Result<CommitResult, Error> {
         let mut progress = live.progress.subscribe();
-        // The outcome always comes: phase 1 is bounded by the prepare timeout.
-        let _ = progress.wait_for(|p| p.announced != Outcome::Pending).await;
+        let delegated = live.txn.lock().unwrap().state == State::OnePhase;
+        let announced = progress.wait_for(|p| p.announced != Outcome::Pending);
+        if delegated {
+            // Only the participant can tell, and it may be down for long: the caller hears so
+            // and asks again, while the driver keeps asking the participant. Long enough for
+            // one lost reply and its retry.
+            let bound = self.limits.prepare_timeout + self.limits.commit_wait;
+            if tokio::time::timeout(bound, announced).await.is_err() {
+                let txn = live.txn.lock().unwrap();
+                return Err(Error::OutcomeAtParticipant {
+                    id: txn.id,
+                    participant_id: txn.branches[0].participant_id.clone(),
+                    last_error: if txn.unanswered.is_empty() {
+                        "its answer is still on the way".into()
+                    } else {
+                        txn.unanswered.clone()
+                    },
+                });
+            }
+        } else {
+            // The outcome always comes: phase 1 is bounded by the prepare timeout.
+            let _ = announced.await;
+        }
         // Waiting for phase 2 lets a committer read its own writes; an abort's rollbacks
         // change nothing the caller can see, so its answer need not wait for them.
         if progress.borrow().announced == Outcome::Committed {
@@ -132,10 +172,103 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         }
         let p = *progress.borrow();
         let txn = live.txn.lock().unwrap();
-        CommitResult {
+        Ok(CommitResult {
             outcome: p.announced,
             reason: txn.reason.clone(),
             branches_pending: p.announced == Outcome::Committed && !p.finished,
+        })
+    }
+
+    /// One-phase commit of a lone branch: the delegation made durable, CommitOnePhase until
+    /// the participant answers, and its answer recorded as the outcome. `fresh`: Commit just
+    /// delegated it (a recovered record is on disk already).
+    pub(super) async fn run_one_phase(self: Arc<Self>, live: Arc<Live>, fresh: bool) {
+        let (id, endpoint) = {
+            let txn = live.txn.lock().unwrap();
+            if fresh {
+                self.put(&txn);
+            }
+            (txn.id, txn.branches[0].endpoint.clone())
+        };
+        if fresh {
+            crate::failpoint!("coordinator::one_phase_written");
+        }
+        // Every record written before this flush is durable after it, so the markers of the
+        // transactions queued by now may go.
+        let forget = self.take_forgettable(&endpoint);
+        let flushing = std::time::Instant::now();
+        self.sync().await;
+        metrics::histogram!("twopc_phase_duration_seconds", "phase" => "decision_flush")
+            .record(flushing.elapsed());
+        crate::failpoint!("coordinator::one_phase_flushed");
+
+        let started = std::time::Instant::now();
+        let mut backoff = self.limits.retry_min;
+        let mut attempts = 0u32;
+        let answer = loop {
+            match self
+                .participants
+                .commit_one_phase(&endpoint, id, &forget, self.limits.prepare_timeout)
+                .await
+            {
+                Ok(answer) => break answer,
+                Err(e) => {
+                    attempts += 1;
+                    if attempts == 1 || attempts.is_power_of_two() {
+                        tracing::warn!(txn_id = %id, endpoint, attempts, error = %e, "CommitOnePhase got no answer; asking again");
+                    }
+                    live.txn.lock().unwrap().unanswered = e.to_string();
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.limits.retry_max);
+        };
+        metrics::histogram!("twopc_phase_duration_seconds", "phase" => "one_phase")
+            .record(started.elapsed());
+        crate::failpoint!("coordinator::one_phase_answered");
+
+        let done = {
+            let mut txn = live.txn.lock().unwrap();
+            txn.one_phase_answered(&answer, now_ms());
+            txn.clone()
+        };
+        let outcome = done.state.outcome();
+        live.announce(outcome);
+        metrics::counter!("twopc_transactions_total", "outcome" => outcome_label(outcome))
+            .increment(1);
+        self.retire(&live, &done);
+        match answer {
+            OnePhaseOutcome::Committed { read_only: false } => {
+                self.queue_forgettable(&endpoint, &[id])
+            }
+            // Its local transaction rolled back, and the deletes with it: ask again next time.
+            OnePhaseOutcome::Aborted { .. } => self.queue_forgettable(&endpoint, &forget),
+            OnePhaseOutcome::Committed { read_only: true } => {}
+        }
+    }
+
+    /// The markers `endpoint` may forget: at most `FORGET_PER_REQUEST` of the queue.
+    fn take_forgettable(&self, endpoint: &str) -> Vec<TxnId> {
+        let mut queues = self.forgettable.lock().unwrap();
+        let Some(queue) = queues.get_mut(endpoint) else {
+            return Vec::new();
+        };
+        let n = queue.len().min(FORGET_PER_REQUEST);
+        queue.drain(..n).collect()
+    }
+
+    fn queue_forgettable(&self, endpoint: &str, ids: &[TxnId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut queues = self.forgettable.lock().unwrap();
+        let queue = queues.entry(endpoint.to_string()).or_default();
+        queue.extend_from_slice(ids);
+        // With no more one-phase traffic to carry them, markers are left to the
+        // participant's age-based pruning; memory here stays bounded.
+        if queue.len() > FORGET_QUEUE_MAX {
+            let excess = queue.len() - FORGET_QUEUE_MAX;
+            queue.drain(..excess);
         }
     }
 
@@ -183,6 +316,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 tracing::debug!(txn_id = %id, "commit decided");
             }
             Decision::Abort { reason } => tracing::info!(txn_id = %id, reason, "abort decided"),
+            Decision::OnePhase => unreachable!("decide() never delegates: commit() does"),
         }
         let outcome = decision.outcome();
         live.announce(outcome);
@@ -311,12 +445,12 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 self.start_abort(&live, |txn| {
                     Some(txn.abort("aborted by an operator", now_ms()))
                 });
-                self.wait_for_outcome(&live, Duration::ZERO).await;
+                self.wait_for_outcome(&live, Duration::ZERO).await?;
                 tracing::warn!(audit = true, txn_id = %id, operator, reason, "operator aborted a transaction");
                 return Ok(());
             }
             OnResolve::WaitThenForce => {
-                self.wait_for_outcome(&live, Duration::ZERO).await;
+                self.wait_for_outcome(&live, Duration::ZERO).await?;
             }
             OnResolve::Force => {}
         }
@@ -343,6 +477,11 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         Ok(())
     }
 }
+
+/// How many forgettable markers one CommitOnePhase carries.
+const FORGET_PER_REQUEST: usize = 1000;
+/// How many are kept waiting per participant.
+const FORGET_QUEUE_MAX: usize = 100_000;
 
 /// The metric label of a decided outcome.
 fn outcome_label(o: Outcome) -> &'static str {

@@ -39,6 +39,8 @@ pub struct Limits {
     pub orphan_scan_interval: Duration,
     /// How long a finished transaction's record is kept; `None`: for ever.
     pub retain_finished: Option<Duration>,
+    /// Commit a lone branch in one phase when its participant can (docs/PROTOCOL.md).
+    pub one_phase: bool,
 }
 
 impl Default for Limits {
@@ -52,6 +54,7 @@ impl Default for Limits {
             retry_max: Duration::from_secs(5),
             orphan_scan_interval: Duration::from_secs(10),
             retain_finished: Some(Duration::from_secs(7 * 24 * 3600)),
+            one_phase: true,
         }
     }
 }
@@ -121,6 +124,9 @@ pub struct Coordinator<L: Log, P: Participants = GrpcParticipants> {
     enlisted: Mutex<HashMap<String, String>>,
     /// Shutting down: Begin is refused.
     draining: AtomicBool,
+    /// By endpoint: one-phase transactions that retired, whose participants may delete their
+    /// markers once the final records are durable (`commit.rs`, `run_one_phase`).
+    pub(super) forgettable: Mutex<HashMap<String, Vec<TxnId>>>,
 }
 
 pub use crate::process::clock::now_ms;
@@ -149,6 +155,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             limits,
             enlisted: Mutex::new(enlisted),
             draining: AtomicBool::new(false),
+            forgettable: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -238,6 +245,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         participant_id: &str,
         endpoint: &str,
         instance: &str,
+        one_phase: bool,
     ) -> Result<i64, Error> {
         crate::proto::names::check_participant_id(participant_id)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -255,7 +263,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         };
         let deadline = {
             let mut txn = live.txn.lock().unwrap();
-            if txn.register(participant_id, endpoint, instance)? {
+            if txn.register(participant_id, endpoint, instance, one_phase)? {
                 // A hint for recovery. Not forced: a branch prepared before its coordinator
                 // died is found by asking the enlisted participants (`recovery.rs`).
                 self.put(&txn);

@@ -17,6 +17,14 @@ pub enum Error {
     Log(#[from] LogError),
     #[error("the coordinator is shutting down; retry against a running coordinator")]
     ShuttingDown,
+    #[error(
+        "the outcome of transaction {id} rests with participant {participant_id:?}, which commits it in one phase and has not answered yet ({last_error}); the coordinator keeps asking it: call Commit again"
+    )]
+    OutcomeAtParticipant {
+        id: TxnId,
+        participant_id: String,
+        last_error: String,
+    },
 }
 
 impl From<Error> for Status {
@@ -27,7 +35,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(msg),
             Error::Txn(_) => Status::failed_precondition(msg),
             Error::Log(_) => Status::internal(msg),
-            Error::ShuttingDown => Status::unavailable(msg),
+            Error::ShuttingDown | Error::OutcomeAtParticipant { .. } => Status::unavailable(msg),
         }
     }
 }

@@ -19,7 +19,7 @@ use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
 use super::participants::{Participants, PeerError};
-use super::txn::State;
+use super::txn::{Decision, State};
 use crate::proto::TxnId;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -46,7 +46,8 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         let unfinished = self.log.unfinished()?;
         let n = unfinished.len();
         for mut txn in unfinished {
-            let announced = txn.recover(now_ms()).outcome();
+            let decision = txn.recover(now_ms());
+            let announced = decision.outcome();
             self.put(&txn);
             tracing::info!(txn_id = %txn.id, ?announced, branches = txn.branches.len(), "recovering");
             metrics::counter!("twopc_recovered_transactions_total").increment(1);
@@ -55,7 +56,11 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             self.live.lock().unwrap().insert(id, Arc::clone(&live));
             let this = Arc::clone(self);
             let span = live.span("recover");
-            tokio::spawn(async move { this.finish_branches(live).await }.instrument(span));
+            if decision == Decision::OnePhase {
+                tokio::spawn(async move { this.run_one_phase(live, false).await }.instrument(span));
+            } else {
+                tokio::spawn(async move { this.finish_branches(live).await }.instrument(span));
+            }
         }
         if n > 0 {
             tracing::info!(
@@ -198,7 +203,10 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 let (mut in_doubt, mut oldest_ms) = (0usize, 0i64);
                 for l in &live {
                     let txn = l.txn.lock().unwrap();
-                    if matches!(txn.state, State::Committing | State::Aborting) {
+                    if matches!(
+                        txn.state,
+                        State::Committing | State::Aborting | State::OnePhase
+                    ) {
                         in_doubt += 1;
                         oldest_ms = oldest_ms.max(now - txn.decided_ms);
                     }

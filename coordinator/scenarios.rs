@@ -9,8 +9,11 @@
 //! participants outlive the crash, as real ones (and their prepared transactions) would.
 
 use super::core::{Coordinator, Limits};
+use super::error::Error;
 use super::log::{Log, MemLog};
-use super::participants::fake::{Behaviour, Call, FakeParticipants, OnFinish, OnPrepare};
+use super::participants::fake::{
+    Behaviour, Call, FakeParticipants, OnFinish, OnOnePhase, OnPrepare,
+};
 use super::txn::{Outcome, State};
 use crate::proto::{self, TxnId};
 use std::future::Future;
@@ -88,10 +91,23 @@ impl Process {
             for ep in endpoints {
                 let participant = ep.trim_start_matches("http://");
                 self.core
-                    .register_branch(id, participant, ep, "instance-1")
+                    .register_branch(id, participant, ep, "instance-1", false)
                     .await
                     .unwrap();
             }
+            id
+        })
+    }
+
+    /// Begins a transaction whose lone branch, on `endpoint`, can commit in one phase.
+    fn begin_one_phase(&self, endpoint: &str) -> TxnId {
+        self.run(async {
+            let (id, _) = self.core.begin(30_000, "one phase".into()).unwrap();
+            let participant = endpoint.trim_start_matches("http://");
+            self.core
+                .register_branch(id, participant, endpoint, "instance-1", true)
+                .await
+                .unwrap();
             id
         })
     }
@@ -130,7 +146,7 @@ fn behave(prepare: OnPrepare, finish: OnFinish) -> Behaviour {
     Behaviour {
         prepare,
         finish,
-        down: false,
+        ..Behaviour::default()
     }
 }
 
@@ -251,7 +267,10 @@ fn the_deadline_aborts_an_active_transaction() {
     let c = Process::start(MemLog::default(), &ps);
     let id = c.run(async {
         let (id, _) = c.core.begin(20, "short".into()).unwrap();
-        c.core.register_branch(id, "p1", P1, "i").await.unwrap();
+        c.core
+            .register_branch(id, "p1", P1, "i", false)
+            .await
+            .unwrap();
         id
     });
 
@@ -578,4 +597,248 @@ fn an_operator_cannot_reverse_a_decision() {
         ))
     ));
     assert_eq!(c.query(id), Outcome::Committed);
+}
+
+// ---- One-phase commit of a lone branch (docs/PROTOCOL.md, its crash table) ----
+
+fn one_phase(on: OnOnePhase) -> Behaviour {
+    Behaviour {
+        one_phase: on,
+        ..Behaviour::default()
+    }
+}
+
+fn one_phase_calls(ps: &FakeParticipants, ep: &str, id: TxnId) -> usize {
+    ps.calls(ep)
+        .iter()
+        .filter(|c| matches!(c, Call::CommitOnePhase(t, _) if *t == id))
+        .count()
+}
+
+#[test]
+fn one_phase_commits_a_lone_branch_with_one_flush_and_no_prepare() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    let syncs_before = c.log.syncs();
+
+    assert_eq!(c.commit(id), Outcome::Committed);
+
+    c.until_finished(id);
+    assert!(ps.committed(P1, id));
+    assert!(!ps.calls(P1).contains(&Call::Prepare(id)), "no phase 1");
+    assert_eq!(one_phase_calls(&ps, P1, id), 1);
+    assert_eq!(
+        c.log.syncs(),
+        syncs_before + 1,
+        "one forced write: the delegation"
+    );
+    assert_eq!(c.shown_state(id), proto::TxnState::Committed);
+    assert_eq!(ps.alarms(), 0);
+}
+
+#[test]
+fn one_phase_refused_by_the_participant_aborts_with_its_reason() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::Refuse));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+
+    assert_eq!(c.commit(id), Outcome::Aborted);
+
+    let reason = c.core.get(id).unwrap().reason;
+    assert!(
+        reason.contains("p1") && reason.contains("23503"),
+        "{reason}"
+    );
+    assert!(!ps.committed(P1, id));
+}
+
+#[test]
+fn one_phase_crash_after_the_record_is_written_but_not_flushed_aborts_and_sent_nothing() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    c.log.stall_syncs();
+    c.commit_in_background(id);
+    c.until("the delegation is written", || {
+        c.log.get(id).unwrap().unwrap().state == State::OnePhase
+    });
+    assert_eq!(
+        one_phase_calls(&ps, P1, id),
+        0,
+        "nothing sent before the flush"
+    );
+    assert_eq!(c.query(id), Outcome::Pending);
+
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_eq!(
+        c.query(id),
+        Outcome::Aborted,
+        "only the Active hint was durable"
+    );
+    assert!(ps.calls(P1).contains(&Call::Rollback(id)));
+    assert!(!ps.committed(P1, id));
+    assert_eq!(ps.alarms(), 0);
+}
+
+#[test]
+fn one_phase_crash_after_the_flush_asks_the_participant_again_and_never_presumes_abort() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    c.commit_in_background(id);
+    c.until("CommitOnePhase is out", || {
+        one_phase_calls(&ps, P1, id) == 1
+    });
+
+    ps.set(P1, one_phase(OnOnePhase::Commit));
+    let c = Process::start(c.crash(), &ps);
+
+    assert_eq!(
+        c.commit(id),
+        Outcome::Committed,
+        "a retried Commit gets the participant's outcome"
+    );
+    c.until_finished(id);
+    assert!(ps.committed(P1, id));
+    assert_eq!(ps.alarms(), 0);
+}
+
+#[test]
+fn one_phase_crash_after_the_participant_committed_but_its_reply_was_lost_commits() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::LoseReply));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    c.commit_in_background(id);
+    c.until("the participant committed", || ps.committed(P1, id));
+    assert_eq!(
+        c.query(id),
+        Outcome::Pending,
+        "the coordinator has not heard"
+    );
+
+    ps.set(P1, one_phase(OnOnePhase::Commit));
+    let c = Process::start(c.crash(), &ps);
+
+    c.until_finished(id);
+    assert_eq!(c.query(id), Outcome::Committed, "answered from the marker");
+    assert_eq!(c.commit(id), Outcome::Committed);
+    assert_eq!(ps.alarms(), 0);
+}
+
+#[test]
+fn one_phase_crash_when_the_participant_lost_the_branch_aborts() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    c.commit_in_background(id);
+    c.until("CommitOnePhase is out", || {
+        one_phase_calls(&ps, P1, id) == 1
+    });
+
+    // The participant restarted meanwhile: the branch's statements are gone.
+    ps.lose_branch(P1, id);
+    ps.set(P1, one_phase(OnOnePhase::Commit));
+    let c = Process::start(c.crash(), &ps);
+
+    assert_eq!(c.commit(id), Outcome::Aborted);
+    assert!(!ps.committed(P1, id));
+}
+
+#[test]
+fn a_lost_one_phase_reply_is_asked_again_within_the_callers_wait() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::LoseReply));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    c.spawn({
+        let ps = ps.clone();
+        async move {
+            // Once it has committed, the next reply gets through.
+            while !ps.committed(P1, id) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            ps.set(P1, one_phase(OnOnePhase::Commit));
+        }
+    });
+
+    assert_eq!(c.commit(id), Outcome::Committed);
+    assert_eq!(
+        one_phase_calls(&ps, P1, id),
+        2,
+        "asked again, answered from the marker"
+    );
+}
+
+#[test]
+fn a_participant_that_does_not_answer_makes_commit_unavailable_until_it_does() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::Unreachable));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+
+    let first = c.run(c.core.commit(id, Duration::ZERO));
+    let Err(e @ Error::OutcomeAtParticipant { .. }) = first else {
+        panic!("expected OutcomeAtParticipant, got {first:?}");
+    };
+    let status = tonic::Status::from(e);
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("p1") && status.message().contains("call Commit again"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(c.query(id), Outcome::Pending, "never a presumed abort");
+    assert!(
+        matches!(
+            c.run(c.core.resolve(id, false, "op", "stuck")),
+            Err(Error::Txn(_))
+        ),
+        "an operator cannot guess the participant's outcome either"
+    );
+
+    ps.set(P1, one_phase(OnOnePhase::Commit));
+    assert_eq!(c.commit(id), Outcome::Committed);
+}
+
+#[test]
+fn abort_cannot_overrule_a_one_phase_commit() {
+    let ps = participants();
+    ps.set(P1, one_phase(OnOnePhase::LoseReply));
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_one_phase(P1);
+    c.commit_in_background(id);
+    c.until("the participant committed", || ps.committed(P1, id));
+    ps.set(P1, one_phase(OnOnePhase::Commit));
+
+    assert_eq!(
+        c.run(c.core.abort(id, "changed my mind")).unwrap(),
+        Outcome::Committed
+    );
+}
+
+#[test]
+fn the_next_one_phase_commit_lets_the_participant_forget_the_last_marker() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let first = c.begin_one_phase(P1);
+    assert_eq!(c.commit(first), Outcome::Committed);
+    c.until_finished(first);
+    assert_eq!(ps.markers(P1), vec![first]);
+
+    let second = c.begin_one_phase(P1);
+    assert_eq!(c.commit(second), Outcome::Committed);
+
+    assert!(
+        ps.calls(P1)
+            .contains(&Call::CommitOnePhase(second, vec![first])),
+        "its final record was durable by the second's flush"
+    );
+    assert_eq!(ps.markers(P1), vec![second]);
 }

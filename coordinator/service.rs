@@ -121,7 +121,13 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         let id = req.txn_id.parse::<TxnId>()?;
         let deadline = self
             .core
-            .register_branch(id, &req.participant_id, &req.endpoint, &req.instance_id)
+            .register_branch(
+                id,
+                &req.participant_id,
+                &req.endpoint,
+                &req.instance_id,
+                req.one_phase,
+            )
             .await?;
         Ok(Response::new(proto::RegisterBranchResponse {
             coordinator_id: self.core.id().to_string(),

@@ -8,6 +8,10 @@
 //!    ▼                     ▼
 //!  Aborting ◀──────────────┘ ────────────────────────────────────▶ Aborted
 //!                                          all acked
+//!
+//!            commit(), one branch            the participant's answer
+//!  Active ─────────────────────▶ OnePhase ──────────────────────────▶ Committed / Aborted
+//!               (logged + flushed before CommitOnePhase is sent)
 //! ```
 //!
 //! Every transition and every rule of the protocol lives here: the drivers (`commit.rs`,
@@ -17,7 +21,7 @@
 //! `scenarios.rs`.
 
 use crate::proto::TxnId;
-pub use crate::proto::vote::Vote;
+pub use crate::proto::vote::{OnePhaseOutcome, Vote};
 use serde::{Deserialize, Serialize};
 
 /// Where a transaction is in the protocol. Stored in the log, so the names are its format.
@@ -27,6 +31,11 @@ pub enum State {
     Active,
     /// Commit was called: votes are coming in. Never logged as such (see `log.rs`).
     Preparing,
+    /// Commit was called on a lone branch whose participant commits in one phase: the decision
+    /// is that participant's COMMIT. Logged and flushed before the request goes out, and never
+    /// presumed aborted, since the branch may have committed (docs/PROTOCOL.md, "One-phase
+    /// commit of a lone branch").
+    OnePhase,
     /// The decision is commit; COMMIT PREPARED goes to every prepared branch until acked.
     Committing,
     Committed,
@@ -50,7 +59,7 @@ impl State {
     /// The outcome this state implies while the transaction is live.
     pub fn outcome(self) -> Outcome {
         match self {
-            State::Active | State::Preparing => Outcome::Pending,
+            State::Active | State::Preparing | State::OnePhase => Outcome::Pending,
             s if s.is_commit() => Outcome::Committed,
             _ => Outcome::Aborted,
         }
@@ -58,7 +67,8 @@ impl State {
 
     /// The state a logged record stands for once its transaction is no longer live. Only a
     /// commit decision is forced to disk; an Active or Preparing record is a previous run's
-    /// transaction that never reached one, so it is aborted (presumed abort).
+    /// transaction that never reached one, so it is aborted (presumed abort). A OnePhase record
+    /// stays undecided: its outcome is the participant's to tell.
     pub fn settled(self) -> State {
         match self {
             State::Active | State::Preparing => State::Aborted,
@@ -105,6 +115,9 @@ pub struct BranchRecord {
     pub state: BranchState,
     /// The branch's PostgreSQL xid8, carried with its yes vote; 0 until then.
     pub xid: u64,
+    /// Its participant can commit it in one phase (`Participant.CommitOnePhase`).
+    #[serde(default)]
+    pub one_phase: bool,
 }
 
 /// What the coordinator decided once every vote was in.
@@ -120,6 +133,9 @@ pub enum Decision {
     Abort {
         reason: String,
     },
+    /// Delegated to the lone branch's participant (a recovered OnePhase record): ask it again,
+    /// with `CommitOnePhase`, until it answers.
+    OnePhase,
 }
 
 impl Decision {
@@ -127,6 +143,7 @@ impl Decision {
         match self {
             Decision::Commit { .. } => Outcome::Committed,
             Decision::Abort { .. } => Outcome::Aborted,
+            Decision::OnePhase => Outcome::Pending,
         }
     }
 }
@@ -136,6 +153,9 @@ impl Decision {
 pub enum OnCommit {
     /// Send Prepare to these branches (by index) concurrently, then call `decide`.
     Prepare(Vec<usize>),
+    /// Make the OnePhase record durable, then send CommitOnePhase to this lone branch and
+    /// report its answer to `one_phase_answered`.
+    OnePhase(usize),
     /// Someone else's Commit is already running it: wait for the outcome.
     Wait,
     /// Already decided.
@@ -193,6 +213,10 @@ pub enum TxnError {
         "transaction {id} is {state:?}: an operator can only finish a transaction the way it was decided (--force-commit for committing, --force-abort otherwise)"
     )]
     CannotForce { id: TxnId, state: State },
+    #[error(
+        "transaction {id} is being committed in one phase by participant {participant_id:?}: its outcome is that participant's COMMIT, which this coordinator does not know yet; bring the participant back (the coordinator keeps asking it), or ask it with Participant.CommitOnePhase"
+    )]
+    DelegatedToParticipant { id: TxnId, participant_id: String },
 }
 
 /// A global transaction: its state, its branches, and the times and reasons a client or an
@@ -218,6 +242,10 @@ pub struct Txn {
     /// Abort was asked for while votes were coming in; `decide` honours it.
     #[serde(skip)]
     abort_requested: Option<String>,
+    /// Why the lone participant of a OnePhase transaction has not answered yet, for callers
+    /// who are told to ask again.
+    #[serde(skip)]
+    pub unanswered: String,
 }
 
 impl Txn {
@@ -234,6 +262,7 @@ impl Txn {
             reason: String::new(),
             forced: false,
             abort_requested: None,
+            unanswered: String::new(),
         }
     }
 
@@ -248,6 +277,7 @@ impl Txn {
         participant_id: &str,
         endpoint: &str,
         instance: &str,
+        one_phase: bool,
     ) -> Result<bool, TxnError> {
         if self.state != State::Active {
             return Err(self.not_active("registering a branch"));
@@ -279,13 +309,22 @@ impl Txn {
             instance: instance.to_string(),
             state: BranchState::Active,
             xid: 0,
+            one_phase,
         });
         Ok(true)
     }
 
-    /// Commit was called: start phase 1, or report why not.
-    pub fn commit(&mut self) -> OnCommit {
+    /// Commit was called: start phase 1, or report why not. `one_phase_allowed`: this
+    /// coordinator commits a lone branch in one phase when its participant can.
+    pub fn commit(&mut self, one_phase_allowed: bool) -> OnCommit {
         match self.state {
+            State::Active
+                if one_phase_allowed && matches!(&self.branches[..], [b] if b.one_phase) =>
+            {
+                self.state = State::OnePhase;
+                self.branches[0].state = BranchState::Preparing;
+                OnCommit::OnePhase(0)
+            }
             State::Active => {
                 self.state = State::Preparing;
                 for b in &mut self.branches {
@@ -293,8 +332,40 @@ impl Txn {
                 }
                 OnCommit::Prepare((0..self.branches.len()).collect())
             }
-            State::Preparing => OnCommit::Wait,
+            State::Preparing | State::OnePhase => OnCommit::Wait,
             s => OnCommit::Decided(s.outcome()),
+        }
+    }
+
+    /// The lone branch's participant answered CommitOnePhase: its outcome is the
+    /// transaction's, final at once (nothing is left to finish).
+    pub fn one_phase_answered(&mut self, answer: &OnePhaseOutcome, now_ms: i64) {
+        assert_eq!(
+            self.state,
+            State::OnePhase,
+            "one_phase_answered() outside OnePhase"
+        );
+        self.decided_ms = now_ms;
+        self.finished_ms = now_ms;
+        // An abort asked for meanwhile could not be honoured: the participant decided.
+        self.abort_requested = None;
+        match answer {
+            OnePhaseOutcome::Committed { read_only } => {
+                self.state = State::Committed;
+                self.branches[0].state = if *read_only {
+                    BranchState::ReadOnly
+                } else {
+                    BranchState::Committed
+                };
+            }
+            OnePhaseOutcome::Aborted { reason } => {
+                self.state = State::Aborted;
+                self.branches[0].state = BranchState::RolledBack;
+                self.reason = format!(
+                    "participant {} did not commit: {reason}",
+                    self.branches[0].participant_id
+                );
+            }
         }
     }
 
@@ -363,6 +434,8 @@ impl Txn {
                     .get_or_insert_with(|| reason.to_string());
                 OnAbort::Wait
             }
+            // Delegated: the participant's COMMIT decides, and an abort cannot overrule it.
+            State::OnePhase => OnAbort::Wait,
             s => OnAbort::Decided(s.outcome()),
         }
     }
@@ -374,10 +447,12 @@ impl Txn {
     }
 
     /// The coordinator restarted and found this unfinished record. A durable commit decision
-    /// stands; anything else never reached one, so it aborts (presumed abort).
+    /// stands, and a delegated one is asked for again; anything else never reached a
+    /// decision, so it aborts (presumed abort).
     pub fn recover(&mut self, now_ms: i64) -> Decision {
         match self.state {
             State::Committing => Decision::Commit { flush: false },
+            State::OnePhase => Decision::OnePhase,
             State::Active | State::Preparing | State::Aborting => {
                 if self.state != State::Aborting {
                     self.state = State::Aborting;
@@ -409,6 +484,10 @@ impl Txn {
             (State::Aborting, false) | (State::Committed, true) | (State::Aborted, false) => {
                 Ok(OnResolve::Force)
             }
+            (State::OnePhase, _) => Err(TxnError::DelegatedToParticipant {
+                id: self.id,
+                participant_id: self.branches[0].participant_id.clone(),
+            }),
             (state, _) => Err(TxnError::CannotForce { id: self.id, state }),
         }
     }
@@ -476,6 +555,7 @@ impl Txn {
     /// could still undo.
     pub fn shown_state(&self, announced: Outcome) -> State {
         match self.state {
+            State::OnePhase => State::Preparing,
             s if s.is_commit() && announced == Outcome::Pending => State::Preparing,
             s => s,
         }
@@ -510,7 +590,10 @@ mod tests {
     fn txn_with(branches: &[&str]) -> Txn {
         let mut txn = Txn::begin(TxnId::generate(), "t".into(), 0, 1000);
         for p in branches {
-            assert!(txn.register(p, &format!("http://{p}"), "i1").unwrap());
+            assert!(
+                txn.register(p, &format!("http://{p}"), "i1", false)
+                    .unwrap()
+            );
         }
         txn
     }
@@ -518,7 +601,7 @@ mod tests {
     #[test]
     fn all_yes_commits_and_finishes_when_every_branch_acks() {
         let mut txn = txn_with(&["p1", "p2"]);
-        assert_eq!(txn.commit(), OnCommit::Prepare(vec![0, 1]));
+        assert_eq!(txn.commit(true), OnCommit::Prepare(vec![0, 1]));
         txn.record_vote(0, Vote::Yes { xid: 7 });
         txn.record_vote(1, Vote::Yes { xid: 9 });
         assert_eq!(txn.decide(5), Decision::Commit { flush: true });
@@ -533,7 +616,7 @@ mod tests {
     #[test]
     fn one_no_aborts_and_rolls_back_every_branch_that_may_be_prepared() {
         let mut txn = txn_with(&["p1", "p2", "p3"]);
-        txn.commit();
+        txn.commit(true);
         txn.record_vote(0, Vote::Yes { xid: 7 });
         txn.record_vote(
             1,
@@ -555,7 +638,7 @@ mod tests {
     #[test]
     fn read_only_branches_need_no_phase_two() {
         let mut txn = txn_with(&["p1", "p2"]);
-        txn.commit();
+        txn.commit(true);
         txn.record_vote(0, Vote::ReadOnly);
         txn.record_vote(1, Vote::ReadOnly);
         assert_eq!(
@@ -569,7 +652,7 @@ mod tests {
     #[test]
     fn zero_branches_commit_trivially() {
         let mut txn = txn_with(&[]);
-        assert_eq!(txn.commit(), OnCommit::Prepare(vec![]));
+        assert_eq!(txn.commit(true), OnCommit::Prepare(vec![]));
         assert_eq!(txn.decide(1), Decision::Commit { flush: false });
         assert_eq!(txn.state, State::Committed);
     }
@@ -577,16 +660,16 @@ mod tests {
     #[test]
     fn commit_and_abort_repeat_the_recorded_outcome() {
         let mut txn = txn_with(&["p1"]);
-        txn.commit();
-        assert_eq!(txn.commit(), OnCommit::Wait);
+        txn.commit(true);
+        assert_eq!(txn.commit(true), OnCommit::Wait);
         txn.record_vote(0, Vote::Yes { xid: 1 });
         txn.decide(2);
-        assert_eq!(txn.commit(), OnCommit::Decided(Outcome::Committed));
+        assert_eq!(txn.commit(true), OnCommit::Decided(Outcome::Committed));
         assert_eq!(txn.abort("late", 3), OnAbort::Decided(Outcome::Committed));
 
         let mut txn = txn_with(&["p1"]);
         assert_eq!(txn.abort("user", 1), OnAbort::RollBack(vec![0]));
-        assert_eq!(txn.commit(), OnCommit::Decided(Outcome::Aborted));
+        assert_eq!(txn.commit(true), OnCommit::Decided(Outcome::Aborted));
         assert_eq!(txn.abort("again", 2), OnAbort::Decided(Outcome::Aborted));
         assert_eq!(txn.reason, "user");
     }
@@ -594,7 +677,7 @@ mod tests {
     #[test]
     fn abort_during_phase_one_wins_over_yes_votes() {
         let mut txn = txn_with(&["p1"]);
-        txn.commit();
+        txn.commit(true);
         assert_eq!(txn.abort("client gave up", 1), OnAbort::Wait);
         txn.record_vote(0, Vote::Yes { xid: 1 });
         assert_eq!(
@@ -609,7 +692,7 @@ mod tests {
     #[test]
     fn after_a_crash_a_durable_commit_stands_and_everything_else_aborts() {
         let mut committing = txn_with(&["p1", "p2"]);
-        committing.commit();
+        committing.commit(true);
         committing.record_vote(0, Vote::Yes { xid: 1 });
         committing.record_vote(1, Vote::Yes { xid: 2 });
         committing.decide(1);
@@ -641,7 +724,7 @@ mod tests {
     #[test]
     fn an_operator_can_finish_a_decision_but_never_reverse_it() {
         let mut txn = txn_with(&["p1", "p2"]);
-        txn.commit();
+        txn.commit(true);
         txn.record_vote(0, Vote::Yes { xid: 1 });
         txn.record_vote(1, Vote::Yes { xid: 2 });
         txn.decide(1);
@@ -664,21 +747,21 @@ mod tests {
     #[test]
     fn branches_register_only_while_active_and_idempotently() {
         let mut txn = txn_with(&["p1"]);
-        assert!(!txn.register("p1", "http://p1", "i1").unwrap());
+        assert!(!txn.register("p1", "http://p1", "i1", false).unwrap());
         assert!(matches!(
-            txn.register("p1", "http://elsewhere", "i1"),
+            txn.register("p1", "http://elsewhere", "i1", false),
             Err(TxnError::EndpointMismatch { .. })
         ));
         assert!(
             matches!(
-                txn.register("p1", "http://p1", "i2"),
+                txn.register("p1", "http://p1", "i2", false),
                 Err(TxnError::BranchLost { .. })
             ),
             "a restarted participant lost the branch's statements"
         );
-        txn.commit();
+        txn.commit(true);
         assert!(matches!(
-            txn.register("p2", "http://p2", "i1"),
+            txn.register("p2", "http://p2", "i1", false),
             Err(TxnError::NotActive { .. })
         ));
     }
@@ -690,7 +773,7 @@ mod tests {
         assert_eq!(active.reason, "deadline exceeded while active");
 
         let mut preparing = txn_with(&["p1"]);
-        preparing.commit();
+        preparing.commit(true);
         assert_eq!(
             preparing.expire(9),
             None,
@@ -716,7 +799,7 @@ mod tests {
     #[test]
     fn a_commit_is_shown_as_preparing_until_it_is_announced() {
         let mut txn = txn_with(&["p1"]);
-        txn.commit();
+        txn.commit(true);
         txn.record_vote(0, Vote::Yes { xid: 1 });
         txn.decide(1);
         assert_eq!(txn.shown_state(Outcome::Pending), State::Preparing);
@@ -733,7 +816,7 @@ mod tests {
         ));
 
         let mut committing = txn_with(&["p1"]);
-        committing.commit();
+        committing.commit(true);
         committing.record_vote(0, Vote::Yes { xid: 1 });
         committing.decide(1);
         assert_eq!(committing.resolve(true), Ok(OnResolve::WaitThenForce));
@@ -752,6 +835,83 @@ mod tests {
         assert!(matches!(
             settled.resolve(true),
             Err(TxnError::CannotForce { .. })
+        ));
+    }
+
+    fn one_phase_txn() -> Txn {
+        let mut txn = Txn::begin(TxnId::generate(), "t".into(), 0, 1000);
+        txn.register("p1", "http://p1", "i1", true).unwrap();
+        txn
+    }
+
+    #[test]
+    fn only_a_lone_branch_whose_participant_can_commits_in_one_phase() {
+        let mut lone = one_phase_txn();
+        assert_eq!(lone.commit(true), OnCommit::OnePhase(0));
+        assert_eq!(lone.state, State::OnePhase);
+        assert_eq!(
+            lone.commit(true),
+            OnCommit::Wait,
+            "a repeated Commit joins it"
+        );
+
+        let mut turned_off = one_phase_txn();
+        assert_eq!(turned_off.commit(false), OnCommit::Prepare(vec![0]));
+
+        let mut not_capable = txn_with(&["p1"]);
+        assert_eq!(not_capable.commit(true), OnCommit::Prepare(vec![0]));
+
+        let mut two = one_phase_txn();
+        two.register("p2", "http://p2", "i1", true).unwrap();
+        assert_eq!(two.commit(true), OnCommit::Prepare(vec![0, 1]));
+    }
+
+    #[test]
+    fn the_participants_answer_is_the_outcome_and_an_abort_cannot_overrule_it() {
+        let mut txn = one_phase_txn();
+        txn.commit(true);
+        assert_eq!(txn.abort("client gave up", 1), OnAbort::Wait);
+        assert_eq!(txn.expire(2), None, "the deadline no longer applies");
+        txn.one_phase_answered(&OnePhaseOutcome::Committed { read_only: false }, 3);
+        assert_eq!(txn.state, State::Committed);
+        assert_eq!(txn.branches[0].state, BranchState::Committed);
+        assert!(txn.branches_to_finish().is_empty());
+        assert_eq!(txn.abort("late", 4), OnAbort::Decided(Outcome::Committed));
+
+        let mut refused = one_phase_txn();
+        refused.commit(true);
+        refused.one_phase_answered(
+            &OnePhaseOutcome::Aborted {
+                reason: "deferred constraint".into(),
+            },
+            3,
+        );
+        assert_eq!(refused.state, State::Aborted);
+        assert!(refused.reason.contains("p1") && refused.reason.contains("deferred constraint"));
+    }
+
+    #[test]
+    fn a_one_phase_record_is_never_presumed_aborted() {
+        let mut txn = one_phase_txn();
+        txn.commit(true);
+        let logged = txn.clone();
+        assert_eq!(logged.clone().settle().state, State::OnePhase);
+        assert_eq!(logged.state.settled().outcome(), Outcome::Pending);
+        let mut recovered = logged.clone();
+        assert_eq!(
+            recovered.recover(5),
+            Decision::OnePhase,
+            "asked again, not aborted"
+        );
+        assert_eq!(recovered.state, State::OnePhase);
+        assert_eq!(txn.shown_state(Outcome::Pending), State::Preparing);
+        assert!(matches!(
+            txn.resolve(false),
+            Err(TxnError::DelegatedToParticipant { .. })
+        ));
+        assert!(matches!(
+            txn.resolve(true),
+            Err(TxnError::DelegatedToParticipant { .. })
         ));
     }
 }

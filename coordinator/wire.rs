@@ -10,7 +10,8 @@ impl From<State> for proto::TxnState {
     fn from(s: State) -> Self {
         match s {
             State::Active => proto::TxnState::Active,
-            State::Preparing => proto::TxnState::Preparing,
+            // Delegated to its participant, but still undecided as far as a client can tell.
+            State::Preparing | State::OnePhase => proto::TxnState::Preparing,
             State::Committing => proto::TxnState::Committing,
             State::Committed => proto::TxnState::Committed,
             State::Aborting => proto::TxnState::Aborting,

@@ -8,7 +8,11 @@
 //!    │  prepare: nothing written (no xid)    │ rollback
 //!    ├──────────────────────────────────▶ ReadOnly       └────────▶ RolledBack
 //!    │  rollback / deadline
-//!    └──────────────────────────────────────────────────────────▶ RolledBack
+//!    ├──────────────────────────────────────────────────────────▶ RolledBack
+//!    │  commit in one phase (the lone branch): COMMIT ok / failed
+//!    ├──────────────────────────────────────────▶ Committed / ReadOnly / RolledBack
+//!    │  … the connection broke: only the database can tell
+//!    └──────────────────────────────────────────▶ OnePhaseInDoubt
 //! ```
 //!
 //! Every request the coordinator may repeat (after a lost reply) lands on a step that answers
@@ -19,7 +23,7 @@
 //! how to answer. It never assigns a state itself.
 
 use super::gid::Gid;
-pub use crate::proto::vote::Vote;
+pub use crate::proto::vote::{OnePhaseOutcome, Vote};
 
 /// Where a branch is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +42,9 @@ pub enum State {
     ReadOnly,
     Committed,
     RolledBack,
+    /// Its one-phase COMMIT went out and the connection broke before the answer: its marker
+    /// (or a fence) in the database tells how it ended, nothing here does.
+    OnePhaseInDoubt,
 }
 
 /// What Prepare must do.
@@ -56,6 +63,19 @@ pub enum OnPrepare {
 pub enum OnCommit {
     CommitPrepared { xid: u64 },
     AlreadyDone,
+}
+
+/// What CommitOnePhase must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnOnePhase {
+    /// COMMIT the open transaction, with its marker.
+    Commit,
+    /// Roll the open transaction back and answer ABORTED.
+    RollBackAndRefuse { reason: String },
+    /// Look it up in the database (its marker, or a fence).
+    AskDatabase,
+    /// Answer again as before.
+    Answer(OnePhaseOutcome),
 }
 
 /// What Rollback must do.
@@ -80,6 +100,14 @@ pub enum BranchError {
     NotPrepared { gid: String, state: String },
     #[error("branch {gid} already committed: it cannot be rolled back")]
     AlreadyCommitted { gid: String },
+    #[error(
+        "branch {gid} is prepared: it is being committed in two phases, so CommitOnePhase does not apply"
+    )]
+    Prepared { gid: String },
+    #[error(
+        "branch {gid} was being committed in one phase when its connection broke: only CommitOnePhase can tell how it ended"
+    )]
+    OnePhaseInDoubt { gid: String },
 }
 
 /// One branch of a global transaction on this participant.
@@ -109,6 +137,7 @@ impl Branch {
             State::ReadOnly => "finished (read-only)".into(),
             State::Committed => "committed".into(),
             State::RolledBack => "rolled back".into(),
+            State::OnePhaseInDoubt => "in doubt (one-phase commit)".into(),
         }
     }
 
@@ -145,7 +174,32 @@ impl Branch {
             State::RolledBack => OnPrepare::Answer(Vote::No {
                 reason: "the branch was rolled back".into(),
             }),
+            State::OnePhaseInDoubt => OnPrepare::Answer(Vote::No {
+                reason: "the branch is being committed in one phase".into(),
+            }),
         }
+    }
+
+    /// The lone branch is to commit in one phase. A repeat (after a lost reply) answers as
+    /// before; an open branch commits now, since the first request may never have arrived.
+    pub fn one_phase_step(&self) -> Result<OnOnePhase, BranchError> {
+        Ok(match &self.state {
+            State::Active => OnOnePhase::Commit,
+            State::Doomed { reason } => OnOnePhase::RollBackAndRefuse {
+                reason: reason.clone(),
+            },
+            State::Committed => OnOnePhase::Answer(OnePhaseOutcome::Committed { read_only: false }),
+            State::ReadOnly => OnOnePhase::Answer(OnePhaseOutcome::Committed { read_only: true }),
+            State::RolledBack => OnOnePhase::Answer(OnePhaseOutcome::Aborted {
+                reason: "the branch was rolled back".into(),
+            }),
+            State::OnePhaseInDoubt => OnOnePhase::AskDatabase,
+            State::Prepared { .. } => {
+                return Err(BranchError::Prepared {
+                    gid: self.gid.to_string(),
+                });
+            }
+        })
     }
 
     pub fn commit_step(&self) -> Result<OnCommit, BranchError> {
@@ -166,6 +220,9 @@ impl Branch {
             // A read-only branch wrote nothing: committed and rolled back look the same.
             State::RolledBack | State::ReadOnly => Ok(OnRollback::AlreadyDone),
             State::Committed => Err(BranchError::AlreadyCommitted {
+                gid: self.gid.to_string(),
+            }),
+            State::OnePhaseInDoubt => Err(BranchError::OnePhaseInDoubt {
                 gid: self.gid.to_string(),
             }),
         }
@@ -223,6 +280,22 @@ impl Branch {
     /// The open transaction or the prepared one was rolled back.
     pub fn rolled_back(&mut self) {
         self.state = State::RolledBack;
+    }
+
+    /// How its one-phase commit ended, from PostgreSQL's answer or from the database's
+    /// marker: the answer for the coordinator.
+    pub fn one_phase_ended(&mut self, outcome: OnePhaseOutcome) -> OnePhaseOutcome {
+        self.state = match &outcome {
+            OnePhaseOutcome::Committed { read_only: true } => State::ReadOnly,
+            OnePhaseOutcome::Committed { read_only: false } => State::Committed,
+            OnePhaseOutcome::Aborted { .. } => State::RolledBack,
+        };
+        outcome
+    }
+
+    /// Its one-phase COMMIT went out and no answer came back.
+    pub fn one_phase_in_doubt(&mut self) {
+        self.state = State::OnePhaseInDoubt;
     }
 }
 
@@ -310,6 +383,59 @@ mod tests {
             unknown.rollback_step(),
             Ok(OnRollback::RollBackPrepared { xid: 0 })
         );
+    }
+
+    #[test]
+    fn a_one_phase_commit_answers_repeats_as_it_ended() {
+        let mut b = branch();
+        assert_eq!(b.one_phase_step(), Ok(OnOnePhase::Commit));
+        b.one_phase_ended(OnePhaseOutcome::Committed { read_only: false });
+        assert_eq!(
+            b.one_phase_step(),
+            Ok(OnOnePhase::Answer(OnePhaseOutcome::Committed {
+                read_only: false
+            }))
+        );
+        assert!(b.is_finished());
+        assert!(matches!(
+            b.rollback_step(),
+            Err(BranchError::AlreadyCommitted { .. })
+        ));
+
+        let mut doomed = branch();
+        doomed.doom("ERROR 23505".into());
+        assert_eq!(
+            doomed.one_phase_step(),
+            Ok(OnOnePhase::RollBackAndRefuse {
+                reason: "ERROR 23505".into()
+            })
+        );
+
+        let mut prepared = branch();
+        prepared.prepared(7);
+        assert!(matches!(
+            prepared.one_phase_step(),
+            Err(BranchError::Prepared { .. })
+        ));
+    }
+
+    #[test]
+    fn a_one_phase_commit_whose_connection_broke_is_for_the_database_to_tell() {
+        let mut b = branch();
+        b.one_phase_in_doubt();
+        assert_eq!(b.one_phase_step(), Ok(OnOnePhase::AskDatabase));
+        assert!(
+            !b.is_open() && !b.is_finished(),
+            "no deadline rollback, not forgotten"
+        );
+        assert!(matches!(
+            b.rollback_step(),
+            Err(BranchError::OnePhaseInDoubt { .. })
+        ));
+        assert!(matches!(
+            b.commit_step(),
+            Err(BranchError::NotPrepared { .. })
+        ));
     }
 
     #[test]

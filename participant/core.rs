@@ -11,7 +11,7 @@
 //! Generic over the [`Database`] and the [`CoordinatorLink`], so the same code runs on
 //! PostgreSQL and gRPC in the binary and in memory in the scenario tests (`scenarios.rs`).
 
-use super::branch::{Branch, OnCommit, OnPrepare, OnRollback, Vote};
+use super::branch::{Branch, OnCommit, OnOnePhase, OnPrepare, OnRollback, OnePhaseOutcome, Vote};
 use super::database::{Database, Prepared};
 use super::error::Error;
 use super::gid::Gid;
@@ -83,6 +83,14 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long an expired branch is remembered as rolled back.
 const TOMBSTONE: Duration = Duration::from_secs(60);
+
+/// How long a one-phase marker is kept when the coordinator never says to forget it (it
+/// crashed first; a fence row). The coordinator's own records live as long.
+pub const MARKER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A one-phase branch with no marker is fenced only if its transaction is younger than this:
+/// an older one's marker may have been pruned, so "no marker" no longer means "not committed".
+const FENCE_HORIZON: Duration = Duration::from_secs(6 * 24 * 3600);
 
 impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     pub fn new(id: String, advertise: String, db: D, coordinator: C) -> Arc<Self> {
@@ -161,7 +169,13 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     async fn open(self: &Arc<Self>, txn: TxnId) -> Result<Arc<OpenBranch<D>>, Error> {
         let enlisted = self
             .coordinator
-            .register(txn, &self.id, &self.advertise, &self.instance)
+            .register(
+                txn,
+                &self.id,
+                &self.advertise,
+                &self.instance,
+                self.db.one_phase(),
+            )
             .await
             .map_err(Error::Coordinator)?;
         let gid = Gid::new(&enlisted.coordinator_id, txn)?;
@@ -307,6 +321,89 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         }
         self.forget(txn);
         Ok(())
+    }
+
+    /// Commits the transaction's lone branch in one phase: its COMMIT is the transaction's
+    /// outcome. A repeat is answered from the branch's state, or from the database when the
+    /// branch is no longer here (docs/PROTOCOL.md, "One-phase commit of a lone branch").
+    /// `forget`: earlier one-phase transactions whose markers the coordinator no longer needs.
+    pub async fn commit_one_phase(
+        &self,
+        txn: TxnId,
+        coordinator_id: &str,
+        forget: &[TxnId],
+    ) -> Result<OnePhaseOutcome, Error> {
+        let forget: Vec<Gid> = forget
+            .iter()
+            .map(|f| self.gid(*f, coordinator_id))
+            .collect::<Result<_, _>>()?;
+        let Some(open) = self.open_branch(txn) else {
+            let gid = self.gid(txn, coordinator_id)?;
+            return self.one_phase_by_gid(txn, &gid).await;
+        };
+        let mut slot = open.slot.lock().await;
+        let gid = slot.branch.gid.clone();
+        let outcome = match slot.branch.one_phase_step()? {
+            OnOnePhase::Answer(outcome) => return Ok(outcome),
+            OnOnePhase::AskDatabase => {
+                let outcome = self.one_phase_by_gid(txn, &gid).await?;
+                slot.branch.one_phase_ended(outcome)
+            }
+            OnOnePhase::RollBackAndRefuse { reason } => {
+                self.roll_back_open(&open, &mut slot).await;
+                slot.branch
+                    .one_phase_ended(OnePhaseOutcome::Aborted { reason })
+            }
+            OnOnePhase::Commit => match open.take_conn(&mut slot).await {
+                // No statement ever ran here: nothing to commit, nothing to mark.
+                None => slot
+                    .branch
+                    .one_phase_ended(OnePhaseOutcome::Committed { read_only: true }),
+                Some(conn) => match self.db.commit_one_phase(conn, &gid, &forget).await {
+                    Ok(outcome) => slot.branch.one_phase_ended(outcome),
+                    Err(e) => {
+                        tracing::warn!(%gid, error = %e, "one-phase COMMIT got no answer; asking the database");
+                        slot.branch.one_phase_in_doubt();
+                        let outcome = self.one_phase_by_gid(txn, &gid).await?;
+                        slot.branch.one_phase_ended(outcome)
+                    }
+                },
+            },
+        };
+        if slot.branch.is_finished() {
+            self.forget(txn);
+        }
+        Ok(outcome)
+    }
+
+    /// How a one-phase branch that is not open here ended, by its marker; with none, a fence
+    /// makes "not committed" final, unless the transaction is too old for "no marker" to mean
+    /// that (its marker may have been pruned).
+    async fn one_phase_by_gid(&self, txn: TxnId, gid: &Gid) -> Result<OnePhaseOutcome, Error> {
+        let too_old = txn.created_ms().is_none_or(|created| {
+            crate::process::clock::now_ms() - created > FENCE_HORIZON.as_millis() as i64
+        });
+        let committed = match self.db.one_phase_outcome(gid, false).await? {
+            Some(committed) => committed,
+            None if too_old => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{gid} has no one-phase marker here, and its transaction is too old to tell whether the marker was pruned: check the data, then resolve the transaction by hand"
+                )));
+            }
+            None => self.db.one_phase_outcome(gid, true).await?.ok_or_else(|| {
+                Error::Internal(format!("{gid} has no marker even after its fence"))
+            })?,
+        };
+        Ok(if committed {
+            OnePhaseOutcome::Committed { read_only: false }
+        } else {
+            OnePhaseOutcome::Aborted {
+                reason: format!(
+                    "{gid} did not commit on participant {}: it never ran a statement here, was rolled back, or was lost in a restart",
+                    self.id
+                ),
+            }
+        })
     }
 
     /// Our prepared branches in this database (of `coordinator_id`, or all).

@@ -13,6 +13,7 @@ use super::error::Error;
 use super::gid::Gid;
 use super::sql::SqlError;
 use crate::proto;
+use crate::proto::vote::OnePhaseOutcome;
 use std::future::Future;
 use std::time::Duration;
 
@@ -102,6 +103,37 @@ pub trait Database: Send + Sync + 'static {
         &self,
         min_age: Duration,
     ) -> impl Future<Output = Result<Vec<PreparedBranch>, Error>> + Send;
+
+    /// It keeps one-phase markers (its outcome table is there and writable), so it can
+    /// commit a lone branch in one phase and tell later whether it did.
+    fn one_phase(&self) -> bool;
+
+    /// One-phase commit on the branch's connection, which is then released: COMMIT, with the
+    /// branch's marker (if it wrote anything) and the deletion of the `forget` markers in the
+    /// same local transaction. `Err`: the connection broke, so whether it committed is unknown
+    /// until [`Database::one_phase_outcome`] is asked.
+    fn commit_one_phase(
+        &self,
+        conn: Self::Conn,
+        gid: &Gid,
+        forget: &[Gid],
+    ) -> impl Future<Output = Result<OnePhaseOutcome, Error>> + Send;
+
+    /// Whether a one-phase branch committed, by its marker: `Some(true)` committed,
+    /// `Some(false)` fenced off. With `fence`, a gid with no marker gets a "did not commit" one
+    /// first (waiting for a commit of that gid still in flight), so the answer is always `Some`
+    /// and final; without, it is `None`.
+    fn one_phase_outcome(
+        &self,
+        gid: &Gid,
+        fence: bool,
+    ) -> impl Future<Output = Result<Option<bool>, Error>> + Send;
+
+    /// Deletes markers older than `age`; returns how many.
+    fn prune_one_phase_markers(
+        &self,
+        age: Duration,
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
 }
 
 /// A phase-2 request found its gid gone: it finished earlier (a repeat after a lost reply), or

@@ -16,6 +16,7 @@ use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, Enlisted};
 use super::sql::SqlError;
+use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::{self, Outcome, TxnId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,13 @@ struct Db {
     ended: HashMap<u64, XactStatus>,
     /// The next PREPARE breaks the connection, after preparing (`Some(true)`) or before.
     break_prepare: Option<bool>,
+    /// `twopc.one_phase_outcomes`: gid → committed.
+    markers: BTreeMap<String, bool>,
+    /// The next one-phase COMMIT breaks the connection, after committing (`Some(true)`) or
+    /// before.
+    break_one_phase: Option<bool>,
+    /// A one-phase commit fails at COMMIT (a deferred constraint).
+    refuse_one_phase: bool,
 }
 
 /// A session of the fake database.
@@ -82,6 +90,21 @@ impl FakeDatabase {
     /// Makes the next PREPARE break its connection, `after` preparing or before.
     pub fn break_next_prepare(&self, after: bool) {
         self.inner.lock().unwrap().break_prepare = Some(after);
+    }
+
+    /// Makes the next one-phase COMMIT break its connection, `after` committing or before.
+    pub fn break_next_one_phase(&self, after: bool) {
+        self.inner.lock().unwrap().break_one_phase = Some(after);
+    }
+
+    /// Makes every one-phase COMMIT fail, as a deferred constraint would.
+    pub fn refuse_one_phase(&self, refuse: bool) {
+        self.inner.lock().unwrap().refuse_one_phase = refuse;
+    }
+
+    /// The one-phase markers: gid → committed.
+    pub fn markers(&self) -> BTreeMap<String, bool> {
+        self.inner.lock().unwrap().markers.clone()
     }
 
     /// Prepares a branch as a previous run of the participant would have left it.
@@ -232,6 +255,60 @@ impl Database for FakeDatabase {
             .copied())
     }
 
+    fn one_phase(&self) -> bool {
+        true
+    }
+
+    async fn commit_one_phase(
+        &self,
+        conn: FakeConn,
+        gid: &Gid,
+        forget: &[Gid],
+    ) -> Result<OnePhaseOutcome, Error> {
+        let mut db = self.inner.lock().unwrap();
+        let xid = db.open.remove(&conn.id).flatten();
+        let broken = db.break_one_phase.take();
+        let end = |db: &mut Db, status| {
+            if let Some(xid) = xid {
+                db.ended.insert(xid, status);
+            }
+        };
+        if broken == Some(false) || db.refuse_one_phase {
+            end(&mut db, XactStatus::Aborted);
+            if broken == Some(false) {
+                return Err(Error::Unavailable("connection reset before COMMIT".into()));
+            }
+            return Ok(OnePhaseOutcome::Aborted {
+                reason: "ERROR deferred constraint (SQLSTATE 23503)".into(),
+            });
+        }
+        end(&mut db, XactStatus::Committed);
+        if xid.is_some() {
+            db.markers.insert(gid.to_string(), true);
+        }
+        for f in forget {
+            db.markers.remove(&f.to_string());
+        }
+        if broken == Some(true) {
+            return Err(Error::Unavailable("connection reset after COMMIT".into()));
+        }
+        Ok(OnePhaseOutcome::Committed {
+            read_only: xid.is_none(),
+        })
+    }
+
+    async fn one_phase_outcome(&self, gid: &Gid, fence: bool) -> Result<Option<bool>, Error> {
+        let mut db = self.inner.lock().unwrap();
+        if fence {
+            db.markers.entry(gid.to_string()).or_insert(false);
+        }
+        Ok(db.markers.get(&gid.to_string()).copied())
+    }
+
+    async fn prune_one_phase_markers(&self, _age: Duration) -> Result<u64, Error> {
+        Ok(0)
+    }
+
     async fn prepared_older_than(&self, _min_age: Duration) -> Result<Vec<PreparedBranch>, Error> {
         Ok(self
             .inner
@@ -308,6 +385,7 @@ impl CoordinatorLink for FakeCoordinator {
         _participant_id: &str,
         _endpoint: &str,
         instance: &str,
+        _one_phase: bool,
     ) -> Result<Enlisted, tonic::Status> {
         let mut c = self.inner.lock().unwrap();
         if !c.reachable {

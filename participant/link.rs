@@ -24,12 +24,14 @@ pub struct Enlisted {
 pub trait CoordinatorLink: Send + Sync + 'static {
     /// Enlists this participant's branch of `txn`. `instance` names this process: a restarted
     /// participant has lost its open branches and must not be taken for the old one.
+    /// `one_phase`: this participant can commit the branch in one phase if it is the only one.
     fn register(
         &self,
         txn: TxnId,
         participant_id: &str,
         endpoint: &str,
         instance: &str,
+        one_phase: bool,
     ) -> impl Future<Output = Result<Enlisted, tonic::Status>> + Send;
 
     /// How the transaction of an in-doubt branch ended, by the coordinator that owns it.
@@ -63,12 +65,14 @@ impl CoordinatorLink for GrpcCoordinator {
         participant_id: &str,
         endpoint: &str,
         instance: &str,
+        one_phase: bool,
     ) -> Result<Enlisted, tonic::Status> {
         let mut req = tonic::Request::new(RegisterBranchRequest {
             txn_id: txn.to_string(),
             participant_id: participant_id.to_string(),
             endpoint: endpoint.to_string(),
             instance_id: instance.to_string(),
+            one_phase,
         });
         if let Ok(v) = txn.traceparent().parse() {
             req.metadata_mut().insert("traceparent", v);

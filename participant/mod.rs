@@ -57,6 +57,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How often prepared branches are checked with the coordinator (and at start).
     pub resolve_interval: Duration,
+    /// Offer one-phase commit for lone branches (needs the `twopc.one_phase_outcomes` table,
+    /// created at start if this role may).
+    pub one_phase: bool,
 }
 
 /// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
@@ -67,6 +70,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let db = Postgres::new(&config.postgres, config.max_connections)?;
     db.check_prepared_transactions_enabled().await?;
+    if config.one_phase {
+        db.set_up_one_phase().await;
+    }
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         format!(
             "http://{}",

@@ -8,13 +8,20 @@
 //! when the transaction had already failed (it rolls back instead), so a yes vote is given only
 //! once the gid is seen in `pg_prepared_xacts`. When a gid is gone, `pg_xact_status` of the xid
 //! read before PREPARE tells whether it committed or rolled back.
+//!
+//! A lone branch commits in one phase: its COMMIT carries a marker row in
+//! `twopc.one_phase_outcomes` (gid, committed), which is how a repeated CommitOnePhase learns
+//! the truth after any crash; a gid with no marker is fenced with a `false` row, which waits for
+//! a commit of the same gid still in flight (the primary key) and rules out any later one.
 
 use super::database::{Database, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
 use super::sql::{self, SqlError};
 use crate::proto;
+use crate::proto::vote::OnePhaseOutcome;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
@@ -24,6 +31,10 @@ use tokio_postgres::error::SqlState;
 const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
                              SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
 
+/// Where one-phase commits leave their markers. Created at start by the participant's own
+/// role; if it cannot be, the participant commits every branch in two phases.
+const MARKERS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc;      CREATE TABLE IF NOT EXISTS twopc.one_phase_outcomes (          gid text PRIMARY KEY,          committed boolean NOT NULL,          at timestamptz NOT NULL DEFAULT now())";
+
 /// A PostgreSQL database reached through a connection pool.
 pub struct Postgres {
     pool: Pool,
@@ -31,6 +42,8 @@ pub struct Postgres {
     config: tokio_postgres::Config,
     /// For messages: where PostgreSQL is, without the password.
     target: String,
+    /// The marker table is there and ours to write: lone branches commit in one phase.
+    one_phase: AtomicBool,
 }
 
 impl Postgres {
@@ -67,7 +80,42 @@ impl Postgres {
             pool,
             config,
             target,
+            one_phase: AtomicBool::new(false),
         })
+    }
+
+    /// Creates the one-phase marker table if it is missing, and turns one-phase commit on if
+    /// this role can write it. A failure is not fatal: every branch then takes two phases.
+    pub async fn set_up_one_phase(&self) {
+        let ready = async {
+            let conn = self.pooled().await?;
+            if let Err(e) = conn.batch_execute(MARKERS_DDL).await {
+                // Another participant on the same database may have raced us to it.
+                tracing::debug!(error = %describe(&e), "creating the one-phase marker table");
+            }
+            let row = conn
+                .query_one(
+                    "SELECT to_regclass('twopc.one_phase_outcomes') IS NOT NULL                      AND has_table_privilege('twopc.one_phase_outcomes', 'SELECT, INSERT, DELETE')",
+                    &[],
+                )
+                .await?;
+            Ok::<bool, Error>(row.get(0))
+        }
+        .await;
+        match ready {
+            Ok(true) => {
+                self.one_phase.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    "one-phase commit of lone branches: on (markers in twopc.one_phase_outcomes)"
+                );
+            }
+            Ok(false) => tracing::warn!(
+                "one-phase commit is off: this role cannot create or write twopc.one_phase_outcomes;                  every branch is committed in two phases"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "one-phase commit is off: could not set up its marker table")
+            }
+        }
     }
 
     pub fn target(&self) -> &str {
@@ -327,6 +375,102 @@ impl Database for Postgres {
 
     async fn prepared_xid(&self, gid: &Gid) -> Result<Option<u64>, Error> {
         self.xid_of_prepared(gid).await
+    }
+
+    fn one_phase(&self) -> bool {
+        self.one_phase.load(Ordering::SeqCst)
+    }
+
+    async fn commit_one_phase(
+        &self,
+        conn: Object,
+        gid: &Gid,
+        forget: &[Gid],
+    ) -> Result<OnePhaseOutcome, Error> {
+        // One round trip. The xid (NULL if the branch wrote nothing, then no marker either);
+        // the session's own role back (the client may have switched to one that cannot write
+        // the markers); the marker; the markers the coordinator is done with; COMMIT. The
+        // statements stop at the first error, and an error before or at COMMIT rolls it all
+        // back.
+        let lit = gid.literal();
+        let forget_sql = if forget.is_empty() {
+            String::new()
+        } else {
+            let gids: Vec<String> = forget.iter().map(Gid::literal).collect();
+            format!(
+                "DELETE FROM twopc.one_phase_outcomes WHERE gid IN ({}); ",
+                gids.join(", ")
+            )
+        };
+        let batch = format!(
+            "SELECT pg_current_xact_id_if_assigned()::text;              SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;              INSERT INTO twopc.one_phase_outcomes (gid, committed)                SELECT {lit}, true WHERE pg_current_xact_id_if_assigned() IS NOT NULL;              {forget_sql}COMMIT"
+        );
+        crate::failpoint!("participant::before_one_phase_commit");
+        let result = conn.simple_query(&batch).await;
+        crate::failpoint!("participant::after_one_phase_commit");
+        match result {
+            Ok(messages) => {
+                let wrote = messages.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).is_some()),
+                    _ => None,
+                });
+                Self::release(conn);
+                Ok(OnePhaseOutcome::Committed {
+                    read_only: !wrote.unwrap_or(false),
+                })
+            }
+            // An ERROR (a deferred constraint, a serialization failure at COMMIT, …) ends the
+            // transaction without committing it. A FATAL or a broken connection may come
+            // after the commit record is flushed: that is for the marker to tell.
+            Err(e) if e.as_db_error().is_some_and(|d| d.severity() == "ERROR") => {
+                if conn.batch_execute("ROLLBACK").await.is_ok() {
+                    Self::release(conn);
+                } else {
+                    drop(Object::take(conn));
+                }
+                Ok(OnePhaseOutcome::Aborted {
+                    reason: describe(&e),
+                })
+            }
+            Err(e) => {
+                drop(Object::take(conn));
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn one_phase_outcome(&self, gid: &Gid, fence: bool) -> Result<Option<bool>, Error> {
+        let conn = self.pooled().await?;
+        let gid = gid.to_string();
+        if fence {
+            // Waits on the primary key for a commit of this gid still in flight; afterwards
+            // none can follow.
+            conn.execute(
+                "INSERT INTO twopc.one_phase_outcomes (gid, committed) VALUES ($1, false)                  ON CONFLICT (gid) DO NOTHING",
+                &[&gid],
+            )
+            .await?;
+        }
+        let row = conn
+            .query_opt(
+                "SELECT committed FROM twopc.one_phase_outcomes WHERE gid = $1",
+                &[&gid],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn prune_one_phase_markers(&self, age: Duration) -> Result<u64, Error> {
+        if !self.one_phase() {
+            return Ok(0);
+        }
+        let conn = self.pooled().await?;
+        Ok(conn
+            .execute(
+                "DELETE FROM twopc.one_phase_outcomes WHERE at < now() - make_interval(secs => $1)",
+                &[&age.as_secs_f64()],
+            )
+            .await?)
     }
 
     async fn prepared_older_than(&self, min_age: Duration) -> Result<Vec<PreparedBranch>, Error> {

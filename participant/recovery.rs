@@ -8,7 +8,7 @@
 //! the coordinator is unreachable the branch stays prepared (no heuristic decisions: guessing
 //! could break atomicity) and a warning names the gid and its age.
 
-use super::core::Participant;
+use super::core::{MARKER_RETENTION, Participant};
 use super::database::{Database, PreparedBranch};
 use super::gid::Gid;
 use super::link::CoordinatorLink;
@@ -31,6 +31,9 @@ pub struct Pass {
 
 /// How long one QueryOutcome may take: a hung coordinator must not stall the pass.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often one-phase markers past their retention are deleted.
+const MARKER_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// One pass over the prepared branches older than `min_age`.
@@ -85,15 +88,30 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         Ok(pass)
     }
 
-    /// Runs passes now and every `interval` until the participant is dropped.
+    /// Runs passes now and every `interval` until the participant is dropped. Hourly, it
+    /// also deletes the one-phase markers nobody said to forget, once past their retention.
     pub fn spawn_resolver(self: &Arc<Self>, interval: Duration) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             // The first pass takes every prepared branch: after a restart all of them are in
             // doubt. Later passes skip the young ones, which are normally mid-commit.
             let mut min_age = Duration::ZERO;
+            let mut last_prune: Option<std::time::Instant> = None;
             loop {
                 let Some(core) = this.upgrade() else { return };
+                if last_prune.is_none_or(|t| t.elapsed() >= MARKER_PRUNE_INTERVAL) {
+                    last_prune = Some(std::time::Instant::now());
+                    match core.db.prune_one_phase_markers(MARKER_RETENTION).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            markers = n,
+                            "pruned one-phase markers past their retention"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pruning one-phase markers failed; retrying in an hour")
+                        }
+                    }
+                }
                 match core.resolve_in_doubt(min_age).await {
                     Ok(pass) if pass.in_doubt > pass.foreign => {
                         tracing::info!(?pass, "in-doubt branches")

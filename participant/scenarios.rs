@@ -4,7 +4,7 @@
 //! runtime, and the database loses the process's open transactions) and start another on the
 //! same database, as docs/RECOVERY.md's participant rows describe.
 
-use super::branch::Vote;
+use super::branch::{OnePhaseOutcome, Vote};
 use super::core::Participant;
 use super::database::XactStatus;
 use super::error::Error;
@@ -339,4 +339,152 @@ fn a_branch_past_its_deadline_is_rolled_back_and_stays_refused() {
         1,
         "no fresh branch was opened"
     );
+}
+
+// ---- One-phase commit of a lone branch (docs/PROTOCOL.md) ----
+
+impl Process {
+    fn commit_one_phase(&self, txn: TxnId, forget: &[TxnId]) -> Result<OnePhaseOutcome, Error> {
+        self.run(self.core.commit_one_phase(txn, COORDINATOR, forget))
+    }
+}
+
+const COMMITTED: OnePhaseOutcome = OnePhaseOutcome::Committed { read_only: false };
+
+fn aborted(outcome: Result<OnePhaseOutcome, Error>) -> bool {
+    matches!(outcome, Ok(OnePhaseOutcome::Aborted { .. }))
+}
+
+#[test]
+fn a_lone_branch_commits_in_one_phase_with_its_marker_and_a_repeat_reads_it() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = bal - 1").unwrap();
+
+    assert_eq!(p.commit_one_phase(txn, &[]).unwrap(), COMMITTED);
+
+    assert!(db.prepared().is_empty(), "never prepared");
+    assert_eq!(db.markers().get(&gid(txn).to_string()), Some(&true));
+    assert_eq!(
+        p.commit_one_phase(txn, &[]).unwrap(),
+        COMMITTED,
+        "the repeat, with the branch gone from the table, reads the marker"
+    );
+}
+
+#[test]
+fn a_one_phase_commit_whose_connection_broke_after_its_commit_is_told_by_the_marker() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "INSERT INTO t VALUES (1)").unwrap();
+    db.break_next_one_phase(true);
+
+    assert_eq!(p.commit_one_phase(txn, &[]).unwrap(), COMMITTED);
+}
+
+#[test]
+fn a_one_phase_commit_whose_connection_broke_before_its_commit_is_fenced_off() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "INSERT INTO t VALUES (1)").unwrap();
+    db.break_next_one_phase(false);
+
+    assert!(aborted(p.commit_one_phase(txn, &[])));
+    assert_eq!(
+        db.markers().get(&gid(txn).to_string()),
+        Some(&false),
+        "the fence rules out a late commit"
+    );
+    assert!(aborted(p.commit_one_phase(txn, &[])), "and a repeat agrees");
+}
+
+#[test]
+fn after_a_restart_a_lost_branch_is_fenced_and_a_committed_one_is_told() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let committed = TxnId::generate();
+    p.exec(committed, "INSERT INTO t VALUES (1)").unwrap();
+    p.commit_one_phase(committed, &[]).unwrap();
+    let lost = TxnId::generate();
+    p.exec(lost, "INSERT INTO t VALUES (2)").unwrap();
+    p.crash(&db);
+
+    let p = Process::start(&db, &coord);
+
+    assert!(aborted(p.commit_one_phase(lost, &[])));
+    assert_eq!(p.commit_one_phase(committed, &[]).unwrap(), COMMITTED);
+}
+
+#[test]
+fn a_doomed_or_refused_lone_branch_answers_aborted() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let doomed = TxnId::generate();
+    let _ = p.exec(doomed, "INSERT fail");
+    assert!(aborted(p.commit_one_phase(doomed, &[])));
+    assert_eq!(db.open_transactions(), 0, "rolled back");
+
+    db.refuse_one_phase(true);
+    let refused = TxnId::generate();
+    p.exec(refused, "INSERT INTO t VALUES (1)").unwrap();
+    let outcome = p.commit_one_phase(refused, &[]);
+    assert!(
+        matches!(&outcome, Ok(OnePhaseOutcome::Aborted { reason }) if reason.contains("23503")),
+        "{outcome:?}"
+    );
+    assert!(!db.markers().contains_key(&gid(refused).to_string()));
+}
+
+#[test]
+fn a_lone_branch_that_wrote_nothing_commits_without_a_marker() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "SELECT 1").unwrap();
+
+    assert_eq!(
+        p.commit_one_phase(txn, &[]).unwrap(),
+        OnePhaseOutcome::Committed { read_only: true }
+    );
+    assert!(db.markers().is_empty());
+}
+
+#[test]
+fn markers_the_coordinator_is_done_with_go_in_the_next_commit() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let first = TxnId::generate();
+    p.exec(first, "INSERT INTO t VALUES (1)").unwrap();
+    p.commit_one_phase(first, &[]).unwrap();
+    let second = TxnId::generate();
+    p.exec(second, "INSERT INTO t VALUES (2)").unwrap();
+
+    p.commit_one_phase(second, &[first]).unwrap();
+
+    let markers: Vec<String> = db.markers().into_keys().collect();
+    assert_eq!(markers, vec![gid(second).to_string()]);
+}
+
+#[test]
+fn a_transaction_too_old_to_tell_is_refused_not_fenced() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let eight_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 8 * 24 * 3600;
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, eight_days_ago, 0);
+    let old = TxnId::from_bytes(uuid::Uuid::new_v7(ts).as_bytes()).unwrap();
+
+    let answer = p.commit_one_phase(old, &[]);
+
+    assert!(
+        matches!(&answer, Err(Error::FailedPrecondition(m)) if m.contains("too old")),
+        "{answer:?}"
+    );
+    assert!(db.markers().is_empty(), "no fence was written");
 }

@@ -156,6 +156,31 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         Ok(Response::new(proto::BranchResponse {}))
     }
 
+    async fn commit_one_phase(
+        &self,
+        req: Request<proto::CommitOnePhaseRequest>,
+    ) -> Result<Response<proto::CommitOnePhaseResponse>, Status> {
+        let span = span(&req, "CommitOnePhase", &req.get_ref().txn_id, &self.core.id);
+        let req = req.into_inner();
+        let txn = req.txn_id.parse::<TxnId>()?;
+        let forget = req
+            .forget
+            .iter()
+            .map(|f| f.parse::<TxnId>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let core = Arc::clone(&self.core);
+        let outcome = detached(span, async move {
+            core.commit_one_phase(txn, &req.coordinator_id, &forget)
+                .await
+        })
+        .await?;
+        crate::failpoint!("participant::before_one_phase_reply");
+        let resp = proto::CommitOnePhaseResponse::from(outcome);
+        metrics::counter!("twopc_participant_one_phase_total", "outcome" => resp.outcome().as_str_name())
+            .increment(1);
+        Ok(Response::new(resp))
+    }
+
     async fn recover(
         &self,
         req: Request<proto::RecoverRequest>,

@@ -47,6 +47,18 @@ pub const ALL: &[(&str, &str)] = &[
         "coordinator::before_complete",
         "every branch acknowledged, before the final record is written",
     ),
+    (
+        "coordinator::one_phase_written",
+        "one-phase commit of a lone branch: the OnePhase record is written, not yet flushed",
+    ),
+    (
+        "coordinator::one_phase_flushed",
+        "the OnePhase record is durable, before CommitOnePhase is sent",
+    ),
+    (
+        "coordinator::one_phase_answered",
+        "the participant answered CommitOnePhase, before the outcome is recorded or announced",
+    ),
     ("participant::before_prepare", "before PREPARE TRANSACTION"),
     (
         "participant::after_prepare",
@@ -67,6 +79,18 @@ pub const ALL: &[(&str, &str)] = &[
     (
         "participant::before_rollback_prepared",
         "before ROLLBACK PREPARED",
+    ),
+    (
+        "participant::before_one_phase_commit",
+        "one-phase commit: before the COMMIT (with its marker) is sent",
+    ),
+    (
+        "participant::after_one_phase_commit",
+        "one-phase commit: COMMIT done (or failed), before the outcome is decided",
+    ),
+    (
+        "participant::before_one_phase_reply",
+        "one-phase commit: the outcome is decided, before the reply is sent",
     ),
     (
         "participant::after_rollback_prepared",

@@ -27,6 +27,12 @@ impl TxnId {
         Self(Uuid::now_v7())
     }
 
+    /// When it was made (Unix ms), from its UUIDv7 timestamp; `None` for an id that is not one.
+    pub fn created_ms(&self) -> Option<i64> {
+        let (secs, nanos) = self.0.get_timestamp()?.to_unix();
+        Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
+    }
+
     /// The 16 bytes the log uses as key; they sort like the ids.
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()

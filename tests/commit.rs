@@ -283,3 +283,75 @@ async fn session_settings_do_not_leak_from_one_branch_to_the_next() {
     }
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_branch_commits_in_one_phase_and_its_marker_is_forgotten_by_the_next() {
+    let sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    // A client that switches to a role of its own: the marker is still written as the
+    // participant's role.
+    sys.setup_sql(
+        "CREATE ROLE app NOLOGIN; GRANT SELECT, UPDATE ON acct TO app;
+         CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (parent int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);
+         GRANT SELECT, INSERT ON child TO app;",
+    )
+    .await;
+    let marker = |txn: &str| {
+        format!("SELECT count(*) FROM twopc.one_phase_outcomes WHERE gid LIKE '%{txn}'")
+    };
+
+    let first = sys.begin().await;
+    sys.exec(0, &first, "SET ROLE app", vec![]).await.unwrap();
+    sys.exec(
+        0,
+        &first,
+        "UPDATE acct SET bal = bal - 1 WHERE id = 1",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let first_resp = sys.commit(&first).await;
+    let first_marker = sys.scalar(0, &marker(&first)).await;
+    let second = sys.begin().await;
+    sys.exec(
+        0,
+        &second,
+        "UPDATE acct SET bal = bal - 1 WHERE id = 2",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let second_resp = sys.commit(&second).await;
+    let refused = sys.begin().await;
+    sys.exec(0, &refused, "INSERT INTO child VALUES (42)", vec![])
+        .await
+        .unwrap();
+    let refused_resp = sys.commit(&refused).await;
+
+    assert_eq!(outcome(first_resp.outcome), Outcome::Committed);
+    assert_eq!(outcome(second_resp.outcome), Outcome::Committed);
+    assert_eq!(
+        sys.scalar(0, "SELECT sum(bal)::bigint FROM acct").await,
+        198
+    );
+    let branch = &sys.get(&first).await.branches[0];
+    assert_eq!(branch.state(), proto::BranchState::Committed);
+    assert_eq!(branch.xid, 0, "never prepared, so no vote and no xid");
+    assert_eq!(first_marker, 1, "the commit left its marker");
+    assert_eq!(
+        sys.scalar(0, &marker(&first)).await,
+        0,
+        "forgotten in the next one-phase commit"
+    );
+    assert_eq!(sys.scalar(0, &marker(&second)).await, 1);
+    assert_eq!(outcome(refused_resp.outcome), Outcome::Aborted);
+    assert!(
+        refused_resp.reason.contains("foreign key"),
+        "the deferred constraint's error: {}",
+        refused_resp.reason
+    );
+    assert_eq!(sys.scalar(0, "SELECT count(*) FROM child").await, 0);
+    assert_eq!(sys.scalar(0, &marker(&refused)).await, 0);
+    sys.assert_nothing_prepared().await;
+}

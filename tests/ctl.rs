@@ -81,6 +81,9 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
         data_dir.path().display().to_string(),
         "--id".into(),
         "ctl".into(),
+        // A lone branch would commit in one phase and never be in doubt.
+        "--one-phase".into(),
+        "false".into(),
     ];
     let mut coordinator = Proc::start(
         "coordinator",

@@ -90,7 +90,7 @@ async fn metrics_count_outcomes_and_time_the_phases() {
     );
     for series in [
         "twopc_log_flush_seconds_bucket",
-        "twopc_phase_duration_seconds_bucket{phase=\"prepare\"",
+        "twopc_phase_duration_seconds_bucket{phase=\"one_phase\"",
         "twopc_phase_duration_seconds_bucket{phase=\"decision_flush\"",
         "twopc_oldest_in_doubt_seconds",
         "twopc_live_transactions",

@@ -293,6 +293,7 @@ impl System {
                 postgres: pg.conn_str(),
                 max_connections: 32,
                 resolve_interval: Duration::from_secs(5),
+                one_phase: true,
             };
             participant_tasks.push(tokio::spawn(participant::run(
                 l,

@@ -11,6 +11,7 @@
 
 use super::{Participants, PeerError};
 use crate::proto::TxnId;
+use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -46,11 +47,28 @@ pub enum OnFinish {
     Unreachable,
 }
 
+/// How a fake participant answers CommitOnePhase for a branch it has not finished yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnOnePhase {
+    /// Commits it (with its marker) and answers.
+    #[default]
+    Commit,
+    /// Its COMMIT fails (a deferred constraint): rolled back, ABORTED.
+    Refuse,
+    /// Commits it, then the reply is lost.
+    LoseReply,
+    /// Never gets to it: nothing committed, no answer.
+    Hang,
+    /// Fails at once without doing it, as a participant whose PostgreSQL is down does.
+    Unreachable,
+}
+
 /// How one fake participant behaves from now on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Behaviour {
     pub prepare: OnPrepare,
     pub finish: OnFinish,
+    pub one_phase: OnOnePhase,
     /// Unreachable: every call fails at once, as with a refused connection.
     pub down: bool,
 }
@@ -63,6 +81,10 @@ struct Node {
     prepared: BTreeMap<TxnId, u64>,
     committed: BTreeSet<TxnId>,
     rolled_back: BTreeSet<TxnId>,
+    /// One-phase commits' markers (`twopc.one_phase_outcomes`), not yet forgotten.
+    markers: BTreeSet<TxnId>,
+    /// Open branches this participant lost (it restarted): never committed, fenced if asked.
+    lost: BTreeSet<TxnId>,
     next_xid: u64,
     /// Requests received, in order, for assertions on what the coordinator sent.
     calls: Vec<Call>,
@@ -76,6 +98,8 @@ pub enum Call {
     Prepare(TxnId),
     Commit(TxnId),
     Rollback(TxnId),
+    /// CommitOnePhase, with the markers it said to forget.
+    CommitOnePhase(TxnId, Vec<TxnId>),
     Recover,
 }
 
@@ -102,6 +126,18 @@ impl FakeParticipants {
 
     pub fn rolled_back(&self, endpoint: &str, txn: TxnId) -> bool {
         self.with(endpoint, |n| n.rolled_back.contains(&txn))
+    }
+
+    /// The one-phase commit markers `endpoint` still keeps.
+    pub fn markers(&self, endpoint: &str) -> Vec<TxnId> {
+        self.with(endpoint, |n| n.markers.iter().copied().collect())
+    }
+
+    /// The participant restarted while `txn`'s branch was open: its statements are gone.
+    pub fn lose_branch(&self, endpoint: &str, txn: TxnId) {
+        self.with(endpoint, |n| {
+            n.lost.insert(txn);
+        });
     }
 
     /// The requests `endpoint` received, in order.
@@ -241,6 +277,70 @@ impl Participants for FakeParticipants {
         match result {
             Ok(true) => Ok(()),
             Ok(false) => {
+                silence(timeout).await;
+                Err(PeerError::Unreachable(format!(
+                    "no answer from {endpoint} within {timeout:?}"
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn commit_one_phase(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        forget: &[TxnId],
+        timeout: Duration,
+    ) -> Result<OnePhaseOutcome, PeerError> {
+        let answer = self.with(endpoint, |n| {
+            n.calls.push(Call::CommitOnePhase(txn, forget.to_vec()));
+            let b = n.behaviour;
+            if b.down {
+                return Err(PeerError::Unreachable("connection refused".into()));
+            }
+            match b.one_phase {
+                OnOnePhase::Hang => return Ok(None),
+                OnOnePhase::Unreachable => {
+                    return Err(PeerError::Unreachable(format!(
+                        "PostgreSQL at {endpoint} is not available"
+                    )));
+                }
+                _ => {}
+            }
+            if n.prepared.contains_key(&txn) {
+                n.alarms += 1;
+                return Err(PeerError::Refused(format!(
+                    "{txn} is prepared at {endpoint}: it is not a one-phase branch"
+                )));
+            }
+            // Like the participant: a finished branch is answered from the database (marker
+            // or fence), an open one is committed now.
+            let answer = if n.committed.contains(&txn) {
+                OnePhaseOutcome::Committed { read_only: false }
+            } else if n.rolled_back.contains(&txn) || n.lost.contains(&txn) {
+                n.rolled_back.insert(txn);
+                OnePhaseOutcome::Aborted {
+                    reason: format!("{txn} is not open at {endpoint} and did not commit"),
+                }
+            } else if b.one_phase == OnOnePhase::Refuse {
+                n.rolled_back.insert(txn);
+                OnePhaseOutcome::Aborted {
+                    reason: "ERROR deferred constraint (SQLSTATE 23503)".into(),
+                }
+            } else {
+                n.committed.insert(txn);
+                n.markers.insert(txn);
+                for f in forget {
+                    n.markers.remove(f);
+                }
+                OnePhaseOutcome::Committed { read_only: false }
+            };
+            Ok((b.one_phase != OnOnePhase::LoseReply).then_some(answer))
+        });
+        match answer {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => {
                 silence(timeout).await;
                 Err(PeerError::Unreachable(format!(
                     "no answer from {endpoint} within {timeout:?}"

@@ -3,8 +3,9 @@
 
 use super::{Participants, PeerError};
 use crate::proto::participant_client::ParticipantClient;
+use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
-use crate::proto::{BranchRequest, PrepareRequest, TxnId};
+use crate::proto::{BranchRequest, CommitOnePhaseRequest, PrepareRequest, TxnId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -69,6 +70,35 @@ impl Participants for GrpcParticipants {
             },
             Ok(Ok(resp)) => resp.into(),
         }
+    }
+
+    async fn commit_one_phase(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        forget: &[TxnId],
+        timeout: Duration,
+    ) -> Result<OnePhaseOutcome, PeerError> {
+        let mut client = self.client(endpoint).map_err(peer_error)?;
+        let mut req = tonic::Request::new(CommitOnePhaseRequest {
+            txn_id: txn.to_string(),
+            coordinator_id: self.coordinator_id.clone(),
+            forget: forget.iter().map(TxnId::to_string).collect(),
+        });
+        req.set_timeout(timeout);
+        trace(&mut req, txn);
+        let resp = tokio::time::timeout(timeout, client.commit_one_phase(req))
+            .await
+            .map_err(|_| {
+                PeerError::Unreachable(format!("no answer from {endpoint} within {timeout:?}"))
+            })?
+            .map_err(peer_error)?
+            .into_inner();
+        OnePhaseOutcome::try_from(resp).map_err(|n| {
+            PeerError::Refused(format!(
+                "{endpoint} answered CommitOnePhase with outcome {n}, neither committed nor aborted"
+            ))
+        })
     }
 
     async fn recover(&self, endpoint: &str, timeout: Duration) -> Result<Vec<TxnId>, PeerError> {

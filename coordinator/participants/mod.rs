@@ -13,7 +13,7 @@ mod grpc;
 pub use grpc::GrpcParticipants;
 
 use crate::proto::TxnId;
-use crate::proto::vote::Vote;
+use crate::proto::vote::{OnePhaseOutcome, Vote};
 use std::future::Future;
 use std::time::Duration;
 
@@ -40,6 +40,17 @@ pub trait Participants: Send + Sync + 'static {
         commit: bool,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
+    /// One-phase commit of a lone branch: the participant's COMMIT decides. `forget`: earlier
+    /// one-phase transactions whose end is durable here, whose markers it may delete. An
+    /// error means no answer came (or the participant cannot tell yet): ask again.
+    fn commit_one_phase(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        forget: &[TxnId],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<OnePhaseOutcome, PeerError>> + Send;
 
     /// The txn ids of this coordinator's branches prepared at `endpoint`.
     fn recover(

@@ -290,6 +290,7 @@ pub async fn start_participant(
         postgres: postgres.into(),
         max_connections: 40,
         resolve_interval: Duration::from_secs(2),
+        one_phase: true,
     };
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;
