@@ -54,6 +54,10 @@ struct Args {
     /// One JSON object per result line instead of the table.
     #[arg(long)]
     json: bool,
+    /// Commit one-branch transactions in one phase (the default); `false` measures them
+    /// through Prepare and Commit, for a before/after.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    one_phase: bool,
     /// Instead of the sweep: time one Execute returning 20,000 rows of six columns of types the
     /// wire has no field for (numeric, timestamptz, uuid, jsonb, text[], interval), against the
     /// same rows as six int8 columns.
@@ -333,13 +337,20 @@ async fn run(
 }
 
 /// A coordinator served on this runtime, on a loopback port, with its log in `dir`.
-async fn start_coordinator(dir: &std::path::Path, id: &str) -> Result<std::net::SocketAddr> {
+async fn start_coordinator(
+    dir: &std::path::Path,
+    id: &str,
+    one_phase: bool,
+) -> Result<std::net::SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let config = coordinator::Config {
         data_dir: dir.to_path_buf(),
         id: Some(id.into()),
-        limits: coordinator::Limits::default(),
+        limits: coordinator::Limits {
+            one_phase,
+            ..coordinator::Limits::default()
+        },
         drain_timeout: Duration::from_secs(1),
     };
     tokio::spawn(coordinator::run(listener, config, std::future::pending()));
@@ -454,7 +465,7 @@ fn main() -> Result<()> {
                 ))
                 .await?;
         }
-        let caddr = start_coordinator(data_dir.path(), "load").await?;
+        let caddr = start_coordinator(data_dir.path(), "load", args.one_phase).await?;
         let mut paddrs = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
             let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -476,7 +487,7 @@ fn main() -> Result<()> {
     // Coordinator-only: a second coordinator, with participants over an in-memory database.
     let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
     let (fast_caddr, fast_paddrs) = servers.block_on(async {
-        let caddr = start_coordinator(fast_dir.path(), "load-c").await?;
+        let caddr = start_coordinator(fast_dir.path(), "load-c", args.one_phase).await?;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
             .tcp_nodelay(true)
             .connect_lazy();
