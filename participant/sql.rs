@@ -10,13 +10,23 @@
 //! wrapped so the server prints those columns as it produces them (`printing_statement`); any
 //! other statement's cells go back to the server afterwards, thousands per round trip
 //! (`print_on_server`). Never one round trip per cell.
+//!
+//! Statements are prepared once per connection and kept (deadpool's statement cache, at most
+//! `STATEMENT_CACHE_MAX` texts): a repeated statement costs no Parse round trip and no parse
+//! and plan in PostgreSQL. A statement the server no longer has, or whose result type a schema
+//! change altered, fails its branch once and empties that connection's cache.
 
 use crate::proto::{self, value::Kind};
 use bytes::BytesMut;
+use deadpool_postgres::ClientWrapper;
 use futures::StreamExt;
 use std::error::Error as StdError;
 use tokio_postgres::types::{Format, FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Row};
+
+/// The most statements kept prepared per connection; past it the cache starts afresh, so a
+/// client sending ever-new SQL texts cannot grow a PostgreSQL backend without bound.
+const STATEMENT_CACHE_MAX: usize = 256;
 
 /// What went wrong before or while running a statement.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +164,11 @@ pub fn refuse_transaction_control(sql: &str) -> Result<(), SqlError> {
         "PREPARE" => second == "TRANSACTION",
         _ => false,
     };
+    if first == "DEALLOCATE" {
+        return Err(SqlError::Refused(
+            "DEALLOCATE is not allowed through Execute: the participant keeps its own prepared statements on the connection".into(),
+        ));
+    }
     if refused {
         return Err(SqlError::Refused(format!(
             "{first} is not allowed through Execute: the coordinator ends the transaction (call Coordinator.Commit or Abort)"
@@ -213,17 +228,48 @@ fn leading_words(sql: &str, n: usize) -> Vec<String> {
 /// statement's Parse (one round trip; the client pipelines them), and the statement runs only
 /// once BEGIN is known to have succeeded — otherwise it would run, and commit, on its own.
 pub async fn execute(
-    client: &Client,
+    client: &ClientWrapper,
+    sql: &str,
+    params: &[proto::Value],
+    begin: bool,
+) -> Result<proto::ExecuteResponse, SqlError> {
+    let result = execute_prepared(client, sql, params, begin).await;
+    if let Err(SqlError::Failed {
+        sqlstate: Some(code),
+        ..
+    }) = &result
+        // invalid_sql_statement_name: a cached statement is gone (DEALLOCATE);
+        // feature_not_supported: "cached plan must not change result type".
+        && matches!(code.as_str(), "26000" | "0A000")
+    {
+        client.statement_cache.clear();
+    }
+    result
+}
+
+/// A statement prepared on this connection, from its cache when it was prepared before.
+async fn prepared(
+    client: &ClientWrapper,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    if client.statement_cache.size() >= STATEMENT_CACHE_MAX {
+        client.statement_cache.clear();
+    }
+    client.prepare_cached(sql).await
+}
+
+async fn execute_prepared(
+    client: &ClientWrapper,
     sql: &str,
     params: &[proto::Value],
     begin: bool,
 ) -> Result<proto::ExecuteResponse, SqlError> {
     let stmt = if begin {
-        let (began, stmt) = tokio::join!(client.batch_execute("BEGIN"), client.prepare(sql));
+        let (began, stmt) = tokio::join!(client.batch_execute("BEGIN"), prepared(client, sql));
         began?;
         stmt?
     } else {
-        client.prepare(sql).await?
+        prepared(client, sql).await?
     };
     if stmt.params().len() != params.len() {
         return Err(SqlError::Refused(format!(
@@ -474,6 +520,7 @@ mod tests {
             "prepare transaction 'x'",
             "BEGIN",
             "start transaction",
+            "DEALLOCATE ALL",
             "",
             "  -- only a comment",
         ] {

@@ -355,3 +355,47 @@ async fn a_lone_branch_commits_in_one_phase_and_its_marker_is_forgotten_by_the_n
     assert_eq!(sys.scalar(0, &marker(&refused)).await, 0);
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_kept_prepared_follows_a_schema_change() {
+    let sys = System::start(1).await;
+    sys.setup_sql("CREATE TABLE shape (x int); INSERT INTO shape VALUES (1);")
+        .await;
+    let system = &sys;
+    let read = |txn: String| async move {
+        let r = system.exec(0, &txn, "SELECT * FROM shape", vec![]).await;
+        system.abort(&txn).await;
+        r
+    };
+    for _ in 0..3 {
+        let first = read(sys.begin().await).await.unwrap();
+        assert_eq!(first.columns, vec!["x"]);
+    }
+
+    sys.setup_sql("ALTER TABLE shape ADD COLUMN y int DEFAULT 2")
+        .await;
+    // A connection that kept the old statement fails it once ("cached plan must not change
+    // result type") and starts afresh; how many connections kept it is up to the pool.
+    let mut stale = 0;
+    let after = loop {
+        match read(sys.begin().await).await {
+            Ok(r) => break r,
+            Err(status) => {
+                assert!(
+                    status.message().contains("cached plan"),
+                    "{}",
+                    status.message()
+                );
+                stale += 1;
+                assert!(stale <= 8, "the cache is not being emptied");
+            }
+        }
+    };
+
+    assert_eq!(after.columns, vec!["x", "y"]);
+    let refused = sys
+        .exec(0, &sys.begin().await, "DEALLOCATE ALL", vec![])
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+    sys.assert_nothing_prepared().await;
+}
