@@ -92,7 +92,9 @@ pub enum OnRollback {
 /// A request that the branch's state does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BranchError {
-    #[error("branch {gid} is {state}: statements run only while it is active")]
+    #[error(
+        "branch {gid} is {state}: statements run only while it is active, and a transaction has one branch per participant (a second would lose the statements of the first), so none of its statements can run here any more"
+    )]
     NotActive { gid: String, state: String },
     #[error("branch {gid} failed earlier ({reason}): its transaction can only abort")]
     Doomed { gid: String, reason: String },
@@ -148,10 +150,15 @@ impl Branch {
                 gid: self.gid.to_string(),
                 reason: reason.clone(),
             }),
-            _ => Err(BranchError::NotActive {
-                gid: self.gid.to_string(),
-                state: self.describe(),
-            }),
+            _ => Err(self.not_active()),
+        }
+    }
+
+    /// Why a statement cannot run in this branch, which is past `Active`.
+    pub fn not_active(&self) -> BranchError {
+        BranchError::NotActive {
+            gid: self.gid.to_string(),
+            state: self.describe(),
         }
     }
 

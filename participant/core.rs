@@ -1,23 +1,29 @@
 //! The participant's core: the table of open branches, and the protocol steps on them.
 //!
 //! A branch appears on a transaction's first Execute here (after the coordinator accepts its
-//! registration) and leaves the table once finished. Each branch sits behind an async mutex,
-//! held across its database work, so a Prepare waits for a running statement and a repeated
-//! Commit waits for the first. Requests for a branch that is no longer in the table (finished,
-//! or this process restarted) go straight to the database by gid, which stays correct because
-//! COMMIT PREPARED / ROLLBACK PREPARED of a gone gid are checked against how its xid ended
-//! (`database::settle_gone`).
+//! registration). Each open branch sits behind an async mutex, held across its database work,
+//! so a Prepare waits for a running statement and a repeated Commit waits for the first.
+//!
+//! A branch that ended leaves a tombstone (`tombstone.rs`), so a later Execute is refused
+//! instead of opening a second branch that would commit without the first one's statements.
+//!
+//! Requests for a branch this process does not know (long finished, or before a restart) go
+//! straight to the database by gid, which stays correct because COMMIT PREPARED / ROLLBACK
+//! PREPARED of a gone gid are checked against how its xid ended (`database::settle_gone`).
 //!
 //! Generic over the [`Database`] and the [`CoordinatorLink`], so the same code runs on
 //! PostgreSQL and gRPC in the binary and in memory in the scenario tests (`scenarios.rs`).
 
-use super::branch::{Branch, OnCommit, OnOnePhase, OnPrepare, OnRollback, OnePhaseOutcome, Vote};
+use super::branch::{
+    Branch, OnCommit, OnOnePhase, OnPrepare, OnRollback, OnePhaseOutcome, State, Vote,
+};
 use super::database::{Database, Prepared};
 use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, GrpcCoordinator};
 use super::postgres::Postgres;
 use super::sql;
+use super::tombstone::Tombstones;
 use crate::proto::{self, TxnId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,7 +68,22 @@ impl<D: Database> OpenBranch<D> {
     }
 }
 
-/// One participant: its database, its coordinator, and its open branches.
+/// The branches this process knows.
+struct Table<D: Database> {
+    open: HashMap<TxnId, Arc<OpenBranch<D>>>,
+    ended: Tombstones,
+}
+
+/// What the table says of a transaction.
+enum Found<D: Database> {
+    Open(Arc<OpenBranch<D>>),
+    /// Its branch ended here, this way.
+    Ended(State),
+    /// Never here, or so long ago that only the database remembers.
+    Unknown,
+}
+
+/// One participant: its database, its coordinator, and its branches.
 pub struct Participant<D: Database = Postgres, C: CoordinatorLink = GrpcCoordinator> {
     /// This participant's id, unique among the coordinator's participants.
     pub(super) id: String,
@@ -74,14 +95,15 @@ pub struct Participant<D: Database = Postgres, C: CoordinatorLink = GrpcCoordina
     instance: String,
     /// Learned from the coordinator's first answer; names our gids.
     coordinator_id: OnceLock<String>,
-    branches: Mutex<HashMap<TxnId, Arc<OpenBranch<D>>>>,
+    branches: Mutex<Table<D>>,
 }
 
 /// How long after its deadline an unfinished, unprepared branch is rolled back here. The
 /// coordinator aborts at the deadline; the grace keeps us from racing its Prepare.
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
-/// How long an expired branch is remembered as rolled back.
+/// How long past its deadline (and the grace) an ended branch is remembered: with clock skew
+/// the coordinator may take the transaction for active a while longer.
 const TOMBSTONE: Duration = Duration::from_secs(60);
 
 /// How long a one-phase marker is kept when the coordinator never says to forget it (it
@@ -101,16 +123,40 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             coordinator,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             coordinator_id: OnceLock::new(),
-            branches: Mutex::new(HashMap::new()),
+            branches: Mutex::new(Table {
+                open: HashMap::new(),
+                ended: Tombstones::default(),
+            }),
         })
     }
 
-    fn open_branch(&self, txn: TxnId) -> Option<Arc<OpenBranch<D>>> {
-        self.branches.lock().unwrap().get(&txn).cloned()
+    fn find(&self, txn: TxnId) -> Found<D> {
+        let table = self.branches.lock().unwrap();
+        if let Some(open) = table.open.get(&txn) {
+            return Found::Open(open.clone());
+        }
+        match table.ended.get(txn) {
+            Some(state) => Found::Ended(state),
+            None => Found::Unknown,
+        }
     }
 
-    fn forget(&self, txn: TxnId) {
-        self.branches.lock().unwrap().remove(&txn);
+    /// The branch ended: it leaves the open table and stays as a tombstone.
+    fn finish(&self, txn: TxnId, branch: &Branch) {
+        let now = crate::process::clock::now_ms();
+        let until_ms = branch.deadline_ms + (DEADLINE_GRACE + TOMBSTONE).as_millis() as i64;
+        let mut table = self.branches.lock().unwrap();
+        table.open.remove(&txn);
+        table.ended.insert(txn, branch.state.clone(), until_ms, now);
+    }
+
+    /// A tombstone as a branch, for the state machine to answer from.
+    fn ended(&self, txn: TxnId, coordinator_id: &str, state: State) -> Result<Branch, Error> {
+        Ok(Branch {
+            gid: self.gid(txn, coordinator_id)?,
+            state,
+            deadline_ms: 0,
+        })
     }
 
     /// The gid of a branch the coordinator asks about: it names itself, or it is ours.
@@ -134,9 +180,10 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         params: &[proto::Value],
     ) -> Result<proto::ExecuteResponse, Error> {
         sql::refuse_transaction_control(sql_text).map_err(|e| Error::statement(txn, e))?;
-        let open = match self.open_branch(txn) {
-            Some(open) => open,
-            None => self.open(txn).await?,
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => return Err(self.ended(txn, "", state)?.not_active().into()),
+            Found::Unknown => self.open(txn).await?,
         };
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute()?;
@@ -181,9 +228,15 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         let gid = Gid::new(&enlisted.coordinator_id, txn)?;
         let _ = self.coordinator_id.set(enlisted.coordinator_id);
         let mut table = self.branches.lock().unwrap();
-        if let Some(existing) = table.get(&txn) {
+        if let Some(existing) = table.open.get(&txn) {
             // A concurrent Execute got here first.
             return Ok(existing.clone());
+        }
+        if let Some(state) = table.ended.get(txn) {
+            // ... and its branch has ended since: the coordinator took this registration for
+            // a repeat, but a fresh branch here would lose the statements that ran before.
+            drop(table);
+            return Err(self.ended(txn, "", state)?.not_active().into());
         }
         let open = Arc::new(OpenBranch {
             slot: tokio::sync::Mutex::new(Slot {
@@ -192,22 +245,15 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             }),
             cancel: tokio::sync::Mutex::new(None),
         });
-        table.insert(txn, open.clone());
+        table.open.insert(txn, open.clone());
         drop(table);
         // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
         let this = Arc::downgrade(self);
         let until = crate::process::clock::until(enlisted.deadline_ms) + DEADLINE_GRACE;
         tokio::spawn(async move {
             tokio::time::sleep(until).await;
-            let expired = match this.upgrade() {
-                Some(p) => p.expire(txn).await,
-                None => return,
-            };
-            if expired {
-                tokio::time::sleep(TOMBSTONE).await;
-                if let Some(p) = this.upgrade() {
-                    p.forget(txn);
-                }
+            if let Some(p) = this.upgrade() {
+                p.expire(txn).await;
             }
         });
         tracing::debug!(txn_id = %txn, "branch opened");
@@ -215,20 +261,16 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     }
 
     /// The deadline passed: a branch still open here will never be committed.
-    async fn expire(&self, txn: TxnId) -> bool {
-        let Some(open) = self.open_branch(txn) else {
-            return false;
+    async fn expire(&self, txn: TxnId) {
+        let Found::Open(open) = self.find(txn) else {
+            return;
         };
         let mut slot = open.lock_interrupting(&self.db).await;
         if slot.branch.is_open() {
             tracing::info!(txn_id = %txn, "branch passed its deadline unprepared: rolling back");
             self.roll_back_open(&open, &mut slot).await;
-            // Kept a while as a tombstone: with clock skew the coordinator may still think the
-            // transaction active, and a late Execute must hear "rolled back", not start a fresh
-            // PostgreSQL transaction that would silently drop the statements before it.
-            return true;
+            self.finish(txn, &slot.branch);
         }
-        false
     }
 
     async fn roll_back_open(&self, open: &OpenBranch<D>, slot: &mut Slot<D>) {
@@ -239,18 +281,27 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     }
 
     pub async fn prepare(&self, txn: TxnId, coordinator_id: &str) -> Result<Vote, Error> {
-        let Some(open) = self.open_branch(txn) else {
-            // Not open here: prepared before a lost reply or a restart, or never opened.
-            let gid = self.gid(txn, coordinator_id)?;
-            return Ok(match self.db.prepared_xid(&gid).await? {
-                Some(xid) => Vote::Yes { xid },
-                None => Vote::No {
-                    reason: format!(
-                        "{gid} is not open on participant {}: it never ran a statement here, or it was rolled back",
-                        self.id
-                    ),
-                },
-            });
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => {
+                return match self.ended(txn, coordinator_id, state)?.prepare_step() {
+                    OnPrepare::Answer(vote) => Ok(vote),
+                    step => Err(Error::Internal(format!("an ended branch cannot {step:?}"))),
+                };
+            }
+            Found::Unknown => {
+                // Not open here: prepared before a lost reply or a restart, or never opened.
+                let gid = self.gid(txn, coordinator_id)?;
+                return Ok(match self.db.prepared_xid(&gid).await? {
+                    Some(xid) => Vote::Yes { xid },
+                    None => Vote::No {
+                        reason: format!(
+                            "{gid} is not open on participant {}: it never ran a statement here, or it was rolled back",
+                            self.id
+                        ),
+                    },
+                });
+            }
         };
         let mut slot = open.slot.lock().await;
         let vote = match slot.branch.prepare_step() {
@@ -277,15 +328,24 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             },
         };
         if slot.branch.is_finished() {
-            self.forget(txn);
+            self.finish(txn, &slot.branch);
         }
         Ok(vote)
     }
 
     pub async fn commit(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
-        let Some(open) = self.open_branch(txn) else {
-            let gid = self.gid(txn, coordinator_id)?;
-            return self.db.finish_prepared(&gid, xid, true).await;
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => {
+                return match self.ended(txn, coordinator_id, state)?.commit_step()? {
+                    OnCommit::AlreadyDone => Ok(()),
+                    step => Err(Error::Internal(format!("an ended branch cannot {step:?}"))),
+                };
+            }
+            Found::Unknown => {
+                let gid = self.gid(txn, coordinator_id)?;
+                return self.db.finish_prepared(&gid, xid, true).await;
+            }
         };
         let mut slot = open.slot.lock().await;
         match slot.branch.commit_step()? {
@@ -296,16 +356,25 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                     .finish_prepared(&gid, if ours != 0 { ours } else { xid }, true)
                     .await?;
                 slot.branch.committed();
-                self.forget(txn);
+                self.finish(txn, &slot.branch);
                 Ok(())
             }
         }
     }
 
     pub async fn rollback(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
-        let Some(open) = self.open_branch(txn) else {
-            let gid = self.gid(txn, coordinator_id)?;
-            return self.db.finish_prepared(&gid, xid, false).await;
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => {
+                return match self.ended(txn, coordinator_id, state)?.rollback_step()? {
+                    OnRollback::AlreadyDone => Ok(()),
+                    step => Err(Error::Internal(format!("an ended branch cannot {step:?}"))),
+                };
+            }
+            Found::Unknown => {
+                let gid = self.gid(txn, coordinator_id)?;
+                return self.db.finish_prepared(&gid, xid, false).await;
+            }
         };
         let mut slot = open.lock_interrupting(&self.db).await;
         match slot.branch.rollback_step()? {
@@ -319,7 +388,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 slot.branch.rolled_back();
             }
         }
-        self.forget(txn);
+        self.finish(txn, &slot.branch);
         Ok(())
     }
 
@@ -337,9 +406,18 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             .iter()
             .map(|f| self.gid(*f, coordinator_id))
             .collect::<Result<_, _>>()?;
-        let Some(open) = self.open_branch(txn) else {
-            let gid = self.gid(txn, coordinator_id)?;
-            return self.one_phase_by_gid(txn, &gid).await;
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => {
+                return match self.ended(txn, coordinator_id, state)?.one_phase_step()? {
+                    OnOnePhase::Answer(outcome) => Ok(outcome),
+                    step => Err(Error::Internal(format!("an ended branch cannot {step:?}"))),
+                };
+            }
+            Found::Unknown => {
+                let gid = self.gid(txn, coordinator_id)?;
+                return self.one_phase_by_gid(txn, &gid).await;
+            }
         };
         let mut slot = open.slot.lock().await;
         let gid = slot.branch.gid.clone();
@@ -371,7 +449,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             },
         };
         if slot.branch.is_finished() {
-            self.forget(txn);
+            self.finish(txn, &slot.branch);
         }
         Ok(outcome)
     }

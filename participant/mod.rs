@@ -3,6 +3,7 @@
 //!
 //! - [`branch`]: one branch's state machine: every transition, no I/O.
 //! - [`core`]: the [`Participant`]: the table of open branches and the protocol steps on them.
+//! - [`tombstone`]: how branches that ended are remembered, so none is ever reopened.
 //! - [`database`]: what the core needs of its database, and the rule for a gid that is gone;
 //!   [`postgres`] is the real one (pool, two-phase-commit statements), [`sql`] runs a client's
 //!   statement (parameters, result rows, the statements Execute refuses).
@@ -28,6 +29,7 @@ pub mod recovery;
 mod scenarios;
 pub mod service;
 pub mod sql;
+pub mod tombstone;
 
 use crate::proto::participant_server::ParticipantServer;
 pub use core::Participant;

@@ -341,6 +341,72 @@ fn a_branch_past_its_deadline_is_rolled_back_and_stays_refused() {
     );
 }
 
+// ---- No half transactions: an ended branch is never reopened ----
+
+#[test]
+fn a_branch_rolled_back_out_of_turn_refuses_later_statements_and_votes_no() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = bal - 100").unwrap();
+
+    // An operator (or anyone) rolls the open branch back while the transaction is active.
+    p.rollback(txn, 0).unwrap();
+    let later = p.exec(txn, "UPDATE acct SET bal = bal - 1").unwrap_err();
+    let vote = p.prepare(txn);
+
+    assert!(later.to_string().contains("rolled back"), "{later}");
+    assert!(matches!(vote, Vote::No { .. }), "{vote:?}");
+    assert_eq!(coord.registrations(txn).len(), 1, "no second branch");
+    assert_eq!(db.open_transactions(), 0);
+    assert!(db.prepared().is_empty());
+}
+
+#[test]
+fn a_branch_prepared_and_committed_out_of_turn_refuses_later_statements() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = bal - 100").unwrap();
+    let vote = p.prepare(txn);
+    p.commit(txn, xid_of(&vote)).unwrap();
+
+    let later = p.exec(txn, "UPDATE acct SET bal = bal - 1").unwrap_err();
+
+    assert!(later.to_string().contains("committed"), "{later}");
+    assert_eq!(coord.registrations(txn).len(), 1, "no second branch");
+    assert_eq!(db.open_transactions(), 0);
+}
+
+#[test]
+fn an_ended_branch_answers_repeated_requests_as_it_ended() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let (committed, rolled_back) = (TxnId::generate(), TxnId::generate());
+    p.exec(committed, "INSERT INTO t VALUES (1)").unwrap();
+    p.exec(rolled_back, "INSERT INTO t VALUES (2)").unwrap();
+    let vote = p.prepare(committed);
+    p.commit(committed, xid_of(&vote)).unwrap();
+    p.rollback(rolled_back, 0).unwrap();
+
+    assert_eq!(p.prepare(committed), Vote::Yes { xid: 0 });
+    assert!(p.commit(committed, xid_of(&vote)).is_ok());
+    assert!(
+        p.rollback(committed, xid_of(&vote)).is_err(),
+        "committed stays committed"
+    );
+    assert!(matches!(p.prepare(rolled_back), Vote::No { .. }));
+    assert!(p.rollback(rolled_back, 0).is_ok());
+    assert!(
+        p.commit(rolled_back, 0).is_err(),
+        "rolled back stays rolled back"
+    );
+    assert!(matches!(
+        p.commit_one_phase(rolled_back, &[]),
+        Ok(OnePhaseOutcome::Aborted { .. })
+    ));
+}
+
 // ---- One-phase commit of a lone branch (docs/PROTOCOL.md) ----
 
 impl Process {

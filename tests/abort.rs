@@ -390,3 +390,122 @@ async fn a_participant_refuses_a_server_without_prepared_transactions() {
         "says how to fix it: {refused}"
     );
 }
+
+/// The half transaction of issue 9: a branch rolled back behind the coordinator's back must not
+/// be replaced by a fresh one that commits the later statements without the earlier ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_rolled_back_out_of_turn_is_never_reopened() {
+    let sys = System::start(1).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(
+        0,
+        &txn,
+        "UPDATE acct SET bal = bal - 100 WHERE id = 1",
+        vec![],
+    )
+    .await
+    .unwrap();
+
+    sys.participant(0)
+        .await
+        .rollback(proto::BranchRequest {
+            txn_id: txn.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let later = sys
+        .exec(
+            0,
+            &txn,
+            "UPDATE acct SET bal = bal - 1 WHERE id = 1",
+            vec![],
+        )
+        .await
+        .unwrap_err();
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(later.code(), Code::FailedPrecondition, "{later:?}");
+    assert!(
+        later.message().contains("rolled back"),
+        "{}",
+        later.message()
+    );
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted);
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    sys.assert_nothing_prepared().await;
+}
+
+/// The same through the operator's tool: a branch prepared out of turn and rolled back with
+/// `twopcctl resolve --force-abort --participant` stays ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_force_aborted_with_twopcctl_is_never_reopened() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(
+        0,
+        &txn,
+        "UPDATE acct SET bal = bal - 100 WHERE id = 1",
+        vec![],
+    )
+    .await
+    .unwrap();
+    sys.exec(
+        1,
+        &txn,
+        "UPDATE acct SET bal = bal + 100 WHERE id = 2",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let vote = sys
+        .participant(0)
+        .await
+        .prepare(proto::PrepareRequest {
+            txn_id: txn.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let (resolved, said, err) = support::twopcctl(&[
+        "resolve",
+        &txn,
+        "--force-abort",
+        "--participant",
+        &support::url(sys.participants[0].addr),
+        "--operator",
+        "test",
+    ])
+    .await;
+    let later = sys
+        .exec(
+            0,
+            &txn,
+            "UPDATE acct SET bal = bal - 1 WHERE id = 1",
+            vec![],
+        )
+        .await
+        .unwrap_err();
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(vote.vote(), proto::Vote::Yes);
+    assert!(resolved && said.contains("rolled back"), "{said}{err}");
+    assert_eq!(later.code(), Code::FailedPrecondition, "{later:?}");
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted);
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    assert_eq!(
+        sys.scalar(1, "SELECT bal FROM acct WHERE id = 2").await,
+        100
+    );
+    sys.assert_nothing_prepared().await;
+}
