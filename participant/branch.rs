@@ -15,6 +15,9 @@
 //!    └──────────────────────────────────────────▶ OnePhaseInDoubt
 //! ```
 //!
+//! A statement for a prepared branch is refused and leaves it `refused`: it votes no from then
+//! on, because its transaction must not commit without that statement.
+//!
 //! Every request the coordinator may repeat (after a lost reply) lands on a step that answers
 //! the same way again, and a request that contradicts how the branch really ended is refused.
 //!
@@ -37,6 +40,10 @@ pub enum State {
     /// PREPARE TRANSACTION succeeded; `xid` is the branch's xid8.
     Prepared {
         xid: u64,
+        /// Why the branch must vote no from now on: its PREPARE did not complete, or a
+        /// statement came for it after it was prepared (out of turn), which its transaction
+        /// cannot have without aborting. A Commit the coordinator decided still commits it.
+        refused: Option<String>,
     },
     /// It wrote nothing, so it finished at once and voted read-only.
     ReadOnly,
@@ -143,13 +150,22 @@ impl Branch {
         }
     }
 
-    pub fn check_execute(&self) -> Result<(), BranchError> {
-        match &self.state {
+    /// May a statement run? A statement for a prepared branch (prepared out of turn, or a
+    /// client racing its own Commit) is refused, and the branch votes no from then on: the
+    /// transaction must not commit without that statement.
+    pub fn check_execute(&mut self) -> Result<(), BranchError> {
+        match &mut self.state {
             State::Active => Ok(()),
             State::Doomed { reason } => Err(BranchError::Doomed {
                 gid: self.gid.to_string(),
                 reason: reason.clone(),
             }),
+            State::Prepared { refused, .. } => {
+                refused.get_or_insert_with(|| {
+                    "a statement came for the branch after it was prepared".into()
+                });
+                Err(self.not_active())
+            }
             _ => Err(self.not_active()),
         }
     }
@@ -175,7 +191,13 @@ impl Branch {
             State::Doomed { reason } => OnPrepare::RollBackAndRefuse {
                 reason: reason.clone(),
             },
-            State::Prepared { xid } => OnPrepare::Answer(Vote::Yes { xid: *xid }),
+            State::Prepared { xid, refused: None } => OnPrepare::Answer(Vote::Yes { xid: *xid }),
+            State::Prepared {
+                refused: Some(reason),
+                ..
+            } => OnPrepare::Answer(Vote::No {
+                reason: reason.clone(),
+            }),
             State::Committed => OnPrepare::Answer(Vote::Yes { xid: 0 }),
             State::ReadOnly => OnPrepare::Answer(Vote::ReadOnly),
             State::RolledBack => OnPrepare::Answer(Vote::No {
@@ -211,7 +233,7 @@ impl Branch {
 
     pub fn commit_step(&self) -> Result<OnCommit, BranchError> {
         match &self.state {
-            State::Prepared { xid } => Ok(OnCommit::CommitPrepared { xid: *xid }),
+            State::Prepared { xid, .. } => Ok(OnCommit::CommitPrepared { xid: *xid }),
             State::Committed | State::ReadOnly => Ok(OnCommit::AlreadyDone),
             _ => Err(BranchError::NotPrepared {
                 gid: self.gid.to_string(),
@@ -223,7 +245,7 @@ impl Branch {
     pub fn rollback_step(&self) -> Result<OnRollback, BranchError> {
         match &self.state {
             State::Active | State::Doomed { .. } => Ok(OnRollback::RollBackOpen),
-            State::Prepared { xid } => Ok(OnRollback::RollBackPrepared { xid: *xid }),
+            State::Prepared { xid, .. } => Ok(OnRollback::RollBackPrepared { xid: *xid }),
             // A read-only branch wrote nothing: committed and rolled back look the same.
             State::RolledBack | State::ReadOnly => Ok(OnRollback::AlreadyDone),
             State::Committed => Err(BranchError::AlreadyCommitted {
@@ -250,7 +272,7 @@ impl Branch {
 
     /// PREPARE TRANSACTION succeeded and was seen in `pg_prepared_xacts`.
     pub fn prepared(&mut self, xid: u64) -> Vote {
-        self.state = State::Prepared { xid };
+        self.state = State::Prepared { xid, refused: None };
         Vote::Yes { xid }
     }
 
@@ -271,12 +293,12 @@ impl Branch {
     /// as prepared (with the xid, if `pg_prepared_xacts` shows it, else 0) and votes no: the
     /// rollback that must follow settles it either way, and a Commit can never reach it.
     pub fn prepare_failed(&mut self, xid: Option<u64>, error: String) -> Vote {
+        let reason = format!("PREPARE TRANSACTION did not complete: {error}");
         self.state = State::Prepared {
             xid: xid.unwrap_or(0),
+            refused: Some(reason.clone()),
         };
-        Vote::No {
-            reason: format!("PREPARE TRANSACTION did not complete: {error}"),
-        }
+        Vote::No { reason }
     }
 
     /// COMMIT PREPARED succeeded (or was found done).
@@ -348,6 +370,29 @@ mod tests {
     }
 
     #[test]
+    fn a_statement_for_a_prepared_branch_is_refused_and_turns_its_vote_to_no() {
+        let mut b = branch();
+        b.prepared(42);
+
+        let refused = b.check_execute();
+
+        assert!(matches!(refused, Err(BranchError::NotActive { .. })));
+        assert!(matches!(
+            b.prepare_step(),
+            OnPrepare::Answer(Vote::No { reason }) if reason.contains("after it was prepared")
+        ));
+        assert_eq!(
+            b.rollback_step(),
+            Ok(OnRollback::RollBackPrepared { xid: 42 })
+        );
+        assert_eq!(
+            b.commit_step(),
+            Ok(OnCommit::CommitPrepared { xid: 42 }),
+            "a commit already decided on the earlier yes still goes through"
+        );
+    }
+
+    #[test]
     fn a_rolled_back_branch_cannot_be_committed() {
         let mut b = branch();
         b.rolled_back();
@@ -383,6 +428,10 @@ mod tests {
             b.commit_step(),
             Ok(OnCommit::CommitPrepared { xid: 7 }),
             "the coordinator never sends it (the vote was no), but a commit by gid stays checkable"
+        );
+        assert!(
+            matches!(b.prepare_step(), OnPrepare::Answer(Vote::No { .. })),
+            "a repeated Prepare votes no again"
         );
         let mut unknown = branch();
         unknown.prepare_failed(None, "timeout".into());

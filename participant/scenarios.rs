@@ -363,6 +363,24 @@ fn a_branch_rolled_back_out_of_turn_refuses_later_statements_and_votes_no() {
 }
 
 #[test]
+fn a_branch_prepared_out_of_turn_refuses_later_statements_and_votes_no() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+    p.exec(txn, "UPDATE acct SET bal = bal - 100").unwrap();
+    let early = p.prepare(txn);
+
+    let later = p.exec(txn, "UPDATE acct SET bal = bal - 1").unwrap_err();
+    let vote = p.prepare(txn);
+    p.rollback(txn, xid_of(&early)).unwrap();
+
+    assert!(later.to_string().contains("prepared"), "{later}");
+    assert!(matches!(vote, Vote::No { .. }), "{vote:?}");
+    assert_eq!(coord.registrations(txn).len(), 1, "no second branch");
+    assert!(db.prepared().is_empty());
+}
+
+#[test]
 fn a_branch_prepared_and_committed_out_of_turn_refuses_later_statements() {
     let (db, coord) = world();
     let p = Process::start(&db, &coord);

@@ -509,3 +509,60 @@ async fn a_branch_force_aborted_with_twopcctl_is_never_reopened() {
     );
     sys.assert_nothing_prepared().await;
 }
+
+/// A branch prepared out of turn (here by a direct Participant.Prepare) is not reopened either:
+/// the later statement is refused and the transaction can only abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_prepared_out_of_turn_refuses_later_statements_and_aborts() {
+    let sys = System::start(2).await;
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    sys.exec(
+        0,
+        &txn,
+        "UPDATE acct SET bal = bal - 100 WHERE id = 1",
+        vec![],
+    )
+    .await
+    .unwrap();
+    sys.exec(
+        1,
+        &txn,
+        "UPDATE acct SET bal = bal + 100 WHERE id = 2",
+        vec![],
+    )
+    .await
+    .unwrap();
+    sys.participant(0)
+        .await
+        .prepare(proto::PrepareRequest {
+            txn_id: txn.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let later = sys
+        .exec(
+            0,
+            &txn,
+            "UPDATE acct SET bal = bal - 1 WHERE id = 1",
+            vec![],
+        )
+        .await
+        .unwrap_err();
+    let resp = sys.commit(&txn).await;
+
+    assert_eq!(later.code(), Code::FailedPrecondition, "{later:?}");
+    assert!(later.message().contains("prepared"), "{}", later.message());
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted);
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    assert_eq!(
+        sys.scalar(1, "SELECT bal FROM acct WHERE id = 2").await,
+        100
+    );
+    sys.assert_nothing_prepared().await;
+}
