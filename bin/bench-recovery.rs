@@ -186,6 +186,7 @@ async fn run(args: Args) -> Result<()> {
             max_connections: 32,
             resolve_interval: Duration::from_secs(5),
             one_phase: true,
+            allow_superuser: false,
         };
         servers.push(tokio::spawn(participant::run(
             l,

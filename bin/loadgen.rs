@@ -478,6 +478,7 @@ fn main() -> Result<()> {
                 max_connections: 64,
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
+                allow_superuser: false,
             };
             tokio::spawn(participant::run(l, config, std::future::pending()));
         }

@@ -27,11 +27,12 @@ struct Args {
     #[arg(long, env = "TWOPC_ADVERTISE")]
     advertise: Option<String>,
     /// The PostgreSQL database: a libpq key=value string or a postgres:// URL. The server needs
-    /// max_prepared_transactions > 0.
+    /// max_prepared_transactions > 0, and the role must not be a superuser (see
+    /// --allow-superuser).
     #[arg(
         long,
         env = "TWOPC_POSTGRES",
-        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+        default_value = "host=127.0.0.1 port=5432 user=twopc_participant dbname=postgres"
     )]
     postgres: String,
     /// The most PostgreSQL connections this participant opens: the most branches open at once.
@@ -44,6 +45,10 @@ struct Args {
     /// twopc.one_phase_outcomes, created at start if this role may; without it, it is off.
     #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
     one_phase: bool,
+    /// Serve even when the --postgres role is a superuser. Refused otherwise: every client
+    /// that reaches the participant runs its statements as that role.
+    #[arg(long, env = "TWOPC_ALLOW_SUPERUSER")]
+    allow_superuser: bool,
     #[command(flatten)]
     process: telemetry::Options,
 }
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             max_connections: args.max_connections,
             resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
             one_phase: args.one_phase,
+            allow_superuser: args.allow_superuser,
         };
         run(listener, config, twopc::process::signal::shutdown()).await
     })

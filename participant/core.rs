@@ -179,7 +179,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         sql_text: &str,
         params: &[proto::Value],
     ) -> Result<proto::ExecuteResponse, Error> {
-        sql::refuse_transaction_control(sql_text).map_err(|e| Error::statement(txn, e))?;
+        sql::check_allowed(sql_text).map_err(|e| Error::statement(txn, e))?;
         let open = match self.find(txn) {
             Found::Open(open) => open,
             Found::Ended(state) => return Err(self.ended(txn, "", state)?.not_active().into()),

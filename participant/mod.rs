@@ -62,6 +62,8 @@ pub struct Config {
     /// Offer one-phase commit for lone branches (needs the `twopc.one_phase_outcomes` table,
     /// created at start if this role may).
     pub one_phase: bool,
+    /// Serve even when the PostgreSQL role is a superuser (refused otherwise).
+    pub allow_superuser: bool,
 }
 
 /// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
@@ -72,6 +74,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let db = Postgres::new(&config.postgres, config.max_connections)?;
     db.check_prepared_transactions_enabled().await?;
+    db.check_not_superuser(config.allow_superuser).await?;
     if config.one_phase {
         db.set_up_one_phase().await;
     }

@@ -164,6 +164,47 @@ impl Postgres {
         Ok(())
     }
 
+    /// Refuses to serve as a superuser unless `allowed`: every client that reaches the
+    /// participant runs its statements as this role, and a superuser's statements reach the
+    /// host (`COPY … TO PROGRAM`). The message shows how to make a suitable role.
+    pub async fn check_not_superuser(&self, allowed: bool) -> Result<(), Error> {
+        let conn = self.pooled().await?;
+        let row = conn
+            .query_one(
+                "SELECT current_user::text, current_setting('is_superuser') = 'on', \
+                        current_database()::text",
+                &[],
+            )
+            .await?;
+        let (role, superuser, db): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+        if !superuser {
+            return Ok(());
+        }
+        if allowed {
+            tracing::warn!(
+                role,
+                "connected to PostgreSQL as a superuser (--allow-superuser): every client that \
+                 reaches this participant can run anything as {role}"
+            );
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "the participant connects to PostgreSQL at {target} as {role}, a superuser, and every \
+             client that reaches it would run its statements as {role} (COPY ... TO PROGRAM runs \
+             shell commands on the database host). Connect as a role without superuser that may \
+             do what your transactions do, for example, as {role}: \
+             CREATE ROLE twopc_participant LOGIN PASSWORD '...'; \
+             GRANT CONNECT ON DATABASE {db} TO twopc_participant; \
+             GRANT USAGE ON SCHEMA public TO twopc_participant; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO twopc_participant; \
+             CREATE SCHEMA twopc AUTHORIZATION twopc_participant; \
+             (the last one for one-phase commit's markers), then use user=twopc_participant in --postgres. \
+             Every participant on this database must use the same role: only the role that \
+             prepared a transaction may commit it. To run as {role} anyway, pass --allow-superuser.",
+            target = self.target
+        )))
+    }
+
     /// Phase 1 on the branch's connection. On `Err` the connection's state is unknown, so it
     /// is detached from the pool.
     async fn prepare_on(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object), Error> {

@@ -148,14 +148,16 @@ fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
     Ok(TextParam(text))
 }
 
-/// Refuses statements that would end or escape the branch's transaction: a `COMMIT` sent
-/// through Execute would commit one database while the others wait for the coordinator.
-pub fn refuse_transaction_control(sql: &str) -> Result<(), SqlError> {
+/// Refuses statements that would end or escape the branch's transaction, or leave state on
+/// the connection for the next branch: a `COMMIT` sent through Execute would commit one
+/// database while the others wait for the coordinator, and a statement prepared in SQL would
+/// outlive the branch on a connection the next branch reuses.
+pub fn check_allowed(sql: &str) -> Result<(), SqlError> {
     let words = leading_words(sql, 3);
     let first = words.first().map(String::as_str).unwrap_or("");
     let second = words.get(1).map(String::as_str).unwrap_or("");
     let third = words.get(2).map(String::as_str).unwrap_or("");
-    let refused = match first {
+    let ends_transaction = match first {
         "BEGIN" | "START" | "COMMIT" | "END" | "ABORT" => true,
         // ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] x stays inside the transaction.
         "ROLLBACK" => {
@@ -164,23 +166,29 @@ pub fn refuse_transaction_control(sql: &str) -> Result<(), SqlError> {
         "PREPARE" => second == "TRANSACTION",
         _ => false,
     };
-    if first == "DEALLOCATE" {
-        return Err(SqlError::Refused(
-            "DEALLOCATE is not allowed through Execute: the participant keeps its own prepared statements on the connection".into(),
-        ));
-    }
-    if refused {
+    if ends_transaction {
         return Err(SqlError::Refused(format!(
             "{first} is not allowed through Execute: the coordinator ends the transaction (call Coordinator.Commit or Abort)"
         )));
     }
-    if first.is_empty() {
-        return Err(SqlError::Refused("sql is empty".into()));
-    }
-    Ok(())
+    let refused = match first {
+        "PREPARE" => {
+            "PREPARE is not allowed through Execute: a statement prepared in SQL would outlive the branch on a connection the next branch reuses. Send the statement itself, with $1, $2, ... parameters: the participant keeps repeated statements prepared"
+        }
+        "EXECUTE" => {
+            "EXECUTE is not allowed through Execute: statements prepared in SQL are refused, and the ones the participant keeps prepared on the connection are its own. Send the statement itself, with $1, $2, ... parameters"
+        }
+        "DEALLOCATE" => {
+            "DEALLOCATE is not allowed through Execute: the participant keeps its own prepared statements on the connection"
+        }
+        "" => "sql is empty",
+        _ => return Ok(()),
+    };
+    Err(SqlError::Refused(refused.into()))
 }
 
-/// The first `n` words of the statement, upper-cased, skipping whitespace and comments.
+/// The first `n` words of the statement, upper-cased, skipping whitespace and comments. A
+/// character that starts no word (`(` of a parenthesised query) ends the list as a word.
 fn leading_words(sql: &str, n: usize) -> Vec<String> {
     let b = sql.as_bytes();
     let mut i = 0;
@@ -216,6 +224,7 @@ fn leading_words(sql: &str, n: usize) -> Vec<String> {
             }
             words.push(sql[start..i].to_ascii_uppercase());
         } else {
+            words.extend(sql[i..].chars().next().map(String::from));
             break;
         }
     }
@@ -510,7 +519,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transaction_control_is_refused_even_behind_comments() {
+    fn statements_that_escape_the_branch_are_refused_even_behind_comments() {
         for sql in [
             "COMMIT",
             "  commit;",
@@ -521,10 +530,12 @@ mod tests {
             "BEGIN",
             "start transaction",
             "DEALLOCATE ALL",
+            "PREPARE q AS SELECT 1",
+            "execute s0",
             "",
             "  -- only a comment",
         ] {
-            assert!(refuse_transaction_control(sql).is_err(), "{sql:?} allowed");
+            assert!(check_allowed(sql).is_err(), "{sql:?} allowed");
         }
         for sql in [
             "SELECT 1",
@@ -532,10 +543,12 @@ mod tests {
             "ROLLBACK WORK TO a",
             "rollback transaction to savepoint a",
             "SAVEPOINT a",
-            "PREPARE q AS SELECT 1",
             "update t set x = 1",
+            "(SELECT 1)",
+            " /* c */ ((select 1) union (select 2))",
+            "DO $$BEGIN EXECUTE 'SELECT 1'; END$$",
         ] {
-            assert!(refuse_transaction_control(sql).is_ok(), "{sql:?} refused");
+            assert!(check_allowed(sql).is_ok(), "{sql:?} refused");
         }
     }
 

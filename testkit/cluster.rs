@@ -11,6 +11,8 @@
 //! that case the temp dir is handed to the `postgres` OS user (which the Debian
 //! `postgresql` package creates) and every PostgreSQL binary runs via `runuser`.
 //!
+//! Everything connects as [`ROLE`], a role without superuser that owns the database, as a
+//! participant in production should (a participant refuses a superuser by default).
 use std::fs::{self, File};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -22,6 +24,14 @@ use anyhow::{Context, Result, anyhow, bail};
 /// Between probing a free port and the postmaster binding it, another test's
 /// cluster may take it; a fresh port on retry almost always settles it.
 const START_ATTEMPTS: u32 = 3;
+
+/// The role tests, the demo and the benchmarks connect as: it owns the `postgres` database
+/// (and so its `public` schema), and is no superuser.
+pub const ROLE: &str = "twopc_participant";
+
+/// Run once as the superuser after `initdb`.
+const CREATE_ROLE: &str =
+    "CREATE ROLE twopc_participant LOGIN; ALTER DATABASE postgres OWNER TO twopc_participant;";
 
 #[derive(Debug)]
 pub struct PgCluster {
@@ -97,7 +107,10 @@ impl PgCluster {
         for attempt in 1..=START_ATTEMPTS {
             cluster.port = free_port()?;
             match cluster.pg_start() {
-                Ok(()) => return Ok(cluster),
+                Ok(()) => {
+                    cluster.create_role()?;
+                    return Ok(cluster);
+                }
                 Err(e) if attempt < START_ATTEMPTS && is_port_clash(&e) => {
                     tracing::debug!("test PostgreSQL port {} was taken; retrying", cluster.port);
                 }
@@ -111,9 +124,33 @@ impl PgCluster {
         self.port
     }
 
+    /// As [`ROLE`].
     pub fn conn_str(&self) -> String {
         let port = self.port;
+        format!("host=127.0.0.1 port={port} user={ROLE} dbname=postgres")
+    }
+
+    /// As the superuser `postgres`: for what only a superuser may do (and for showing that a
+    /// participant refuses to run as one).
+    pub fn admin_conn_str(&self) -> String {
+        let port = self.port;
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+    }
+
+    fn create_role(&self) -> Result<()> {
+        let mut psql = Command::new(self.bin.join("psql"));
+        psql.args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &self.admin_conn_str(),
+        ])
+        .args(["-c", CREATE_ROLE])
+        .current_dir(self.dir.path())
+        .stdin(Stdio::null());
+        self.run(psql, "create-role")
     }
 
     /// Kills the server without a checkpoint, like a crash: prepared
@@ -129,11 +166,20 @@ impl PgCluster {
         self.pg_start()
     }
 
-    /// A client for test assertions; needs a tokio runtime.
+    /// A client for test assertions, as [`ROLE`]; needs a tokio runtime.
     pub async fn client(&self) -> Result<tokio_postgres::Client> {
-        let (client, conn) = tokio_postgres::connect(&self.conn_str(), tokio_postgres::NoTls)
+        Self::connect(&self.conn_str()).await
+    }
+
+    /// A client as the superuser, for set-up only a superuser may do (`CREATE ROLE`).
+    pub async fn admin_client(&self) -> Result<tokio_postgres::Client> {
+        Self::connect(&self.admin_conn_str()).await
+    }
+
+    async fn connect(conn_str: &str) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls)
             .await
-            .with_context(|| format!("connecting to {}", self.conn_str()))?;
+            .with_context(|| format!("connecting to {conn_str}"))?;
         tokio::spawn(async move {
             // Expected when a crash test kills the server under an open client.
             if let Err(e) = conn.await {
@@ -248,9 +294,13 @@ fn running_as_root() -> bool {
     id.is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
-/// A dir with both initdb and pg_ctl: first on PATH, else the newest Debian-style install.
+/// A dir with initdb, pg_ctl and psql: first on PATH, else the newest Debian-style install.
 fn find_bin_dir() -> Result<PathBuf> {
-    let has_both = |d: &Path| ["initdb", "pg_ctl"].iter().all(|b| d.join(b).is_file());
+    let has_both = |d: &Path| {
+        ["initdb", "pg_ctl", "psql"]
+            .iter()
+            .all(|b| d.join(b).is_file())
+    };
     if let Some(path) = std::env::var_os("PATH")
         && let Some(dir) = std::env::split_paths(&path).find(|d| has_both(d))
     {
@@ -271,7 +321,7 @@ fn find_bin_dir() -> Result<PathBuf> {
     found.sort();
     found.pop().map(|(_, bin)| bin).ok_or_else(|| {
         anyhow!(
-            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in \
+            "PostgreSQL server binaries (initdb, pg_ctl, psql) not found on PATH or in \
              /usr/lib/postgresql/*/bin; install them with `apt-get install -y postgresql`"
         )
     })

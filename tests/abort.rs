@@ -374,6 +374,7 @@ async fn a_participant_refuses_a_server_without_prepared_transactions() {
         max_connections: 2,
         resolve_interval: Duration::from_secs(5),
         one_phase: true,
+        allow_superuser: false,
     };
 
     let refused = twopc::participant::run(listener, config, std::future::pending())

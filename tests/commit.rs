@@ -290,8 +290,10 @@ async fn a_lone_branch_commits_in_one_phase_and_its_marker_is_forgotten_by_the_n
     sys.setup_sql(ACCOUNTS).await;
     // A client that switches to a role of its own: the marker is still written as the
     // participant's role.
+    sys.admin_sql("CREATE ROLE app NOLOGIN; GRANT app TO twopc_participant")
+        .await;
     sys.setup_sql(
-        "CREATE ROLE app NOLOGIN; GRANT SELECT, UPDATE ON acct TO app;
+        "GRANT SELECT, UPDATE ON acct TO app;
          CREATE TABLE parent (id int PRIMARY KEY);
          CREATE TABLE child (parent int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);
          GRANT SELECT, INSERT ON child TO app;",
@@ -393,9 +395,13 @@ async fn a_statement_kept_prepared_follows_a_schema_change() {
     };
 
     assert_eq!(after.columns, vec!["x", "y"]);
-    let refused = sys
-        .exec(0, &sys.begin().await, "DEALLOCATE ALL", vec![])
-        .await;
-    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+    for sql in ["DEALLOCATE ALL", "EXECUTE s0", "PREPARE mine AS SELECT 1"] {
+        let refused = sys.exec(0, &sys.begin().await, sql, vec![]).await;
+        assert_eq!(
+            refused.unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "{sql}"
+        );
+    }
     sys.assert_nothing_prepared().await;
 }

@@ -284,3 +284,72 @@ async fn sigterm_refuses_new_transactions_lets_in_flight_ones_finish_and_exits_c
     assert_eq!(finished.outcome(), Outcome::Committed);
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// Every client that reaches a participant runs its statements as the participant's
+/// PostgreSQL role, so a superuser role is refused unless the operator insists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_refuses_a_superuser_role_unless_allowed() {
+    let pg = pg_with("CREATE TABLE t (x int)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let caddr = free_addr();
+    let _coordinator = Proc::start("coordinator", caddr, &coordinator_args(&dir, &[]), "").await;
+    let (listener, _) = support::listener().await;
+    let as_superuser = |allow_superuser| twopc::participant::Config {
+        id: "p1".into(),
+        coordinator: url(caddr),
+        advertise: None,
+        postgres: pg.admin_conn_str(),
+        max_connections: 2,
+        resolve_interval: Duration::from_secs(5),
+        one_phase: true,
+        allow_superuser,
+    };
+
+    let refused = twopc::participant::run(listener, as_superuser(false), std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    let paddr = free_addr();
+    let args: Vec<String> = [
+        "--id",
+        "p1",
+        "--coordinator",
+        &url(caddr),
+        "--postgres",
+        &pg.admin_conn_str(),
+        "--allow-superuser",
+    ]
+    .map(String::from)
+    .into();
+    let _allowed = Proc::start("participant", paddr, &args, "").await;
+    let mut c = CoordinatorClient::connect(url(caddr)).await.unwrap();
+    let txn = c
+        .begin(proto::BeginRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .txn_id;
+    ParticipantClient::connect(url(paddr))
+        .await
+        .unwrap()
+        .execute(proto::ExecuteRequest {
+            txn_id: txn.clone(),
+            sql: "INSERT INTO t VALUES (1)".into(),
+            params: vec![],
+        })
+        .await
+        .unwrap();
+    let commit = c
+        .commit(proto::CommitRequest { txn_id: txn })
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert!(refused.contains("a superuser"), "{refused}");
+    assert!(
+        refused.contains("CREATE ROLE") && refused.contains("--allow-superuser"),
+        "says how to fix it: {refused}"
+    );
+    assert_eq!(support::outcome(commit.outcome), Outcome::Committed);
+    assert_eq!(support::scalar(&pg, "SELECT count(*) FROM t").await, 1);
+}

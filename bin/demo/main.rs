@@ -294,6 +294,7 @@ impl System {
                 max_connections: 32,
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
+                allow_superuser: false,
             };
             participant_tasks.push(tokio::spawn(participant::run(
                 l,

@@ -217,6 +217,14 @@ impl System {
         }
     }
 
+    /// Runs SQL directly on every database as the superuser.
+    pub async fn admin_sql(&self, sql: &str) {
+        for pg in &self.pgs {
+            let admin = pg.admin_client().await.unwrap();
+            admin.batch_execute(sql).await.unwrap();
+        }
+    }
+
     /// Every test ends here: no prepared transaction is left anywhere. Phase 2 may still be
     /// finishing in the background, so this waits a bounded time.
     pub async fn assert_nothing_prepared(&self) {
@@ -291,6 +299,7 @@ pub async fn start_participant(
         max_connections: 40,
         resolve_interval: Duration::from_secs(2),
         one_phase: true,
+        allow_superuser: false,
     };
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;
