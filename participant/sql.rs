@@ -6,16 +6,18 @@
 //!
 //! Result cells of the types the wire has a field for (integers, floats, bool, bytea, NULL) keep
 //! their type; every other type becomes PostgreSQL's own text form, which the server itself
-//! produces, so a timestamp or numeric reads exactly as psql would print it. A plain query is
-//! wrapped so the server prints those columns as it produces them (`printing_statement`); any
-//! other statement's cells go back to the server afterwards, thousands per round trip
-//! (`print_on_server`). Never one round trip per cell.
+//! produces, so a timestamp or numeric reads exactly as psql would print it. A query, or an
+//! `INSERT`/`UPDATE`/`DELETE … RETURNING`, is wrapped so the server prints those columns as it
+//! produces them (`printing_statement`); any other statement's cells go back to the server
+//! afterwards, thousands per round trip (`print_on_server`), except anonymous records, which
+//! the server cannot take back and `record.rs` takes apart. Never one round trip per cell.
 //!
 //! Statements are prepared once per connection and kept (deadpool's statement cache, at most
 //! `STATEMENT_CACHE_MAX` texts): a repeated statement costs no Parse round trip and no parse
 //! and plan in PostgreSQL. A statement the server no longer has, or whose result type a schema
 //! change altered, fails its branch once and empties that connection's cache.
 
+use super::record;
 use crate::proto::{self, value::Kind};
 use bytes::BytesMut;
 use deadpool_postgres::ClientWrapper;
@@ -336,25 +338,27 @@ async fn run(
     Ok((rows, stream.rows_affected().unwrap_or(0)))
 }
 
-/// For a query whose result has columns of types the wire has no field for: the same query
-/// wrapped so that the server prints those columns as text while it produces them, which costs
-/// it next to nothing (psql gets every cell that way). Only a plain `SELECT`, `VALUES` or
-/// `TABLE` is wrapped (a data-modifying statement cannot be a subquery), and the wrapped form is
-/// parsed under a savepoint, because a statement that fails to parse would abort the branch's
-/// transaction: on any error the savepoint is rolled back and `None` says to print afterwards
-/// (`print_on_server`). On `Some`, the savepoint `twopc_print` is open; the caller releases it.
+/// For a statement whose result has columns of types the wire has no field for: the same
+/// statement wrapped so that the server prints those columns as text while it produces them,
+/// which costs it next to nothing (psql gets every cell that way). A query (`SELECT`, `VALUES`,
+/// `TABLE`, `WITH`, or one in parentheses) becomes a subquery; an `INSERT`, `UPDATE` or
+/// `DELETE … RETURNING` becomes a common table expression, since a data-modifying statement
+/// cannot be a subquery. The wrapped form is parsed under a savepoint, because a statement
+/// that fails to parse would abort the branch's transaction (a `WITH` holding an `UPDATE` cannot
+/// be nested, for one): on any error the savepoint is rolled back and `None` says to print
+/// afterwards (`print_on_server`). On `Some`, the savepoint `twopc_print` is open; the caller
+/// releases it.
 async fn printing_statement(
     client: &Client,
     sql: &str,
     stmt: &tokio_postgres::Statement,
 ) -> Result<Option<tokio_postgres::Statement>, tokio_postgres::Error> {
     let first = leading_words(sql, 1);
-    if !matches!(
-        first.first().map(String::as_str),
-        Some("SELECT" | "VALUES" | "TABLE")
-    ) {
-        return Ok(None);
-    }
+    let as_cte = match first.first().map(String::as_str) {
+        Some("SELECT" | "VALUES" | "TABLE" | "WITH" | "(") => false,
+        Some("INSERT" | "UPDATE" | "DELETE") => true,
+        _ => return Ok(None),
+    };
     let columns = stmt.columns();
     let aliases: Vec<String> = (1..=columns.len()).map(|i| format!("c{i}")).collect();
     let outputs: Vec<String> = columns
@@ -366,11 +370,13 @@ async fn printing_statement(
         })
         .collect();
     // The newlines keep a trailing `--` comment from swallowing the closing parenthesis.
-    let wrapped = format!(
-        "SELECT {} FROM (\n{sql}\n) AS twopc_result({})",
-        outputs.join(", "),
-        aliases.join(", ")
-    );
+    let (outputs, aliases) = (outputs.join(", "), aliases.join(", "));
+    let wrapped = match as_cte {
+        false => format!("SELECT {outputs} FROM (\n{sql}\n) AS twopc_result({aliases})"),
+        true => format!(
+            "WITH twopc_result({aliases}) AS (\n{sql}\n) SELECT {outputs} FROM twopc_result"
+        ),
+    };
     let (saved, parsed) = tokio::join!(
         client.batch_execute("SAVEPOINT twopc_print"),
         client.prepare_typed(&wrapped, stmt.params())
@@ -396,21 +402,24 @@ const PRINT_BATCH: usize = 4096;
 /// The rows for the wire: cells of the types it has a field for are decoded here; every other
 /// column is printed by the server, many cells per round trip (never one per cell: 20,000 rows
 /// of a numeric would be 20,000 round trips).
-async fn convert_rows(
-    client: &Client,
-    rows: &[Row],
-) -> Result<Vec<proto::Row>, tokio_postgres::Error> {
+async fn convert_rows(client: &Client, rows: &[Row]) -> Result<Vec<proto::Row>, SqlError> {
     let Some(first) = rows.first() else {
         return Ok(Vec::new());
     };
-    let printed_cols: Vec<usize> = first
-        .columns()
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| !decoded_here(c.type_()))
-        .map(|(i, _)| i)
-        .collect();
+    let cols_where = |f: fn(&Type) -> bool| -> Vec<usize> {
+        first
+            .columns()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| f(c.type_()))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let printed_cols = cols_where(|t| !decoded_here(t) && !record::is_anonymous(t));
     let mut printed = print_on_server(client, rows, &printed_cols)
+        .await?
+        .into_iter();
+    let mut anonymous = print_anonymous(client, rows, &cols_where(record::is_anonymous))
         .await?
         .into_iter();
     let mut converted = Vec::with_capacity(rows.len());
@@ -419,6 +428,8 @@ async fn convert_rows(
         for (i, col) in row.columns().iter().enumerate() {
             let kind = if decoded_here(col.type_()) {
                 decode_cell(row, i, col.type_())?
+            } else if record::is_anonymous(col.type_()) {
+                anonymous.next().flatten().map(Kind::TextValue)
             } else {
                 printed.next().flatten().map(Kind::TextValue)
             };
@@ -429,6 +440,61 @@ async fn convert_rows(
         converted.push(proto::Row { values });
     }
     Ok(converted)
+}
+
+/// The text form of the anonymous records in columns `cols` (`record::is_anonymous`), row by
+/// row: taken apart here, their fields printed by the server many per round trip.
+async fn print_anonymous(
+    client: &Client,
+    rows: &[Row],
+    cols: &[usize],
+) -> Result<Vec<Option<String>>, SqlError> {
+    if cols.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut values = Vec::with_capacity(rows.len() * cols.len());
+    for row in rows {
+        for &i in cols {
+            let oid = row.columns()[i].type_().oid();
+            values.push(match row.try_get::<_, Option<RawCell>>(i)? {
+                None => record::Value::Null,
+                Some(cell) => record::parse(oid, cell.0).map_err(|e| SqlError::Failed {
+                    message: e.to_string(),
+                    sqlstate: None,
+                })?,
+            });
+        }
+    }
+    let mut leaves = Vec::new();
+    values.iter().for_each(|v| v.leaves(&mut leaves));
+    let mut texts = Vec::with_capacity(leaves.len());
+    for batch in leaves.chunks(PRINT_BATCH) {
+        let types: Vec<Type> = batch
+            .iter()
+            .map(|(oid, _)| {
+                // A type of this database (an enum, a composite): only its oid matters here.
+                Type::from_oid(*oid).unwrap_or_else(|| {
+                    Type::new(
+                        format!("oid {oid}"),
+                        *oid,
+                        tokio_postgres::types::Kind::Simple,
+                        String::new(),
+                    )
+                })
+            })
+            .collect();
+        let list: Vec<String> = (1..=types.len()).map(|p| format!("${p}::text")).collect();
+        let stmt = client
+            .prepare_typed(&format!("SELECT ARRAY[{}]", list.join(",")), &types)
+            .await?;
+        let cells: Vec<RawParam> = batch.iter().map(|(_, raw)| RawParam(Some(raw))).collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            cells.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let printed: Vec<Option<String>> = client.query_one(&stmt, &params).await?.try_get(0)?;
+        texts.extend(printed.into_iter().map(Option::unwrap_or_default));
+    }
+    let mut texts = texts.into_iter();
+    Ok(values.iter().map(|v| v.render(&mut texts)).collect())
 }
 
 /// Whether a result column's type has a field on the wire (or is text already).

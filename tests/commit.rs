@@ -253,6 +253,115 @@ async fn many_rows_of_other_types_read_as_psql_prints_them() {
     sys.assert_nothing_prepared().await;
 }
 
+/// Every cell as text, as the assertions compare it with what PostgreSQL prints.
+fn as_text(resp: &proto::ExecuteResponse) -> Vec<Vec<Option<String>>> {
+    resp.rows
+        .iter()
+        .map(|r| {
+            r.values
+                .iter()
+                .map(|v| match v.kind.clone().unwrap() {
+                    Kind::TextValue(t) => Some(t),
+                    Kind::IntValue(i) => Some(i.to_string()),
+                    Kind::NullValue(_) => None,
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Statements users write come back as psql prints them and never doom the branch: records
+/// (anonymous and named), arrays of them, enums, domains and ranges, from parenthesised
+/// queries, `WITH`, `INSERT … RETURNING`, and statements that cannot be wrapped to print in
+/// place (a `WITH` holding an `UPDATE`, a trailing `;`, `FETCH`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_users_write_read_as_psql_prints_them() {
+    let sys = System::start(1).await;
+    sys.setup_sql(
+        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+         CREATE TYPE pair AS (a int, b text);
+         CREATE TABLE things (id int PRIMARY KEY, m mood, p pair, r int4range, d positive,
+                              tags text[]);",
+    )
+    .await;
+    // Each statement sent through Execute, and a query that has PostgreSQL print the same.
+    let cases = [
+        (
+            r#"(SELECT ROW(1, 'a b', NULL::int, '', 'say "hi" \o/'),
+                       ARRAY[ROW(1, 'a b'), NULL, ROW(2, NULL)])"#,
+            r#"SELECT ROW(1, 'a b', NULL::int, '', 'say "hi" \o/')::text,
+                      ARRAY[ROW(1, 'a b'), NULL, ROW(2, NULL)]::text"#,
+        ),
+        (
+            "WITH t AS (SELECT 2 AS x)
+             SELECT ROW(x, 'happy'::mood, '[1,5)'::int4range), 'ok'::mood, 7::positive FROM t",
+            "SELECT ROW(2, 'happy'::mood, '[1,5)'::int4range)::text, 'ok', '7'",
+        ),
+        (
+            "INSERT INTO things VALUES (1, 'happy', ROW(2, 'b c'), '[1,5)', 3, ARRAY['a', 'b c'])
+             RETURNING m, p, r, d, tags, ROW(id, m, p)",
+            "SELECT 'happy', ROW(2, 'b c')::pair::text, '[1,5)'::int4range::text, '3',
+                    ARRAY['a', 'b c']::text, ROW(1, 'happy'::mood, ROW(2, 'b c')::pair)::text",
+        ),
+        (
+            "WITH moved AS (UPDATE things SET d = d + 1 RETURNING id, d, p, tags)
+             SELECT ROW(id, moved.d), ARRAY[ROW(moved.p, moved.tags)], m
+             FROM moved JOIN things USING (id)",
+            "SELECT ROW(1, 4::positive)::text,
+                    ARRAY[ROW(ROW(2, 'b c')::pair, ARRAY['a', 'b c'])]::text, 'happy'",
+        ),
+        (
+            r#"SELECT ARRAY[[ROW(1, 'a')], [ROW(2, 'b c')]], ROW(ROW(NULL, '{x}'), 1.50::numeric),
+                      '[0:1]={"(1,x)","(2,y)"}'::pair[]; -- a trailing ; is not wrapped"#,
+            r#"SELECT ARRAY[[ROW(1, 'a')], [ROW(2, 'b c')]]::text,
+                      ROW(ROW(NULL, '{x}'), 1.50::numeric)::text,
+                      '[0:1]={"(1,x)","(2,y)"}'::pair[]::text"#,
+        ),
+        (
+            "FETCH ALL FROM c",
+            "SELECT ROW(g, g || ' x')::text FROM generate_series(1, 3) g",
+        ),
+    ];
+    let txn = sys.begin().await;
+    sys.exec(
+        0,
+        &txn,
+        "DECLARE c CURSOR FOR SELECT ROW(g, g || ' x') FROM generate_series(1, 3) g",
+        vec![],
+    )
+    .await
+    .unwrap();
+
+    let mut got = Vec::new();
+    for (sql, _) in &cases {
+        let resp = sys.exec(0, &txn, sql, vec![]).await;
+        got.push(as_text(&resp.unwrap_or_else(|e| panic!("{sql}: {e:?}"))));
+    }
+    let parenthesised = sys.exec(0, &txn, "(SELECT 1)", vec![]).await.unwrap();
+    let commit = sys.commit(&txn).await;
+
+    assert_eq!(outcome(commit.outcome), Outcome::Committed);
+    assert_eq!(
+        parenthesised.rows[0].values[0].kind,
+        Some(Kind::IntValue(1))
+    );
+    let pg = sys.pgs[0].client().await.unwrap();
+    for ((sql, printed), got) in cases.iter().zip(got) {
+        let want: Vec<Vec<Option<String>>> = pg
+            .query(*printed, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
+            .collect();
+        assert_eq!(got, want, "{sql}");
+    }
+    assert_eq!(sys.scalar(0, "SELECT d::int8 FROM things").await, 4);
+    sys.assert_nothing_prepared().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_do_not_leak_from_one_branch_to_the_next() {
     let sys = System::start(1).await;
