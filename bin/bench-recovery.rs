@@ -187,6 +187,7 @@ async fn run(args: Args) -> Result<()> {
             resolve_interval: Duration::from_secs(5),
             one_phase: true,
             allow_superuser: false,
+            tls: Default::default(),
         };
         servers.push(tokio::spawn(participant::run(
             l,
@@ -202,6 +203,7 @@ async fn run(args: Args) -> Result<()> {
         id: None,
         limits: coordinator::Limits::default(),
         drain_timeout: Duration::from_secs(1),
+        tls: Default::default(),
     };
     let started = Instant::now();
     servers.push(tokio::spawn(coordinator::run(

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use twopc::coordinator::{Config, Limits, run};
-use twopc::process::telemetry;
+use twopc::process::{telemetry, tls};
 
 /// The twopc coordinator: begins global transactions and commits them atomically across
 /// PostgreSQL databases (through their participants), with its decisions logged in sled.
@@ -50,6 +50,8 @@ struct Args {
     drain_timeout_ms: u64,
     #[command(flatten)]
     process: telemetry::Options,
+    #[command(flatten)]
+    tls: tls::Options,
 }
 
 /// A default of `Limits` as a flag's default, so each number is written once.
@@ -81,7 +83,17 @@ fn main() -> anyhow::Result<()> {
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+            tls: tls::Tls::load(&args.tls)?,
         };
         run(listener, config, twopc::process::signal::shutdown()).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap checks its flag definitions only when it parses: a clash would panic at start.
+    #[test]
+    fn the_flags_are_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
 }

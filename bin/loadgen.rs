@@ -352,6 +352,7 @@ async fn start_coordinator(
             ..coordinator::Limits::default()
         },
         drain_timeout: Duration::from_secs(1),
+        tls: Default::default(),
     };
     tokio::spawn(coordinator::run(listener, config, std::future::pending()));
     Ok(addr)
@@ -479,6 +480,7 @@ fn main() -> Result<()> {
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
                 allow_superuser: false,
+                tls: Default::default(),
             };
             tokio::spawn(participant::run(l, config, std::future::pending()));
         }

@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::net::SocketAddr;
 use twopc::participant::{Config, run};
-use twopc::process::telemetry;
+use twopc::process::{telemetry, tls};
 
 /// A twopc participant: runs clients' SQL inside transaction branches on one PostgreSQL
 /// database, and prepares / commits / rolls them back for the coordinator.
@@ -51,6 +51,8 @@ struct Args {
     allow_superuser: bool,
     #[command(flatten)]
     process: telemetry::Options,
+    #[command(flatten)]
+    tls: tls::Options,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,7 +69,17 @@ fn main() -> anyhow::Result<()> {
             resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
             one_phase: args.one_phase,
             allow_superuser: args.allow_superuser,
+            tls: tls::Tls::load(&args.tls)?,
         };
         run(listener, config, twopc::process::signal::shutdown()).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap checks its flag definitions only when it parses: a clash would panic at start.
+    #[test]
+    fn the_flags_are_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
 }

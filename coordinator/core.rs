@@ -14,6 +14,7 @@ use super::log::Log;
 use super::participants::{GrpcParticipants, Participants};
 use super::txn::{Outcome, State, Txn};
 use super::wire;
+use crate::process::tls::Tls;
 use crate::proto::{self, TxnId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,8 +134,8 @@ pub use crate::process::clock::now_ms;
 
 impl<L: Log> Coordinator<L> {
     /// A coordinator that reaches its participants over gRPC.
-    pub fn new(id: String, log: L, limits: Limits) -> Result<Arc<Self>, Error> {
-        let participants = GrpcParticipants::new(id.clone(), Duration::from_secs(2));
+    pub fn new(id: String, log: L, limits: Limits, tls: Tls) -> Result<Arc<Self>, Error> {
+        let participants = GrpcParticipants::new(id.clone(), Duration::from_secs(2), tls);
         Coordinator::with_participants(id, log, participants, limits)
     }
 }
@@ -258,6 +259,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 "endpoint {endpoint:?} is not a URL such as http://127.0.0.1:50061"
             )));
         }
+        self.participants
+            .check_endpoint(endpoint)
+            .map_err(Error::EndpointRefused)?;
         let Some(live) = self.live(id) else {
             return Err(self.not_live(id, "registering a branch"));
         };

@@ -9,6 +9,9 @@ use tonic::Status;
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
+    /// A participant endpoint this coordinator cannot dial as configured (TLS or not).
+    #[error("{0}")]
+    EndpointRefused(String),
     #[error("unknown transaction {0}: it was never begun here, or it finished long ago")]
     NotFound(TxnId),
     #[error(transparent)]
@@ -33,7 +36,7 @@ impl From<Error> for Status {
         match e {
             Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::NotFound(_) => Status::not_found(msg),
-            Error::Txn(_) => Status::failed_precondition(msg),
+            Error::Txn(_) | Error::EndpointRefused(_) => Status::failed_precondition(msg),
             Error::Log(_) => Status::internal(msg),
             Error::ShuttingDown | Error::OutcomeAtParticipant { .. } => Status::unavailable(msg),
         }

@@ -26,6 +26,7 @@ pub mod service;
 pub mod txn;
 pub mod wire;
 
+use crate::process::tls::Tls;
 use crate::proto::coordinator_server::CoordinatorServer;
 pub use core::{Coordinator, Limits};
 use log::{Log, SledLog};
@@ -45,6 +46,8 @@ pub struct Config {
     pub limits: Limits,
     /// How long shutdown waits for in-flight commits.
     pub drain_timeout: Duration,
+    /// Served, and used to dial the participants.
+    pub tls: Tls,
 }
 
 /// Opens the log in `config.data_dir` and serves on `listener` until `shutdown` completes.
@@ -57,7 +60,7 @@ pub async fn run(
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
     let (log, id) = SledLog::open(&config.data_dir, config.id.as_deref())?;
-    let core = Coordinator::new(id, log, config.limits.clone())?;
+    let core = Coordinator::new(id, log, config.limits.clone(), config.tls.clone())?;
     // Before serving: a Begin must not race the log's unfinished transactions.
     core.recover()?;
     core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
@@ -66,16 +69,17 @@ pub async fn run(
         core.spawn_pruner(retain);
     }
     tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
-    serve(listener, core, config.drain_timeout, shutdown).await
+    serve(listener, core, &config, shutdown).await
 }
 
 /// Serves an already-open core: gRPC, health and reflection on one port.
-pub async fn serve<L: Log, P: Participants>(
+async fn serve<L: Log, P: Participants>(
     listener: TcpListener,
     core: Arc<Coordinator<L, P>>,
-    drain_timeout: Duration,
+    config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let drain_timeout = config.drain_timeout;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<service::Service<L, P>>>()
@@ -101,7 +105,7 @@ pub async fn serve<L: Log, P: Participants>(
         // Whatever was decided is on disk already; this makes the hints durable too.
         let _ = drain_core.log.sync().await;
     };
-    crate::proto::server_with(health_service)?
+    crate::proto::server_with(health_service, config.tls.server())?
         .add_service(CoordinatorServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

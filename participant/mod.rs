@@ -33,6 +33,7 @@ pub mod service;
 pub mod sql;
 pub mod tombstone;
 
+use crate::process::tls::Tls;
 use crate::proto::participant_server::ParticipantServer;
 pub use core::Participant;
 use database::Database;
@@ -53,7 +54,7 @@ pub struct Config {
     pub id: String,
     /// The coordinator's URL.
     pub coordinator: String,
-    /// Where the coordinator reaches this participant; `None`: http://<listen address>.
+    /// Where the coordinator reaches this participant; `None`: http(s)://<listen address>.
     pub advertise: Option<String>,
     /// libpq key=value string or postgres:// URL.
     pub postgres: String,
@@ -66,6 +67,8 @@ pub struct Config {
     pub one_phase: bool,
     /// Serve even when the PostgreSQL role is a superuser (refused otherwise).
     pub allow_superuser: bool,
+    /// Served, and used to dial the coordinator.
+    pub tls: Tls,
 }
 
 /// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
@@ -82,14 +85,17 @@ pub async fn run(
     }
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         format!(
-            "http://{}",
+            "{}://{}",
+            config.tls.scheme(),
             listener
                 .local_addr()
                 .expect("a bound listener has an address")
         )
     });
-    let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("bad coordinator URL {:?}: {e}", config.coordinator))?
+    let channel = config
+        .tls
+        .endpoint(&config.coordinator)
+        .map_err(|e| anyhow::anyhow!("coordinator URL {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy();
@@ -107,7 +113,14 @@ pub async fn run(
         watch.abort();
         health::set(&reporter, false).await;
     };
-    serve_with(listener, core, health_service, draining).await
+    serve_with(
+        listener,
+        core,
+        health_service,
+        config.tls.server(),
+        draining,
+    )
+    .await
 }
 
 /// Serves an already-built core, on any database and coordinator link, until `shutdown`: the
@@ -119,7 +132,7 @@ pub async fn serve<D: Database, C: CoordinatorLink>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (_reporter, health_service) = tonic_health::server::health_reporter();
-    serve_with(listener, core, health_service, shutdown).await
+    serve_with(listener, core, health_service, None, shutdown).await
 }
 
 async fn serve_with<D: Database, C: CoordinatorLink>(
@@ -128,9 +141,10 @@ async fn serve_with<D: Database, C: CoordinatorLink>(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    crate::proto::server_with(health)?
+    crate::proto::server_with(health, tls)?
         .add_service(ParticipantServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

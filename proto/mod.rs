@@ -14,14 +14,24 @@ tonic::include_proto!("twopc.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/twopc_descriptor.bin"));
 
+/// Why a server could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tonic::transport::Error),
+}
+
 /// A gRPC server with what every twopc server offers besides its own service: health, and
 /// reflection in both versions (grpcurl 1.8 speaks only v1alpha), so `grpcurl list` and
-/// `describe` work with no .proto file at hand.
+/// `describe` work with no .proto file at hand. `tls`: `None` serves plaintext.
 pub fn server_with(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<tonic::transport::server::Router, tonic_reflection::server::Error> {
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::server::Router, ServerError> {
     let v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -30,7 +40,11 @@ pub fn server_with(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    Ok(tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha))

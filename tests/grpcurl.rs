@@ -30,6 +30,16 @@ impl Out {
 
 /// Runs `grpcurl -plaintext [-d DATA] ADDR ARGS...` off the async runtime.
 async fn grpcurl(addr: std::net::SocketAddr, data: Option<&str>, args: &[&str]) -> Out {
+    grpcurl_with(&["-plaintext".into()], addr, data, args).await
+}
+
+/// Runs `grpcurl FLAGS... [-d DATA] ADDR ARGS...` off the async runtime.
+async fn grpcurl_with(
+    flags: &[String],
+    addr: std::net::SocketAddr,
+    data: Option<&str>,
+    args: &[&str],
+) -> Out {
     let bin = grpcurl_path();
     assert!(
         bin.exists(),
@@ -37,7 +47,7 @@ async fn grpcurl(addr: std::net::SocketAddr, data: Option<&str>, args: &[&str]) 
         bin.display()
     );
     let mut cmd = Command::new(bin);
-    cmd.arg("-plaintext");
+    cmd.args(flags);
     if let Some(d) = data {
         cmd.args(["-d", d]);
     }
@@ -317,4 +327,49 @@ async fn a_participant_without_its_coordinator_reports_not_serving() {
         status, "NOT_SERVING",
         "a branch cannot open without the coordinator"
     );
+}
+
+/// README's TLS commands: the CA, a client certificate and key, against mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_reaches_mutual_tls_servers_with_a_client_certificate() {
+    let sys = System::start_tls(1).await;
+    let pki = sys.pki.as_ref().unwrap();
+    let (cert, key) = pki.issue("grpcurl").unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let flags = [
+        "-cacert".into(),
+        path(&pki.ca_path()),
+        "-cert".into(),
+        path(&cert),
+        "-key".into(),
+        path(&key),
+    ];
+    // grpcurl retries a refused handshake until its connect timeout (10 s by default).
+    let only_ca = [
+        flags[0].clone(),
+        flags[1].clone(),
+        "-connect-timeout".into(),
+        "2".into(),
+    ];
+
+    let begun = grpcurl_with(
+        &flags,
+        sys.coordinator.addr,
+        Some(r#"{"label":"over TLS"}"#),
+        &["twopc.v1.Coordinator/Begin"],
+    )
+    .await;
+    let health = grpcurl_with(
+        &flags,
+        sys.participants[0].addr,
+        None,
+        &["grpc.health.v1.Health/Check"],
+    )
+    .await;
+    let refused = grpcurl_with(&only_ca, sys.coordinator.addr, None, &["list"]).await;
+
+    assert!(begun.ok, "{}", begun.stderr);
+    assert!(begun.json()["txnId"].is_string(), "{}", begun.stdout);
+    assert!(health.ok, "{}", health.stderr);
+    assert!(!refused.ok, "no client certificate: {}", refused.stdout);
 }

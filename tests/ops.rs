@@ -303,6 +303,7 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
         resolve_interval: Duration::from_secs(5),
         one_phase: true,
         allow_superuser,
+        tls: Default::default(),
     };
 
     let refused = twopc::participant::run(listener, as_superuser(false), std::future::pending())

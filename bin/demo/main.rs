@@ -272,6 +272,7 @@ impl System {
             id: Some("demo".into()),
             limits: coordinator::Limits::default(),
             drain_timeout: Duration::from_secs(5),
+            tls: Default::default(),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -295,6 +296,7 @@ impl System {
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
                 allow_superuser: false,
+                tls: Default::default(),
             };
             participant_tasks.push(tokio::spawn(participant::run(
                 l,

@@ -8,9 +8,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Value as Json, json};
+use std::sync::OnceLock;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use twopc::process::clock::now_ms;
+use twopc::process::tls::{self, Tls};
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, TxnState};
@@ -30,6 +32,9 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// https:// servers: the CA they chain to, and this operator's client certificate.
+    #[command(flatten)]
+    tls: tls::Options,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,9 +100,14 @@ fn parse_state(s: &str) -> Result<TxnState, String> {
         .ok_or_else(|| format!("unknown state {s:?}: one of active, preparing, committing, committed, aborting, aborted"))
 }
 
+/// Loaded once from the flags, for every server this run dials.
+static TLS: OnceLock<Tls> = OnceLock::new();
+
 fn channel(url: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad URL {url:?}"))?
+    Ok(TLS
+        .get_or_init(Tls::default)
+        .endpoint(url)
+        .with_context(|| format!("cannot dial {url:?}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .connect_lazy())
@@ -175,6 +185,7 @@ fn print_txn(t: &proto::Transaction) {
 
 async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
+    let _ = TLS.set(Tls::load(&cli.tls)?);
     match cli.command {
         Command::List { states, limit } => list(&cli.coordinator, &states, limit, json).await,
         Command::Show { txn_id } => show(&cli.coordinator, txn_id, json).await,
@@ -375,5 +386,14 @@ async fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap checks its flag definitions only when it parses: a clash would panic at start.
+    #[test]
+    fn the_flags_are_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

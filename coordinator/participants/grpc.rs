@@ -2,6 +2,7 @@
 //! transaction that enlists it.
 
 use super::{Participants, PeerError};
+use crate::process::tls::Tls;
 use crate::proto::participant_client::ParticipantClient;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
@@ -9,7 +10,7 @@ use crate::proto::{BranchRequest, CommitOnePhaseRequest, PrepareRequest, TxnId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The participants reached over gRPC, as the coordinator named `coordinator_id`.
 pub struct GrpcParticipants {
@@ -18,14 +19,16 @@ pub struct GrpcParticipants {
     /// One client per endpoint; tonic channels multiplex every call over one connection.
     channels: Mutex<HashMap<String, ParticipantClient<Channel>>>,
     connect_timeout: Duration,
+    tls: Tls,
 }
 
 impl GrpcParticipants {
-    pub fn new(coordinator_id: String, connect_timeout: Duration) -> Self {
+    pub fn new(coordinator_id: String, connect_timeout: Duration, tls: Tls) -> Self {
         GrpcParticipants {
             coordinator_id,
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
+            tls,
         }
     }
 
@@ -34,12 +37,10 @@ impl GrpcParticipants {
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| {
-                tonic::Status::invalid_argument(format!(
-                    "bad participant endpoint {endpoint:?}: {e}"
-                ))
-            })?
+        let channel = self
+            .tls
+            .endpoint(endpoint)
+            .map_err(|e| tonic::Status::invalid_argument(format!("participant endpoint {e}")))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
@@ -50,6 +51,12 @@ impl GrpcParticipants {
 }
 
 impl Participants for GrpcParticipants {
+    fn check_endpoint(&self, endpoint: &str) -> Result<(), String> {
+        self.tls
+            .check_peer(endpoint)
+            .map_err(|e| format!("participant endpoint {e}"))
+    }
+
     async fn prepare(&self, endpoint: &str, txn: TxnId, timeout: Duration) -> Vote {
         let call = async {
             let mut client = self.client(endpoint)?;

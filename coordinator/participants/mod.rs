@@ -20,6 +20,12 @@ use std::time::Duration;
 /// The participants, as the coordinator's drivers see them: addressed by endpoint, each call
 /// bounded by `timeout`.
 pub trait Participants: Send + Sync + 'static {
+    /// Whether a participant at `endpoint` can be reached the way this coordinator dials
+    /// (TLS or not); why not, for a person.
+    fn check_endpoint(&self, _endpoint: &str) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Phase 1 for one branch. Anything but a clear yes or read-only comes back as a no
     /// (a refusal, an error, no answer within `timeout`): a branch that did not say yes
     /// cannot commit.

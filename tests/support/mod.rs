@@ -2,8 +2,9 @@
 //!
 //! [`System::start`] makes `n` throwaway PostgreSQL clusters (real servers, see
 //! `demo/cluster.rs`), a coordinator on a temp data dir, and one participant per cluster, all
-//! served in-process on `127.0.0.1:0`. Dropping the system (also when a test panics) stops the
-//! servers with the test's runtime and the clusters with their guards.
+//! served in-process on `127.0.0.1:0`; [`System::start_tls`] the same with mutual TLS on every
+//! connection. Dropping the system (also when a test panics) stops the servers with the test's
+//! runtime and the clusters with their guards.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
@@ -15,11 +16,12 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use twopc::coordinator::{self, Limits};
 use twopc::participant;
+use twopc::process::tls::Tls;
 use twopc::proto;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 #[allow(unused_imports)] // each test binary uses its own part
-pub use twopc::testkit::cluster::{PgCluster, Settings};
+pub use twopc::testkit::{PgCluster, Settings, TestPki};
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -54,6 +56,10 @@ pub struct System {
     pub participants: Vec<Server>,
     pub limits: Limits,
     data_dir: tempfile::TempDir,
+    /// With TLS: the CA every process's certificate comes from.
+    pub pki: Option<TestPki>,
+    /// How the test's own clients dial (as "client", with TLS).
+    pub client_tls: Tls,
 }
 
 pub async fn listener() -> (TcpListener, SocketAddr) {
@@ -81,6 +87,22 @@ impl System {
     }
 
     pub async fn start_with(n: usize, limits: Limits) -> System {
+        Self::start_full(n, limits, None).await
+    }
+
+    /// Every connection over mutual TLS, each process with a certificate of its own.
+    pub async fn start_tls(n: usize) -> System {
+        Self::start_full(n, test_limits(), Some(TestPki::new().unwrap())).await
+    }
+
+    /// The settings of the process `name`: plaintext without a PKI.
+    fn tls_of(pki: &Option<TestPki>, name: &str) -> Tls {
+        pki.as_ref()
+            .map(|p| p.tls(name).unwrap())
+            .unwrap_or_default()
+    }
+
+    async fn start_full(n: usize, limits: Limits, pki: Option<TestPki>) -> System {
         let pgs: Vec<PgCluster> = tokio::task::spawn_blocking(move || {
             (0..n)
                 .map(|_| PgCluster::start().expect("start PostgreSQL"))
@@ -92,51 +114,62 @@ impl System {
             .prefix("twopc-coord-")
             .tempdir()
             .unwrap();
-        let coordinator = start_coordinator(data_dir.path(), limits.clone()).await;
+        let coordinator = start_coordinator_with(
+            data_dir.path(),
+            limits.clone(),
+            Self::tls_of(&pki, "coordinator"),
+        )
+        .await;
         let mut participants = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
+            let id = format!("p{}", i + 1);
+            let tls = Self::tls_of(&pki, &id);
             participants.push(
-                start_participant(
-                    &format!("p{}", i + 1),
-                    coordinator.addr,
-                    &pg.conn_str(),
-                    None,
-                )
-                .await,
+                start_participant_with(&id, coordinator.addr, &pg.conn_str(), None, tls).await,
             );
         }
+        let client_tls = Self::tls_of(&pki, "client");
         System {
             pgs,
             coordinator,
             participants,
             limits,
             data_dir,
+            pki,
+            client_tls,
         }
     }
 
-    pub async fn coordinator(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(url(self.coordinator.addr))
+    /// The URL of a server of this system: https:// with TLS.
+    pub fn url(&self, addr: SocketAddr) -> String {
+        format!("{}://{addr}", self.client_tls.scheme())
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Channel {
+        let url = self.url(addr);
+        let endpoint = self.client_tls.endpoint(&url).unwrap();
+        endpoint
+            .connect()
             .await
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{url}: {e:?}"))
+    }
+
+    pub async fn coordinator(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.dial(self.coordinator.addr).await)
     }
 
     pub async fn participant(&self, i: usize) -> ParticipantClient<Channel> {
-        ParticipantClient::connect(url(self.participants[i].addr))
-            .await
-            .unwrap()
+        ParticipantClient::new(self.dial(self.participants[i].addr).await)
     }
 
     /// Restarts participant `i` on the same address (after `kill`).
     pub async fn restart_participant(&mut self, i: usize) {
         let addr = self.participants[i].addr;
         let conn = self.pgs[i].conn_str();
-        self.participants[i] = start_participant(
-            &format!("p{}", i + 1),
-            self.coordinator.addr,
-            &conn,
-            Some(addr),
-        )
-        .await;
+        let id = format!("p{}", i + 1);
+        let tls = Self::tls_of(&self.pki, &id);
+        self.participants[i] =
+            start_participant_with(&id, self.coordinator.addr, &conn, Some(addr), tls).await;
     }
 
     pub async fn begin(&self) -> String {
@@ -248,6 +281,14 @@ impl System {
 }
 
 pub async fn start_coordinator(data_dir: &std::path::Path, limits: Limits) -> Server {
+    start_coordinator_with(data_dir, limits, Tls::default()).await
+}
+
+pub async fn start_coordinator_with(
+    data_dir: &std::path::Path,
+    limits: Limits,
+    tls: Tls,
+) -> Server {
     let (l, addr) = listener().await;
     let (stop, stopped) = oneshot::channel::<()>();
     let config = coordinator::Config {
@@ -255,6 +296,7 @@ pub async fn start_coordinator(data_dir: &std::path::Path, limits: Limits) -> Se
         id: Some("test-coord".into()),
         limits,
         drain_timeout: Duration::from_secs(2),
+        tls,
     };
     let task = tokio::spawn(coordinator::run(l, config, async {
         let _ = stopped.await;
@@ -271,6 +313,16 @@ pub async fn start_participant(
     coordinator: SocketAddr,
     postgres: &str,
     at: Option<SocketAddr>,
+) -> Server {
+    start_participant_with(id, coordinator, postgres, at, Tls::default()).await
+}
+
+pub async fn start_participant_with(
+    id: &str,
+    coordinator: SocketAddr,
+    postgres: &str,
+    at: Option<SocketAddr>,
+    tls: Tls,
 ) -> Server {
     let (l, addr) = match at {
         // The old server's socket may linger for a moment after a kill.
@@ -293,13 +345,14 @@ pub async fn start_participant(
     let (stop, stopped) = oneshot::channel::<()>();
     let config = participant::Config {
         id: id.into(),
-        coordinator: url(coordinator),
+        coordinator: format!("{}://{coordinator}", tls.scheme()),
         advertise: None,
         postgres: postgres.into(),
         max_connections: 40,
         resolve_interval: Duration::from_secs(2),
         one_phase: true,
         allow_superuser: false,
+        tls,
     };
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;

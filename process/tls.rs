@@ -1,0 +1,194 @@
+//! TLS on every gRPC connection, served and dialled, with rustls (through tonic).
+//!
+//! One set of files per process. `--tls-cert` and `--tls-key` are its identity: presented as a
+//! server, and as a client certificate when it dials a peer (the participant its coordinator,
+//! the coordinator its participants). `--tls-ca` is the CA peers must chain to: with it a
+//! server requires a client certificate (mutual TLS), and every server the process dials must
+//! present a certificate from it. A process with TLS dials only `https://` peers, so a
+//! deployment that turned TLS on never sends a Prepare or a Commit in the clear by mistake.
+
+use std::path::{Path, PathBuf};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// The TLS flags every server binary (and `twopcctl`) takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "tls")]
+#[command(next_help_heading = "TLS")]
+pub struct Options {
+    /// PEM certificate (chain) of this process, served and shown to the peers it dials;
+    /// with --tls-key, the server speaks TLS and its URLs are https://.
+    #[arg(long, env = "TWOPC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TWOPC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that clients, peers and the servers this process dials must chain to; on a
+    /// server it requires a client certificate (mutual TLS).
+    #[arg(long, env = "TWOPC_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// A process's TLS settings, loaded; the default is plaintext.
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    identity: Option<Identity>,
+    ca: Option<Certificate>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {flag} {path}: {source}")]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{flag} {path} holds no PEM block (-----BEGIN ...): give a PEM file")]
+    NotPem { flag: &'static str, path: PathBuf },
+    #[error(
+        "{url} is https:// but this process has no --tls-ca to check the certificate it presents"
+    )]
+    NoCa { url: String },
+    #[error(
+        "{url} is not https://, and this process uses TLS (--tls-ca): its peers must serve TLS too"
+    )]
+    Plaintext { url: String },
+    #[error("{url}: {source}")]
+    Url {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+impl Tls {
+    /// Reads the files the flags name.
+    pub fn load(options: &Options) -> Result<Tls, TlsError> {
+        let identity = match (&options.tls_cert, &options.tls_key) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(
+                read_pem("--tls-cert", cert)?,
+                read_pem("--tls-key", key)?,
+            )),
+            _ => None,
+        };
+        let ca = match &options.tls_ca {
+            Some(ca) => Some(Certificate::from_pem(read_pem("--tls-ca", ca)?)),
+            None => None,
+        };
+        Ok(Tls { identity, ca })
+    }
+
+    /// From PEM text: an identity (certificate, key) and a CA.
+    pub fn from_pem(identity: Option<(&str, &str)>, ca: Option<&str>) -> Tls {
+        Tls {
+            identity: identity.map(|(cert, key)| Identity::from_pem(cert, key)),
+            ca: ca.map(Certificate::from_pem),
+        }
+    }
+
+    /// Whether this process serves TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// The scheme of this process's own URLs.
+    pub fn scheme(&self) -> &'static str {
+        match self.serves_tls() {
+            true => "https",
+            false => "http",
+        }
+    }
+
+    /// The server side: `None` serves plaintext. With a CA, client certificates are required.
+    pub fn server(&self) -> Option<ServerTlsConfig> {
+        let identity = self.identity.clone()?;
+        let config = ServerTlsConfig::new().identity(identity);
+        Some(match &self.ca {
+            Some(ca) => config.client_ca_root(ca.clone()),
+            None => config,
+        })
+    }
+
+    /// Whether `url` may be dialled: https needs the CA, and with a CA only https is dialled.
+    pub fn check_peer(&self, url: &str) -> Result<(), TlsError> {
+        let https = url.starts_with("https://");
+        match (https, self.ca.is_some()) {
+            (true, false) => Err(TlsError::NoCa { url: url.into() }),
+            (false, true) => Err(TlsError::Plaintext { url: url.into() }),
+            _ => Ok(()),
+        }
+    }
+
+    /// An endpoint for `url`, with the CA and this process's identity when it is https.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, TlsError> {
+        self.check_peer(url)?;
+        let bad = |source| TlsError::Url {
+            url: url.into(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(url.to_string()).map_err(bad)?;
+        let Some(ca) = &self.ca else {
+            return Ok(endpoint);
+        };
+        let mut config = ClientTlsConfig::new().ca_certificate(ca.clone());
+        if let Some(identity) = &self.identity {
+            config = config.identity(identity.clone());
+        }
+        endpoint.tls_config(config).map_err(bad)
+    }
+}
+
+fn read_pem(flag: &'static str, path: &Path) -> Result<String, TlsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        flag,
+        path: path.into(),
+        source,
+    })?;
+    if !text.contains("-----BEGIN ") {
+        return Err(TlsError::NotPem {
+            flag,
+            path: path.into(),
+        });
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_dials_only_http_and_tls_only_https() {
+        let plain = Tls::default();
+        let mutual = Tls::from_pem(None, Some("-----BEGIN CERTIFICATE-----"));
+
+        assert!(plain.check_peer("http://127.0.0.1:1").is_ok());
+        assert!(matches!(
+            plain.check_peer("https://127.0.0.1:1"),
+            Err(TlsError::NoCa { .. })
+        ));
+        assert!(mutual.check_peer("https://127.0.0.1:1").is_ok());
+        assert!(matches!(
+            mutual.check_peer("http://127.0.0.1:1"),
+            Err(TlsError::Plaintext { .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_that_is_not_pem_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cert.der");
+        std::fs::write(&path, [0x30, 0x82, 0x01]).unwrap();
+        let options = Options {
+            tls_cert: Some(path.clone()),
+            tls_key: Some(path),
+            tls_ca: None,
+        };
+
+        let err = Tls::load(&options).unwrap_err().to_string();
+
+        assert!(
+            err.contains("--tls-cert") && err.contains("cert.der"),
+            "{err}"
+        );
+    }
+}
