@@ -188,6 +188,7 @@ async fn run(args: Args) -> Result<()> {
             one_phase: true,
             allow_superuser: false,
             tls: Default::default(),
+            auth: Default::default(),
         };
         servers.push(tokio::spawn(participant::run(
             l,
@@ -204,6 +205,7 @@ async fn run(args: Args) -> Result<()> {
         limits: coordinator::Limits::default(),
         drain_timeout: Duration::from_secs(1),
         tls: Default::default(),
+        auth: Default::default(),
     };
     let started = Instant::now();
     servers.push(tokio::spawn(coordinator::run(

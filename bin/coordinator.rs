@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use twopc::coordinator::{Config, Limits, run};
-use twopc::process::{telemetry, tls};
+use twopc::process::{auth, telemetry, tls};
 
 /// The twopc coordinator: begins global transactions and commits them atomically across
 /// PostgreSQL databases (through their participants), with its decisions logged in sled.
@@ -52,6 +52,8 @@ struct Args {
     process: telemetry::Options,
     #[command(flatten)]
     tls: tls::Options,
+    #[command(flatten)]
+    auth: auth::Options,
 }
 
 /// A default of `Limits` as a flag's default, so each number is written once.
@@ -84,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
             tls: tls::Tls::load(&args.tls)?,
+            auth: auth::Auth::load(&args.auth, args.listen)?,
         };
         run(listener, config, twopc::process::signal::shutdown()).await
     })

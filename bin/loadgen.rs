@@ -353,6 +353,7 @@ async fn start_coordinator(
         },
         drain_timeout: Duration::from_secs(1),
         tls: Default::default(),
+        auth: Default::default(),
     };
     tokio::spawn(coordinator::run(listener, config, std::future::pending()));
     Ok(addr)
@@ -481,6 +482,7 @@ fn main() -> Result<()> {
                 one_phase: true,
                 allow_superuser: false,
                 tls: Default::default(),
+                auth: Default::default(),
             };
             tokio::spawn(participant::run(l, config, std::future::pending()));
         }
@@ -503,7 +505,7 @@ fn main() -> Result<()> {
                 format!("mem{}", i + 1),
                 format!("http://{addr}"),
                 FakeDatabase::default(),
-                GrpcCoordinator::new(channel.clone()),
+                GrpcCoordinator::new(channel.clone(), Default::default()),
             );
             tokio::spawn(participant::serve(l, core, std::future::pending()));
         }

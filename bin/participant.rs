@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::net::SocketAddr;
 use twopc::participant::{Config, run};
-use twopc::process::{telemetry, tls};
+use twopc::process::{auth, telemetry, tls};
 
 /// A twopc participant: runs clients' SQL inside transaction branches on one PostgreSQL
 /// database, and prepares / commits / rolls them back for the coordinator.
@@ -53,6 +53,8 @@ struct Args {
     process: telemetry::Options,
     #[command(flatten)]
     tls: tls::Options,
+    #[command(flatten)]
+    auth: auth::Options,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             one_phase: args.one_phase,
             allow_superuser: args.allow_superuser,
             tls: tls::Tls::load(&args.tls)?,
+            auth: auth::Auth::load(&args.auth, args.listen)?,
         };
         run(listener, config, twopc::process::signal::shutdown()).await
     })

@@ -14,6 +14,7 @@ use super::log::Log;
 use super::participants::{GrpcParticipants, Participants};
 use super::txn::{Outcome, State, Txn};
 use super::wire;
+use crate::process::auth::Bearer;
 use crate::process::tls::Tls;
 use crate::proto::{self, TxnId};
 use std::collections::HashMap;
@@ -134,8 +135,14 @@ pub use crate::process::clock::now_ms;
 
 impl<L: Log> Coordinator<L> {
     /// A coordinator that reaches its participants over gRPC.
-    pub fn new(id: String, log: L, limits: Limits, tls: Tls) -> Result<Arc<Self>, Error> {
-        let participants = GrpcParticipants::new(id.clone(), Duration::from_secs(2), tls);
+    pub fn new(
+        id: String,
+        log: L,
+        limits: Limits,
+        tls: Tls,
+        bearer: Bearer,
+    ) -> Result<Arc<Self>, Error> {
+        let participants = GrpcParticipants::new(id.clone(), Duration::from_secs(2), tls, bearer);
         Coordinator::with_participants(id, log, participants, limits)
     }
 }
@@ -203,6 +210,16 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     }
 
     pub fn begin(self: &Arc<Self>, timeout_ms: u32, label: String) -> Result<(TxnId, i64), Error> {
+        self.begin_as(timeout_ms, label, String::new())
+    }
+
+    /// [`Coordinator::begin`] for the token named `begun_by`.
+    pub fn begin_as(
+        self: &Arc<Self>,
+        timeout_ms: u32,
+        label: String,
+        begun_by: String,
+    ) -> Result<(TxnId, i64), Error> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
@@ -225,7 +242,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         let id = TxnId::generate();
         let created = now_ms();
         let deadline = created + timeout.as_millis() as i64;
-        let live = Live::new(Txn::begin(id, label, created, deadline), Outcome::Pending);
+        let mut txn = Txn::begin(id, label, created, deadline);
+        txn.begun_by = begun_by;
+        let live = Live::new(txn, Outcome::Pending);
         self.live.lock().unwrap().insert(id, live);
         // Weak: a pending timer must not keep a stopped coordinator (and its log) alive.
         let this = Arc::downgrade(self);

@@ -26,6 +26,7 @@ pub mod service;
 pub mod txn;
 pub mod wire;
 
+use crate::process::auth::Auth;
 use crate::process::tls::Tls;
 use crate::proto::coordinator_server::CoordinatorServer;
 pub use core::{Coordinator, Limits};
@@ -48,6 +49,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Served, and used to dial the participants.
     pub tls: Tls,
+    /// Who may call; the secret sent to the participants.
+    pub auth: Auth,
 }
 
 /// Opens the log in `config.data_dir` and serves on `listener` until `shutdown` completes.
@@ -60,7 +63,13 @@ pub async fn run(
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
     let (log, id) = SledLog::open(&config.data_dir, config.id.as_deref())?;
-    let core = Coordinator::new(id, log, config.limits.clone(), config.tls.clone())?;
+    let core = Coordinator::new(
+        id,
+        log,
+        config.limits.clone(),
+        config.tls.clone(),
+        config.auth.bearer(),
+    )?;
     // Before serving: a Begin must not race the log's unfinished transactions.
     core.recover()?;
     core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
@@ -105,7 +114,7 @@ async fn serve<L: Log, P: Participants>(
         // Whatever was decided is on disk already; this makes the hints durable too.
         let _ = drain_core.log.sync().await;
     };
-    crate::proto::server_with(health_service, config.tls.server())?
+    crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
         .add_service(CoordinatorServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

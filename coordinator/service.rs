@@ -4,6 +4,7 @@ use super::core::Coordinator;
 use super::log::Log;
 use super::participants::Participants;
 use super::wire;
+use crate::process::auth::Caller;
 use crate::proto::{self, TxnId, coordinator_server};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,11 @@ impl<L: Log, P: Participants> Service<L, P> {
 }
 
 /// The client's own deadline (the `grpc-timeout` header), if it sent one.
+/// Who called, when the server checks tokens (`process::auth`).
+fn caller<T>(req: &Request<T>) -> Option<Caller> {
+    req.extensions().get::<Caller>().cloned()
+}
+
 fn client_deadline<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
@@ -42,8 +48,9 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         &self,
         req: Request<proto::BeginRequest>,
     ) -> Result<Response<proto::BeginResponse>, Status> {
+        let begun_by = caller(&req).map(|c| c.name).unwrap_or_default();
         let req = req.into_inner();
-        let (id, deadline) = self.core.begin(req.timeout_ms, req.label)?;
+        let (id, deadline) = self.core.begin_as(req.timeout_ms, req.label, begun_by)?;
         Ok(Response::new(proto::BeginResponse {
             txn_id: id.to_string(),
             deadline_unix_ms: deadline,
@@ -155,12 +162,12 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         }))
     }
 
-    #[tracing::instrument(name = "resolve_transaction", skip_all, fields(txn_id = %req.get_ref().txn_id))]
+    #[tracing::instrument(name = "resolve_transaction", skip_all, fields(txn_id = %request.get_ref().txn_id))]
     async fn resolve_transaction(
         &self,
-        req: Request<proto::ResolveTransactionRequest>,
+        request: Request<proto::ResolveTransactionRequest>,
     ) -> Result<Response<proto::Transaction>, Status> {
-        let req = req.into_inner();
+        let req = request.get_ref();
         let id = req.txn_id.parse::<TxnId>()?;
         let commit = match req.resolution() {
             proto::Resolution::ForceCommit => true,
@@ -171,13 +178,19 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
                 ));
             }
         };
-        if req.operator.trim().is_empty() {
-            return Err(Status::invalid_argument(
-                "operator is required: who is resolving this by hand?",
-            ));
-        }
+        // With tokens, the audit line names the token; without, the operator names themself.
+        let operator = match caller(&request) {
+            Some(c) => c.name,
+            None if request.get_ref().operator.trim().is_empty() => {
+                return Err(Status::invalid_argument(
+                    "operator is required: who is resolving this by hand?",
+                ));
+            }
+            None => request.get_ref().operator.clone(),
+        };
+        let req = request.into_inner();
         self.core
-            .resolve(id, commit, &req.operator, &req.reason)
+            .resolve(id, commit, &operator, &req.reason)
             .await?;
         Ok(Response::new(self.core.get(id)?))
     }

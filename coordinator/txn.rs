@@ -226,6 +226,9 @@ pub struct Txn {
     pub id: TxnId,
     /// The client's label, for people reading lists and logs.
     pub label: String,
+    /// The token that began it (`--auth-tokens`); empty without authentication.
+    #[serde(default)]
+    pub begun_by: String,
     pub state: State,
     pub branches: Vec<BranchRecord>,
     pub created_ms: i64,
@@ -253,6 +256,7 @@ impl Txn {
         Txn {
             id,
             label,
+            begun_by: String::new(),
             state: State::Active,
             branches: Vec::new(),
             created_ms,

@@ -69,6 +69,7 @@ pub fn transaction(txn: &Txn, announced: Outcome) -> proto::Transaction {
         state: proto::TxnState::from(txn.shown_state(announced)) as i32,
         outcome: proto::Outcome::from(announced) as i32,
         label: txn.label.clone(),
+        begun_by: txn.begun_by.clone(),
         branches: txn
             .branches
             .iter()

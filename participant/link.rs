@@ -4,10 +4,12 @@
 //! Behind [`CoordinatorLink`] so the branch table and the resolver run against an in-memory
 //! coordinator in tests; [`GrpcCoordinator`] is the real one.
 
+use crate::process::auth::Bearer;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{self, Outcome, RegisterBranchRequest, TxnId};
 use std::future::Future;
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The coordinator's answer to RegisterBranch.
@@ -47,13 +49,14 @@ pub trait CoordinatorLink: Send + Sync + 'static {
 /// The coordinator reached over gRPC.
 #[derive(Clone)]
 pub struct GrpcCoordinator {
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorClient<InterceptedService<Channel, Bearer>>,
 }
 
 impl GrpcCoordinator {
-    pub fn new(channel: Channel) -> Self {
+    /// `bearer`: this participant's peer token, on every call.
+    pub fn new(channel: Channel, bearer: Bearer) -> Self {
         GrpcCoordinator {
-            client: CoordinatorClient::new(channel),
+            client: CoordinatorClient::with_interceptor(channel, bearer),
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod service;
 pub mod sql;
 pub mod tombstone;
 
+use crate::process::auth::{Auth, Gate};
 use crate::process::tls::Tls;
 use crate::proto::participant_server::ParticipantServer;
 pub use core::Participant;
@@ -69,6 +70,8 @@ pub struct Config {
     pub allow_superuser: bool,
     /// Served, and used to dial the coordinator.
     pub tls: Tls,
+    /// Who may call; the secret sent to the coordinator.
+    pub auth: Auth,
 }
 
 /// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
@@ -100,7 +103,7 @@ pub async fn run(
         .tcp_nodelay(true)
         .connect_lazy();
     tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, %advertise, postgres = db.target(), "participant serving");
-    let coordinator = GrpcCoordinator::new(channel.clone());
+    let coordinator = GrpcCoordinator::new(channel.clone(), config.auth.bearer());
     let core = Participant::new(config.id.clone(), advertise, db, coordinator);
     core.spawn_resolver(config.resolve_interval);
 
@@ -113,14 +116,8 @@ pub async fn run(
         watch.abort();
         health::set(&reporter, false).await;
     };
-    serve_with(
-        listener,
-        core,
-        health_service,
-        config.tls.server(),
-        draining,
-    )
-    .await
+    let (tls, gate) = (config.tls.server(), config.auth.gate());
+    serve_with(listener, core, health_service, tls, gate, draining).await
 }
 
 /// Serves an already-built core, on any database and coordinator link, until `shutdown`: the
@@ -132,7 +129,15 @@ pub async fn serve<D: Database, C: CoordinatorLink>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (_reporter, health_service) = tonic_health::server::health_reporter();
-    serve_with(listener, core, health_service, None, shutdown).await
+    serve_with(
+        listener,
+        core,
+        health_service,
+        None,
+        Gate::default(),
+        shutdown,
+    )
+    .await
 }
 
 async fn serve_with<D: Database, C: CoordinatorLink>(
@@ -142,9 +147,10 @@ async fn serve_with<D: Database, C: CoordinatorLink>(
         impl tonic_health::pb::health_server::Health,
     >,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    gate: Gate,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    crate::proto::server_with(health, tls)?
+    crate::proto::server_with(health, tls, gate)?
         .add_service(ParticipantServer::new(service::Service::new(core)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -6,6 +6,7 @@ use super::core::Participant;
 use super::database::Database;
 use super::error::Error;
 use super::link::CoordinatorLink;
+use crate::process::auth::{Caller, Role};
 use crate::proto::{self, TxnId, participant_server};
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +25,8 @@ impl<D: Database, C: CoordinatorLink> Service<D, C> {
 }
 
 /// An operator deciding a branch by hand (twopcctl resolve --participant) leaves a trace.
-/// Returns the line to log once the request has succeeded, if an operator sent it.
+/// Returns the line to log once the request has succeeded, if an operator sent it: with tokens,
+/// a call with an operator token, named by the token; without, one with `x-twopc-operator`.
 fn audit(
     req: &Request<proto::BranchRequest>,
     action: &'static str,
@@ -35,7 +37,15 @@ fn audit(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let operator = header("x-twopc-operator")?;
+    let operator = match req.extensions().get::<Caller>() {
+        Some(Caller {
+            name,
+            role: Role::Operator,
+        }) => name.clone(),
+        // The coordinator's phase 2.
+        Some(_) => return None,
+        None => header("x-twopc-operator")?,
+    };
     let reason = header("x-twopc-reason").unwrap_or_default();
     let (txn_id, coordinator_id) = (
         req.get_ref().txn_id.clone(),

@@ -1,8 +1,9 @@
 //! What every twopc process shares, whatever side of the protocol it runs: the wall clock
 //! ([`clock`]), how it stops ([`signal`]), where it can be made to crash on purpose ([`failpoints`]), how it reports
 //! (logs and metrics, [`telemetry`]), how it is configured beyond its flags ([`config`]), and
-//! how its connections are encrypted and authenticated ([`tls`]).
+//! how its connections are encrypted ([`tls`]) and who may call what ([`auth`]).
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod failpoints;

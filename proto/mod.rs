@@ -14,6 +14,12 @@ tonic::include_proto!("twopc.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/twopc_descriptor.bin"));
 
+/// The layers in front of every twopc server's services.
+pub type Gated = tower_layer::Stack<
+    tower_http::validate_request::ValidateRequestHeaderLayer<crate::process::auth::Gate>,
+    tower_layer::Identity,
+>;
+
 /// Why a server could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -25,13 +31,15 @@ pub enum ServerError {
 
 /// A gRPC server with what every twopc server offers besides its own service: health, and
 /// reflection in both versions (grpcurl 1.8 speaks only v1alpha), so `grpcurl list` and
-/// `describe` work with no .proto file at hand. `tls`: `None` serves plaintext.
+/// `describe` work with no .proto file at hand. `tls`: `None` serves plaintext; `gate` admits
+/// the calls it lets through (`process::auth`).
 pub fn server_with(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
     tls: Option<tonic::transport::ServerTlsConfig>,
-) -> Result<tonic::transport::server::Router, ServerError> {
+    gate: crate::process::auth::Gate,
+) -> Result<tonic::transport::server::Router<Gated>, ServerError> {
     let v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -45,6 +53,7 @@ pub fn server_with(
         builder = builder.tls_config(tls)?;
     }
     Ok(builder
+        .layer(tower_http::validate_request::ValidateRequestHeaderLayer::custom(gate))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha))

@@ -376,6 +376,7 @@ async fn a_participant_refuses_a_server_without_prepared_transactions() {
         one_phase: true,
         allow_superuser: false,
         tls: Default::default(),
+        auth: Default::default(),
     };
 
     let refused = twopc::participant::run(listener, config, std::future::pending())

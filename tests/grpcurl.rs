@@ -329,10 +329,14 @@ async fn a_participant_without_its_coordinator_reports_not_serving() {
     );
 }
 
-/// README's TLS commands: the CA, a client certificate and key, against mutual TLS.
+/// README's commands for a secured system: the CA, a client certificate and key, and a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcurl_reaches_mutual_tls_servers_with_a_client_certificate() {
-    let sys = System::start_tls(1).await;
+async fn grpcurl_reaches_secured_servers_with_a_client_certificate_and_token() {
+    let sys = System::start_secure(1).await;
+    let token = format!(
+        "authorization: Bearer {}",
+        sys.tokens.as_ref().unwrap().client
+    );
     let pki = sys.pki.as_ref().unwrap();
     let (cert, key) = pki.issue("grpcurl").unwrap();
     let path = |p: &std::path::Path| p.display().to_string();
@@ -352,8 +356,9 @@ async fn grpcurl_reaches_mutual_tls_servers_with_a_client_certificate() {
         "2".into(),
     ];
 
+    let with_token = [flags.to_vec(), vec!["-H".into(), token]].concat();
     let begun = grpcurl_with(
-        &flags,
+        &with_token,
         sys.coordinator.addr,
         Some(r#"{"label":"over TLS"}"#),
         &["twopc.v1.Coordinator/Begin"],
@@ -367,9 +372,21 @@ async fn grpcurl_reaches_mutual_tls_servers_with_a_client_certificate() {
     )
     .await;
     let refused = grpcurl_with(&only_ca, sys.coordinator.addr, None, &["list"]).await;
+    let no_token = grpcurl_with(
+        &flags,
+        sys.coordinator.addr,
+        None,
+        &["twopc.v1.Coordinator/Begin"],
+    )
+    .await;
 
     assert!(begun.ok, "{}", begun.stderr);
     assert!(begun.json()["txnId"].is_string(), "{}", begun.stdout);
     assert!(health.ok, "{}", health.stderr);
     assert!(!refused.ok, "no client certificate: {}", refused.stdout);
+    assert!(
+        no_token.stderr.contains("Unauthenticated"),
+        "{}",
+        no_token.stderr
+    );
 }

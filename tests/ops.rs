@@ -304,6 +304,7 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
         one_phase: true,
         allow_superuser,
         tls: Default::default(),
+        auth: Default::default(),
     };
 
     let refused = twopc::participant::run(listener, as_superuser(false), std::future::pending())

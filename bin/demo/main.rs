@@ -273,6 +273,7 @@ impl System {
             limits: coordinator::Limits::default(),
             drain_timeout: Duration::from_secs(5),
             tls: Default::default(),
+            auth: Default::default(),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -297,6 +298,7 @@ impl System {
                 one_phase: true,
                 allow_superuser: false,
                 tls: Default::default(),
+                auth: Default::default(),
             };
             participant_tasks.push(tokio::spawn(participant::run(
                 l,

@@ -10,7 +10,9 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Value as Json, json};
 use std::sync::OnceLock;
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use twopc::process::auth::{self, Bearer};
 use twopc::process::clock::now_ms;
 use twopc::process::tls::{self, Tls};
 use twopc::proto::coordinator_client::CoordinatorClient;
@@ -35,6 +37,9 @@ struct Cli {
     /// https:// servers: the CA they chain to, and this operator's client certificate.
     #[command(flatten)]
     tls: tls::Options,
+    /// File holding the operator's bearer token, for servers with --auth-tokens.
+    #[arg(long, env = "TWOPC_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,16 +106,17 @@ fn parse_state(s: &str) -> Result<TxnState, String> {
 }
 
 /// Loaded once from the flags, for every server this run dials.
-static TLS: OnceLock<Tls> = OnceLock::new();
+static TLS: OnceLock<(Tls, Bearer)> = OnceLock::new();
 
-fn channel(url: &str) -> Result<Channel> {
-    Ok(TLS
-        .get_or_init(Tls::default)
+fn channel(url: &str) -> Result<InterceptedService<Channel, Bearer>> {
+    let (tls, bearer) = TLS.get_or_init(Default::default);
+    let channel = tls
         .endpoint(url)
         .with_context(|| format!("cannot dial {url:?}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
-        .connect_lazy())
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, bearer.clone()))
 }
 
 /// "3.2s", "4m10s", "2h5m": how long ago.
@@ -185,7 +191,11 @@ fn print_txn(t: &proto::Transaction) {
 
 async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
-    let _ = TLS.set(Tls::load(&cli.tls)?);
+    let token = match &cli.token_file {
+        Some(path) => Some(auth::read_peer_token(path)?),
+        None => None,
+    };
+    let _ = TLS.set((Tls::load(&cli.tls)?, Bearer::new(token.as_deref())));
     match cli.command {
         Command::List { states, limit } => list(&cli.coordinator, &states, limit, json).await,
         Command::Show { txn_id } => show(&cli.coordinator, txn_id, json).await,
@@ -195,7 +205,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn coordinator(url: &str) -> Result<CoordinatorClient<Channel>> {
+fn coordinator(url: &str) -> Result<CoordinatorClient<InterceptedService<Channel, Bearer>>> {
     channel(url).map(CoordinatorClient::new)
 }
 

@@ -2,6 +2,7 @@
 //! transaction that enlists it.
 
 use super::{Participants, PeerError};
+use crate::process::auth::Bearer;
 use crate::process::tls::Tls;
 use crate::proto::participant_client::ParticipantClient;
 use crate::proto::vote::OnePhaseOutcome;
@@ -10,6 +11,7 @@ use crate::proto::{BranchRequest, CommitOnePhaseRequest, PrepareRequest, TxnId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The participants reached over gRPC, as the coordinator named `coordinator_id`.
@@ -17,22 +19,32 @@ pub struct GrpcParticipants {
     /// Sent with every request: a participant acts only on gids of the coordinator that asks.
     coordinator_id: String,
     /// One client per endpoint; tonic channels multiplex every call over one connection.
-    channels: Mutex<HashMap<String, ParticipantClient<Channel>>>,
+    channels: Mutex<HashMap<String, Client>>,
     connect_timeout: Duration,
     tls: Tls,
+    /// This coordinator's peer token, on every call.
+    bearer: Bearer,
 }
 
+type Client = ParticipantClient<InterceptedService<Channel, Bearer>>;
+
 impl GrpcParticipants {
-    pub fn new(coordinator_id: String, connect_timeout: Duration, tls: Tls) -> Self {
+    pub fn new(
+        coordinator_id: String,
+        connect_timeout: Duration,
+        tls: Tls,
+        bearer: Bearer,
+    ) -> Self {
         GrpcParticipants {
             coordinator_id,
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
             tls,
+            bearer,
         }
     }
 
-    fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, tonic::Status> {
+    fn client(&self, endpoint: &str) -> Result<Client, tonic::Status> {
         let mut channels = self.channels.lock().unwrap();
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
@@ -44,7 +56,7 @@ impl GrpcParticipants {
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
-        let client = ParticipantClient::new(channel);
+        let client = ParticipantClient::with_interceptor(channel, self.bearer.clone());
         channels.insert(endpoint.to_string(), client.clone());
         Ok(client)
     }

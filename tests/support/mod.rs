@@ -2,8 +2,8 @@
 //!
 //! [`System::start`] makes `n` throwaway PostgreSQL clusters (real servers, see
 //! `demo/cluster.rs`), a coordinator on a temp data dir, and one participant per cluster, all
-//! served in-process on `127.0.0.1:0`; [`System::start_tls`] the same with mutual TLS on every
-//! connection. Dropping the system (also when a test panics) stops the servers with the test's
+//! served in-process on `127.0.0.1:0`; [`System::start_secure`] the same with mutual TLS on
+//! every connection and bearer tokens on every call. Dropping the system (also when a test panics) stops the servers with the test's
 //! runtime and the clusters with their guards.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
@@ -13,15 +13,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use twopc::coordinator::{self, Limits};
 use twopc::participant;
+use twopc::process::auth::{Auth, Bearer};
 use twopc::process::tls::Tls;
 use twopc::proto;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 #[allow(unused_imports)] // each test binary uses its own part
-pub use twopc::testkit::{PgCluster, Settings, TestPki};
+pub use twopc::testkit::{PgCluster, Settings, TestPki, TestTokens};
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -56,11 +58,18 @@ pub struct System {
     pub participants: Vec<Server>,
     pub limits: Limits,
     data_dir: tempfile::TempDir,
-    /// With TLS: the CA every process's certificate comes from.
+    /// Secure: the CA every process's certificate comes from.
     pub pki: Option<TestPki>,
+    /// Secure: the tokens every server admits.
+    pub tokens: Option<TestTokens>,
     /// How the test's own clients dial (as "client", with TLS).
     pub client_tls: Tls,
+    /// What the test's own clients send (the client token).
+    pub client_bearer: Bearer,
 }
+
+/// A client of the system's servers, with the test's token on every call.
+pub type Client = InterceptedService<Channel, Bearer>;
 
 pub async fn listener() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -87,22 +96,37 @@ impl System {
     }
 
     pub async fn start_with(n: usize, limits: Limits) -> System {
-        Self::start_full(n, limits, None).await
+        Self::start_full(n, limits, None, None).await
     }
 
-    /// Every connection over mutual TLS, each process with a certificate of its own.
-    pub async fn start_tls(n: usize) -> System {
-        Self::start_full(n, test_limits(), Some(TestPki::new().unwrap())).await
+    /// Every connection over mutual TLS, each process with a certificate of its own, and
+    /// every call with a bearer token of the right role.
+    pub async fn start_secure(n: usize) -> System {
+        let (pki, tokens) = (TestPki::new().unwrap(), TestTokens::new().unwrap());
+        Self::start_full(n, test_limits(), Some(pki), Some(tokens)).await
     }
 
-    /// The settings of the process `name`: plaintext without a PKI.
+    /// The TLS settings of the process `name`: plaintext without a PKI.
     fn tls_of(pki: &Option<TestPki>, name: &str) -> Tls {
         pki.as_ref()
             .map(|p| p.tls(name).unwrap())
             .unwrap_or_default()
     }
 
-    async fn start_full(n: usize, limits: Limits, pki: Option<TestPki>) -> System {
+    /// A server's auth settings: everyone admitted without tokens.
+    fn auth_of(tokens: &Option<TestTokens>) -> Auth {
+        tokens
+            .as_ref()
+            .map(|t| t.auth().unwrap())
+            .unwrap_or_default()
+    }
+
+    async fn start_full(
+        n: usize,
+        limits: Limits,
+        pki: Option<TestPki>,
+        tokens: Option<TestTokens>,
+    ) -> System {
         let pgs: Vec<PgCluster> = tokio::task::spawn_blocking(move || {
             (0..n)
                 .map(|_| PgCluster::start().expect("start PostgreSQL"))
@@ -118,17 +142,19 @@ impl System {
             data_dir.path(),
             limits.clone(),
             Self::tls_of(&pki, "coordinator"),
+            Self::auth_of(&tokens),
         )
         .await;
         let mut participants = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
             let id = format!("p{}", i + 1);
-            let tls = Self::tls_of(&pki, &id);
-            participants.push(
-                start_participant_with(&id, coordinator.addr, &pg.conn_str(), None, tls).await,
-            );
+            let (tls, auth) = (Self::tls_of(&pki, &id), Self::auth_of(&tokens));
+            let conn = pg.conn_str();
+            participants
+                .push(start_participant_with(&id, coordinator.addr, &conn, None, tls, auth).await);
         }
         let client_tls = Self::tls_of(&pki, "client");
+        let client_bearer = Bearer::new(tokens.as_ref().map(|t| t.client.as_str()));
         System {
             pgs,
             coordinator,
@@ -136,7 +162,9 @@ impl System {
             limits,
             data_dir,
             pki,
+            tokens,
             client_tls,
+            client_bearer,
         }
     }
 
@@ -145,7 +173,7 @@ impl System {
         format!("{}://{addr}", self.client_tls.scheme())
     }
 
-    async fn dial(&self, addr: SocketAddr) -> Channel {
+    pub async fn dial(&self, addr: SocketAddr) -> Channel {
         let url = self.url(addr);
         let endpoint = self.client_tls.endpoint(&url).unwrap();
         endpoint
@@ -154,12 +182,14 @@ impl System {
             .unwrap_or_else(|e| panic!("{url}: {e:?}"))
     }
 
-    pub async fn coordinator(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(self.dial(self.coordinator.addr).await)
+    pub async fn coordinator(&self) -> CoordinatorClient<Client> {
+        let channel = self.dial(self.coordinator.addr).await;
+        CoordinatorClient::with_interceptor(channel, self.client_bearer.clone())
     }
 
-    pub async fn participant(&self, i: usize) -> ParticipantClient<Channel> {
-        ParticipantClient::new(self.dial(self.participants[i].addr).await)
+    pub async fn participant(&self, i: usize) -> ParticipantClient<Client> {
+        let channel = self.dial(self.participants[i].addr).await;
+        ParticipantClient::with_interceptor(channel, self.client_bearer.clone())
     }
 
     /// Restarts participant `i` on the same address (after `kill`).
@@ -167,9 +197,9 @@ impl System {
         let addr = self.participants[i].addr;
         let conn = self.pgs[i].conn_str();
         let id = format!("p{}", i + 1);
-        let tls = Self::tls_of(&self.pki, &id);
+        let (tls, auth) = (Self::tls_of(&self.pki, &id), Self::auth_of(&self.tokens));
         self.participants[i] =
-            start_participant_with(&id, self.coordinator.addr, &conn, Some(addr), tls).await;
+            start_participant_with(&id, self.coordinator.addr, &conn, Some(addr), tls, auth).await;
     }
 
     pub async fn begin(&self) -> String {
@@ -281,13 +311,14 @@ impl System {
 }
 
 pub async fn start_coordinator(data_dir: &std::path::Path, limits: Limits) -> Server {
-    start_coordinator_with(data_dir, limits, Tls::default()).await
+    start_coordinator_with(data_dir, limits, Tls::default(), Auth::default()).await
 }
 
 pub async fn start_coordinator_with(
     data_dir: &std::path::Path,
     limits: Limits,
     tls: Tls,
+    auth: Auth,
 ) -> Server {
     let (l, addr) = listener().await;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -297,6 +328,7 @@ pub async fn start_coordinator_with(
         limits,
         drain_timeout: Duration::from_secs(2),
         tls,
+        auth,
     };
     let task = tokio::spawn(coordinator::run(l, config, async {
         let _ = stopped.await;
@@ -314,7 +346,15 @@ pub async fn start_participant(
     postgres: &str,
     at: Option<SocketAddr>,
 ) -> Server {
-    start_participant_with(id, coordinator, postgres, at, Tls::default()).await
+    start_participant_with(
+        id,
+        coordinator,
+        postgres,
+        at,
+        Tls::default(),
+        Auth::default(),
+    )
+    .await
 }
 
 pub async fn start_participant_with(
@@ -323,6 +363,7 @@ pub async fn start_participant_with(
     postgres: &str,
     at: Option<SocketAddr>,
     tls: Tls,
+    auth: Auth,
 ) -> Server {
     let (l, addr) = match at {
         // The old server's socket may linger for a moment after a kill.
@@ -353,6 +394,7 @@ pub async fn start_participant_with(
         one_phase: true,
         allow_superuser: false,
         tls,
+        auth,
     };
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;
