@@ -27,13 +27,17 @@ use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use twopc::participant::fake::FakeDatabase;
 use twopc::participant::link::GrpcCoordinator;
+use twopc::process::auth::{Auth, Bearer};
+use twopc::process::tls::Tls;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
 use twopc::testkit::cluster::{PgCluster, Settings};
+use twopc::testkit::{TestPki, TestTokens};
 use twopc::{coordinator, participant};
 
 /// Measures global transactions per second through twopc.
@@ -63,6 +67,10 @@ struct Args {
     /// same rows as six int8 columns.
     #[arg(long)]
     types: bool,
+    /// twopc with mutual TLS on every connection and a bearer token on every call, as deployed
+    /// on a network (the coordinator-only system stays plaintext).
+    #[arg(long)]
+    secure: bool,
     /// Instead of the sweep: start the coordinator binary (next to this one) on its own, open
     /// this many transactions with two registered branches each, and report its resident memory.
     #[arg(long)]
@@ -99,9 +107,12 @@ const ACCOUNTS: i64 = 10_000;
 
 /// A twopc system to send transactions to.
 struct Target {
-    coordinator: CoordinatorClient<Channel>,
-    participants: Vec<ParticipantClient<Channel>>,
+    coordinator: CoordinatorClient<Authed>,
+    participants: Vec<ParticipantClient<Authed>>,
 }
+
+/// A channel with the client's token (if any) on every call.
+type Authed = InterceptedService<Channel, Bearer>;
 
 /// One client's own sessions, for the systems without twopc: one per database, with the
 /// UPDATE prepared once (as any hand-written client would).
@@ -341,6 +352,7 @@ async fn start_coordinator(
     dir: &std::path::Path,
     id: &str,
     one_phase: bool,
+    (tls, auth): (Tls, Auth),
 ) -> Result<std::net::SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -352,8 +364,8 @@ async fn start_coordinator(
             ..coordinator::Limits::default()
         },
         drain_timeout: Duration::from_secs(1),
-        tls: Default::default(),
-        auth: Default::default(),
+        tls,
+        auth,
     };
     tokio::spawn(coordinator::run(listener, config, std::future::pending()));
     Ok(addr)
@@ -457,6 +469,18 @@ fn main() -> Result<()> {
         PgCluster::start_with(settings)?,
     ];
     let data_dir = tempfile::Builder::new().prefix("twopc-load-").tempdir()?;
+    let secure = match args.secure {
+        true => Some((TestPki::new()?, TestTokens::new()?)),
+        false => None,
+    };
+    // The TLS and token settings of the process `name`.
+    let security = |name: &str| -> Result<(Tls, Auth)> {
+        Ok(match &secure {
+            Some((pki, tokens)) => (pki.tls(name)?, tokens.auth()?),
+            None => Default::default(),
+        })
+    };
+    let scheme = if args.secure { "https" } else { "http" };
     let (caddr, paddrs) = servers.block_on(async {
         for pg in &pgs {
             pg.client()
@@ -467,22 +491,29 @@ fn main() -> Result<()> {
                 ))
                 .await?;
         }
-        let caddr = start_coordinator(data_dir.path(), "load", args.one_phase).await?;
+        let caddr = start_coordinator(
+            data_dir.path(),
+            "load",
+            args.one_phase,
+            security("coordinator")?,
+        )
+        .await?;
         let mut paddrs = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
             let l = TcpListener::bind("127.0.0.1:0").await?;
             paddrs.push(l.local_addr()?);
+            let (tls, auth) = security(&format!("p{}", i + 1))?;
             let config = participant::Config {
                 id: format!("p{}", i + 1),
-                coordinator: format!("http://{caddr}"),
+                coordinator: format!("{scheme}://{caddr}"),
                 advertise: None,
                 postgres: pg.conn_str(),
                 max_connections: 64,
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
                 allow_superuser: false,
-                tls: Default::default(),
-                auth: Default::default(),
+                tls,
+                auth,
             };
             tokio::spawn(participant::run(l, config, std::future::pending()));
         }
@@ -492,7 +523,8 @@ fn main() -> Result<()> {
     // Coordinator-only: a second coordinator, with participants over an in-memory database.
     let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
     let (fast_caddr, fast_paddrs) = servers.block_on(async {
-        let caddr = start_coordinator(fast_dir.path(), "load-c", args.one_phase).await?;
+        let plaintext = Default::default();
+        let caddr = start_coordinator(fast_dir.path(), "load-c", args.one_phase, plaintext).await?;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
             .tcp_nodelay(true)
             .connect_lazy();
@@ -512,20 +544,35 @@ fn main() -> Result<()> {
         Ok::<_, anyhow::Error>((caddr, paddrs))
     })?;
 
-    let connect = |caddr: std::net::SocketAddr, paddrs: Vec<std::net::SocketAddr>| async move {
+    let (client_tls, client_bearer) = match &secure {
+        Some((pki, tokens)) => (pki.tls("loadgen")?, Bearer::new(Some(&tokens.client))),
+        None => Default::default(),
+    };
+    let plain = (Tls::default(), Bearer::default());
+    let connect = |caddr: std::net::SocketAddr,
+                   paddrs: Vec<std::net::SocketAddr>,
+                   (tls, bearer): (Tls, Bearer)| async move {
+        let dial = |addr: std::net::SocketAddr| {
+            let (tls, bearer) = (tls.clone(), bearer.clone());
+            async move {
+                let url = format!("{}://{addr}", tls.scheme());
+                let channel = tls.endpoint(&url)?.tcp_nodelay(true).connect().await?;
+                Ok::<_, anyhow::Error>(InterceptedService::new(channel, bearer))
+            }
+        };
         let mut participants = Vec::new();
         for p in paddrs {
-            participants.push(ParticipantClient::connect(format!("http://{p}")).await?);
+            participants.push(ParticipantClient::new(dial(p).await?));
         }
         Ok::<_, anyhow::Error>(Arc::new(Target {
-            coordinator: CoordinatorClient::connect(format!("http://{caddr}")).await?,
+            coordinator: CoordinatorClient::new(dial(caddr).await?),
             participants,
         }))
     };
     let targets = clients.block_on(async {
         Ok::<_, anyhow::Error>(Targets {
-            twopc: connect(caddr, paddrs).await?,
-            coordinator_only: connect(fast_caddr, fast_paddrs).await?,
+            twopc: connect(caddr, paddrs, (client_tls, client_bearer)).await?,
+            coordinator_only: connect(fast_caddr, fast_paddrs, plain).await?,
             databases: pgs.iter().map(|pg| pg.conn_str()).collect(),
         })
     })?;

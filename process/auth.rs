@@ -77,15 +77,12 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read --auth-tokens {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("--auth-tokens {path}: {source}")]
+    #[error("cannot read --auth-tokens {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("--auth-tokens {path}: {error}")]
     Parse {
         path: String,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("--auth-tokens {path}: token {name:?} {problem}")]
     Invalid {
@@ -97,11 +94,8 @@ pub enum AuthError {
         "refusing to listen on {listen} without --auth-tokens: anyone who reaches it could run SQL or decide transactions. Give --auth-tokens (docs/SECURITY.md), listen on 127.0.0.1, or pass --insecure"
     )]
     Open { listen: std::net::SocketAddr },
-    #[error("cannot read --peer-token-file {path}: {source}")]
-    PeerToken {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read --peer-token-file {path}: {error}")]
+    PeerToken { path: String, error: std::io::Error },
 }
 
 #[derive(serde::Deserialize)]
@@ -133,17 +127,17 @@ const MIN_SECRET: usize = 16;
 impl Tokens {
     pub fn load(path: &Path) -> Result<Tokens, AuthError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| AuthError::Read {
             path: shown.clone(),
-            source,
+            error,
         })?;
         Self::parse(&text, &shown)
     }
 
     fn parse(text: &str, path: &str) -> Result<Tokens, AuthError> {
-        let file: File = toml::from_str(text).map_err(|source| AuthError::Parse {
+        let file: File = toml::from_str(text).map_err(|error| AuthError::Parse {
             path: path.into(),
-            source,
+            error,
         })?;
         let mut by_digest = HashMap::new();
         for e in file.token {
@@ -301,9 +295,9 @@ impl Auth {
 pub fn read_peer_token(path: &Path) -> Result<String, AuthError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|source| AuthError::PeerToken {
+        .map_err(|error| AuthError::PeerToken {
             path: path.display().to_string(),
-            source,
+            error,
         })
 }
 

@@ -17,14 +17,14 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 pub struct Options {
     /// PEM certificate (chain) of this process, served and shown to the peers it dials;
     /// with --tls-key, the server speaks TLS and its URLs are https://.
-    #[arg(long, env = "TWOPC_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "TWOPC_TLS_CERT", requires = "tls_key", global = true)]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "TWOPC_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "TWOPC_TLS_KEY", requires = "tls_cert", global = true)]
     pub tls_key: Option<PathBuf>,
     /// PEM CA that clients, peers and the servers this process dials must chain to; on a
     /// server it requires a client certificate (mutual TLS).
-    #[arg(long, env = "TWOPC_TLS_CA")]
+    #[arg(long, env = "TWOPC_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
 }
 
@@ -37,11 +37,11 @@ pub struct Tls {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {flag} {path}: {source}")]
+    #[error("cannot read {flag} {path}: {error}")]
     Read {
         flag: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{flag} {path} holds no PEM block (-----BEGIN ...): give a PEM file")]
     NotPem { flag: &'static str, path: PathBuf },
@@ -53,10 +53,10 @@ pub enum TlsError {
         "{url} is not https://, and this process uses TLS (--tls-ca): its peers must serve TLS too"
     )]
     Plaintext { url: String },
-    #[error("{url}: {source}")]
+    #[error("{url}: {error}")]
     Url {
         url: String,
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
 }
 
@@ -121,9 +121,9 @@ impl Tls {
     /// An endpoint for `url`, with the CA and this process's identity when it is https.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, TlsError> {
         self.check_peer(url)?;
-        let bad = |source| TlsError::Url {
+        let bad = |error| TlsError::Url {
             url: url.into(),
-            source,
+            error,
         };
         let endpoint = Endpoint::from_shared(url.to_string()).map_err(bad)?;
         let Some(ca) = &self.ca else {
@@ -138,10 +138,10 @@ impl Tls {
 }
 
 fn read_pem(flag: &'static str, path: &Path) -> Result<String, TlsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| TlsError::Read {
         flag,
         path: path.into(),
-        source,
+        error,
     })?;
     if !text.contains("-----BEGIN ") {
         return Err(TlsError::NotPem {

@@ -54,6 +54,10 @@ struct Args {
     /// Keep the logs, timeline and coordinator data dir also when everything passes.
     #[arg(long)]
     keep: bool,
+    /// Every connection over mutual TLS and every call with a bearer token, as deployed on a
+    /// network (docs/SECURITY.md).
+    #[arg(long)]
+    secure: bool,
 }
 
 /// How long a failpoint may take to fire under load.
@@ -182,7 +186,7 @@ async fn run(
         args.clients,
         dir.display()
     );
-    let sys = System::launch(dir).await?;
+    let sys = System::launch(dir, args.secure).await?;
     let clients = Clients::new(&sys)?;
     println!(
         "crashtest: system up: coordinator {}, participants {}, PostgreSQL ports {}",

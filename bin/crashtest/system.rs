@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use twopc::process::auth::Bearer;
+use twopc::process::tls::Tls;
 use twopc::testkit::cluster::PgCluster;
+use twopc::testkit::{TestPki, TestTokens};
 
 /// The number of databases (and participants).
 pub const DATABASES: usize = 3;
@@ -210,9 +212,9 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Whether a gRPC server on `port` answers its health check with SERVING.
-async fn serving(port: u16) -> bool {
-    let Ok(endpoint) = Endpoint::from_shared(format!("http://127.0.0.1:{port}")) else {
+/// Whether a gRPC server at `url` answers its health check with SERVING.
+async fn serving(tls: &Tls, url: &str) -> bool {
+    let Ok(endpoint) = tls.endpoint(url) else {
         return false;
     };
     let endpoint = endpoint
@@ -243,11 +245,31 @@ pub struct System {
     procs: Vec<Proc>,
     pub pgs: Vec<Arc<PgCluster>>,
     pub timeline: Timeline,
+    /// How the harness dials the processes (TLS with `--secure`).
+    pub tls: Tls,
+    /// What the harness sends them: the operator token with `--secure`, as it both runs
+    /// transactions and lists them.
+    pub bearer: Bearer,
+    /// With `--secure`: the certificates and token files the processes read.
+    _secure: Option<(TestPki, TestTokens)>,
 }
 
 impl System {
-    /// Starts the clusters, creates the schema, and starts every process.
-    pub async fn launch(dir: &Path) -> Result<System> {
+    /// Starts the clusters, creates the schema, and starts every process; with `secure`, every
+    /// connection over mutual TLS and every call with a token.
+    pub async fn launch(dir: &Path, secure: bool) -> Result<System> {
+        let secure = match secure {
+            true => Some((TestPki::new()?, TestTokens::new()?)),
+            false => None,
+        };
+        // Each process's TLS and token flags.
+        let security_args = |name: &str| -> Result<Vec<String>> {
+            Ok(match &secure {
+                Some((pki, tokens)) => [pki.args(name)?, tokens.args()].concat(),
+                None => Vec::new(),
+            })
+        };
+        let scheme = if secure.is_some() { "https" } else { "http" };
         let exe = std::env::current_exe().context("locating the crashtest executable")?;
         let bin_dir = exe
             .parent()
@@ -279,7 +301,7 @@ impl System {
         }
 
         let coordinator_port = free_port()?;
-        let coordinator_url = format!("http://127.0.0.1:{coordinator_port}");
+        let coordinator_url = format!("{scheme}://127.0.0.1:{coordinator_port}");
         let data_dir = dir.join("coordinator-data");
         let mut procs = vec![Proc {
             name: Role::Coordinator.name(),
@@ -299,7 +321,10 @@ impl System {
                 "2000".into(),
                 "--orphan-scan-interval-ms".into(),
                 "2000".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(security_args("coordinator")?)
+            .collect(),
             log_path: dir.join("coordinator.log"),
             port: coordinator_port,
             child: None,
@@ -323,7 +348,10 @@ impl System {
                     pg.conn_str(),
                     "--resolve-interval-ms".into(),
                     "1000".into(),
-                ],
+                ]
+                .into_iter()
+                .chain(security_args(&role.name())?)
+                .collect(),
                 log_path: dir.join(format!("{}.log", role.name())),
                 port,
                 child: None,
@@ -331,10 +359,17 @@ impl System {
                 scan_offset: 0,
             });
         }
+        let (tls, bearer) = match &secure {
+            Some((pki, tokens)) => (pki.tls("crashtest")?, Bearer::new(Some(&tokens.operator))),
+            None => Default::default(),
+        };
         let mut sys = System {
             procs,
             pgs,
             timeline: Timeline::new(dir)?,
+            tls,
+            bearer,
+            _secure: secure,
         };
         sys.timeline.note("clusters up, schema created");
         for role in sys.roles() {
@@ -350,7 +385,8 @@ impl System {
     }
 
     pub fn url(&self, role: Role) -> String {
-        format!("http://127.0.0.1:{}", self.procs[role.index()].port)
+        let port = self.procs[role.index()].port;
+        format!("{}://127.0.0.1:{port}", self.tls.scheme())
     }
 
     pub fn proc(&self, role: Role) -> &Proc {
@@ -384,7 +420,8 @@ impl System {
                     );
                     break;
                 }
-                if serving(proc.port).await {
+                let url = format!("{}://127.0.0.1:{}", self.tls.scheme(), proc.port);
+                if serving(&self.tls, &url).await {
                     self.timeline.note(&format!("{} ready", role.name()));
                     return Ok(Started::Ready);
                 }

@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Request, Status};
+use twopc::process::auth::Bearer;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
@@ -115,28 +117,30 @@ impl Recorder {
 /// gRPC clients to every process, on lazily (re)connecting channels.
 #[derive(Clone)]
 pub struct Clients {
-    pub coordinator: CoordinatorClient<Channel>,
-    pub participants: Vec<ParticipantClient<Channel>>,
+    pub coordinator: CoordinatorClient<Authed>,
+    pub participants: Vec<ParticipantClient<Authed>>,
 }
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())?
+/// A channel with the harness's token on every call.
+type Authed = InterceptedService<Channel, Bearer>;
+
+fn channel(sys: &System, role: Role) -> anyhow::Result<Authed> {
+    let channel = sys
+        .tls
+        .endpoint(&sys.url(role))?
         .connect_timeout(Duration::from_secs(1))
         .timeout(RPC_TIMEOUT)
         .tcp_nodelay(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, sys.bearer.clone()))
 }
 
 impl Clients {
     pub fn new(sys: &System) -> anyhow::Result<Clients> {
         Ok(Clients {
-            coordinator: CoordinatorClient::new(channel(&sys.url(Role::Coordinator))?),
+            coordinator: CoordinatorClient::new(channel(sys, Role::Coordinator)?),
             participants: (0..DATABASES)
-                .map(|i| {
-                    Ok(ParticipantClient::new(channel(
-                        &sys.url(Role::Participant(i)),
-                    )?))
-                })
+                .map(|i| Ok(ParticipantClient::new(channel(sys, Role::Participant(i))?)))
                 .collect::<anyhow::Result<_>>()?,
         })
     }

@@ -10,11 +10,15 @@ use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use twopc::process::auth::{Auth, Bearer};
+use twopc::process::tls::Tls;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
 use twopc::testkit::cluster::PgCluster;
+use twopc::testkit::{TestPki, TestTokens};
 use twopc::{coordinator, participant};
 
 /// Runs a local twopc system and a bank-transfer demo on it.
@@ -30,17 +34,40 @@ struct Args {
     /// Keep the system running afterwards (until Ctrl-C) and print how to reach it.
     #[arg(long)]
     keep: bool,
+    /// Mutual TLS on every connection and a bearer token on every call, with a throwaway CA
+    /// and tokens (docs/SECURITY.md).
+    #[arg(long)]
+    secure: bool,
 }
 
+/// A channel with the demo client's token (if any) on every call.
+type Authed = InterceptedService<Channel, Bearer>;
+
 struct Bank {
-    coordinator: CoordinatorClient<Channel>,
-    east: ParticipantClient<Channel>,
-    west: ParticipantClient<Channel>,
+    coordinator: CoordinatorClient<Authed>,
+    east: ParticipantClient<Authed>,
+    west: ParticipantClient<Authed>,
+}
+
+/// With --secure: the CA and tokens every process uses.
+struct Secure {
+    pki: TestPki,
+    tokens: TestTokens,
+}
+
+impl Secure {
+    /// The TLS and token settings of the process `name`; plaintext without --secure.
+    fn of(secure: &Option<Secure>, name: &str) -> Result<(Tls, Auth)> {
+        Ok(match secure {
+            Some(s) => (s.pki.tls(name)?, s.tokens.auth()?),
+            None => Default::default(),
+        })
+    }
 }
 
 impl Bank {
     async fn exec(
-        db: &ParticipantClient<Channel>,
+        db: &ParticipantClient<Authed>,
         txn: &str,
         sql: &str,
         params: Vec<proto::Value>,
@@ -193,15 +220,28 @@ async fn run(args: Args) -> Result<()> {
         .init();
 
     let (east, west) = start_databases().await?;
-    let system = System::start(&east, &west).await?;
-    let caddr = system.coordinator;
-    let participant_addrs = &system.participants;
+    let secure = match args.secure {
+        true => Some(Secure {
+            pki: TestPki::new()?,
+            tokens: TestTokens::new()?,
+        }),
+        false => None,
+    };
+    let system = System::start(&east, &west, &secure).await?;
+    let (tls, _) = Secure::of(&secure, "demo-client")?;
+    let bearer = Bearer::new(secure.as_ref().map(|s| s.tokens.client.as_str()));
+    let dial = |addr: std::net::SocketAddr| {
+        let (tls, bearer) = (tls.clone(), bearer.clone());
+        async move {
+            let url = format!("{}://{addr}", tls.scheme());
+            let channel = tls.endpoint(&url)?.connect().await.context(url)?;
+            Ok::<_, anyhow::Error>(InterceptedService::new(channel, bearer))
+        }
+    };
     let bank = Arc::new(Bank {
-        coordinator: CoordinatorClient::connect(format!("http://{caddr}"))
-            .await
-            .context("connect to the coordinator")?,
-        east: ParticipantClient::connect(format!("http://{}", participant_addrs[0])).await?,
-        west: ParticipantClient::connect(format!("http://{}", participant_addrs[1])).await?,
+        coordinator: CoordinatorClient::new(dial(system.coordinator).await?),
+        east: ParticipantClient::new(dial(system.participants[0]).await?),
+        west: ParticipantClient::new(dial(system.participants[1]).await?),
     });
     println!("   balances: {}", balances(&east, &west).await?);
 
@@ -210,7 +250,7 @@ async fn run(args: Args) -> Result<()> {
     a_client_aborts(&bank, &east, &west).await?;
     concurrent_transfers(&bank, &east, &west, &args).await?;
     if args.keep {
-        print_how_to_reach(&system, &east);
+        print_how_to_reach(&system, &east, &secure)?;
         std::future::pending::<()>().await;
     }
     drop(bank);
@@ -264,16 +304,17 @@ struct System {
 }
 
 impl System {
-    async fn start(east: &PgCluster, west: &PgCluster) -> Result<System> {
+    async fn start(east: &PgCluster, west: &PgCluster, secure: &Option<Secure>) -> Result<System> {
         let data_dir = tempfile::Builder::new().prefix("twopc-demo-").tempdir()?;
         let (cl, caddr) = listener().await?;
+        let (tls, auth) = Secure::of(secure, "coordinator")?;
         let coordinator_config = coordinator::Config {
             data_dir: data_dir.path().to_path_buf(),
             id: Some("demo".into()),
             limits: coordinator::Limits::default(),
             drain_timeout: Duration::from_secs(5),
-            tls: Default::default(),
-            auth: Default::default(),
+            tls,
+            auth,
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -288,17 +329,18 @@ impl System {
         let mut participant_addrs = Vec::new();
         for (id, pg) in [("east", &east), ("west", &west)] {
             let (l, addr) = listener().await?;
+            let (tls, auth) = Secure::of(secure, id)?;
             let config = participant::Config {
                 id: id.into(),
-                coordinator: format!("http://{caddr}"),
+                coordinator: format!("{}://{caddr}", tls.scheme()),
                 advertise: None,
                 postgres: pg.conn_str(),
                 max_connections: 32,
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
                 allow_superuser: false,
-                tls: Default::default(),
-                auth: Default::default(),
+                tls,
+                auth,
             };
             participant_tasks.push(tokio::spawn(participant::run(
                 l,
@@ -504,22 +546,51 @@ async fn concurrent_transfers(
 }
 
 /// With --keep: the commands to try on the running system.
-fn print_how_to_reach(system: &System, east: &PgCluster) {
+fn print_how_to_reach(system: &System, east: &PgCluster, secure: &Option<Secure>) -> Result<()> {
     let caddr = system.coordinator;
     let p = system.participants[0];
+    // grpcurl's and twopcctl's flags for this system: plaintext, or a client certificate and a
+    // token (the client's for grpcurl, the operator's for twopcctl).
+    let (grpcurl, twopcctl, scheme) = match secure {
+        None => ("-plaintext".to_string(), String::new(), "http"),
+        Some(s) => {
+            let (cert, key) = s.pki.issue("you")?;
+            let ca = s.pki.ca_path();
+            let operator_file = s.pki.ca_path().with_file_name("operator-token");
+            std::fs::write(&operator_file, &s.tokens.operator)?;
+            (
+                format!(
+                    "-cacert {} -cert {} -key {} -H 'authorization: Bearer {}'",
+                    ca.display(),
+                    cert.display(),
+                    key.display(),
+                    s.tokens.client
+                ),
+                format!(
+                    " --tls-ca {} --tls-cert {} --tls-key {} --token-file {}",
+                    ca.display(),
+                    cert.display(),
+                    key.display(),
+                    operator_file.display()
+                ),
+                "https",
+            )
+        }
+    };
     println!("\n== Still running. From another shell in this directory (grpcurl needs no .proto):");
-    println!("   .venv/bin/grpcurl -plaintext {caddr} list");
+    println!("   .venv/bin/grpcurl {grpcurl} {caddr} list");
     println!(
-        "   .venv/bin/grpcurl -plaintext -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
+        "   .venv/bin/grpcurl {grpcurl} -d '{{\"label\":\"by hand\"}}' {caddr} twopc.v1.Coordinator/Begin"
     );
     println!(
-        "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {p} twopc.v1.Participant/Execute"
+        "   .venv/bin/grpcurl {grpcurl} -d '{{\"txn_id\":\"<id>\",\"sql\":\"UPDATE acct SET bal = bal - 1 WHERE name = $1\",\"params\":[{{\"text_value\":\"carol\"}}]}}' {p} twopc.v1.Participant/Execute"
     );
     println!(
-        "   .venv/bin/grpcurl -plaintext -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
+        "   .venv/bin/grpcurl {grpcurl} -d '{{\"txn_id\":\"<id>\"}}' {caddr} twopc.v1.Coordinator/Commit"
     );
-    println!("   cargo run -q --bin twopcctl -- --coordinator http://{caddr} list");
-    println!("   cargo run -q --bin twopcctl -- in-doubt --participant http://{p}");
+    println!("   cargo run -q --bin twopcctl -- --coordinator {scheme}://{caddr}{twopcctl} list");
+    println!("   cargo run -q --bin twopcctl -- in-doubt --participant {scheme}://{p}{twopcctl}");
     println!("   psql \"{}\" -c 'SELECT * FROM acct'", east.conn_str());
     println!("   Ctrl-C stops everything and removes the clusters.");
+    Ok(())
 }
