@@ -205,41 +205,34 @@ fn nest(lens: &[usize], texts: &[String], out: &mut String) {
 /// `record_out`'s quoting of one field: quoted when empty or holding `"\(),` or space, with
 /// `"` and `\` doubled.
 fn quote_field(text: &str) -> String {
-    let needs = text.is_empty()
-        || text
-            .chars()
-            .any(|c| matches!(c, '"' | '\\' | '(' | ')' | ',') || c.is_ascii_whitespace());
-    if !needs {
-        return text.into();
-    }
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        if matches!(c, '"' | '\\') {
-            out.push(c);
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
+    let special = |c: char| matches!(c, '"' | '\\' | '(' | ')' | ',');
+    quote(text, text.is_empty(), special, |c| c)
 }
 
 /// `array_out`'s quoting of one element: quoted when empty, `NULL` in any case, or holding
 /// `{},"\` or space, with `"` and `\` escaped by a backslash.
 fn quote_element(text: &str) -> String {
-    let needs = text.is_empty()
-        || text.eq_ignore_ascii_case("NULL")
-        || text
-            .chars()
-            .any(|c| matches!(c, '{' | '}' | ',' | '"' | '\\') || c.is_ascii_whitespace());
-    if !needs {
+    let special = |c: char| matches!(c, '{' | '}' | ',' | '"' | '\\');
+    let forced = text.is_empty() || text.eq_ignore_ascii_case("NULL");
+    quote(text, forced, special, |_| '\\')
+}
+
+/// `text` in double quotes when `forced` or when it holds a `special` character or space, with
+/// `"` and `\` preceded by `escape` of themselves.
+fn quote(
+    text: &str,
+    forced: bool,
+    special: impl Fn(char) -> bool,
+    escape: impl Fn(char) -> char,
+) -> String {
+    if !forced && !text.chars().any(|c| special(c) || c.is_ascii_whitespace()) {
         return text.into();
     }
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
         if matches!(c, '"' | '\\') {
-            out.push('\\');
+            out.push(escape(c));
         }
         out.push(c);
     }

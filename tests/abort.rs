@@ -394,21 +394,45 @@ async fn a_participant_refuses_a_server_without_prepared_transactions() {
     );
 }
 
+/// A transfer of 100 from account 1 (database 0) to account 2 (the last database), both
+/// statements run, not yet committed.
+async fn transfer_under_way(sys: &System) -> String {
+    sys.setup_sql(ACCOUNTS).await;
+    let txn = sys.begin().await;
+    let last = sys.pgs.len() - 1;
+    let debit = "UPDATE acct SET bal = bal - 100 WHERE id = 1";
+    let credit = "UPDATE acct SET bal = bal + 100 WHERE id = 2";
+    sys.exec(0, &txn, debit, vec![]).await.unwrap();
+    sys.exec(last, &txn, credit, vec![]).await.unwrap();
+    txn
+}
+
+/// The statement a client sends after its branch was ended behind its back.
+async fn one_more_debit(sys: &System, txn: &str) -> tonic::Status {
+    let debit = "UPDATE acct SET bal = bal - 1 WHERE id = 1";
+    sys.exec(0, txn, debit, vec![]).await.unwrap_err()
+}
+
+/// Neither account moved, and nothing is left prepared.
+async fn assert_untouched(sys: &System) {
+    let last = sys.pgs.len() - 1;
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
+    assert_eq!(
+        sys.scalar(last, "SELECT bal FROM acct WHERE id = 2").await,
+        100
+    );
+    sys.assert_nothing_prepared().await;
+}
+
 /// The half transaction of issue 9: a branch rolled back behind the coordinator's back must not
 /// be replaced by a fresh one that commits the later statements without the earlier ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_rolled_back_out_of_turn_is_never_reopened() {
     let sys = System::start(1).await;
-    sys.setup_sql(ACCOUNTS).await;
-    let txn = sys.begin().await;
-    sys.exec(
-        0,
-        &txn,
-        "UPDATE acct SET bal = bal - 100 WHERE id = 1",
-        vec![],
-    )
-    .await
-    .unwrap();
+    let txn = transfer_under_way(&sys).await;
 
     sys.participant(0)
         .await
@@ -418,15 +442,7 @@ async fn a_branch_rolled_back_out_of_turn_is_never_reopened() {
         })
         .await
         .unwrap();
-    let later = sys
-        .exec(
-            0,
-            &txn,
-            "UPDATE acct SET bal = bal - 1 WHERE id = 1",
-            vec![],
-        )
-        .await
-        .unwrap_err();
+    let later = one_more_debit(&sys, &txn).await;
     let resp = sys.commit(&txn).await;
 
     assert_eq!(later.code(), Code::FailedPrecondition, "{later:?}");
@@ -436,11 +452,7 @@ async fn a_branch_rolled_back_out_of_turn_is_never_reopened() {
         later.message()
     );
     assert_eq!(outcome(resp.outcome), Outcome::Aborted);
-    assert_eq!(
-        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
-        100
-    );
-    sys.assert_nothing_prepared().await;
+    assert_untouched(&sys).await;
 }
 
 /// The same through the operator's tool: a branch prepared out of turn and rolled back with
@@ -448,24 +460,7 @@ async fn a_branch_rolled_back_out_of_turn_is_never_reopened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_force_aborted_with_twopcctl_is_never_reopened() {
     let sys = System::start(2).await;
-    sys.setup_sql(ACCOUNTS).await;
-    let txn = sys.begin().await;
-    sys.exec(
-        0,
-        &txn,
-        "UPDATE acct SET bal = bal - 100 WHERE id = 1",
-        vec![],
-    )
-    .await
-    .unwrap();
-    sys.exec(
-        1,
-        &txn,
-        "UPDATE acct SET bal = bal + 100 WHERE id = 2",
-        vec![],
-    )
-    .await
-    .unwrap();
+    let txn = transfer_under_way(&sys).await;
     let vote = sys
         .participant(0)
         .await
@@ -487,30 +482,14 @@ async fn a_branch_force_aborted_with_twopcctl_is_never_reopened() {
         "test",
     ])
     .await;
-    let later = sys
-        .exec(
-            0,
-            &txn,
-            "UPDATE acct SET bal = bal - 1 WHERE id = 1",
-            vec![],
-        )
-        .await
-        .unwrap_err();
+    let later = one_more_debit(&sys, &txn).await;
     let resp = sys.commit(&txn).await;
 
     assert_eq!(vote.vote(), proto::Vote::Yes);
     assert!(resolved && said.contains("rolled back"), "{said}{err}");
     assert_eq!(later.code(), Code::FailedPrecondition, "{later:?}");
     assert_eq!(outcome(resp.outcome), Outcome::Aborted);
-    assert_eq!(
-        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
-        100
-    );
-    assert_eq!(
-        sys.scalar(1, "SELECT bal FROM acct WHERE id = 2").await,
-        100
-    );
-    sys.assert_nothing_prepared().await;
+    assert_untouched(&sys).await;
 }
 
 /// A branch prepared out of turn (here by a direct Participant.Prepare) is not reopened either:
@@ -518,24 +497,7 @@ async fn a_branch_force_aborted_with_twopcctl_is_never_reopened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_prepared_out_of_turn_refuses_later_statements_and_aborts() {
     let sys = System::start(2).await;
-    sys.setup_sql(ACCOUNTS).await;
-    let txn = sys.begin().await;
-    sys.exec(
-        0,
-        &txn,
-        "UPDATE acct SET bal = bal - 100 WHERE id = 1",
-        vec![],
-    )
-    .await
-    .unwrap();
-    sys.exec(
-        1,
-        &txn,
-        "UPDATE acct SET bal = bal + 100 WHERE id = 2",
-        vec![],
-    )
-    .await
-    .unwrap();
+    let txn = transfer_under_way(&sys).await;
     sys.participant(0)
         .await
         .prepare(proto::PrepareRequest {
@@ -545,27 +507,11 @@ async fn a_branch_prepared_out_of_turn_refuses_later_statements_and_aborts() {
         .await
         .unwrap();
 
-    let later = sys
-        .exec(
-            0,
-            &txn,
-            "UPDATE acct SET bal = bal - 1 WHERE id = 1",
-            vec![],
-        )
-        .await
-        .unwrap_err();
+    let later = one_more_debit(&sys, &txn).await;
     let resp = sys.commit(&txn).await;
 
     assert_eq!(later.code(), Code::FailedPrecondition, "{later:?}");
     assert!(later.message().contains("prepared"), "{}", later.message());
     assert_eq!(outcome(resp.outcome), Outcome::Aborted);
-    assert_eq!(
-        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
-        100
-    );
-    assert_eq!(
-        sys.scalar(1, "SELECT bal FROM acct WHERE id = 2").await,
-        100
-    );
-    sys.assert_nothing_prepared().await;
+    assert_untouched(&sys).await;
 }
