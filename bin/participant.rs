@@ -35,7 +35,8 @@ struct Args {
         default_value = "host=127.0.0.1 port=5432 user=twopc_participant dbname=postgres"
     )]
     postgres: String,
-    /// The most PostgreSQL connections this participant opens: the most branches open at once.
+    /// The most PostgreSQL connections open branches hold: the most branches open at once. The
+    /// protocol keeps 4 more of its own, and the health check 1.
     #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = 32)]
     max_connections: usize,
     /// How often prepared branches are checked with the coordinator, in ms (also at start).

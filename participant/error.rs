@@ -27,6 +27,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Unavailable(String),
+    /// A limit was reached; the message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// PostgreSQL failed outside a client's statement (pool, 2PC statements).
     #[error("PostgreSQL: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -80,6 +83,7 @@ impl From<Error> for Status {
                 status
             }
             Error::Unavailable(_) => Status::unavailable(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Postgres(e) if e.as_db_error().is_none() => Status::unavailable(msg),
             Error::Postgres(_) | Error::Internal(_) => Status::internal(msg),
             Error::Coordinator(s) => match s.code() {

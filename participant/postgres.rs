@@ -20,7 +20,9 @@ use super::gid::Gid;
 use super::sql::{self, SqlError};
 use crate::proto;
 use crate::proto::vote::OnePhaseOutcome;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::NoTls;
@@ -35,9 +37,20 @@ const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET
 /// role; if it cannot be, the participant commits every branch in two phases.
 const MARKERS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc;      CREATE TABLE IF NOT EXISTS twopc.one_phase_outcomes (          gid text PRIMARY KEY,          committed boolean NOT NULL,          at timestamptz NOT NULL DEFAULT now())";
 
-/// A PostgreSQL database reached through a connection pool.
+/// Connections kept for the protocol's own statements (COMMIT/ROLLBACK PREPARED, the gid
+/// lookups, Recover, one-phase markers), apart from the branches' pool: open branches, however
+/// many and however idle, never keep phase 2 or recovery waiting.
+pub const PROTOCOL_CONNECTIONS: usize = 4;
+
+/// A PostgreSQL database reached through two connection pools: one for branches, one for the
+/// protocol.
 pub struct Postgres {
+    /// Each open branch holds one of these from its first statement to its end.
     pool: Pool,
+    /// [`PROTOCOL_CONNECTIONS`] for the protocol's statements, which never wait for a branch.
+    protocol: Pool,
+    /// `max_connections`, for messages.
+    branch_connections: usize,
     /// For connections outside the pool (the health check's).
     config: tokio_postgres::Config,
     /// For messages: where PostgreSQL is, without the password.
@@ -59,25 +72,29 @@ impl Postgres {
             config.get_ports(),
             config.get_dbname().unwrap_or("(default)")
         );
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                // Branch connections are cleaned when released (`release`), off the
-                // critical path; the pool only checks that a connection is still open.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(max_connections)
-            .wait_timeout(Some(Duration::from_secs(5)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(5)))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::Internal(format!("cannot build the connection pool: {e}")))?;
+        let pool = |size| {
+            let manager = Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    // Branch connections are cleaned when released (`release`), off the
+                    // critical path; the pool only checks that a connection is still open.
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(Duration::from_secs(5)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .recycle_timeout(Some(Duration::from_secs(5)))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| Error::Internal(format!("cannot build a connection pool: {e}")))
+        };
         Ok(Postgres {
-            pool,
+            pool: pool(max_connections)?,
+            protocol: pool(PROTOCOL_CONNECTIONS)?,
+            branch_connections: max_connections,
             config,
             target,
             one_phase: AtomicBool::new(false),
@@ -122,12 +139,28 @@ impl Postgres {
         &self.target
     }
 
+    /// A connection for the protocol's own statements.
     async fn pooled(&self) -> Result<Object, Error> {
-        self.pool.get().await.map_err(|e| {
+        self.protocol.get().await.map_err(|e| {
             Error::Unavailable(format!(
                 "PostgreSQL at {} is not available: {e}",
                 self.target
             ))
+        })
+    }
+
+    /// A connection for a branch. Every one held by open branches is RESOURCE_EXHAUSTED, not the
+    /// database being down.
+    async fn branch_conn(&self) -> Result<Object, Error> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Timeout(TimeoutType::Wait) => Error::ResourceExhausted(format!(
+                "all {} branch connections to PostgreSQL at {} (--max-connections) are held by open branches; retry once some end, or raise --max-connections (and PostgreSQL's max_connections)",
+                self.branch_connections, self.target
+            )),
+            e => Error::Unavailable(format!(
+                "PostgreSQL at {} is not available: {e}",
+                self.target
+            )),
         })
     }
 
@@ -373,7 +406,7 @@ impl Database for Postgres {
     type Cancel = tokio_postgres::CancelToken;
 
     async fn conn(&self) -> Result<Object, Error> {
-        self.pooled().await
+        self.branch_conn().await
     }
 
     fn cancel_handle(conn: &Object) -> tokio_postgres::CancelToken {

@@ -1,0 +1,43 @@
+//! Limits: what clients can use up, what they are told when they have, and what they can never
+//! take from the protocol.
+
+mod support;
+
+use support::pg_with;
+use tonic::Code;
+use twopc::participant::database::Database;
+use twopc::participant::gid::Gid;
+use twopc::participant::postgres::Postgres;
+use twopc::proto::TxnId;
+
+/// Branches holding every branch connection get RESOURCE_EXHAUSTED naming the limit, and
+/// never hold up phase 2: COMMIT PREPARED runs on the protocol's own connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_holding_every_connection_never_hold_up_phase_two() {
+    let pg = pg_with("CREATE TABLE t (x int)").await;
+    let db = Postgres::new(&pg.conn_str(), 2).unwrap();
+    let gid = Gid::new("limits", TxnId::generate()).unwrap();
+    // One branch prepared, its connection back in the pool; then two idle branches hold both.
+    let prepared = db.conn().await.unwrap();
+    let prepare = format!(
+        "BEGIN; INSERT INTO t VALUES (1); PREPARE TRANSACTION {}",
+        gid.literal()
+    );
+    prepared.batch_execute(&prepare).await.unwrap();
+    drop(prepared);
+    let _idle = [db.conn().await.unwrap(), db.conn().await.unwrap()];
+
+    let third = db.conn().await.map(|_| ()).unwrap_err();
+    let committed = db.finish_prepared(&gid, 0, true).await;
+
+    let status = tonic::Status::from(third);
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("all 2 branch connections")
+            && status.message().contains("--max-connections"),
+        "names the limit: {}",
+        status.message()
+    );
+    assert!(committed.is_ok(), "{committed:?}");
+    assert_eq!(support::scalar(&pg, "SELECT count(*) FROM t").await, 1);
+}
