@@ -45,6 +45,12 @@ struct Args {
     /// (docs/PROTOCOL.md); `false`: always two phases.
     #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
     one_phase: bool,
+    /// The most transactions live at once; Begin beyond it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TWOPC_MAX_LIVE_TRANSACTIONS", default_value_t = Limits::default().max_live)]
+    max_live_transactions: usize,
+    /// The most participants one transaction may enlist.
+    #[arg(long, env = "TWOPC_MAX_BRANCHES", default_value_t = Limits::default().max_branches)]
+    max_branches: usize,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -82,6 +88,8 @@ fn main() -> anyhow::Result<()> {
                 retain_finished: (args.retain_finished_hours > 0)
                     .then(|| Duration::from_secs(args.retain_finished_hours * 3600)),
                 one_phase: args.one_phase,
+                max_live: args.max_live_transactions,
+                max_branches: args.max_branches,
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),

@@ -43,6 +43,10 @@ pub struct Limits {
     pub retain_finished: Option<Duration>,
     /// Commit a lone branch in one phase when its participant can (docs/PROTOCOL.md).
     pub one_phase: bool,
+    /// The most transactions live at once (Begin beyond it: RESOURCE_EXHAUSTED).
+    pub max_live: usize,
+    /// The most participants one transaction may enlist.
+    pub max_branches: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +61,8 @@ impl Default for Limits {
             orphan_scan_interval: Duration::from_secs(10),
             retain_finished: Some(Duration::from_secs(7 * 24 * 3600)),
             one_phase: true,
+            max_live: 100_000,
+            max_branches: 64,
         }
     }
 }
@@ -239,6 +245,13 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 label.len()
             )));
         }
+        let live = self.live.lock().unwrap().len();
+        if live >= self.limits.max_live {
+            return Err(Error::ResourceExhausted(format!(
+                "{live} transactions are live, this coordinator's limit (--max-live-transactions {}); retry once some finish",
+                self.limits.max_live
+            )));
+        }
         let id = TxnId::generate();
         let created = now_ms();
         let deadline = created + timeout.as_millis() as i64;
@@ -286,6 +299,18 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         };
         let deadline = {
             let mut txn = live.txn.lock().unwrap();
+            let enlisted = |t: &Txn| {
+                t.branches
+                    .iter()
+                    .any(|b| b.participant_id == participant_id)
+            };
+            if txn.branches.len() >= self.limits.max_branches && !enlisted(&txn) {
+                return Err(Error::ResourceExhausted(format!(
+                    "transaction {id} already has {} branches, the limit (--max-branches {})",
+                    txn.branches.len(),
+                    self.limits.max_branches
+                )));
+            }
             if txn.register(participant_id, endpoint, instance, one_phase)? {
                 // A hint for recovery. Not forced: a branch prepared before its coordinator
                 // died is found by asking the enlisted participants (`recovery.rs`).

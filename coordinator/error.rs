@@ -9,6 +9,9 @@ use tonic::Status;
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
+    /// A limit was reached; the message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A participant endpoint this coordinator cannot dial as configured (TLS or not).
     #[error("{0}")]
     EndpointRefused(String),
@@ -36,6 +39,7 @@ impl From<Error> for Status {
         match e {
             Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::NotFound(_) => Status::not_found(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Txn(_) | Error::EndpointRefused(_) => Status::failed_precondition(msg),
             Error::Log(_) => Status::internal(msg),
             Error::ShuttingDown | Error::OutcomeAtParticipant { .. } => Status::unavailable(msg),

@@ -116,10 +116,7 @@ async fn serve<L: Log, P: Participants>(
     };
     crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
         .add_service(CoordinatorServer::new(service::Service::new(core)))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            drained,
-        )
+        .serve_with_incoming_shutdown(crate::proto::incoming(listener), drained)
         .await?;
     Ok(())
 }

@@ -842,3 +842,45 @@ fn the_next_one_phase_commit_lets_the_participant_forget_the_last_marker() {
     );
     assert_eq!(ps.markers(P1), vec![second]);
 }
+
+// ---- Limits ----
+
+#[test]
+fn begin_and_enlistment_beyond_their_limits_are_resource_exhausted() {
+    let limits = Limits {
+        max_live: 2,
+        max_branches: 1,
+        ..Limits::default()
+    };
+    let core =
+        Coordinator::with_participants("c1".into(), MemLog::default(), participants(), limits)
+            .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let code = |e: Error| tonic::Status::from(e);
+
+    let (first, third, again, second) = runtime.block_on(async {
+        let (first, _) = core.begin(30_000, "a".into()).unwrap();
+        core.begin(30_000, "b".into()).unwrap();
+        let third = core.begin(30_000, "c".into()).unwrap_err();
+        core.register_branch(first, "p1", P1, "i", false)
+            .await
+            .unwrap();
+        let again = core.register_branch(first, "p1", P1, "i", false).await;
+        let second = core.register_branch(first, "p2", P2, "i", false).await;
+        (first, third, again, second.unwrap_err())
+    });
+
+    let (third, second) = (code(third), code(second));
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        third.message().contains("--max-live-transactions 2"),
+        "{third:?}"
+    );
+    assert!(again.is_ok(), "a repeat of an enlistment is no new branch");
+    assert_eq!(second.code(), tonic::Code::ResourceExhausted);
+    assert!(second.message().contains("--max-branches 1"), "{second:?}");
+    assert_eq!(core.get(first).unwrap().branches.len(), 1);
+}

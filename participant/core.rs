@@ -204,7 +204,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
             Err(e) => {
                 let err = Error::statement(txn, e);
-                if let Error::Statement { message, .. } = &err {
+                if let Error::Statement { message, .. } | Error::ResourceExhausted(message) = &err {
                     slot.branch.doom(message.clone());
                 }
                 Err(err)

@@ -44,6 +44,9 @@ impl Error {
     pub fn statement(txn: TxnId, e: SqlError) -> Error {
         match e {
             SqlError::Refused(msg) => Error::InvalidArgument(msg),
+            SqlError::OverLimit(msg) => Error::ResourceExhausted(format!(
+                "statement failed, so transaction {txn} can now only abort: {msg}"
+            )),
             SqlError::Failed { message, sqlstate } => Error::Statement {
                 txn,
                 message,

@@ -152,10 +152,7 @@ async fn serve_with<D: Database, C: CoordinatorLink>(
 ) -> anyhow::Result<()> {
     crate::proto::server_with(health, tls, gate)?
         .add_service(ParticipantServer::new(service::Service::new(core)))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(crate::proto::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

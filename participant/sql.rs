@@ -30,12 +30,27 @@ use tokio_postgres::{Client, Row};
 /// client sending ever-new SQL texts cannot grow a PostgreSQL backend without bound.
 const STATEMENT_CACHE_MAX: usize = 256;
 
+/// The most SQL text one Execute carries.
+pub const MAX_SQL_BYTES: usize = 1 << 20;
+
+/// The most parameters one statement takes: PostgreSQL's own limit (a 16-bit count).
+pub const MAX_PARAMS: usize = 65_535;
+
+/// The most result data one Execute returns, counted as PostgreSQL sends it: gRPC clients
+/// refuse messages over 4 MiB unless told otherwise, so a larger answer would fail there
+/// anyway, after the participant had held it all in memory.
+pub const MAX_RESULT_BYTES: usize = 4 << 20;
+
 /// What went wrong before or while running a statement.
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
     /// Refused before reaching PostgreSQL; the branch is unharmed.
     #[error("{0}")]
     Refused(String),
+    /// The statement ran but its result is over a limit: it fails (never truncated), and the
+    /// branch is doomed like after any failed statement.
+    #[error("{0}")]
+    OverLimit(String),
     /// PostgreSQL (or the connection to it) failed the statement; the branch is doomed.
     /// `message` is PostgreSQL's, as a person reads it; `sqlstate` is absent when the
     /// connection itself failed.
@@ -155,6 +170,12 @@ fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
 /// database while the others wait for the coordinator, and a statement prepared in SQL would
 /// outlive the branch on a connection the next branch reuses.
 pub fn check_allowed(sql: &str) -> Result<(), SqlError> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(SqlError::Refused(format!(
+            "sql is {} bytes, over the {MAX_SQL_BYTES} one Execute may carry (send data as parameters)",
+            sql.len()
+        )));
+    }
     let words = leading_words(sql, 3);
     let first = words.first().map(String::as_str).unwrap_or("");
     let second = words.get(1).map(String::as_str).unwrap_or("");
@@ -282,6 +303,12 @@ async fn execute_prepared(
     } else {
         prepared(client, sql).await?
     };
+    if params.len() > MAX_PARAMS {
+        return Err(SqlError::Refused(format!(
+            "{} parameters, over PostgreSQL's limit of {MAX_PARAMS} per statement",
+            params.len()
+        )));
+    }
     if stmt.params().len() != params.len() {
         return Err(SqlError::Refused(format!(
             "the statement has {} parameter(s) ($1..${0}) but {} value(s) were given",
@@ -323,17 +350,31 @@ async fn execute_prepared(
     })
 }
 
-/// Runs a prepared statement and collects its rows.
+/// Runs a prepared statement and collects its rows, up to [`MAX_RESULT_BYTES`].
 async fn run(
     client: &Client,
     stmt: &tokio_postgres::Statement,
     params: &[TextParam],
-) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+) -> Result<(Vec<Row>, u64), SqlError> {
     let stream = client.query_raw(stmt, params.iter()).await?;
     futures::pin_mut!(stream);
     let mut rows = Vec::new();
+    let mut bytes = 0;
     while let Some(row) = stream.next().await {
-        rows.push(row?);
+        let row = row?;
+        bytes += (0..row.len())
+            .map(|i| match row.try_get::<_, Option<RawCell>>(i) {
+                Ok(Some(cell)) => cell.0.len() + 4,
+                _ => 4,
+            })
+            .sum::<usize>();
+        if bytes > MAX_RESULT_BYTES {
+            return Err(SqlError::OverLimit(format!(
+                "the result is over {MAX_RESULT_BYTES} bytes after {} rows (a participant's limit per Execute, as gRPC's default message size): select fewer rows or columns, or page with LIMIT/OFFSET or a cursor's FETCH",
+                rows.len()
+            )));
+        }
+        rows.push(row);
     }
     Ok((rows, stream.rows_affected().unwrap_or(0)))
 }

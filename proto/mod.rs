@@ -14,6 +14,17 @@ tonic::include_proto!("twopc.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/twopc_descriptor.bin"));
 
+/// The connections a server accepts on `listener`: no Nagle delay on small frames, and TCP
+/// keepalive so a peer that vanished without a FIN is dropped.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)))
+}
+
+/// The most calls in flight on one client connection (HTTP/2 streams).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// The layers in front of every twopc server's services.
 pub type Gated = tower_layer::Stack<
     tower_http::validate_request::ValidateRequestHeaderLayer<crate::process::auth::Gate>,
@@ -48,7 +59,13 @@ pub fn server_with(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let mut builder = tonic::transport::Server::builder();
+    // A dead peer is noticed within 40 s, one connection cannot open unbounded streams, and
+    // headers stay small; the 4 MiB message limit is tonic's default.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(64 * 1024);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

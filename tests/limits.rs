@@ -3,11 +3,12 @@
 
 mod support;
 
-use support::pg_with;
+use support::{System, outcome, pg_with};
 use tonic::Code;
 use twopc::participant::database::Database;
 use twopc::participant::gid::Gid;
 use twopc::participant::postgres::Postgres;
+use twopc::proto::Outcome;
 use twopc::proto::TxnId;
 
 /// Branches holding every branch connection get RESOURCE_EXHAUSTED naming the limit, and
@@ -40,4 +41,42 @@ async fn branches_holding_every_connection_never_hold_up_phase_two() {
     );
     assert!(committed.is_ok(), "{committed:?}");
     assert_eq!(support::scalar(&pg, "SELECT count(*) FROM t").await, 1);
+}
+
+/// A result over the limit fails its statement, whole: never truncated, and the transaction can
+/// only abort. SQL over its limit is refused before it runs, and the branch carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_or_sql_over_its_limit_fails_with_the_limit_named() {
+    let sys = System::start(1).await;
+    let txn = sys.begin().await;
+    let huge_sql = format!("SELECT 1 -- {}", "x".repeat(2 << 20));
+
+    let long_sql = sys.exec(0, &txn, &huge_sql, vec![]).await.unwrap_err();
+    let still_usable = sys.exec(0, &txn, "SELECT 1", vec![]).await;
+    let big = sys
+        .exec(
+            0,
+            &txn,
+            "SELECT repeat('x', 1000000) FROM generate_series(1, 5)",
+            vec![],
+        )
+        .await
+        .unwrap_err();
+    let commit = sys.commit(&txn).await;
+
+    assert_eq!(long_sql.code(), Code::InvalidArgument, "{long_sql:?}");
+    assert!(
+        long_sql.message().contains("1048576"),
+        "{}",
+        long_sql.message()
+    );
+    assert!(still_usable.is_ok(), "{still_usable:?}");
+    assert_eq!(big.code(), Code::ResourceExhausted, "{big:?}");
+    assert!(
+        big.message().contains("4194304 bytes") && big.message().contains("can now only abort"),
+        "{}",
+        big.message()
+    );
+    assert_eq!(outcome(commit.outcome), Outcome::Aborted);
+    sys.assert_nothing_prepared().await;
 }
