@@ -75,6 +75,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     /// Aborts unless already decided, and returns the outcome.
     pub async fn abort(self: &Arc<Self>, id: TxnId, reason: &str) -> Result<Outcome, Error> {
+        super::core::bounded("reason", reason, super::core::MAX_TEXT)?;
         let Some(live) = self.live(id) else {
             return self.recorded(id).map(|r| r.outcome);
         };
@@ -432,6 +433,8 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         operator: &str,
         reason: &str,
     ) -> Result<(), Error> {
+        super::core::bounded("operator", operator, super::core::MAX_TEXT)?;
+        super::core::bounded("reason", reason, super::core::MAX_TEXT)?;
         let Some(live) = self.live(id) else {
             // Not live: finished, or a previous run's. Either way only a repeat of how it
             // ended is accepted (nothing is left to force).

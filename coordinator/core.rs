@@ -139,6 +139,24 @@ pub struct Coordinator<L: Log, P: Participants = GrpcParticipants> {
 
 pub use crate::process::clock::now_ms;
 
+/// The longest free text a client may store in a record: a label, a reason, an operator.
+pub const MAX_TEXT: usize = 1024;
+/// The longest participant endpoint URL.
+const MAX_ENDPOINT: usize = 512;
+/// The longest participant instance id (a participant sends 32 hex digits).
+const MAX_INSTANCE_ID: usize = 128;
+
+/// Refuses a text field longer than `max` bytes, naming the field and the limit.
+pub(super) fn bounded(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.len() > max {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {} bytes; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 impl<L: Log> Coordinator<L> {
     /// A coordinator that reaches its participants over gRPC.
     pub fn new(
@@ -239,12 +257,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 self.limits.max_timeout.as_millis()
             )));
         }
-        if label.len() > 1024 {
-            return Err(Error::InvalidArgument(format!(
-                "label is {} bytes; at most 1024 are allowed",
-                label.len()
-            )));
-        }
+        bounded("label", &label, MAX_TEXT)?;
         let live = self.live.lock().unwrap().len();
         if live >= self.limits.max_live {
             return Err(Error::ResourceExhausted(format!(
@@ -282,6 +295,8 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     ) -> Result<i64, Error> {
         crate::proto::names::check_participant_id(participant_id)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        bounded("endpoint", endpoint, MAX_ENDPOINT)?;
+        bounded("instance_id", instance, MAX_INSTANCE_ID)?;
         let uri: Result<tonic::transport::Uri, _> = endpoint.parse();
         if !matches!(
             uri.as_ref().map(|u| u.scheme_str()),

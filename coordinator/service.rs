@@ -21,15 +21,19 @@ impl<L: Log, P: Participants> Service<L, P> {
     }
 }
 
-/// The client's own deadline (the `grpc-timeout` header), if it sent one.
 /// Who called, when the server checks tokens (`process::auth`).
 fn caller<T>(req: &Request<T>) -> Option<Caller> {
     req.extensions().get::<Caller>().cloned()
 }
 
+/// The client's own deadline (the `grpc-timeout` header), if it sent a valid one: at most 8
+/// digits and a unit, as gRPC defines it. Anything else is ignored, as if none was sent.
 fn client_deadline<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    if n.len() > 8 {
+        return None;
+    }
     let n: u64 = n.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -193,5 +197,32 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
             .resolve(id, commit, &operator, &req.reason)
             .await?;
         Ok(Response::new(self.core.get(id)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(v: &str) -> Request<()> {
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("grpc-timeout", v.parse().unwrap());
+        req
+    }
+
+    #[test]
+    fn a_grpc_timeout_beyond_the_spec_is_ignored_not_a_panic() {
+        assert_eq!(
+            client_deadline(&with_timeout("1500m")),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            client_deadline(&with_timeout("99999999H")),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(client_deadline(&with_timeout("99999999999999999H")), None);
+        assert_eq!(client_deadline(&with_timeout("H")), None);
+        assert_eq!(client_deadline(&with_timeout("12x")), None);
     }
 }

@@ -25,6 +25,16 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 /// The most calls in flight on one client connection (HTTP/2 streams).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
+/// A client's input as an error message quotes it: at most its first 48 characters. A status
+/// message travels in an HTTP/2 header, and echoing a megabyte back would fail the reply.
+pub fn shown(input: &str) -> String {
+    const SHOWN: usize = 48;
+    match input.char_indices().nth(SHOWN) {
+        None => input.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &input[..cut], input.len()),
+    }
+}
+
 /// The layers in front of every twopc server's services.
 pub type Gated = tower_layer::Stack<
     tower_http::validate_request::ValidateRequestHeaderLayer<crate::process::auth::Gate>,

@@ -45,7 +45,7 @@ fn check(
     } else {
         Err(InvalidName {
             kind,
-            value: value.to_string(),
+            value: super::shown(value),
             alphabet,
         })
     }

@@ -60,11 +60,11 @@ impl FromStr for TxnId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // Only the hyphenated form: one spelling per id, so gids built from it are unique.
         if s.len() != 36 {
-            return Err(InvalidTxnId(s.to_string()));
+            return Err(InvalidTxnId(super::shown(s)));
         }
         Uuid::try_parse(s)
             .map(Self)
-            .map_err(|_| InvalidTxnId(s.to_string()))
+            .map_err(|_| InvalidTxnId(super::shown(s)))
     }
 }
 
@@ -84,6 +84,16 @@ impl fmt::Display for TxnId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_malformed_id_is_quoted_short() {
+        let huge = "x".repeat(1 << 20);
+
+        let message = huge.parse::<TxnId>().unwrap_err().to_string();
+
+        assert!(message.len() < 300, "{} bytes", message.len());
+        assert!(message.contains("(1048576 bytes)"), "{message}");
+    }
 
     #[test]
     fn round_trips_through_text_and_bytes() {
