@@ -78,11 +78,15 @@ fn parse_array(raw: &[u8]) -> Result<Value<'_>, Malformed> {
     let dims = (0..ndim.clamp(0, 6))
         .map(|_| Ok((r.i32("array")?, r.i32("array")?)))
         .collect::<Result<Vec<_>, Malformed>>()?;
-    let count: i64 = if dims.is_empty() {
-        0
-    } else {
-        dims.iter().map(|(len, _)| *len as i64).product()
+    // Checked: a malformed header must not overflow the count (or the bounds it prints).
+    let count = match dims.is_empty() {
+        true => Some(0),
+        false => dims.iter().try_fold(1i64, |n, (len, lower)| {
+            lower.checked_add(*len)?;
+            n.checked_mul(i64::from(*len)).filter(|n| *n >= 0)
+        }),
     };
+    let count = count.ok_or(Malformed("array dimensions"))?;
     let mut elems = Vec::new();
     for _ in 0..count {
         elems.push(match r.value("array")? {
@@ -243,6 +247,46 @@ fn quote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Whatever bytes come as a record or an array of them, parsing never panics, and
+        /// what parses renders.
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(raw in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            for oid in [Type::RECORD.oid(), Type::RECORD_ARRAY.oid()] {
+                if let Ok(value) = parse(oid, &raw) {
+                    let mut leaves = Vec::new();
+                    value.leaves(&mut leaves);
+                    let mut printed = leaves.iter().map(|_| "x".to_string());
+                    value.render(&mut printed);
+                }
+            }
+        }
+
+        /// Any text quotes so that PostgreSQL's readers give it back unchanged: doubled
+        /// quotes and backslashes in a record field, backslash escapes in an array element.
+        #[test]
+        fn quoting_reads_back_as_the_text(text in "(?s).{0,40}") {
+            let unquote = |quoted: &str, escaped: fn(char, Option<char>) -> bool| -> String {
+                let Some(inner) = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')) else {
+                    return quoted.to_string();
+                };
+                let (mut out, mut chars) = (String::new(), inner.chars().peekable());
+                while let Some(c) = chars.next() {
+                    if escaped(c, chars.peek().copied()) {
+                        out.push(chars.next().unwrap());
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            };
+            let doubled = |c: char, next: Option<char>| matches!(c, '"' | '\\') && next == Some(c);
+            let backslashed = |c: char, _: Option<char>| c == '\\';
+            proptest::prop_assert_eq!(unquote(&quote_field(&text), doubled), text.clone());
+            proptest::prop_assert_eq!(unquote(&quote_element(&text), backslashed), text);
+        }
+    }
 
     const INT4: u32 = 23;
     const TEXT: u32 = 25;

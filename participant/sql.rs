@@ -625,6 +625,25 @@ async fn print_on_server(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any statement text is allowed or refused, never a panic (comments, quotes, bytes
+        /// that end mid-character).
+        #[test]
+        fn any_sql_is_checked_without_panicking(sql in "(?s).{0,200}") {
+            let _ = check_allowed(&sql);
+        }
+
+        /// Whatever comments and whitespace (PostgreSQL's: ASCII only) come first, COMMIT is
+        /// refused.
+        #[test]
+        fn commit_behind_any_comments_is_refused(
+            comments in proptest::collection::vec("(--[^\n]*\n|/\\*[a-z ]*\\*/|[ \t\r\n])", 0..5)
+        ) {
+            let sql = format!("{}COMMIT", comments.concat());
+            proptest::prop_assert!(check_allowed(&sql).is_err(), "{sql:?}");
+        }
+    }
+
     #[test]
     fn statements_that_escape_the_branch_are_refused_even_behind_comments() {
         for sql in [

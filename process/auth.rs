@@ -324,6 +324,18 @@ impl tonic::service::Interceptor for Bearer {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any token file loads or fails with a message, and any header is admitted or
+        /// refused: never a panic.
+        #[test]
+        fn any_file_and_header_are_handled(file in "(?s).{0,300}", header in "(?s).{0,80}") {
+            if let Ok(tokens) = Tokens::parse(&file, "t.toml") {
+                let _ = tokens.admit("/twopc.v1.Coordinator/Begin", Some(&header));
+            }
+            let _ = tokens().admit("/twopc.v1.Coordinator/Begin", Some(&header));
+        }
+    }
+
     const FILE: &str = r#"
         [[token]]
         name = "orders-service"

@@ -85,6 +85,16 @@ impl fmt::Display for TxnId {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any string parses as an id or fails with a short message; never a panic.
+        #[test]
+        fn any_string_parses_or_fails_short(s in "(?s).{0,100}") {
+            if let Err(e) = s.parse::<TxnId>() {
+                proptest::prop_assert!(e.to_string().len() < 400);
+            }
+        }
+    }
+
     #[test]
     fn a_huge_malformed_id_is_quoted_short() {
         let huge = "x".repeat(1 << 20);
