@@ -8,6 +8,7 @@
 //!   [`postgres`] is the real one (pool, two-phase-commit statements), [`sql`] runs a client's
 //!   statement (parameters, result rows, the statements Execute refuses).
 //!   [`record`] prints anonymous records, which the server cannot print for us.
+//!   [`pg_tls`] is how it reaches PostgreSQL over TLS (`sslmode`).
 //! - [`link`]: the line to the coordinator (RegisterBranch, QueryOutcome).
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
@@ -24,6 +25,7 @@ pub mod fake;
 pub mod gid;
 pub mod health;
 pub mod link;
+pub mod pg_tls;
 pub mod postgres;
 pub mod record;
 pub mod recovery;

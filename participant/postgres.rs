@@ -17,6 +17,7 @@
 use super::database::{Database, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
+use super::pg_tls::{self, PgTls};
 use super::sql::{self, SqlError};
 use crate::proto;
 use crate::proto::vote::OnePhaseOutcome;
@@ -57,31 +58,41 @@ pub struct Postgres {
     target: String,
     /// The marker table is there and ours to write: lone branches commit in one phase.
     one_phase: AtomicBool,
+    /// TLS to PostgreSQL (`sslmode`), for the connections outside the pools too.
+    tls: PgTls,
 }
 
 impl Postgres {
     pub fn new(conn_str: &str, max_connections: usize) -> Result<Self, Error> {
+        let (conn_str, tls) = pg_tls::from_conn_str(conn_str)?;
         let config: tokio_postgres::Config = conn_str.parse().map_err(|e| {
             Error::InvalidArgument(format!(
                 "cannot parse the PostgreSQL connection string: {e}"
             ))
         })?;
         let target = format!(
-            "{:?} port {:?} db {:?}",
+            "{:?} port {:?} db {:?}{}",
             config.get_hosts(),
             config.get_ports(),
-            config.get_dbname().unwrap_or("(default)")
+            config.get_dbname().unwrap_or("(default)"),
+            if matches!(tls, PgTls::On(_)) {
+                " over TLS"
+            } else {
+                ""
+            },
         );
         let pool = |size| {
-            let manager = Manager::from_config(
-                config.clone(),
-                NoTls,
-                ManagerConfig {
-                    // Branch connections are cleaned when released (`release`), off the
-                    // critical path; the pool only checks that a connection is still open.
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            // Branch connections are cleaned when released (`release`), off the critical
+            // path; the pool only checks that a connection is still open.
+            let recycling = ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let manager = match &tls {
+                PgTls::Off => Manager::from_config(config.clone(), NoTls, recycling),
+                PgTls::On(rustls) => {
+                    Manager::from_config(config.clone(), rustls.clone(), recycling)
+                }
+            };
             Pool::builder(manager)
                 .max_size(size)
                 .wait_timeout(Some(Duration::from_secs(5)))
@@ -98,6 +109,7 @@ impl Postgres {
             config,
             target,
             one_phase: AtomicBool::new(false),
+            tls,
         })
     }
 
@@ -143,8 +155,9 @@ impl Postgres {
     async fn pooled(&self) -> Result<Object, Error> {
         self.protocol.get().await.map_err(|e| {
             Error::Unavailable(format!(
-                "PostgreSQL at {} is not available: {e}",
-                self.target
+                "PostgreSQL at {} is not available: {}",
+                self.target,
+                with_causes(&e)
             ))
         })
     }
@@ -158,8 +171,9 @@ impl Postgres {
                 self.branch_connections, self.target
             )),
             e => Error::Unavailable(format!(
-                "PostgreSQL at {} is not available: {e}",
-                self.target
+                "PostgreSQL at {} is not available: {}",
+                self.target,
+                with_causes(&e)
             )),
         })
     }
@@ -167,16 +181,29 @@ impl Postgres {
     /// A connection of its own, outside the pool: a pool busy with open branches must not make
     /// the server look unhealthy.
     pub async fn connect_outside_pool(&self) -> Result<tokio_postgres::Client, Error> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+        let unavailable = |e: tokio_postgres::Error| {
             Error::Unavailable(format!(
-                "PostgreSQL at {} is not available: {e}",
-                self.target
+                "PostgreSQL at {} is not available: {}",
+                self.target,
+                with_causes(&e)
             ))
-        })?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        };
+        Ok(match &self.tls {
+            PgTls::Off => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(unavailable)?;
+                tokio::spawn(connection);
+                client
+            }
+            PgTls::On(rustls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(rustls.clone())
+                    .await
+                    .map_err(unavailable)?;
+                tokio::spawn(connection);
+                client
+            }
+        })
     }
 
     /// Refuses a server that cannot prepare transactions, with the fix.
@@ -414,7 +441,11 @@ impl Database for Postgres {
     }
 
     async fn cancel(&self, token: &tokio_postgres::CancelToken) {
-        if let Err(e) = token.cancel_query(NoTls).await {
+        let cancelled = match &self.tls {
+            PgTls::Off => token.cancel_query(NoTls).await,
+            PgTls::On(rustls) => token.cancel_query(rustls.clone()).await,
+        };
+        if let Err(e) = cancelled {
             tracing::warn!(error = %e, "could not cancel a running statement");
         }
     }
@@ -566,6 +597,21 @@ fn full_xid(xid32: &str, next: &str) -> Option<u64> {
 }
 
 /// PostgreSQL's message with its SQLSTATE, as a person wants to read it.
+/// An error and what caused it, as one line: "error performing TLS handshake" alone does not say
+/// that the certificate was not trusted.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = c.source();
+    }
+    line
+}
+
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!(

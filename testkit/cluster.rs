@@ -137,6 +137,40 @@ impl PgCluster {
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
     }
 
+    /// Turns TLS on with this certificate and key (PEM files), without a restart: clients
+    /// may then ask for `sslmode=require` or `verify-full`.
+    pub async fn enable_tls(&self, cert: &Path, key: &Path) -> Result<()> {
+        let (crt, pem) = (
+            self.data_dir().join("server.crt"),
+            self.data_dir().join("server.key"),
+        );
+        fs::copy(cert, &crt).context("copying the server certificate")?;
+        fs::copy(key, &pem).context("copying the server key")?;
+        // PostgreSQL refuses a key others may read.
+        fs::set_permissions(&pem, fs::Permissions::from_mode(0o600))?;
+        if self.as_root {
+            let mut chown = Command::new("chown");
+            chown.args(["postgres:postgres"]).arg(&crt).arg(&pem);
+            self.run(chown, "chown-tls")?;
+        }
+        let admin = self.admin_client().await?;
+        // One statement per call: a multi-statement string runs as one transaction block,
+        // which ALTER SYSTEM refuses.
+        for sql in ["ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"] {
+            admin.batch_execute(sql).await.context("turning ssl on")?;
+        }
+        // The postmaster reloads in the background; new sessions see it once it has.
+        for _ in 0..100 {
+            let fresh = self.admin_client().await?;
+            let on: String = fresh.query_one("SHOW ssl", &[]).await?.get(0);
+            if on == "on" {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        bail!("PostgreSQL on port {} did not turn ssl on", self.port)
+    }
+
     fn create_role(&self) -> Result<()> {
         let mut psql = Command::new(self.bin.join("psql"));
         psql.args([

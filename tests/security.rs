@@ -207,3 +207,85 @@ async fn a_token_reaches_only_what_its_role_may_call() {
     );
     sys.assert_nothing_prepared().await;
 }
+
+/// `--postgres … sslmode=verify-full sslrootcert=…`: the participant's sessions are encrypted,
+/// and a server whose certificate the CA did not sign is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_reaches_postgres_over_verified_tls() {
+    let pki = TestPki::new().unwrap();
+    let stranger = TestPki::new().unwrap();
+    let pg = support::pg_with("CREATE TABLE t (x int)").await;
+    let (cert, key) = pki.issue("postgres").unwrap();
+    pg.enable_tls(&cert, &key).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = support::start_coordinator(dir.path(), support::test_limits()).await;
+    let verified = |ca: &std::path::Path| {
+        format!(
+            "{} sslmode=verify-full sslrootcert={}",
+            pg.conn_str(),
+            ca.display()
+        )
+    };
+    let participant =
+        support::start_participant("p1", coordinator.addr, &verified(&pki.ca_path()), None).await;
+    let mut p = ParticipantClient::connect(support::url(participant.addr))
+        .await
+        .unwrap();
+    let mut c = CoordinatorClient::connect(support::url(coordinator.addr))
+        .await
+        .unwrap();
+    let txn = c
+        .begin(proto::BeginRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .txn_id;
+    let execute = |sql: &str| proto::ExecuteRequest {
+        txn_id: txn.clone(),
+        sql: sql.into(),
+        params: vec![],
+    };
+
+    let ssl = p
+        .execute(execute(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    p.execute(execute("INSERT INTO t VALUES (1)"))
+        .await
+        .unwrap();
+    let commit = c
+        .commit(proto::CommitRequest {
+            txn_id: txn.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (listener, _) = support::listener().await;
+    let config = twopc::participant::Config {
+        id: "p2".into(),
+        coordinator: support::url(coordinator.addr),
+        advertise: None,
+        postgres: verified(&stranger.ca_path()),
+        max_connections: 2,
+        resolve_interval: std::time::Duration::from_secs(5),
+        one_phase: true,
+        allow_superuser: false,
+        tls: Default::default(),
+        auth: Default::default(),
+    };
+    let refused = twopc::participant::run(listener, config, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+
+    assert_eq!(
+        ssl.rows[0].values[0].kind,
+        Some(proto::value::Kind::BoolValue(true))
+    );
+    assert_eq!(outcome(commit.outcome), Outcome::Committed);
+    assert_eq!(support::scalar(&pg, "SELECT count(*) FROM t").await, 1);
+    assert!(refused.contains("certificate"), "{refused}");
+}
