@@ -1,6 +1,7 @@
 //! `coordinator`: the two-phase-commit coordinator process. Flags and env in, `run` out.
 
 use clap::Parser;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,6 +52,11 @@ struct Args {
     /// The most participants one transaction may enlist.
     #[arg(long, env = "TWOPC_MAX_BRANCHES", default_value_t = Limits::default().max_branches)]
     max_branches: usize,
+    /// The only participants this coordinator enlists, as id=URL pairs separated by commas
+    /// (`p1=https://db1:50061,p2=https://db2:50061`); RegisterBranch of any other, or at another
+    /// URL, is PERMISSION_DENIED. Default: any.
+    #[arg(long, env = "TWOPC_ALLOWED_PARTICIPANTS", value_parser = parse_participants)]
+    allowed_participants: Option<HashMap<String, String>>,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -60,6 +66,17 @@ struct Args {
     tls: tls::Options,
     #[command(flatten)]
     auth: auth::Options,
+}
+
+/// `p1=https://db1:50061,p2=…` as id → URL.
+fn parse_participants(s: &str) -> Result<HashMap<String, String>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| match pair.trim().split_once('=') {
+            Some((id, url)) if !id.is_empty() && !url.is_empty() => Ok((id.into(), url.into())),
+            _ => Err(format!("{pair:?} is not id=URL")),
+        })
+        .collect()
 }
 
 /// A default of `Limits` as a flag's default, so each number is written once.
@@ -90,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                 one_phase: args.one_phase,
                 max_live: args.max_live_transactions,
                 max_branches: args.max_branches,
+                allowed_participants: args.allowed_participants,
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),

@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_live: usize,
     /// The most participants one transaction may enlist.
     pub max_branches: usize,
+    /// The only participants (id → endpoint) this coordinator enlists; `None`: any.
+    pub allowed_participants: Option<HashMap<String, String>>,
 }
 
 impl Default for Limits {
@@ -63,6 +65,7 @@ impl Default for Limits {
             one_phase: true,
             max_live: 100_000,
             max_branches: 64,
+            allowed_participants: None,
         }
     }
 }
@@ -297,6 +300,13 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         bounded("endpoint", endpoint, MAX_ENDPOINT)?;
         bounded("instance_id", instance, MAX_INSTANCE_ID)?;
+        if let Some(allowed) = &self.limits.allowed_participants
+            && allowed.get(participant_id).map(String::as_str) != Some(endpoint)
+        {
+            return Err(Error::NotAllowed(format!(
+                "participant {participant_id:?} at {endpoint} is not one this coordinator enlists (--allowed-participants)"
+            )));
+        }
         let uri: Result<tonic::transport::Uri, _> = endpoint.parse();
         if !matches!(
             uri.as_ref().map(|u| u.scheme_str()),

@@ -9,6 +9,9 @@ use tonic::Status;
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller may not do this here (a participant not on the allowed list).
+    #[error("{0}")]
+    NotAllowed(String),
     /// A limit was reached; the message names it.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -40,6 +43,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::NotFound(_) => Status::not_found(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            Error::NotAllowed(_) => Status::permission_denied(msg),
             Error::Txn(_) | Error::EndpointRefused(_) => Status::failed_precondition(msg),
             Error::Log(_) => Status::internal(msg),
             Error::ShuttingDown | Error::OutcomeAtParticipant { .. } => Status::unavailable(msg),

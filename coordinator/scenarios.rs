@@ -884,3 +884,35 @@ fn begin_and_enlistment_beyond_their_limits_are_resource_exhausted() {
     assert!(second.message().contains("--max-branches 1"), "{second:?}");
     assert_eq!(core.get(first).unwrap().branches.len(), 1);
 }
+
+#[test]
+fn only_allowed_participants_at_their_own_endpoints_are_enlisted() {
+    let limits = Limits {
+        allowed_participants: Some([("p1".to_string(), P1.to_string())].into()),
+        ..Limits::default()
+    };
+    let core =
+        Coordinator::with_participants("c1".into(), MemLog::default(), participants(), limits)
+            .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let (allowed, stranger, elsewhere) = runtime.block_on(async {
+        let (id, _) = core.begin(30_000, "a".into()).unwrap();
+        (
+            core.register_branch(id, "p1", P1, "i", false).await,
+            core.register_branch(id, "p2", P2, "i", false).await,
+            core.register_branch(id, "p1", "http://evil", "i", false)
+                .await,
+        )
+    });
+
+    assert!(allowed.is_ok(), "{allowed:?}");
+    for refused in [stranger, elsewhere] {
+        let status = tonic::Status::from(refused.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("--allowed-participants"));
+    }
+}
