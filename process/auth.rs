@@ -173,8 +173,12 @@ impl Tokens {
 
     /// The token an `authorization` header value names, if it is one of ours.
     fn find(&self, header: Option<&str>) -> Option<&Caller> {
-        let secret = header?.strip_prefix("Bearer ")?.trim();
-        self.by_digest.get(&sha256_hex(secret))
+        // The scheme is case-insensitive (RFC 9110); the secret is not.
+        let (scheme, secret) = header?.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        self.by_digest.get(&sha256_hex(secret.trim()))
     }
 
     /// Admits or refuses a call to `path` with this `authorization` header.
@@ -423,6 +427,14 @@ mod tests {
             )),
             tonic::Code::Unauthenticated,
             "the secret alone, without the Bearer scheme"
+        );
+        assert_eq!(
+            code(t.admit(
+                "/twopc.v1.Coordinator/Begin",
+                Some("bearer client-secret-0123456789")
+            )),
+            tonic::Code::Ok,
+            "the scheme in any case"
         );
         assert_eq!(
             code(t.admit("/grpc.health.v1.Health/Check", None)),
