@@ -104,6 +104,8 @@ fn take(conn_str: &str, key: &str) -> (String, Option<String>) {
         };
         return (rest, value);
     }
+    // Rebuilt only when the key is there, so a quoted value with runs of spaces elsewhere (a
+    // password) is untouched otherwise.
     let mut value = None;
     let kept: Vec<&str> = conn_str
         .split_whitespace()
@@ -115,7 +117,10 @@ fn take(conn_str: &str, key: &str) -> (String, Option<String>) {
             _ => true,
         })
         .collect();
-    (kept.join(" "), value)
+    match value {
+        Some(_) => (kept.join(" "), value),
+        None => (conn_str.to_string(), None),
+    }
 }
 
 fn put_back(conn_str: &str, key: &str, value: &str) -> String {
