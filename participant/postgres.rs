@@ -60,6 +60,8 @@ pub struct Postgres {
     one_phase: AtomicBool,
     /// TLS to PostgreSQL (`sslmode`), for the connections outside the pools too.
     tls: PgTls,
+    /// The most result data one Execute returns (`--max-result-bytes`).
+    max_result_bytes: usize,
 }
 
 impl Postgres {
@@ -110,6 +112,7 @@ impl Postgres {
             target,
             one_phase: AtomicBool::new(false),
             tls,
+            max_result_bytes: sql::MAX_RESULT_BYTES,
         })
     }
 
@@ -145,6 +148,12 @@ impl Postgres {
                 tracing::warn!(error = %e, "one-phase commit is off: could not set up its marker table")
             }
         }
+    }
+
+    /// A result cap other than [`sql::MAX_RESULT_BYTES`] (`--max-result-bytes`).
+    pub fn with_max_result_bytes(mut self, max: usize) -> Self {
+        self.max_result_bytes = max;
+        self
     }
 
     pub fn target(&self) -> &str {
@@ -457,7 +466,7 @@ impl Database for Postgres {
         params: &[proto::Value],
         begin: bool,
     ) -> Result<proto::ExecuteResponse, SqlError> {
-        sql::execute(conn, sql, params, begin).await
+        sql::execute(conn, sql, params, begin, self.max_result_bytes).await
     }
 
     async fn prepare(&self, conn: Object, gid: &Gid) -> Result<Prepared, Error> {

@@ -36,9 +36,9 @@ pub const MAX_SQL_BYTES: usize = 1 << 20;
 /// The most parameters one statement takes: PostgreSQL's own limit (a 16-bit count).
 pub const MAX_PARAMS: usize = 65_535;
 
-/// The most result data one Execute returns, counted as PostgreSQL sends it: gRPC clients
-/// refuse messages over 4 MiB unless told otherwise, so a larger answer would fail there
-/// anyway, after the participant had held it all in memory.
+/// The most result data one Execute returns by default (`--max-result-bytes`), counted as
+/// PostgreSQL sends it: gRPC clients refuse messages over 4 MiB unless told otherwise, so a
+/// larger answer would fail there anyway, after the participant had held it all in memory.
 pub const MAX_RESULT_BYTES: usize = 4 << 20;
 
 /// What went wrong before or while running a statement.
@@ -264,8 +264,9 @@ pub async fn execute(
     sql: &str,
     params: &[proto::Value],
     begin: bool,
+    max_result_bytes: usize,
 ) -> Result<proto::ExecuteResponse, SqlError> {
-    let result = execute_prepared(client, sql, params, begin).await;
+    let result = execute_prepared(client, sql, params, begin, max_result_bytes).await;
     if let Err(SqlError::Failed {
         sqlstate: Some(code),
         ..
@@ -295,6 +296,7 @@ async fn execute_prepared(
     sql: &str,
     params: &[proto::Value],
     begin: bool,
+    max_bytes: usize,
 ) -> Result<proto::ExecuteResponse, SqlError> {
     let stmt = if begin {
         let (began, stmt) = tokio::join!(client.batch_execute("BEGIN"), prepared(client, sql));
@@ -328,14 +330,14 @@ async fn execute_prepared(
     let (rows, rows_affected) = match &printing {
         Some(wrapped) => {
             let (ran, released) = tokio::join!(
-                run(client, wrapped, &bound),
+                run(client, wrapped, &bound, max_bytes),
                 client.batch_execute("RELEASE SAVEPOINT twopc_print")
             );
             let ran = ran?;
             released?;
             ran
         }
-        None => run(client, &stmt, &bound).await?,
+        None => run(client, &stmt, &bound, max_bytes).await?,
     };
     let columns = stmt
         .columns()
@@ -350,11 +352,12 @@ async fn execute_prepared(
     })
 }
 
-/// Runs a prepared statement and collects its rows, up to [`MAX_RESULT_BYTES`].
+/// Runs a prepared statement and collects its rows, up to `max_bytes` of them.
 async fn run(
     client: &Client,
     stmt: &tokio_postgres::Statement,
     params: &[TextParam],
+    max_bytes: usize,
 ) -> Result<(Vec<Row>, u64), SqlError> {
     let stream = client.query_raw(stmt, params.iter()).await?;
     futures::pin_mut!(stream);
@@ -368,9 +371,9 @@ async fn run(
                 _ => 4,
             })
             .sum::<usize>();
-        if bytes > MAX_RESULT_BYTES {
+        if bytes > max_bytes {
             return Err(SqlError::OverLimit(format!(
-                "the result is over {MAX_RESULT_BYTES} bytes after {} rows (a participant's limit per Execute, as gRPC's default message size): select fewer rows or columns, or page with LIMIT/OFFSET or a cursor's FETCH",
+                "the result is over {max_bytes} bytes after {} rows (--max-result-bytes of this participant): select fewer rows or columns, or page with LIMIT/OFFSET or a cursor's FETCH",
                 rows.len()
             )));
         }

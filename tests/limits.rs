@@ -80,3 +80,27 @@ async fn a_result_or_sql_over_its_limit_fails_with_the_limit_named() {
     assert_eq!(outcome(commit.outcome), Outcome::Aborted);
     sys.assert_nothing_prepared().await;
 }
+
+/// `--max-result-bytes` sets the result cap, and the message names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_result_cap_is_the_participants_setting() {
+    let pg = pg_with("CREATE TABLE t (x int)").await;
+    let db = Postgres::new(&pg.conn_str(), 2)
+        .unwrap()
+        .with_max_result_bytes(1000);
+    let conn = db.conn().await.unwrap();
+
+    let small = db
+        .execute(&conn, "SELECT repeat('x', 500)", &[], true)
+        .await;
+    let big = db
+        .execute(&conn, "SELECT repeat('x', 2000)", &[], false)
+        .await;
+
+    assert!(small.is_ok(), "{small:?}");
+    let message = big.unwrap_err().to_string();
+    assert!(
+        message.contains("over 1000 bytes") && message.contains("--max-result-bytes"),
+        "{message}"
+    );
+}
