@@ -845,13 +845,8 @@ fn the_next_one_phase_commit_lets_the_participant_forget_the_last_marker() {
 
 // ---- Limits ----
 
-#[test]
-fn begin_and_enlistment_beyond_their_limits_are_resource_exhausted() {
-    let limits = Limits {
-        max_live: 2,
-        max_branches: 1,
-        ..Limits::default()
-    };
+/// A coordinator with these limits on an empty log, and a runtime to drive it.
+fn fresh_with(limits: Limits) -> (Core, tokio::runtime::Runtime) {
     let core =
         Coordinator::with_participants("c1".into(), MemLog::default(), participants(), limits)
             .unwrap();
@@ -859,6 +854,17 @@ fn begin_and_enlistment_beyond_their_limits_are_resource_exhausted() {
         .enable_all()
         .build()
         .unwrap();
+    (core, runtime)
+}
+
+#[test]
+fn begin_and_enlistment_beyond_their_limits_are_resource_exhausted() {
+    let limits = Limits {
+        max_live: 2,
+        max_branches: 1,
+        ..Limits::default()
+    };
+    let (core, runtime) = fresh_with(limits);
     let code = |e: Error| tonic::Status::from(e);
 
     let (first, third, again, second) = runtime.block_on(async {
@@ -891,13 +897,7 @@ fn only_allowed_participants_at_their_own_endpoints_are_enlisted() {
         allowed_participants: Some([("p1".to_string(), P1.to_string())].into()),
         ..Limits::default()
     };
-    let core =
-        Coordinator::with_participants("c1".into(), MemLog::default(), participants(), limits)
-            .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (core, runtime) = fresh_with(limits);
 
     let (allowed, stranger, elsewhere) = runtime.block_on(async {
         let (id, _) = core.begin(30_000, "a".into()).unwrap();
