@@ -334,15 +334,20 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     }
 
     pub async fn commit(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        // A tombstone answers a repeat; a Commit of a branch that ended otherwise goes to the
+        // database by gid, whose check raises the ATOMICITY ALARM it deserves.
         let open = match self.find(txn) {
             Found::Open(open) => open,
-            Found::Ended(state) => {
-                return match self.ended(txn, coordinator_id, state)?.commit_step()? {
-                    OnCommit::AlreadyDone => Ok(()),
-                    step => Err(Error::Internal(format!("an ended branch cannot {step:?}"))),
-                };
+            Found::Ended(state)
+                if matches!(
+                    self.ended(txn, coordinator_id, state.clone())?
+                        .commit_step(),
+                    Ok(OnCommit::AlreadyDone)
+                ) =>
+            {
+                return Ok(());
             }
-            Found::Unknown => {
+            Found::Ended(_) | Found::Unknown => {
                 let gid = self.gid(txn, coordinator_id)?;
                 return self.db.finish_prepared(&gid, xid, true).await;
             }
@@ -363,15 +368,19 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     }
 
     pub async fn rollback(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        // As for Commit: only a repeat is answered from the tombstone.
         let open = match self.find(txn) {
             Found::Open(open) => open,
-            Found::Ended(state) => {
-                return match self.ended(txn, coordinator_id, state)?.rollback_step()? {
-                    OnRollback::AlreadyDone => Ok(()),
-                    step => Err(Error::Internal(format!("an ended branch cannot {step:?}"))),
-                };
+            Found::Ended(state)
+                if matches!(
+                    self.ended(txn, coordinator_id, state.clone())?
+                        .rollback_step(),
+                    Ok(OnRollback::AlreadyDone)
+                ) =>
+            {
+                return Ok(());
             }
-            Found::Unknown => {
+            Found::Ended(_) | Found::Unknown => {
                 let gid = self.gid(txn, coordinator_id)?;
                 return self.db.finish_prepared(&gid, xid, false).await;
             }

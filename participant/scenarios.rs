@@ -409,9 +409,13 @@ fn an_ended_branch_answers_repeated_requests_as_it_ended() {
 
     assert_eq!(p.prepare(committed), Vote::Yes { xid: 0 });
     assert!(p.commit(committed, xid_of(&vote)).is_ok());
+    let contrary = p
+        .rollback(committed, xid_of(&vote))
+        .unwrap_err()
+        .to_string();
     assert!(
-        p.rollback(committed, xid_of(&vote)).is_err(),
-        "committed stays committed"
+        contrary.contains("ATOMICITY ALARM"),
+        "committed stays committed, and a contrary request is checked by the database: {contrary}"
     );
     assert!(matches!(p.prepare(rolled_back), Vote::No { .. }));
     assert!(p.rollback(rolled_back, 0).is_ok());
