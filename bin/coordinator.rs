@@ -35,6 +35,11 @@ struct Args {
     /// How long Commit waits for phase-2 acknowledgements before answering anyway (ms).
     #[arg(long, env = "TWOPC_COMMIT_WAIT_MS", default_value_t = ms(Limits::default().commit_wait))]
     commit_wait_ms: u64,
+    /// How long an aborted transaction's rollback is re-sent to a participant that cannot be
+    /// reached (ms). Then the coordinator stops: the participant's own resolver rolls the branch
+    /// back when it is back (presumed abort), and the transaction finishes and is pruned.
+    #[arg(long, env = "TWOPC_ROLLBACK_RETRY_FOR_MS", default_value_t = ms(Limits::default().rollback_retry_for))]
+    rollback_retry_for_ms: u64,
     /// How often enlisted participants are asked for orphaned prepared branches (ms; also at start).
     #[arg(long, env = "TWOPC_ORPHAN_SCAN_INTERVAL_MS", default_value_t = ms(Limits::default().orphan_scan_interval))]
     orphan_scan_interval_ms: u64,
@@ -101,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 max_timeout: Duration::from_millis(args.max_timeout_ms),
                 prepare_timeout: Duration::from_millis(args.prepare_timeout_ms),
                 commit_wait: Duration::from_millis(args.commit_wait_ms),
+                rollback_retry_for: Duration::from_millis(args.rollback_retry_for_ms),
                 orphan_scan_interval: Duration::from_millis(args.orphan_scan_interval_ms),
                 retain_finished: (args.retain_finished_hours > 0)
                     .then(|| Duration::from_secs(args.retain_finished_hours * 3600)),

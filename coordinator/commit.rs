@@ -350,18 +350,26 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         let this = &self;
         let live_ref = &live;
         futures::future::join_all(targets.into_iter().map(|(i, endpoint, xid)| async move {
-            if !this
+            let delivery = this
                 .finish_one(live_ref, id, &endpoint, xid, committing)
-                .await
-            {
-                return;
-            }
+                .await;
             let mut txn = live_ref.txn.lock().unwrap();
             if txn.state.is_final() {
                 // An operator resolved it meanwhile (ResolveTransaction).
                 return;
             }
-            if txn.acked(i, now_ms()) {
+            let finished = match delivery {
+                Delivery::Acked => txn.acked(i, now_ms()),
+                Delivery::GivenUp => {
+                    let finished = txn.abandon(i, now_ms());
+                    drop(txn);
+                    crate::failpoint!("coordinator::rollback_abandoned");
+                    txn = live_ref.txn.lock().unwrap();
+                    finished
+                }
+                Delivery::Resolved => return,
+            };
+            if finished {
                 let done: Txn = txn.clone();
                 drop(txn);
                 if committing {
@@ -376,8 +384,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         .await;
     }
 
-    /// Retries until the branch acknowledges (true), or an operator has resolved the
-    /// transaction by hand (false).
+    /// Retries until the branch acknowledges, an operator has resolved the transaction by
+    /// hand, or (a rollback only) its participant stayed unreachable past
+    /// `Limits::rollback_retry_for` (`Txn::may_abandon`).
     async fn finish_one(
         &self,
         live: &Live,
@@ -385,19 +394,31 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         endpoint: &str,
         xid: u64,
         commit: bool,
-    ) -> bool {
+    ) -> Delivery {
         let mut backoff = self.limits.retry_min;
         let mut attempts = 0u32;
         loop {
             if live.txn.lock().unwrap().state.is_final() {
-                return false;
+                return Delivery::Resolved;
             }
             match self
                 .participants
                 .finish(endpoint, id, xid, commit, self.limits.prepare_timeout)
                 .await
             {
-                Ok(()) => return true,
+                Ok(()) => return Delivery::Acked,
+                Err(PeerError::Unreachable(error))
+                    if live
+                        .txn
+                        .lock()
+                        .unwrap()
+                        .may_abandon(now_ms(), self.limits.rollback_retry_for) =>
+                {
+                    metrics::counter!("twopc_rollbacks_abandoned_total").increment(1);
+                    tracing::warn!(txn_id = %id, endpoint, attempts = attempts + 1, error,
+                        "rollback abandoned: the participant stayed unreachable past --rollback-retry-for-ms; if it still holds the branch prepared, its resolver will roll it back (presumed abort)");
+                    return Delivery::GivenUp;
+                }
                 Err(e) => {
                     attempts += 1;
                     let what = if commit {
@@ -487,6 +508,16 @@ const FORGET_PER_REQUEST: usize = 1000;
 const FORGET_QUEUE_MAX: usize = 100_000;
 
 /// The metric label of a decided outcome.
+/// How one branch's phase 2 ended.
+enum Delivery {
+    /// The participant acknowledged it.
+    Acked,
+    /// A rollback its participant could not be reached for (`Txn::may_abandon`).
+    GivenUp,
+    /// An operator finished the transaction by hand meanwhile.
+    Resolved,
+}
+
 fn outcome_label(o: Outcome) -> &'static str {
     match o {
         Outcome::Committed => "committed",

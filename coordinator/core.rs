@@ -37,6 +37,9 @@ pub struct Limits {
     /// Backoff between phase-2 retries to an unreachable participant.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How long an abort's rollback is re-sent to a participant that cannot be reached before
+    /// it is left to presumed abort (`Txn::may_abandon`).
+    pub rollback_retry_for: Duration,
     /// How often enlisted participants are asked for orphaned prepared branches.
     pub orphan_scan_interval: Duration,
     /// How long a finished transaction's record is kept; `None`: for ever.
@@ -60,6 +63,7 @@ impl Default for Limits {
             commit_wait: Duration::from_secs(5),
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+            rollback_retry_for: Duration::from_secs(300),
             orphan_scan_interval: Duration::from_secs(10),
             retain_finished: Some(Duration::from_secs(7 * 24 * 3600)),
             one_phase: true,

@@ -35,17 +35,14 @@ struct Process {
 impl Process {
     /// Starts a coordinator on `log`, recovering what it holds, as the binary does.
     fn start(log: MemLog, participants: &FakeParticipants) -> Process {
+        Process::start_with(log, participants, scenario_limits())
+    }
+
+    fn start_with(log: MemLog, participants: &FakeParticipants, limits: Limits) -> Process {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let limits = Limits {
-            prepare_timeout: Duration::from_millis(300),
-            commit_wait: Duration::from_millis(200),
-            retry_min: Duration::from_millis(1),
-            retry_max: Duration::from_millis(5),
-            ..Limits::default()
-        };
         let core =
             Coordinator::with_participants("c1".into(), log.clone(), participants.clone(), limits)
                 .unwrap();
@@ -135,6 +132,17 @@ impl Process {
     /// Waits until the transaction has left the live table, finished.
     fn until_finished(&self, id: TxnId) {
         self.until("the transaction finished", || self.core.live(id).is_none());
+    }
+}
+
+/// Short waits, so that a scenario's retries happen within its few seconds.
+fn scenario_limits() -> Limits {
+    Limits {
+        prepare_timeout: Duration::from_millis(300),
+        commit_wait: Duration::from_millis(200),
+        retry_min: Duration::from_millis(1),
+        retry_max: Duration::from_millis(5),
+        ..Limits::default()
     }
 }
 
@@ -501,6 +509,76 @@ fn a_participant_down_in_phase_two_is_retried_until_it_is_back() {
 
     c.until_finished(id);
     assert_settled(&ps, id, true);
+}
+
+#[test]
+fn a_rollback_whose_participant_stays_unreachable_is_left_to_presumed_abort() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::Yes, OnFinish::Unreachable));
+    ps.set(P2, behave(OnPrepare::No, OnFinish::Ack));
+    let limits = Limits {
+        rollback_retry_for: Duration::from_millis(50),
+        ..scenario_limits()
+    };
+    let c = Process::start_with(MemLog::default(), &ps, limits);
+    let id = c.begin_with(&[P1, P2]);
+
+    assert_eq!(c.commit(id), Outcome::Aborted);
+
+    c.until_finished(id);
+    let record = c.core.get(id).unwrap();
+    assert_eq!(record.state(), proto::TxnState::Aborted);
+    assert_eq!(
+        record.branches[0].state(),
+        proto::BranchState::Abandoned,
+        "{record:?}"
+    );
+    assert_eq!(ps.prepared(P1), vec![id], "p1 was never reached");
+    assert_eq!(c.query(id), Outcome::Aborted, "what p1's resolver hears");
+    assert_eq!(c.log.prune(i64::MAX).unwrap(), 1, "pruned like any other");
+    assert_eq!(c.query(id), Outcome::Aborted, "presumed abort, once pruned");
+
+    ps.set(P1, Behaviour::default());
+    c.run(c.core.resolve_orphans()).unwrap();
+    assert_settled(&ps, id, false);
+}
+
+#[test]
+fn a_restart_does_not_renew_the_rollback_retry_window() {
+    let ps = participants();
+    ps.set(P1, behave(OnPrepare::Yes, OnFinish::Unreachable));
+    ps.set(P2, behave(OnPrepare::No, OnFinish::Ack));
+    let limits = Limits {
+        rollback_retry_for: Duration::from_millis(300),
+        ..scenario_limits()
+    };
+    let c = Process::start_with(MemLog::default(), &ps, limits.clone());
+    let id = c.begin_with(&[P1, P2]);
+    assert_eq!(c.commit(id), Outcome::Aborted);
+    c.run(c.core.sync());
+    c.until("p1's rollback was tried", || {
+        ps.calls(P1).contains(&Call::Rollback(id))
+    });
+    let log = c.crash();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let rollbacks_before = rollbacks(&ps, P1, id);
+    let c = Process::start_with(log, &ps, limits);
+
+    c.until_finished(id);
+    assert_eq!(c.core.get(id).unwrap().state(), proto::TxnState::Aborted);
+    assert_eq!(
+        rollbacks(&ps, P1, id),
+        rollbacks_before + 1,
+        "one more try after the restart, then left to presumed abort"
+    );
+}
+
+fn rollbacks(ps: &FakeParticipants, ep: &str, id: TxnId) -> usize {
+    ps.calls(ep)
+        .iter()
+        .filter(|c| **c == Call::Rollback(id))
+        .count()
 }
 
 #[test]

@@ -100,6 +100,11 @@ pub enum BranchState {
     Failed,
     Committed,
     RolledBack,
+    /// Its rollback could not be delivered within `Limits::rollback_retry_for`, so the
+    /// coordinator stopped sending it. Presumed abort makes that safe: if the branch is still
+    /// prepared, its participant's resolver asks QueryOutcome and hears ABORTED, from this
+    /// record or, once it is pruned, from its absence.
+    Abandoned,
 }
 
 /// The coordinator's record of one participant's branch of a transaction.
@@ -529,7 +534,10 @@ impl Txn {
         let committing = self.state == State::Committing;
         (0..self.branches.len())
             .filter(|&i| match self.branches[i].state {
-                BranchState::ReadOnly | BranchState::Committed | BranchState::RolledBack => false,
+                BranchState::ReadOnly
+                | BranchState::Committed
+                | BranchState::RolledBack
+                | BranchState::Abandoned => false,
                 BranchState::Prepared => true,
                 _ => !committing,
             })
@@ -543,6 +551,29 @@ impl Txn {
             State::Aborting => BranchState::RolledBack,
             s => panic!("phase-2 ack in state {s:?}"),
         };
+        self.finish_if_acked(now_ms)
+    }
+
+    /// Whether a rollback that keeps failing to reach its participant may be given up now:
+    /// only an abort's, and only once `retry_for` has passed since the decision. A commit is
+    /// re-sent until it is acknowledged, for a committed branch has no other way to learn
+    /// that it must commit than being told (the participant's resolver asks, but a coordinator
+    /// that had forgotten the commit would answer ABORTED).
+    pub fn may_abandon(&self, now_ms: i64, retry_for: std::time::Duration) -> bool {
+        let retry_for_ms = i64::try_from(retry_for.as_millis()).unwrap_or(i64::MAX);
+        self.state == State::Aborting && now_ms >= self.decided_ms.saturating_add(retry_for_ms)
+    }
+
+    /// Stops sending a rollback to a branch whose participant cannot be reached (see
+    /// `may_abandon` and [`BranchState::Abandoned`]). Returns true when that finished the
+    /// transaction, which then retires and is pruned like any other.
+    pub fn abandon(&mut self, branch: usize, now_ms: i64) -> bool {
+        assert_eq!(
+            self.state,
+            State::Aborting,
+            "only an abort's rollback is ever abandoned"
+        );
+        self.branches[branch].state = BranchState::Abandoned;
         self.finish_if_acked(now_ms)
     }
 
@@ -745,6 +776,33 @@ mod tests {
         assert!(
             matches!(active.force(true, 1), Err(TxnError::CannotForce { .. })),
             "undecided: use Commit"
+        );
+    }
+
+    #[test]
+    fn only_an_aborts_rollback_is_abandoned_and_only_after_its_retry_window() {
+        let window = std::time::Duration::from_secs(60);
+        let mut aborting = txn_with(&["p1", "p2"]);
+        aborting.abort("client gave up", 1_000);
+        assert!(!aborting.may_abandon(60_999, window), "inside the window");
+        assert!(aborting.may_abandon(61_000, window));
+
+        assert!(
+            !aborting.abandon(0, 61_000),
+            "p2 is still owed its rollback"
+        );
+        assert!(aborting.acked(1, 61_001));
+        assert_eq!(aborting.state, State::Aborted);
+        assert_eq!(aborting.branches[0].state, BranchState::Abandoned);
+        assert_eq!(aborting.state.settled().outcome(), Outcome::Aborted);
+
+        let mut committing = txn_with(&["p1"]);
+        committing.commit(false);
+        committing.record_vote(0, Vote::Yes { xid: 7 });
+        committing.decide(1_000);
+        assert!(
+            !committing.may_abandon(i64::MAX, window),
+            "a commit is re-sent until acknowledged"
         );
     }
 

@@ -47,6 +47,7 @@ impl From<BranchState> for proto::BranchState {
             BranchState::Failed => proto::BranchState::Failed,
             BranchState::Committed => proto::BranchState::Committed,
             BranchState::RolledBack => proto::BranchState::RolledBack,
+            BranchState::Abandoned => proto::BranchState::Abandoned,
         }
     }
 }

@@ -48,6 +48,10 @@ pub const ALL: &[(&str, &str)] = &[
         "every branch acknowledged, before the final record is written",
     ),
     (
+        "coordinator::rollback_abandoned",
+        "an abort's rollback was given up (its participant unreachable past --rollback-retry-for-ms), before the final record",
+    ),
+    (
         "coordinator::one_phase_written",
         "one-phase commit of a lone branch: the OnePhase record is written, not yet flushed",
     ),

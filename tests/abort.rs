@@ -3,9 +3,10 @@
 mod support;
 
 use std::time::Duration;
-use support::{System, int, outcome};
+use support::{System, eventually, int, outcome, test_limits};
 use tonic::Code;
-use twopc::proto::{self, Outcome, TxnState};
+use twopc::coordinator::Limits;
+use twopc::proto::{self, BranchState, Outcome, TxnState};
 
 const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
                         INSERT INTO acct VALUES (1, 100), (2, 100);";
@@ -192,6 +193,73 @@ async fn a_participant_unreachable_in_phase_one_aborts_the_transaction() {
         100
     );
     sys.assert_nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_cannot_reach_its_participant_is_left_to_that_participants_resolver() {
+    let limits = Limits {
+        prepare_timeout: Duration::from_secs(1),
+        rollback_retry_for: Duration::from_secs(1),
+        ..test_limits()
+    };
+    let mut sys = System::start_with(2, limits).await;
+    sys.setup_sql(ACCOUNTS).await;
+    sys.setup_sql(
+        "CREATE TABLE parent (id int PRIMARY KEY); INSERT INTO parent VALUES (42);
+         CREATE TABLE child (pid int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .await;
+    let txn = sys.begin().await;
+    sys.exec(0, &txn, "UPDATE acct SET bal = 0 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+    sys.exec(1, &txn, "INSERT INTO child VALUES (42)", vec![])
+        .await
+        .unwrap();
+    // p2's PREPARE runs the deferred foreign-key check, which waits on this lock past the
+    // prepare timeout: a NO, while p1 has prepared.
+    let locker = sys.pgs[1].client().await.unwrap();
+    locker
+        .batch_execute("BEGIN; SELECT FROM parent WHERE id = 42 FOR UPDATE")
+        .await
+        .unwrap();
+    let mut coordinator = sys.coordinator().await;
+    let request = proto::CommitRequest {
+        txn_id: txn.clone(),
+    };
+    let committing = tokio::spawn(async move { coordinator.commit(request).await });
+    let s = &sys;
+    eventually("p1 prepared its branch", || async move {
+        s.scalar(0, "SELECT count(*) FROM pg_prepared_xacts").await == 1
+    })
+    .await;
+
+    sys.participants[0].kill();
+
+    let resp = committing.await.unwrap().unwrap().into_inner();
+    assert_eq!(outcome(resp.outcome), Outcome::Aborted, "{}", resp.reason);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let (s, id) = (&sys, txn.as_str());
+    eventually("the coordinator gives p1's rollback up", || async move {
+        s.get(id).await.state() == TxnState::Aborted
+    })
+    .await;
+    let record = sys.get(&txn).await;
+    assert_eq!(record.branches[0].state(), BranchState::Abandoned);
+    assert_eq!(
+        sys.scalar(0, "SELECT count(*) FROM pg_prepared_xacts")
+            .await,
+        1,
+        "p1's branch is still prepared: nobody could reach it"
+    );
+
+    sys.restart_participant(0).await;
+
+    sys.assert_nothing_prepared().await;
+    assert_eq!(
+        sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await,
+        100
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -363,6 +363,9 @@ impl Harness {
             kills += 1;
         }
         let spec = format!("{name}=abort");
+        // A rollback is abandoned only when its participant stays unreachable: keep one down
+        // until the failpoint fires (system::ROLLBACK_RETRY_FOR_MS after the abort).
+        let held_down = (name == "coordinator::rollback_abandoned").then_some(Role::Participant(0));
         let mut hit = None;
         let mut workload = None;
         match self.sys.start(role, Some(&spec)).await? {
@@ -370,6 +373,12 @@ impl Harness {
             Started::Ready => {
                 workload = Some(self.start_workload());
                 let t0 = Instant::now();
+                if let Some(p) = held_down {
+                    // Let branches enlist there first, so some aborts owe it a rollback.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.sys.kill(p);
+                    kills += 1;
+                }
                 while t0.elapsed() < HIT_TIMEOUT {
                     if let Some(status) = self.sys.exited(role) {
                         hit = Some((status, t0.elapsed()));
@@ -407,6 +416,9 @@ impl Harness {
         self.sys.timeline.note(&format!("{name}: {status}"));
         let restarted = Instant::now();
         self.sys.start(role, None).await?;
+        if let Some(p) = held_down {
+            self.sys.start(p, None).await?;
+        }
         if let Some(w) = workload {
             tokio::time::sleep(AFTER_RESTART).await;
             w.stop().await;

@@ -22,6 +22,8 @@ use twopc::process::tls::Tls;
 use twopc::testkit::cluster::PgCluster;
 use twopc::testkit::{TestPki, TestTokens};
 
+/// The coordinator's `--rollback-retry-for-ms` here.
+pub const ROLLBACK_RETRY_FOR_MS: u64 = 1500;
 /// The number of databases (and participants).
 pub const DATABASES: usize = 3;
 
@@ -321,6 +323,10 @@ impl System {
                 "2000".into(),
                 "--orphan-scan-interval-ms".into(),
                 "2000".into(),
+                // Short, so that a participant killed for a while has rollbacks abandoned to
+                // presumed abort, in the soak as in the scenario that waits for it.
+                "--rollback-retry-for-ms".into(),
+                ROLLBACK_RETRY_FOR_MS.to_string(),
             ]
             .into_iter()
             .chain(security_args("coordinator")?)
