@@ -187,7 +187,7 @@ async fn run(args: Args) -> Result<()> {
             resolve_interval: Duration::from_secs(5),
             one_phase: true,
             allow_superuser: false,
-            max_result_bytes: twopc::participant::sql::MAX_RESULT_BYTES,
+            limits: Default::default(),
             tls: Default::default(),
             auth: Default::default(),
         };

@@ -512,7 +512,7 @@ fn main() -> Result<()> {
                 resolve_interval: Duration::from_secs(5),
                 one_phase: true,
                 allow_superuser: false,
-                max_result_bytes: twopc::participant::sql::MAX_RESULT_BYTES,
+                limits: Default::default(),
                 tls,
                 auth,
             };

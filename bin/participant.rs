@@ -46,10 +46,8 @@ struct Args {
     /// twopc.one_phase_outcomes, created at start if this role may; without it, it is off.
     #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
     one_phase: bool,
-    /// The most result data one Execute returns, in bytes as PostgreSQL sends it; a larger
-    /// result fails its statement. Clients that raise their gRPC message limit may raise it.
-    #[arg(long, env = "TWOPC_MAX_RESULT_BYTES", default_value_t = twopc::participant::sql::MAX_RESULT_BYTES)]
-    max_result_bytes: usize,
+    #[command(flatten)]
+    limits: twopc::participant::sql::Limits,
     /// Serve even when the --postgres role is a superuser. Refused otherwise: every client
     /// that reaches the participant runs its statements as that role.
     #[arg(long, env = "TWOPC_ALLOW_SUPERUSER")]
@@ -76,7 +74,7 @@ fn main() -> anyhow::Result<()> {
             resolve_interval: std::time::Duration::from_millis(args.resolve_interval_ms),
             one_phase: args.one_phase,
             allow_superuser: args.allow_superuser,
-            max_result_bytes: args.max_result_bytes,
+            limits: args.limits,
             tls: tls::Tls::load(&args.tls)?,
             auth: auth::Auth::load(&args.auth, args.listen)?,
         };

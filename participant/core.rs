@@ -179,7 +179,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         sql_text: &str,
         params: &[proto::Value],
     ) -> Result<proto::ExecuteResponse, Error> {
-        sql::check_allowed(sql_text).map_err(|e| Error::statement(txn, e))?;
+        sql::check_allowed(sql_text)
+            .and_then(|()| self.db.limits().check_request(sql_text, params.len()))
+            .map_err(|e| Error::statement(txn, e))?;
         let open = match self.find(txn) {
             Found::Open(open) => open,
             Found::Ended(state) => return Err(self.ended(txn, "", state)?.not_active().into()),

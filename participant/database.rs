@@ -11,7 +11,7 @@
 
 use super::error::Error;
 use super::gid::Gid;
-use super::sql::SqlError;
+use super::sql::{self, SqlError};
 use crate::proto;
 use crate::proto::vote::OnePhaseOutcome;
 use std::future::Future;
@@ -64,6 +64,13 @@ pub trait Database: Send + Sync + 'static {
 
     /// Cancels the statement running on the connection `cancel` belongs to, if any.
     fn cancel(&self, cancel: &Self::Cancel) -> impl Future<Output = ()> + Send;
+
+    /// What one Execute may carry and return. The participant checks a request against it
+    /// before it opens a branch or takes a connection, so a refused request leaves nothing
+    /// behind: in particular no connection on which BEGIN was never sent.
+    fn limits(&self) -> sql::Limits {
+        sql::Limits::default()
+    }
 
     /// Runs a client's statement in the branch; with `begin`, opens its transaction first.
     fn execute(

@@ -70,8 +70,8 @@ pub struct Config {
     pub one_phase: bool,
     /// Serve even when the PostgreSQL role is a superuser (refused otherwise).
     pub allow_superuser: bool,
-    /// The most result data one Execute returns ([`sql::MAX_RESULT_BYTES`] by default).
-    pub max_result_bytes: usize,
+    /// What one Execute may carry and return.
+    pub limits: sql::Limits,
     /// Served, and used to dial the coordinator.
     pub tls: Tls,
     /// Who may call; the secret sent to the coordinator.
@@ -84,8 +84,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let db = Postgres::new(&config.postgres, config.max_connections)?
-        .with_max_result_bytes(config.max_result_bytes);
+    let db = Postgres::new(&config.postgres, config.max_connections)?.with_limits(config.limits);
     db.check_prepared_transactions_enabled().await?;
     db.check_not_superuser(config.allow_superuser).await?;
     if config.one_phase {

@@ -60,8 +60,8 @@ pub struct Postgres {
     one_phase: AtomicBool,
     /// TLS to PostgreSQL (`sslmode`), for the connections outside the pools too.
     tls: PgTls,
-    /// The most result data one Execute returns (`--max-result-bytes`).
-    max_result_bytes: usize,
+    /// What one Execute may carry and return (`--max-sql-bytes`, `--max-result-rows`, …).
+    limits: sql::Limits,
 }
 
 impl Postgres {
@@ -112,7 +112,7 @@ impl Postgres {
             target,
             one_phase: AtomicBool::new(false),
             tls,
-            max_result_bytes: sql::MAX_RESULT_BYTES,
+            limits: sql::Limits::default(),
         })
     }
 
@@ -150,9 +150,9 @@ impl Postgres {
         }
     }
 
-    /// A result cap other than [`sql::MAX_RESULT_BYTES`] (`--max-result-bytes`).
-    pub fn with_max_result_bytes(mut self, max: usize) -> Self {
-        self.max_result_bytes = max;
+    /// Limits other than [`sql::Limits::default`] (`--max-sql-bytes`, `--max-result-rows`, …).
+    pub fn with_limits(mut self, limits: sql::Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -459,6 +459,10 @@ impl Database for Postgres {
         }
     }
 
+    fn limits(&self) -> sql::Limits {
+        self.limits
+    }
+
     async fn execute(
         &self,
         conn: &Object,
@@ -466,7 +470,7 @@ impl Database for Postgres {
         params: &[proto::Value],
         begin: bool,
     ) -> Result<proto::ExecuteResponse, SqlError> {
-        sql::execute(conn, sql, params, begin, self.max_result_bytes).await
+        sql::execute(conn, sql, params, begin, &self.limits).await
     }
 
     async fn prepare(&self, conn: Object, gid: &Gid) -> Result<Prepared, Error> {

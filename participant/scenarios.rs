@@ -10,6 +10,7 @@ use super::database::XactStatus;
 use super::error::Error;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::gid::Gid;
+use super::sql;
 use crate::proto::{Outcome, TxnId};
 use std::future::Future;
 use std::sync::Arc;
@@ -118,6 +119,32 @@ fn repeats_after_lost_replies_answer_the_same_way() {
     assert_eq!(first, again);
     assert!(commit_again.is_ok(), "{commit_again:?}");
     assert_eq!(coord.registrations(txn).len(), 1);
+}
+
+#[test]
+fn a_request_over_a_limit_is_refused_before_a_branch_opens() {
+    let (db, coordinator) = world();
+    let p = Process::start(&db, &coordinator);
+    let txn = TxnId::generate();
+    let too_long = format!("SELECT 1 {}", " ".repeat(sql::MAX_SQL_BYTES));
+
+    let refused = p.exec(txn, &too_long).unwrap_err();
+
+    assert_eq!(
+        tonic::Status::from(refused).code(),
+        tonic::Code::InvalidArgument
+    );
+    assert!(
+        coordinator.registrations(txn).is_empty(),
+        "nothing enlisted"
+    );
+    assert_eq!(db.open_transactions(), 0, "no connection taken");
+    p.exec(txn, "UPDATE t SET x = 1").unwrap();
+    assert_eq!(
+        db.open_transactions(),
+        1,
+        "the next statement opens the branch"
+    );
 }
 
 #[test]

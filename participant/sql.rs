@@ -30,16 +30,71 @@ use tokio_postgres::{Client, Row};
 /// client sending ever-new SQL texts cannot grow a PostgreSQL backend without bound.
 const STATEMENT_CACHE_MAX: usize = 256;
 
-/// The most SQL text one Execute carries.
+/// The most SQL text one Execute carries by default (`--max-sql-bytes`).
 pub const MAX_SQL_BYTES: usize = 1 << 20;
 
-/// The most parameters one statement takes: PostgreSQL's own limit (a 16-bit count).
+/// The most parameters one statement takes by default (`--max-params`): PostgreSQL's own
+/// limit (a 16-bit count), so a lower setting is the only one that changes anything.
 pub const MAX_PARAMS: usize = 65_535;
+
+/// The most rows one Execute returns by default (`--max-result-rows`).
+pub const MAX_RESULT_ROWS: usize = 100_000;
 
 /// The most result data one Execute returns by default (`--max-result-bytes`), counted as
 /// PostgreSQL sends it: gRPC clients refuse messages over 4 MiB unless told otherwise, so a
 /// larger answer would fail there anyway, after the participant had held it all in memory.
 pub const MAX_RESULT_BYTES: usize = 4 << 20;
+
+/// What one Execute may carry and return. A request over a limit is refused before it reaches
+/// PostgreSQL (INVALID_ARGUMENT, the branch unharmed); a result over one fails its statement
+/// whole, never truncated (RESOURCE_EXHAUSTED, the branch doomed). Each message names its flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args)]
+pub struct Limits {
+    /// The most SQL text one Execute carries, in bytes; send data as parameters.
+    #[arg(long = "max-sql-bytes", env = "TWOPC_MAX_SQL_BYTES", default_value_t = MAX_SQL_BYTES)]
+    pub sql_bytes: usize,
+    /// The most parameters one statement takes (PostgreSQL's own limit is 65,535).
+    #[arg(long = "max-params", env = "TWOPC_MAX_PARAMS", default_value_t = MAX_PARAMS)]
+    pub params: usize,
+    /// The most rows one Execute returns; a larger result fails its statement.
+    #[arg(long = "max-result-rows", env = "TWOPC_MAX_RESULT_ROWS", default_value_t = MAX_RESULT_ROWS)]
+    pub result_rows: usize,
+    /// The most result data one Execute returns, in bytes as PostgreSQL sends it; a larger
+    /// result fails its statement. Clients that raise their gRPC message limit may raise it.
+    #[arg(long = "max-result-bytes", env = "TWOPC_MAX_RESULT_BYTES", default_value_t = MAX_RESULT_BYTES)]
+    pub result_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sql_bytes: MAX_SQL_BYTES,
+            params: MAX_PARAMS,
+            result_rows: MAX_RESULT_ROWS,
+            result_bytes: MAX_RESULT_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses a request over the limits, before anything reaches PostgreSQL.
+    pub fn check_request(&self, sql: &str, params: usize) -> Result<(), SqlError> {
+        if sql.len() > self.sql_bytes {
+            return Err(SqlError::Refused(format!(
+                "sql is {} bytes, over the {} one Execute may carry (--max-sql-bytes of this participant); send data as parameters",
+                sql.len(),
+                self.sql_bytes
+            )));
+        }
+        if params > self.params {
+            return Err(SqlError::Refused(format!(
+                "{params} parameters, over the {} one statement may take (--max-params of this participant; PostgreSQL's own limit is {MAX_PARAMS})",
+                self.params
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// What went wrong before or while running a statement.
 #[derive(Debug, thiserror::Error)]
@@ -170,12 +225,6 @@ fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
 /// database while the others wait for the coordinator, and a statement prepared in SQL would
 /// outlive the branch on a connection the next branch reuses.
 pub fn check_allowed(sql: &str) -> Result<(), SqlError> {
-    if sql.len() > MAX_SQL_BYTES {
-        return Err(SqlError::Refused(format!(
-            "sql is {} bytes, over the {MAX_SQL_BYTES} one Execute may carry (send data as parameters)",
-            sql.len()
-        )));
-    }
     let words = leading_words(sql, 3);
     let first = words.first().map(String::as_str).unwrap_or("");
     let second = words.get(1).map(String::as_str).unwrap_or("");
@@ -264,9 +313,9 @@ pub async fn execute(
     sql: &str,
     params: &[proto::Value],
     begin: bool,
-    max_result_bytes: usize,
+    limits: &Limits,
 ) -> Result<proto::ExecuteResponse, SqlError> {
-    let result = execute_prepared(client, sql, params, begin, max_result_bytes).await;
+    let result = execute_prepared(client, sql, params, begin, limits).await;
     if let Err(SqlError::Failed {
         sqlstate: Some(code),
         ..
@@ -296,7 +345,7 @@ async fn execute_prepared(
     sql: &str,
     params: &[proto::Value],
     begin: bool,
-    max_bytes: usize,
+    limits: &Limits,
 ) -> Result<proto::ExecuteResponse, SqlError> {
     let stmt = if begin {
         let (began, stmt) = tokio::join!(client.batch_execute("BEGIN"), prepared(client, sql));
@@ -305,12 +354,6 @@ async fn execute_prepared(
     } else {
         prepared(client, sql).await?
     };
-    if params.len() > MAX_PARAMS {
-        return Err(SqlError::Refused(format!(
-            "{} parameters, over PostgreSQL's limit of {MAX_PARAMS} per statement",
-            params.len()
-        )));
-    }
     if stmt.params().len() != params.len() {
         return Err(SqlError::Refused(format!(
             "the statement has {} parameter(s) ($1..${0}) but {} value(s) were given",
@@ -330,14 +373,14 @@ async fn execute_prepared(
     let (rows, rows_affected) = match &printing {
         Some(wrapped) => {
             let (ran, released) = tokio::join!(
-                run(client, wrapped, &bound, max_bytes),
+                run(client, wrapped, &bound, limits),
                 client.batch_execute("RELEASE SAVEPOINT twopc_print")
             );
             let ran = ran?;
             released?;
             ran
         }
-        None => run(client, &stmt, &bound, max_bytes).await?,
+        None => run(client, &stmt, &bound, limits).await?,
     };
     let columns = stmt
         .columns()
@@ -352,12 +395,12 @@ async fn execute_prepared(
     })
 }
 
-/// Runs a prepared statement and collects its rows, up to `max_bytes` of them.
+/// Runs a prepared statement and collects its rows, within the result limits.
 async fn run(
     client: &Client,
     stmt: &tokio_postgres::Statement,
     params: &[TextParam],
-    max_bytes: usize,
+    limits: &Limits,
 ) -> Result<(Vec<Row>, u64), SqlError> {
     let stream = client.query_raw(stmt, params.iter()).await?;
     futures::pin_mut!(stream);
@@ -371,16 +414,26 @@ async fn run(
                 _ => 4,
             })
             .sum::<usize>();
-        if bytes > max_bytes {
+        if bytes > limits.result_bytes {
             return Err(SqlError::OverLimit(format!(
-                "the result is over {max_bytes} bytes after {} rows (--max-result-bytes of this participant): select fewer rows or columns, or page with LIMIT/OFFSET or a cursor's FETCH",
+                "the result is over {} bytes after {} rows (--max-result-bytes of this participant): {PAGE}",
+                limits.result_bytes,
                 rows.len()
+            )));
+        }
+        if rows.len() == limits.result_rows {
+            return Err(SqlError::OverLimit(format!(
+                "the result is over {} rows (--max-result-rows of this participant): {PAGE}",
+                limits.result_rows
             )));
         }
         rows.push(row);
     }
     Ok((rows, stream.rows_affected().unwrap_or(0)))
 }
+
+/// What a result over a limit's message suggests.
+const PAGE: &str = "select fewer rows or columns, or page with LIMIT/OFFSET or a cursor's FETCH";
 
 /// For a statement whose result has columns of types the wire has no field for: the same
 /// statement wrapped so that the server prints those columns as text while it produces them,

@@ -443,7 +443,7 @@ async fn a_participant_refuses_a_server_without_prepared_transactions() {
         resolve_interval: Duration::from_secs(5),
         one_phase: true,
         allow_superuser: false,
-        max_result_bytes: twopc::participant::sql::MAX_RESULT_BYTES,
+        limits: Default::default(),
         tls: Default::default(),
         auth: Default::default(),
     };

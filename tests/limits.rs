@@ -8,6 +8,7 @@ use tonic::Code;
 use twopc::participant::database::Database;
 use twopc::participant::gid::Gid;
 use twopc::participant::postgres::Postgres;
+use twopc::participant::sql::Limits;
 use twopc::proto::Outcome;
 use twopc::proto::TxnId;
 
@@ -81,26 +82,50 @@ async fn a_result_or_sql_over_its_limit_fails_with_the_limit_named() {
     sys.assert_nothing_prepared().await;
 }
 
-/// `--max-result-bytes` sets the result cap, and the message names it.
+/// Each Execute limit is the participant's setting, and its message names the flag: a request
+/// over one is refused before a branch opens, a result over one fails whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_result_cap_is_the_participants_setting() {
+async fn the_execute_limits_are_the_participants_settings() {
     let pg = pg_with("CREATE TABLE t (x int)").await;
-    let db = Postgres::new(&pg.conn_str(), 2)
+    let db = Postgres::new(&pg.conn_str(), 4)
         .unwrap()
-        .with_max_result_bytes(1000);
-    let conn = db.conn().await.unwrap();
+        .with_limits(Limits {
+            sql_bytes: 100,
+            params: 2,
+            result_rows: 3,
+            result_bytes: 1000,
+        });
+    let run = |sql: &'static str| {
+        let db = &db;
+        async move {
+            let conn = db.conn().await.unwrap();
+            db.execute(&conn, sql, &[], true)
+                .await
+                .map(|r| r.rows.len())
+                .map_err(|e| e.to_string())
+        }
+    };
 
-    let small = db
-        .execute(&conn, "SELECT repeat('x', 500)", &[], true)
-        .await;
-    let big = db
-        .execute(&conn, "SELECT repeat('x', 2000)", &[], false)
-        .await;
+    let within = run("SELECT g FROM generate_series(1, 3) g").await;
+    let rows = run("SELECT g FROM generate_series(1, 4) g").await;
+    let bytes = run("SELECT repeat('x', 2000)").await;
+    let long_sql = db.limits().check_request(&" ".repeat(101), 0);
+    let params = db.limits().check_request("SELECT $1::int + $2 + $3", 3);
 
-    assert!(small.is_ok(), "{small:?}");
-    let message = big.unwrap_err().to_string();
-    assert!(
-        message.contains("over 1000 bytes") && message.contains("--max-result-bytes"),
-        "{message}"
-    );
+    assert_eq!(within, Ok(3));
+    for (result, flag) in [
+        (
+            long_sql.map(|()| 0).map_err(|e| e.to_string()),
+            "--max-sql-bytes",
+        ),
+        (
+            params.map(|()| 0).map_err(|e| e.to_string()),
+            "--max-params",
+        ),
+        (rows, "--max-result-rows"),
+        (bytes, "--max-result-bytes"),
+    ] {
+        let message = result.unwrap_err();
+        assert!(message.contains(flag), "{flag}: {message}");
+    }
 }

@@ -303,7 +303,7 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
         resolve_interval: Duration::from_secs(5),
         one_phase: true,
         allow_superuser,
-        max_result_bytes: twopc::participant::sql::MAX_RESULT_BYTES,
+        limits: Default::default(),
         tls: Default::default(),
         auth: Default::default(),
     };

@@ -273,7 +273,7 @@ async fn a_participant_reaches_postgres_over_verified_tls() {
         resolve_interval: std::time::Duration::from_secs(5),
         one_phase: true,
         allow_superuser: false,
-        max_result_bytes: twopc::participant::sql::MAX_RESULT_BYTES,
+        limits: Default::default(),
         tls: Default::default(),
         auth: Default::default(),
     };

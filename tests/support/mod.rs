@@ -393,7 +393,7 @@ pub async fn start_participant_with(
         resolve_interval: Duration::from_secs(2),
         one_phase: true,
         allow_superuser: false,
-        max_result_bytes: twopc::participant::sql::MAX_RESULT_BYTES,
+        limits: Default::default(),
         tls,
         auth,
     };
