@@ -10,12 +10,14 @@
 //! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory.
 //! - [`participants`]: how the drivers reach participants: gRPC, and a fake for tests.
 //! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`wire`] converts to and from its
-//!   types; [`error`] maps errors to statuses.
+//!   types; [`error`] maps errors to statuses. `fuzz.rs` sends it arbitrary requests.
 
 pub mod commit;
 pub mod core;
 pub mod error;
 mod flusher;
+#[cfg(test)]
+mod fuzz;
 pub mod log;
 pub mod participants;
 pub mod recovery;

@@ -14,7 +14,8 @@
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
 //! - [`health`]: `grpc.health.v1` status from PostgreSQL's and the coordinator's reachability.
 //! - [`service`]: the `twopc.v1.Participant` gRPC service; [`error`] maps errors to statuses.
-//! - `fake` (tests and the `testkit` feature): an in-memory database and coordinator.
+//! - `fake` (tests and the `testkit` feature): an in-memory database and coordinator;
+//!   `fuzz.rs` sends the service arbitrary requests over them.
 
 pub mod branch;
 pub mod core;
@@ -22,6 +23,8 @@ pub mod database;
 pub mod error;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
+#[cfg(test)]
+mod fuzz;
 pub mod gid;
 pub mod health;
 pub mod link;
