@@ -62,6 +62,13 @@ struct Args {
     /// URL, is PERMISSION_DENIED. Default: any.
     #[arg(long, env = "TWOPC_ALLOWED_PARTICIPANTS", value_parser = parse_participants)]
     allowed_participants: Option<HashMap<String, String>>,
+    /// How often the participants of live transactions are asked for their lock waits, to
+    /// break distributed deadlocks (ms); 0 turns the detector off.
+    #[arg(long, env = "TWOPC_DEADLOCK_INTERVAL_MS", default_value_t = Limits::default().deadlock_interval.map_or(0, ms))]
+    deadlock_interval_ms: u64,
+    /// Lock waits shorter than this are not reported to the deadlock detector (ms).
+    #[arg(long, env = "TWOPC_DEADLOCK_MIN_WAIT_MS", default_value_t = ms(Limits::default().deadlock_min_wait))]
+    deadlock_min_wait_ms: u64,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -114,6 +121,9 @@ fn main() -> anyhow::Result<()> {
                 max_live: args.max_live_transactions,
                 max_branches: args.max_branches,
                 allowed_participants: args.allowed_participants,
+                deadlock_interval: (args.deadlock_interval_ms > 0)
+                    .then(|| Duration::from_millis(args.deadlock_interval_ms)),
+                deadlock_min_wait: Duration::from_millis(args.deadlock_min_wait_ms),
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),

@@ -10,6 +10,9 @@
 //! shares this machine's cores, as the baseline's pgbench shares them with its server. The
 //! coordinator and participants run in this process, on their own runtime.
 //!
+//! `--crossing N` instead measures distributed deadlocks: N transfers that cross between the
+//! databases in both orders over 4 hot accounts, each retried until it commits.
+//!
 //! Four systems run the same workload in the same run, on the same clusters and data, so their
 //! ratios mean something on a shared, noisy machine:
 //! - `twopc`: the client goes through the coordinator and the participants, as above;
@@ -71,6 +74,15 @@ struct Args {
     /// on a network (the coordinator-only system stays plaintext).
     #[arg(long)]
     secure: bool,
+    /// Instead of the sweep: this many transfers between the two databases over 4 hot
+    /// accounts, in both orders, by `--clients` clients (the first value), each retried until
+    /// it commits: distributed deadlocks, and how long they cost.
+    #[arg(long)]
+    crossing: Option<usize>,
+    /// The coordinator's deadlock detector interval (ms); 0 turns it off, leaving every
+    /// distributed deadlock to the transactions' deadline.
+    #[arg(long, default_value_t = coordinator::Limits::default().deadlock_interval.map_or(0, |d| d.as_millis() as u64))]
+    deadlock_interval_ms: u64,
     /// Instead of the sweep: start the coordinator binary (next to this one) on its own, open
     /// this many transactions with two registered branches each, and report its resident memory.
     #[arg(long)]
@@ -266,6 +278,109 @@ async fn time_types(t: &Target, rounds: usize) -> Result<Vec<(&'static str, Vec<
     Ok(times)
 }
 
+/// What the crossing mode saw.
+struct Crossing {
+    committed: usize,
+    /// Attempts aborted as a distributed deadlock's victim (SQLSTATE 40P01).
+    victims: usize,
+    /// Attempts aborted otherwise (a deadline, with the detector off).
+    other_aborts: usize,
+    elapsed: Duration,
+}
+
+/// `--crossing`: `transfers` transfers of 1..5 between the databases' accounts 1..=4, in a
+/// random direction each, spread over `clients` clients; every attempt that aborts is retried.
+async fn crossing(t: &Arc<Target>, clients: usize, transfers: usize) -> Result<Crossing> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let t = Arc::clone(t);
+            let mine = transfers / clients + usize::from(c < transfers % clients);
+            tokio::spawn(async move {
+                let (mut victims, mut others) = (0, 0);
+                for _ in 0..mine {
+                    let (from, account, amount) = {
+                        let mut rng = rand::rng();
+                        (
+                            rng.random_range(0..2usize),
+                            rng.random_range(1..=4i64),
+                            rng.random_range(1..=5i64),
+                        )
+                    };
+                    loop {
+                        match crossing_transfer(&t, from, account, amount).await? {
+                            None => break,
+                            Some(true) => victims += 1,
+                            Some(false) => others += 1,
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>((mine, victims, others))
+            })
+        })
+        .collect();
+    let mut out = Crossing {
+        committed: 0,
+        victims: 0,
+        other_aborts: 0,
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        let (n, v, o) = task.await??;
+        out.committed += n;
+        out.victims += v;
+        out.other_aborts += o;
+    }
+    out.elapsed = started.elapsed();
+    Ok(out)
+}
+
+/// One attempt: debit `account` in database `from`, credit it in the other. `None`: committed;
+/// `Some(deadlock)`: aborted, as a deadlock's victim or otherwise.
+async fn crossing_transfer(
+    t: &Target,
+    from: usize,
+    account: i64,
+    amount: i64,
+) -> Result<Option<bool>> {
+    let mut coordinator = t.coordinator.clone();
+    let txn = coordinator
+        .begin(proto::BeginRequest::default())
+        .await?
+        .into_inner()
+        .txn_id;
+    let mut failure = None;
+    for (db, delta) in [(from, -amount), (1 - from, amount)] {
+        let done = t.participants[db]
+            .clone()
+            .execute(proto::ExecuteRequest {
+                txn_id: txn.clone(),
+                sql: "UPDATE acct SET bal = bal + $1 WHERE id = $2".into(),
+                params: vec![proto::Value::int(delta), proto::Value::int(account)],
+            })
+            .await;
+        if let Err(status) = done {
+            failure = Some(status);
+            break;
+        }
+    }
+    let Some(status) = failure else {
+        let r = coordinator
+            .commit(proto::CommitRequest { txn_id: txn })
+            .await?
+            .into_inner();
+        return Ok((r.outcome() != Outcome::Committed).then_some(false));
+    };
+    coordinator
+        .abort(proto::AbortRequest {
+            txn_id: txn,
+            reason: String::new(),
+        })
+        .await?;
+    let sqlstate = status.metadata().get("x-sqlstate");
+    Ok(Some(sqlstate.is_some_and(|s| s == "40P01")))
+}
+
 struct RunResult {
     committed: u64,
     failed: u64,
@@ -351,7 +466,7 @@ async fn run(
 async fn start_coordinator(
     dir: &std::path::Path,
     id: &str,
-    one_phase: bool,
+    args: &Args,
     (tls, auth): (Tls, Auth),
 ) -> Result<std::net::SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -360,7 +475,9 @@ async fn start_coordinator(
         data_dir: dir.to_path_buf(),
         id: Some(id.into()),
         limits: coordinator::Limits {
-            one_phase,
+            one_phase: args.one_phase,
+            deadlock_interval: (args.deadlock_interval_ms > 0)
+                .then(|| Duration::from_millis(args.deadlock_interval_ms)),
             ..coordinator::Limits::default()
         },
         drain_timeout: Duration::from_secs(1),
@@ -491,13 +608,8 @@ fn main() -> Result<()> {
                 ))
                 .await?;
         }
-        let caddr = start_coordinator(
-            data_dir.path(),
-            "load",
-            args.one_phase,
-            security("coordinator")?,
-        )
-        .await?;
+        let caddr =
+            start_coordinator(data_dir.path(), "load", &args, security("coordinator")?).await?;
         let mut paddrs = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
             let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -525,7 +637,7 @@ fn main() -> Result<()> {
     let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
     let (fast_caddr, fast_paddrs) = servers.block_on(async {
         let plaintext = Default::default();
-        let caddr = start_coordinator(fast_dir.path(), "load-c", args.one_phase, plaintext).await?;
+        let caddr = start_coordinator(fast_dir.path(), "load-c", &args, plaintext).await?;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
             .tcp_nodelay(true)
             .connect_lazy();
@@ -578,6 +690,52 @@ fn main() -> Result<()> {
         })
     })?;
 
+    if let Some(transfers) = args.crossing {
+        let clients_n = args.clients.first().copied().unwrap_or(8);
+        let total = |pgs: &[PgCluster; 2]| {
+            servers.block_on(async {
+                let mut sum = 0i64;
+                for pg in pgs {
+                    let row = pg
+                        .client()
+                        .await?
+                        .query_one("SELECT sum(bal)::int8 FROM acct", &[])
+                        .await?;
+                    sum += row.get::<_, i64>(0);
+                }
+                Ok::<_, anyhow::Error>(sum)
+            })
+        };
+        let before = total(&pgs)?;
+        let r = clients.block_on(crossing(&targets.twopc, clients_n, transfers))?;
+        let conserved = total(&pgs)? == before;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"mode": "crossing", "clients": clients_n, "transfers": r.committed,
+                    "secs": (r.elapsed.as_secs_f64() * 100.0).round() / 100.0,
+                    "deadlock_victims": r.victims, "other_aborts": r.other_aborts,
+                    "deadlock_interval_ms": args.deadlock_interval_ms, "conserved": conserved})
+            );
+        } else {
+            println!(
+                "{} crossing transfers by {clients_n} clients over 4 hot accounts: {:.2} s; {} deadlock victims and {} other aborts, each retried; money {}",
+                r.committed,
+                r.elapsed.as_secs_f64(),
+                r.victims,
+                r.other_aborts,
+                if conserved {
+                    "conserved"
+                } else {
+                    "NOT CONSERVED"
+                }
+            );
+        }
+        clients.shutdown_timeout(Duration::from_secs(1));
+        servers.shutdown_timeout(Duration::from_secs(1));
+        anyhow::ensure!(conserved, "money was not conserved");
+        return Ok(());
+    }
     if args.types {
         servers.block_on(async {
             pgs[0].client().await?.batch_execute(TYPES_TABLES).await?;

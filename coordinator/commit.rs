@@ -25,7 +25,7 @@
 use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
-use super::participants::{Participants, PeerError};
+use super::participants::{Ending, Participants, PeerError};
 use super::txn::{Decision, OnAbort, OnCommit, OnResolve, OnePhaseOutcome, Outcome, State, Txn};
 use crate::proto::TxnId;
 use std::sync::Arc;
@@ -84,14 +84,14 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         } else {
             reason
         };
-        self.start_abort(&live, |txn| Some(txn.abort(reason, now_ms())));
+        let _ = self.start_abort(&live, |txn| Some(txn.abort(reason, now_ms())));
         Ok(self.wait_for_outcome(&live, Duration::ZERO).await?.outcome)
     }
 
     /// The deadline passed: abort if nobody has called Commit yet.
     pub(super) fn expire(self: &Arc<Self>, id: TxnId) {
         if let Some(live) = self.live(id) {
-            self.start_abort(&live, |txn| {
+            let _ = self.start_abort(&live, |txn| {
                 let step = txn.expire(now_ms());
                 if step.is_some() {
                     tracing::info!(txn_id = %txn.id, "deadline exceeded while active: aborting");
@@ -102,12 +102,13 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     }
 
     /// Applies an abort transition under the transaction's lock (so a Commit cannot slip in
-    /// between its check and its effect), and starts the rollbacks it asks for.
-    fn start_abort(
+    /// between its check and its effect), and starts the rollbacks it asks for. Returns
+    /// whether it aborted the transaction.
+    pub(super) fn start_abort(
         self: &Arc<Self>,
         live: &Arc<Live>,
         transition: impl FnOnce(&mut Txn) -> Option<OnAbort>,
-    ) {
+    ) -> bool {
         let step = {
             let mut txn = live.txn.lock().unwrap();
             let step = transition(&mut txn);
@@ -124,7 +125,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             let live = Arc::clone(live);
             let span = live.span("abort");
             tokio::spawn(async move { this.finish_branches(live).await }.instrument(span));
+            return true;
         }
+        false
     }
 
     /// The outcome of a transaction that is no longer live, from its record.
@@ -395,6 +398,15 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         xid: u64,
         commit: bool,
     ) -> Delivery {
+        let ending = if commit {
+            Ending::Commit
+        } else {
+            let txn = live.txn.lock().unwrap();
+            Ending::RollBack {
+                reason: txn.reason.clone(),
+                sqlstate: txn.sqlstate.clone(),
+            }
+        };
         let mut backoff = self.limits.retry_min;
         let mut attempts = 0u32;
         loop {
@@ -403,7 +415,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             }
             match self
                 .participants
-                .finish(endpoint, id, xid, commit, self.limits.prepare_timeout)
+                .finish(endpoint, id, xid, &ending, self.limits.prepare_timeout)
                 .await
             {
                 Ok(()) => return Delivery::Acked,

@@ -52,6 +52,11 @@ pub struct Limits {
     pub max_branches: usize,
     /// The only participants (id → endpoint) this coordinator enlists; `None`: any.
     pub allowed_participants: Option<HashMap<String, String>>,
+    /// How often the participants of live transactions are asked for lock waits to find
+    /// distributed deadlocks (`detector.rs`); `None`: never.
+    pub deadlock_interval: Option<Duration>,
+    /// Waits shorter than this are not reported: most waits end on their own.
+    pub deadlock_min_wait: Duration,
 }
 
 impl Default for Limits {
@@ -70,6 +75,8 @@ impl Default for Limits {
             max_live: 100_000,
             max_branches: 64,
             allowed_participants: None,
+            deadlock_interval: Some(Duration::from_millis(50)),
+            deadlock_min_wait: Duration::from_millis(50),
         }
     }
 }

@@ -47,6 +47,7 @@ enum Call {
     },
     Query(Id, String),
     Resolve(Id, i32, String),
+    LockWaits(u32),
     /// Arbitrary bytes decoded as the request of method `n` (modulo the methods); called if
     /// they decode.
     Raw(u8, Vec<u8>),
@@ -94,6 +95,7 @@ fn call() -> impl Strategy<Value = Call> {
             }),
         1 => (id(), text()).prop_map(|(i, c)| Call::Query(i, c)),
         1 => (id(), any::<i32>(), text()).prop_map(|(i, r, why)| Call::Resolve(i, r, why)),
+        1 => any::<u32>().prop_map(Call::LockWaits),
         2 => (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(m, b)| Call::Raw(m, b)),
     ]
@@ -225,6 +227,12 @@ impl Target {
                 }))
                 .await
                 .map(drop),
+            Call::LockWaits(min_wait_ms) => s
+                .list_lock_waits(Request::new(proto::ListLockWaitsRequest {
+                    min_wait_ms: *min_wait_ms,
+                }))
+                .await
+                .map(drop),
             Call::Raw(method, bytes) => self.raw(*method, bytes).await,
         };
         match answer {
@@ -245,7 +253,7 @@ impl Target {
                 }
             };
         }
-        match method % 8 {
+        match method % 9 {
             0 => match proto::BeginRequest::decode(bytes) {
                 Ok(req) => s
                     .begin(Request::new(req))
@@ -259,6 +267,7 @@ impl Target {
             4 => call!(proto::ListTransactionsRequest, list_transactions),
             5 => call!(proto::RegisterBranchRequest, register_branch),
             6 => call!(proto::QueryOutcomeRequest, query_outcome),
+            7 => call!(proto::ListLockWaitsRequest, list_lock_waits),
             _ => call!(proto::ResolveTransactionRequest, resolve_transaction),
         }
     }

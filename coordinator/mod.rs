@@ -5,6 +5,8 @@
 //! - [`core`]: the [`Coordinator`]: the log, the table of live transactions, Begin and
 //!   enlistment, and the queries on them.
 //! - [`commit`]: the driver of one protocol run: phase 1, the decision, phase 2 with retries.
+//! - [`deadlock`]: cycles in the global wait-for graph and the victim that breaks each, no
+//!   I/O; [`detector`] gathers the participants' lock waits and aborts the victims.
 //! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
 //!   `retention.rs`: pruning finished transactions from the log.
 //! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory.
@@ -14,6 +16,8 @@
 
 pub mod commit;
 pub mod core;
+pub mod deadlock;
+pub mod detector;
 pub mod error;
 mod flusher;
 #[cfg(test)]
@@ -76,6 +80,9 @@ pub async fn run(
     core.recover()?;
     core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
     core.spawn_gauges();
+    if let Some(interval) = config.limits.deadlock_interval {
+        core.spawn_deadlock_detector(interval);
+    }
     if let Some(retain) = config.limits.retain_finished {
         core.spawn_pruner(retain);
     }

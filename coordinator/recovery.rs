@@ -18,7 +18,7 @@
 use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
-use super::participants::{Participants, PeerError};
+use super::participants::{Ending, Participants, PeerError};
 use super::txn::{Decision, State};
 use crate::proto::TxnId;
 use futures::StreamExt;
@@ -142,9 +142,16 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                     let endpoint = endpoint.clone();
                     async move {
                         tracing::info!(txn_id = %id, endpoint, commit, "resolving an orphaned prepared branch");
+                        let ending = match commit {
+                            true => Ending::Commit,
+                            false => Ending::RollBack {
+                                reason: "an orphaned prepared branch: its transaction did not commit".into(),
+                                sqlstate: String::new(),
+                            },
+                        };
                         let r = self
                             .participants
-                            .finish(&endpoint, id, xid, commit, self.limits.prepare_timeout)
+                            .finish(&endpoint, id, xid, &ending, self.limits.prepare_timeout)
                             .await;
                         (commit, r)
                     }

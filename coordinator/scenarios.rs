@@ -921,6 +921,96 @@ fn the_next_one_phase_commit_lets_the_participant_forget_the_last_marker() {
     assert_eq!(ps.markers(P1), vec![second]);
 }
 
+// ---- Distributed deadlocks ----
+
+fn wait(waiter: TxnId, holder: TxnId) -> proto::LockWait {
+    proto::LockWait {
+        waiter_txn_id: waiter.to_string(),
+        holder_txn_id: holder.to_string(),
+        waited_ms: 500,
+        lock: "transactionid (ShareLock)".into(),
+        ..Default::default()
+    }
+}
+
+/// Scenario limits with the detector driven by hand (`break_deadlocks`), every wait counted.
+fn detecting() -> Limits {
+    Limits {
+        deadlock_interval: None,
+        deadlock_min_wait: Duration::ZERO,
+        ..scenario_limits()
+    }
+}
+
+#[test]
+fn a_cycle_across_participants_aborts_its_youngest_transaction_with_40p01() {
+    let ps = participants();
+    let c = Process::start_with(MemLog::default(), &ps, detecting());
+    let older = c.begin_with(&[P1, P2]);
+    let younger = c.begin_with(&[P1, P2]);
+    ps.set_waits(P1, vec![wait(younger, older)]);
+    ps.set_waits(P2, vec![wait(older, younger)]);
+
+    let victims = c.run(c.core.break_deadlocks());
+
+    assert_eq!(
+        victims.iter().map(|v| v.txn).collect::<Vec<_>>(),
+        vec![younger]
+    );
+    c.until_finished(younger);
+    let record = c.core.get(younger).unwrap();
+    assert_eq!(record.state(), proto::TxnState::Aborted);
+    assert!(
+        record.reason.contains("distributed deadlock"),
+        "{}",
+        record.reason
+    );
+    let (reason, sqlstate) = ps
+        .abort_cause(P1, younger)
+        .expect("a rollback with its cause");
+    assert_eq!(sqlstate, "40P01");
+    assert!(reason.contains(&older.to_string()), "{reason}");
+    ps.set_waits(P1, vec![]);
+    ps.set_waits(P2, vec![]);
+    assert_eq!(c.commit(older), Outcome::Committed, "the survivor goes on");
+}
+
+#[test]
+fn a_transaction_already_committing_is_never_a_deadlock_victim() {
+    let ps = participants();
+    let c = Process::start_with(MemLog::default(), &ps, detecting());
+    let older = c.begin_with(&[P1, P2]);
+    let younger = c.begin_with(&[P1, P2]);
+    ps.set(P1, behave(OnPrepare::Hang, OnFinish::Ack));
+    c.commit_in_background(younger);
+    c.until("the younger is preparing", || {
+        ps.calls(P1).contains(&Call::Prepare(younger))
+    });
+    ps.set_waits(P1, vec![wait(younger, older)]);
+    ps.set_waits(P2, vec![wait(older, younger)]);
+
+    let victims = c.run(c.core.break_deadlocks());
+
+    assert_eq!(
+        victims.iter().map(|v| v.txn).collect::<Vec<_>>(),
+        vec![older]
+    );
+    assert!(!c.core.get(younger).unwrap().reason.contains("deadlock"));
+}
+
+#[test]
+fn waits_that_form_no_cycle_abort_nothing() {
+    let ps = participants();
+    let c = Process::start_with(MemLog::default(), &ps, detecting());
+    let (a, b) = (c.begin_with(&[P1, P2]), c.begin_with(&[P1, P2]));
+    ps.set_waits(P1, vec![wait(b, a)]);
+    ps.set_waits(P2, vec![wait(b, a)]);
+
+    assert!(c.run(c.core.break_deadlocks()).is_empty());
+    assert_eq!(c.shown_state(a), proto::TxnState::Active);
+    assert_eq!(c.shown_state(b), proto::TxnState::Active);
+}
+
 // ---- Limits ----
 
 /// A coordinator with these limits on an empty log, and a runtime to drive it.

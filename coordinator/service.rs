@@ -198,6 +198,18 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
             .await?;
         Ok(Response::new(self.core.get(id)?))
     }
+
+    async fn list_lock_waits(
+        &self,
+        request: Request<proto::ListLockWaitsRequest>,
+    ) -> Result<Response<proto::ListLockWaitsResponse>, Status> {
+        let min_wait = Duration::from_millis(request.get_ref().min_wait_ms.into());
+        let found = self.core.lock_waits(min_wait).await;
+        Ok(Response::new(proto::ListLockWaitsResponse {
+            waits: found.waits,
+            unreachable: found.unreachable,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,10 @@ use crate::proto::TxnId;
 pub use crate::proto::vote::{OnePhaseOutcome, Vote};
 use serde::{Deserialize, Serialize};
 
+/// PostgreSQL's deadlock_detected: a distributed deadlock's victim fails with it too, so a
+/// client retries it as it would a local deadlock.
+pub const DEADLOCK_SQLSTATE: &str = "40P01";
+
 /// Where a transaction is in the protocol. Stored in the log, so the names are its format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum State {
@@ -243,6 +247,10 @@ pub struct Txn {
     pub finished_ms: i64,
     /// Why it aborted.
     pub reason: String,
+    /// The SQLSTATE of why it aborted, when the cause has one (40P01: a distributed deadlock's
+    /// victim); sent with its rollbacks, so that a statement they cancel fails with it.
+    #[serde(default)]
+    pub sqlstate: String,
     /// An operator declared some branch finished without its acknowledgement: that branch may
     /// still be prepared somewhere, so this record must outlive any retention period.
     #[serde(default)]
@@ -269,6 +277,7 @@ impl Txn {
             decided_ms: 0,
             finished_ms: 0,
             reason: String::new(),
+            sqlstate: String::new(),
             forced: false,
             abort_requested: None,
             unanswered: String::new(),
@@ -447,6 +456,16 @@ impl Txn {
             State::OnePhase => OnAbort::Wait,
             s => OnAbort::Decided(s.outcome()),
         }
+    }
+
+    /// Chosen as the victim of a distributed deadlock. Only an Active transaction is
+    /// aborted: one that is preparing or decided is waiting for no lock a statement of its own
+    /// asked for, and its outcome is not the detector's to change. `None`: left alone.
+    pub fn abort_victim(&mut self, reason: &str, now_ms: i64) -> Option<OnAbort> {
+        (self.state == State::Active).then(|| {
+            self.sqlstate = DEADLOCK_SQLSTATE.to_string();
+            self.abort(reason, now_ms)
+        })
     }
 
     /// The deadline passed. Only a transaction nobody has called Commit on is aborted: once

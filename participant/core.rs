@@ -26,8 +26,9 @@ use super::sql;
 use super::tombstone::Tombstones;
 use crate::proto::{self, TxnId};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A branch in the table: its state machine, the connection holding its open transaction, and
 /// a way to cancel the statement running there without waiting for the branch's lock (a
@@ -38,6 +39,23 @@ struct OpenBranch<D: Database> {
     /// another branch, whose statements are not ours to cancel). An async lock: held while a
     /// cancel is in flight, so the connection cannot leave the branch under it.
     cancel: tokio::sync::Mutex<Option<D::Cancel>>,
+    /// The server process of its connection (0 until it has one): how the lock tables name
+    /// the branch (`waits`).
+    backend: AtomicI32,
+    /// When the statement running now started; `None` between statements. Outside the slot's
+    /// lock, which a running statement holds.
+    running_since: Mutex<Option<Instant>>,
+    /// Why the coordinator rolled it back, if it said (`rollback_because`): the running
+    /// statement it cancelled fails with this instead of a bare cancellation.
+    aborted: Mutex<Option<AbortCause>>,
+}
+
+/// Why a transaction aborted, as its coordinator tells the branch's Rollback.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AbortCause {
+    pub reason: String,
+    /// The cause's SQLSTATE, if it has one (40P01: a distributed deadlock's victim).
+    pub sqlstate: String,
 }
 
 /// What the branch's lock guards.
@@ -195,17 +213,51 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             // may retry the statement.
             let conn = self.db.conn().await?;
             *open.cancel.lock().await = Some(D::cancel_handle(&conn));
+            let pid = self.db.backend_pid(&conn).unwrap_or(0);
+            open.backend.store(pid, Ordering::Relaxed);
             slot.conn = Some(conn);
         }
         let conn = slot
             .conn
             .as_ref()
             .expect("an active branch has a connection");
-        match self.db.execute(conn, sql_text, params, begin).await {
+        *open.running_since.lock().unwrap() = Some(Instant::now());
+        let ran = self.db.execute(conn, sql_text, params, begin).await;
+        *open.running_since.lock().unwrap() = None;
+        match ran {
             Ok(resp) => Ok(resp),
             Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
             Err(e) => {
-                let err = Error::statement(txn, e);
+                let aborted = open.aborted.lock().unwrap().clone();
+                let err = match (aborted, Error::statement(txn, e)) {
+                    // Cancelled by the rollback of an abort whose cause the coordinator told:
+                    // the cause is the error, with its SQLSTATE if it has one (else the
+                    // cancellation's, 57014).
+                    (
+                        Some(cause),
+                        Error::Statement {
+                            message, sqlstate, ..
+                        },
+                    ) => {
+                        let why = format!(
+                            "the coordinator aborted the transaction while this statement ran: {}",
+                            cause.reason
+                        );
+                        match cause.sqlstate.is_empty() {
+                            true => Error::Statement {
+                                txn,
+                                message: format!("{why} ({message})"),
+                                sqlstate,
+                            },
+                            false => Error::Statement {
+                                txn,
+                                message: why,
+                                sqlstate: Some(cause.sqlstate),
+                            },
+                        }
+                    }
+                    (_, err) => err,
+                };
                 if let Error::Statement { message, .. } | Error::ResourceExhausted(message) = &err {
                     slot.branch.doom(message.clone());
                 }
@@ -246,6 +298,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 conn: None,
             }),
             cancel: tokio::sync::Mutex::new(None),
+            backend: AtomicI32::new(0),
+            running_since: Mutex::new(None),
+            aborted: Mutex::new(None),
         });
         table.open.insert(txn, open.clone());
         drop(table);
@@ -370,6 +425,18 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     }
 
     pub async fn rollback(&self, txn: TxnId, xid: u64, coordinator_id: &str) -> Result<(), Error> {
+        self.rollback_because(txn, xid, coordinator_id, None).await
+    }
+
+    /// Rollback, with the abort's cause when the coordinator tells it: a statement of the
+    /// branch still running is cancelled and fails with that cause.
+    pub async fn rollback_because(
+        &self,
+        txn: TxnId,
+        xid: u64,
+        coordinator_id: &str,
+        cause: Option<AbortCause>,
+    ) -> Result<(), Error> {
         // As for Commit: only a repeat is answered from the tombstone.
         let open = match self.find(txn) {
             Found::Open(open) => open,
@@ -387,6 +454,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 return self.db.finish_prepared(&gid, xid, false).await;
             }
         };
+        if cause.is_some() {
+            *open.aborted.lock().unwrap() = cause;
+        }
         let mut slot = open.lock_interrupting(&self.db).await;
         match slot.branch.rollback_step()? {
             OnRollback::AlreadyDone => {}
@@ -401,6 +471,55 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         }
         self.finish(txn, &slot.branch);
         Ok(())
+    }
+
+    /// The waits of this participant's branches for locks, at least `min_wait` old, with who
+    /// holds each lock: a branch (by its txn), a prepared transaction, or another session.
+    /// Without a statement running that long, PostgreSQL is not asked at all: an idle or
+    /// quick participant costs the deadlock detector nothing but the call.
+    pub async fn waits(&self, min_wait: Duration) -> Result<Vec<proto::LockWait>, Error> {
+        let (long_running, by_pid) = {
+            let table = self.branches.lock().unwrap();
+            let mut long_running = Vec::new();
+            let mut by_pid = HashMap::new();
+            for (txn, open) in &table.open {
+                let pid = open.backend.load(Ordering::Relaxed);
+                if pid == 0 {
+                    continue;
+                }
+                by_pid.insert(pid, *txn);
+                let since = *open.running_since.lock().unwrap();
+                if since.is_some_and(|t| t.elapsed() >= min_wait) {
+                    long_running.push(pid);
+                }
+            }
+            (long_running, by_pid)
+        };
+        if long_running.is_empty() {
+            return Ok(Vec::new());
+        }
+        let waits = self.db.lock_waits(&long_running, min_wait).await?;
+        Ok(waits
+            .into_iter()
+            .filter_map(|w| {
+                let waiter = by_pid.get(&w.waiter)?;
+                let holder_txn = match w.holder {
+                    0 => w.holder_gid.as_deref().and_then(Gid::parse).map(|g| g.txn),
+                    pid => by_pid.get(&pid).copied(),
+                };
+                Some(proto::LockWait {
+                    participant_id: self.id.clone(),
+                    waiter_txn_id: waiter.to_string(),
+                    holder_txn_id: holder_txn.map(|t| t.to_string()).unwrap_or_default(),
+                    holder: match (holder_txn, w.holder) {
+                        (Some(t), pid) if pid != 0 => format!("transaction {t} (pid {pid})"),
+                        _ => w.holder_text,
+                    },
+                    waited_ms: w.waited_ms,
+                    lock: w.lock,
+                })
+            })
+            .collect())
     }
 
     /// Commits the transaction's lone branch in one phase: its COMMIT is the transaction's

@@ -48,6 +48,22 @@ pub struct PreparedBranch {
     pub xid: u64,
 }
 
+/// A session waiting for a lock that other sessions hold, as the database sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockWait {
+    /// The waiting session (one of the `of` asked about).
+    pub waiter: i32,
+    /// A session holding (or queued ahead for) the lock; 0 for a prepared transaction.
+    pub holder: i32,
+    /// The holder for a person: `pid 4242 (psql): UPDATE …`, or a prepared transaction's gid.
+    pub holder_text: String,
+    /// The holder's gid, when it is a prepared transaction that the database could name.
+    pub holder_gid: Option<String>,
+    pub waited_ms: u32,
+    /// What is waited for (`transactionid`, `tuple on acct`, ...).
+    pub lock: String,
+}
+
 /// The database side of a participant. A connection ([`Database::Conn`]) carries one branch's
 /// open transaction from its first statement until it is prepared or rolled back.
 pub trait Database: Send + Sync + 'static {
@@ -61,6 +77,17 @@ pub trait Database: Send + Sync + 'static {
 
     /// How to cancel what runs on `conn` later.
     fn cancel_handle(conn: &Self::Conn) -> Self::Cancel;
+
+    /// The server process behind `conn`, by which the database names it in its lock tables
+    /// (known for every connection [`Database::conn`] hands out).
+    fn backend_pid(&self, conn: &Self::Conn) -> Option<i32>;
+
+    /// Which of the sessions `of` have waited at least `min_wait` for a lock, and on whom.
+    fn lock_waits(
+        &self,
+        of: &[i32],
+        min_wait: Duration,
+    ) -> impl Future<Output = Result<Vec<LockWait>, Error>> + Send;
 
     /// Cancels the statement running on the connection `cancel` belongs to, if any.
     fn cancel(&self, cancel: &Self::Cancel) -> impl Future<Output = ()> + Send;

@@ -11,7 +11,7 @@
 //! State sits behind std mutexes, outside any runtime, because tests drop a participant's whole
 //! runtime to crash it while the database lives on.
 
-use super::database::{Database, Prepared, PreparedBranch, XactStatus, settle_gone};
+use super::database::{Database, LockWait, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, Enlisted};
@@ -47,6 +47,8 @@ struct Db {
     break_one_phase: Option<bool>,
     /// A one-phase commit fails at COMMIT (a deferred constraint).
     refuse_one_phase: bool,
+    /// What `lock_waits` reports (a test sets it: the fake has no locks of its own).
+    waits: Vec<LockWait>,
 }
 
 /// A session of the fake database.
@@ -85,6 +87,12 @@ impl FakeDatabase {
     /// Open transactions: connections holding a branch.
     pub fn open_transactions(&self) -> usize {
         self.inner.lock().unwrap().open.len()
+    }
+
+    /// What the lock tables say from now on: sessions are named by connection, the first
+    /// connection handed out being 1. A statement that waits must also contain `sleep`.
+    pub fn set_waits(&self, waits: Vec<LockWait>) {
+        self.inner.lock().unwrap().waits = waits;
     }
 
     /// Makes the next PREPARE break its connection, `after` preparing or before.
@@ -145,6 +153,20 @@ impl Database for FakeDatabase {
 
     fn cancel_handle(conn: &FakeConn) -> Self::Cancel {
         Arc::clone(&conn.cancelled)
+    }
+
+    fn backend_pid(&self, conn: &FakeConn) -> Option<i32> {
+        i32::try_from(conn.id).ok()
+    }
+
+    async fn lock_waits(&self, of: &[i32], min_wait: Duration) -> Result<Vec<LockWait>, Error> {
+        let db = self.inner.lock().unwrap();
+        Ok(db
+            .waits
+            .iter()
+            .filter(|w| of.contains(&w.waiter) && u128::from(w.waited_ms) >= min_wait.as_millis())
+            .cloned()
+            .collect())
     }
 
     async fn cancel(&self, cancel: &Self::Cancel) {

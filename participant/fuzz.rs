@@ -1,8 +1,8 @@
 //! The `twopc.v1.Participant` service under whatever a stranger on the network might send.
 //!
 //! Property tests in the manner of a fuzzer, as `coordinator/fuzz.rs` does for the
-//! coordinator: random sequences of Execute, Prepare, Commit, Rollback, CommitOnePhase and
-//! Recover with ids this run used, ids nobody used and arbitrary text, parameters of every kind,
+//! coordinator: random sequences of Execute, Prepare, Commit, Rollback, CommitOnePhase, Recover
+//! and Waits with ids this run used, ids nobody used and arbitrary text, parameters of every kind,
 //! SQL the participant refuses, and raw bytes decoded as each request, onto a participant over
 //! an in-memory database and coordinator. Every call must answer within a bound, with a value
 //! or a status a client can act on; and once every branch is rolled back, the database holds
@@ -34,7 +34,9 @@ enum Call {
     Execute(Id, String, Vec<proto::Value>),
     Prepare(Id, String),
     Commit(Id, u64, String),
-    Rollback(Id, u64, String),
+    /// With an abort reason and SQLSTATE, either of them arbitrary.
+    Rollback(Id, u64, String, String, String),
+    Waits(u32),
     CommitOnePhase(Id, String, Vec<Id>),
     Recover(String),
     /// Arbitrary bytes decoded as the request of method `n` (modulo the methods).
@@ -102,7 +104,9 @@ fn call() -> impl Strategy<Value = Call> {
             .prop_map(|(i, s, p)| Call::Execute(i, s, p)),
         3 => (id(), coordinator_id()).prop_map(|(i, c)| Call::Prepare(i, c)),
         2 => (id(), any::<u64>(), coordinator_id()).prop_map(|(i, x, c)| Call::Commit(i, x, c)),
-        2 => (id(), any::<u64>(), coordinator_id()).prop_map(|(i, x, c)| Call::Rollback(i, x, c)),
+        2 => (id(), any::<u64>(), coordinator_id(), text(), text())
+            .prop_map(|(i, x, c, r, s)| Call::Rollback(i, x, c, r, s)),
+        1 => any::<u32>().prop_map(Call::Waits),
         2 => (id(), coordinator_id(), proptest::collection::vec(id(), 0..3))
             .prop_map(|(i, c, f)| Call::CommitOnePhase(i, c, f)),
         1 => coordinator_id().prop_map(Call::Recover),
@@ -157,6 +161,7 @@ impl Target {
             txn_id: self.id(id),
             xid,
             coordinator_id: coordinator_id.to_string(),
+            ..Default::default()
         }
     }
 
@@ -182,8 +187,18 @@ impl Target {
                 .commit(Request::new(self.branch(id, *xid, c)))
                 .await
                 .map(drop),
-            Call::Rollback(id, xid, c) => s
-                .rollback(Request::new(self.branch(id, *xid, c)))
+            Call::Rollback(id, xid, c, reason, sqlstate) => s
+                .rollback(Request::new(proto::BranchRequest {
+                    abort_reason: reason.clone(),
+                    abort_sqlstate: sqlstate.clone(),
+                    ..self.branch(id, *xid, c)
+                }))
+                .await
+                .map(drop),
+            Call::Waits(min_wait_ms) => s
+                .waits(Request::new(proto::WaitsRequest {
+                    min_wait_ms: *min_wait_ms,
+                }))
                 .await
                 .map(drop),
             Call::CommitOnePhase(id, c, forget) => s
@@ -220,12 +235,13 @@ impl Target {
                 }
             };
         }
-        match method % 6 {
+        match method % 7 {
             0 => call!(proto::ExecuteRequest, execute),
             1 => call!(proto::PrepareRequest, prepare),
             2 => call!(proto::BranchRequest, commit),
             3 => call!(proto::BranchRequest, rollback),
             4 => call!(proto::CommitOnePhaseRequest, commit_one_phase),
+            5 => call!(proto::WaitsRequest, waits),
             _ => call!(proto::RecoverRequest, recover),
         }
     }
@@ -239,6 +255,7 @@ impl Target {
                     txn_id: txn_id.clone(),
                     xid: 0,
                     coordinator_id: COORDINATOR.into(),
+                    ..Default::default()
                 }))
                 .await;
         }

@@ -14,7 +14,7 @@
 //! the truth after any crash; a gid with no marker is fenced with a `false` row, which waits for
 //! a commit of the same gid still in flight (the primary key) and rules out any later one.
 
-use super::database::{Database, Prepared, PreparedBranch, XactStatus, settle_gone};
+use super::database::{Database, LockWait, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
 use super::pg_tls::{self, PgTls};
@@ -22,8 +22,10 @@ use super::sql::{self, SqlError};
 use crate::proto;
 use crate::proto::vote::OnePhaseOutcome;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+    Manager, ManagerConfig, Object, ObjectId, Pool, PoolError, RecyclingMethod, Runtime,
+    TimeoutType,
 };
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::NoTls;
@@ -42,6 +44,31 @@ const MARKERS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc;      CREATE TABLE 
 /// lookups, Recover, one-phase markers), apart from the branches' pool: open branches, however
 /// many and however idle, never keep phase 2 or recovery waiting.
 pub const PROTOCOL_CONNECTIONS: usize = 4;
+
+/// The sessions among `$1` that have waited at least `$2` ms for a lock, and every session
+/// blocking each (`pg_blocking_pids`: holders, and those queued ahead). A prepared transaction
+/// blocks as pid 0; it is named by its gid when the wait is on its transaction id. The wait's
+/// start is `pg_locks.waitstart` (PostgreSQL 14+; read through to_jsonb, so that 13 parses the
+/// query too), else the statement's start.
+const LOCK_WAITS: &str = "
+    SELECT l.pid AS waiter, b.pid AS holder,
+           (extract(epoch FROM now() - coalesce((to_jsonb(l) ->> 'waitstart')::timestamptz,
+                                                w.query_start, now())) * 1000)::int8 AS waited_ms,
+           l.locktype || coalesce(' on ' || l.relation::regclass::text, '') || ' (' || l.mode || ')'
+               AS lock,
+           coalesce(a.application_name, '') AS holder_app,
+           coalesce(a.state, '') AS holder_state,
+           left(coalesce(a.query, ''), 80) AS holder_query,
+           CASE WHEN b.pid = 0 AND l.locktype = 'transactionid' THEN
+               (SELECT p.gid FROM pg_prepared_xacts p WHERE p.transaction = l.transactionid)
+           END AS holder_gid
+    FROM pg_locks l
+    JOIN pg_stat_activity w ON w.pid = l.pid
+    CROSS JOIN LATERAL unnest(pg_blocking_pids(l.pid)) AS b(pid)
+    LEFT JOIN pg_stat_activity a ON a.pid = b.pid
+    WHERE NOT l.granted AND l.pid = ANY($1)
+      AND coalesce((to_jsonb(l) ->> 'waitstart')::timestamptz, w.query_start, now())
+          <= now() - $2::int8 * interval '1 millisecond'";
 
 /// A PostgreSQL database reached through two connection pools: one for branches, one for the
 /// protocol.
@@ -62,6 +89,9 @@ pub struct Postgres {
     tls: PgTls,
     /// What one Execute may carry and return (`--max-sql-bytes`, `--max-result-rows`, …).
     limits: sql::Limits,
+    /// The server process of each branch connection, asked once per connection: the lock
+    /// tables name sessions by it (`Database::lock_waits`).
+    pids: std::sync::Mutex<HashMap<ObjectId, i32>>,
 }
 
 impl Postgres {
@@ -113,6 +143,7 @@ impl Postgres {
             one_phase: AtomicBool::new(false),
             tls,
             limits: sql::Limits::default(),
+            pids: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -442,11 +473,59 @@ impl Database for Postgres {
     type Cancel = tokio_postgres::CancelToken;
 
     async fn conn(&self) -> Result<Object, Error> {
-        self.branch_conn().await
+        let conn = self.branch_conn().await?;
+        let id = Object::id(&conn);
+        if !self.pids.lock().unwrap().contains_key(&id) {
+            let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+            let mut pids = self.pids.lock().unwrap();
+            // Connections the pool has closed leave their entries behind; start afresh
+            // now and then (the rest are asked again, once each).
+            if pids.len() >= 2 * self.branch_connections {
+                pids.clear();
+            }
+            pids.insert(id, pid);
+        }
+        Ok(conn)
     }
 
     fn cancel_handle(conn: &Object) -> tokio_postgres::CancelToken {
         conn.cancel_token()
+    }
+
+    fn backend_pid(&self, conn: &Object) -> Option<i32> {
+        self.pids.lock().unwrap().get(&Object::id(conn)).copied()
+    }
+
+    async fn lock_waits(&self, of: &[i32], min_wait: Duration) -> Result<Vec<LockWait>, Error> {
+        let conn = self.pooled().await?;
+        let min_ms = i64::try_from(min_wait.as_millis()).unwrap_or(i64::MAX);
+        let rows = conn.query(LOCK_WAITS, &[&of, &min_ms]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let holder: i32 = r.get("holder");
+                let gid: Option<String> = r.get("holder_gid");
+                let holder_text = match (holder, &gid) {
+                    (0, Some(gid)) => format!("prepared transaction {gid}"),
+                    (0, None) => "a prepared transaction".to_string(),
+                    (pid, _) => format!(
+                        "pid {pid} ({}, {}): {}",
+                        r.get::<_, String>("holder_app"),
+                        r.get::<_, String>("holder_state"),
+                        r.get::<_, String>("holder_query")
+                    ),
+                };
+                LockWait {
+                    waiter: r.get("waiter"),
+                    holder,
+                    holder_text,
+                    holder_gid: gid,
+                    waited_ms: u32::try_from(r.get::<_, i64>("waited_ms").max(0))
+                        .unwrap_or(u32::MAX),
+                    lock: r.get("lock"),
+                }
+            })
+            .collect())
     }
 
     async fn cancel(&self, token: &tokio_postgres::CancelToken) {

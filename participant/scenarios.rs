@@ -5,8 +5,8 @@
 //! same database, as docs/RECOVERY.md's participant rows describe.
 
 use super::branch::{OnePhaseOutcome, Vote};
-use super::core::Participant;
-use super::database::XactStatus;
+use super::core::{AbortCause, Participant};
+use super::database::{LockWait, XactStatus};
 use super::error::Error;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::gid::Gid;
@@ -197,6 +197,51 @@ fn a_rollback_cancels_a_statement_stuck_on_a_lock() {
     assert!(
         matches!(p.prepare(txn), Vote::No { .. }),
         "rolled back: it cannot vote yes"
+    );
+}
+
+#[test]
+fn waits_name_both_branches_and_a_deadlock_victims_statement_fails_with_its_cause() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let (holder, waiter) = (TxnId::generate(), TxnId::generate());
+    p.exec(holder, "UPDATE acct SET bal = 0").unwrap(); // connection 1
+    assert!(
+        p.run(p.core.waits(Duration::ZERO)).unwrap().is_empty(),
+        "no statement running: the database is not even asked"
+    );
+    let core = Arc::clone(&p.core);
+    let stuck = p.runtime.spawn(async move {
+        core.execute(waiter, "UPDATE acct SET bal = sleep_on_a_lock()", &[])
+            .await
+    }); // connection 2
+    p.run(async { tokio::time::sleep(Duration::from_millis(10)).await });
+    db.set_waits(vec![LockWait {
+        waiter: 2,
+        holder: 1,
+        holder_text: "pid 1".into(),
+        holder_gid: None,
+        waited_ms: 700,
+        lock: "transactionid (ShareLock)".into(),
+    }]);
+
+    let waits = p.run(p.core.waits(Duration::ZERO)).unwrap();
+    let cause = AbortCause {
+        reason: "distributed deadlock (SQLSTATE 40P01): chosen".into(),
+        sqlstate: "40P01".into(),
+    };
+    p.run(p.core.rollback_because(waiter, 0, COORDINATOR, Some(cause)))
+        .unwrap();
+
+    assert_eq!(waits.len(), 1);
+    assert_eq!(waits[0].waiter_txn_id, waiter.to_string());
+    assert_eq!(waits[0].holder_txn_id, holder.to_string());
+    assert_eq!(waits[0].participant_id, "p1");
+    let stuck = p.run(stuck).unwrap().unwrap_err();
+    assert!(
+        matches!(&stuck, Error::Statement { sqlstate: Some(s), message, .. }
+            if s == "40P01" && message.contains("distributed deadlock")),
+        "{stuck:?}"
     );
 }
 

@@ -2,7 +2,7 @@
 //! errors. Every protocol step runs in its own task, so a client that cancels (or a deadline
 //! that passes) cannot stop a PREPARE or a COMMIT PREPARED halfway through its bookkeeping.
 
-use super::core::Participant;
+use super::core::{AbortCause, Participant};
 use super::database::Database;
 use super::error::Error;
 use super::link::CoordinatorLink;
@@ -21,6 +21,16 @@ pub struct Service<D: Database, C: CoordinatorLink> {
 impl<D: Database, C: CoordinatorLink> Service<D, C> {
     pub fn new(core: Arc<Participant<D, C>>) -> Self {
         Service { core }
+    }
+}
+
+/// An abort's cause as the coordinator sent it, cut to a length fit for an error message: it
+/// is only ever shown, so a long one is shortened rather than refused.
+fn bounded(text: &str) -> String {
+    const MAX: usize = 1024;
+    match text.char_indices().nth(MAX) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}…", &text[..cut]),
     }
 }
 
@@ -156,8 +166,14 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         let req = req.into_inner();
         let txn = req.txn_id.parse::<TxnId>()?;
         let core = Arc::clone(&self.core);
+        let cause =
+            (!req.abort_reason.is_empty() || !req.abort_sqlstate.is_empty()).then(|| AbortCause {
+                reason: bounded(&req.abort_reason),
+                sqlstate: bounded(&req.abort_sqlstate),
+            });
         detached(span, async move {
-            core.rollback(txn, req.xid, &req.coordinator_id).await
+            core.rollback_because(txn, req.xid, &req.coordinator_id, cause)
+                .await
         })
         .await?;
         if let Some(log) = audit {
@@ -189,6 +205,15 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         metrics::counter!("twopc_participant_one_phase_total", "outcome" => resp.outcome().as_str_name())
             .increment(1);
         Ok(Response::new(resp))
+    }
+
+    async fn waits(
+        &self,
+        req: Request<proto::WaitsRequest>,
+    ) -> Result<Response<proto::WaitsResponse>, Status> {
+        let min_wait = std::time::Duration::from_millis(req.get_ref().min_wait_ms.into());
+        let waits = self.core.waits(min_wait).await?;
+        Ok(Response::new(proto::WaitsResponse { waits }))
     }
 
     async fn recover(

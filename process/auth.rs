@@ -69,8 +69,10 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         | "/twopc.v1.Participant/Commit"
         | "/twopc.v1.Participant/Rollback"
         | "/twopc.v1.Participant/CommitOnePhase"
-        | "/twopc.v1.Participant/Recover" => PEER,
-        // ListTransactions, ResolveTransaction, and whatever a later version adds.
+        | "/twopc.v1.Participant/Recover"
+        | "/twopc.v1.Participant/Waits" => PEER,
+        // ListTransactions, ResolveTransaction, ListLockWaits, and whatever a later version
+        // adds.
         _ => OPERATOR,
     })
 }

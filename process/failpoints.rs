@@ -52,6 +52,10 @@ pub const ALL: &[(&str, &str)] = &[
         "an abort's rollback was given up (its participant unreachable past --rollback-retry-for-ms), before the final record",
     ),
     (
+        "coordinator::deadlock_victim_chosen",
+        "the deadlock detector chose a victim, before aborting it",
+    ),
+    (
         "coordinator::one_phase_written",
         "one-phase commit of a lone branch: the OnePhase record is written, not yet flushed",
     ),

@@ -19,12 +19,8 @@ async fn transfer(sys: &System, from: usize, acct: i64, amount: i64) -> (String,
     let to = 1 - from;
     let txn = sys.begin().await;
     let steps = async {
-        for db in [from, to] {
-            // Two transfers can lock rows in opposite orders across databases, a deadlock
-            // neither server can see: a lock timeout breaks it and the transfer aborts.
-            sys.exec(db, &txn, "SET LOCAL lock_timeout = '500ms'", vec![])
-                .await?;
-        }
+        // Two transfers can lock rows in opposite orders across databases, a deadlock neither
+        // server can see: the coordinator's detector breaks it, and the victim aborts.
         sys.exec(
             from,
             &txn,

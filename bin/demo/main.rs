@@ -82,13 +82,15 @@ impl Bank {
             .map(|r| r.into_inner())
     }
 
-    /// Moves `amount` from `from` (in east) to `to` (in west), recording it in both ledgers.
-    /// Returns the txn id, the outcome and the reason.
+    /// Moves `amount` from `from` (in east) to `to` (in west), recording it in both ledgers;
+    /// `west_first`: credits west before it debits east. Returns the txn id, the outcome and
+    /// the reason.
     async fn transfer(
         &self,
         from: &str,
         to: &str,
         amount: i64,
+        west_first: bool,
     ) -> Result<(String, Outcome, String)> {
         let mut coordinator = self.coordinator.clone();
         let txn = coordinator
@@ -100,22 +102,25 @@ impl Bank {
             .into_inner()
             .txn_id;
         let steps = async {
-            Self::exec(&self.east, &txn, "SET LOCAL lock_timeout = '1s'", vec![]).await?;
-            Self::exec(&self.west, &txn, "SET LOCAL lock_timeout = '1s'", vec![]).await?;
-            Self::exec(
+            let debit = (
                 &self.east,
-                &txn,
                 "UPDATE acct SET bal = bal - $1 WHERE name = $2",
-                vec![proto::Value::int(amount), proto::Value::text(from)],
-            )
-            .await?;
-            Self::exec(
+                from,
+            );
+            let credit = (
                 &self.west,
-                &txn,
                 "UPDATE acct SET bal = bal + $1 WHERE name = $2",
-                vec![proto::Value::int(amount), proto::Value::text(to)],
-            )
-            .await?;
+                to,
+            );
+            let order = if west_first {
+                [credit, debit]
+            } else {
+                [debit, credit]
+            };
+            for (db, sql, name) in order {
+                let params = vec![proto::Value::int(amount), proto::Value::text(name)];
+                Self::exec(db, &txn, sql, params).await?;
+            }
             Self::exec(
                 &self.east,
                 &txn,
@@ -380,7 +385,7 @@ impl System {
 /// Scene 1: a transfer that commits in both databases.
 async fn commit_across_databases(bank: &Bank, east: &PgCluster, west: &PgCluster) -> Result<()> {
     println!("\n== 1. alice (east) pays bob (west) 30: one transaction across both databases");
-    let (txn, outcome, _) = bank.transfer("alice", "bob", 30).await?;
+    let (txn, outcome, _) = bank.transfer("alice", "bob", 30, false).await?;
     println!("   txn {txn}: {outcome:?}");
     println!("   balances: {}", balances(east, west).await?);
     let t = bank
@@ -416,7 +421,7 @@ async fn a_failed_check_moves_nothing(
     println!(
         "\n== 2. alice pays bob 500 but has only 70: east's CHECK (bal >= 0) fails, so nothing moves anywhere"
     );
-    let (txn, outcome, reason) = bank.transfer("alice", "bob", 500).await?;
+    let (txn, outcome, reason) = bank.transfer("alice", "bob", 500, false).await?;
     println!("   txn {txn}: {outcome:?} because {reason}");
     println!("   balances: {}", balances(east, west).await?);
     if outcome != Outcome::Aborted {
@@ -484,7 +489,7 @@ async fn concurrent_transfers(
 ) -> Result<()> {
     let before = total(east).await? + total(west).await?;
     println!(
-        "\n== 4. {} clients make {} transfers each, carol (east) <-> dave (west), concurrently",
+        "\n== 4. {} clients make {} transfers each, carol (east) <-> dave (west), concurrently, one client in the opposite order",
         args.clients, args.transfers
     );
     let started = Instant::now();
@@ -499,32 +504,45 @@ async fn concurrent_transfers(
             let n = args.transfers;
             let progress = progress.clone();
             tokio::spawn(async move {
-                let (mut committed, mut aborted) = (0usize, 0usize);
+                let (mut committed, mut aborted, mut deadlocks) = (0usize, 0usize, 0usize);
                 for i in 0..n {
-                    match bank
-                        .transfer("carol", "dave", ((c + i) % 7 + 1) as i64)
-                        .await?
-                    {
-                        (_, Outcome::Committed, _) => committed += 1,
-                        _ => aborted += 1,
+                    // One client locks west first: its transfers cross the others', and
+                    // deadlock. A victim is retried, as a client retries PostgreSQL's own
+                    // deadlock errors.
+                    let amount = ((c + i) % 7 + 1) as i64;
+                    let west_first = c == 0;
+                    loop {
+                        match bank.transfer("carol", "dave", amount, west_first).await? {
+                            (_, Outcome::Committed, _) => committed += 1,
+                            (_, _, reason) if reason.contains("distributed deadlock") => {
+                                deadlocks += 1;
+                                // A little jitter, so the two do not collide again at once.
+                                let pause = rand::random_range(5..50);
+                                tokio::time::sleep(Duration::from_millis(pause)).await;
+                                continue;
+                            }
+                            _ => aborted += 1,
+                        }
+                        break;
                     }
                     progress.inc(1);
                 }
-                Ok::<_, anyhow::Error>((committed, aborted))
+                Ok::<_, anyhow::Error>((committed, aborted, deadlocks))
             })
         })
         .collect();
-    let (mut committed, mut aborted) = (0, 0);
+    let (mut committed, mut aborted, mut deadlocks) = (0, 0, 0);
     for t in tasks {
-        let (c, a) = t.await??;
+        let (c, a, d) = t.await??;
         committed += c;
         aborted += a;
+        deadlocks += d;
     }
     progress.finish_and_clear();
     let elapsed = started.elapsed();
     let after = total(east).await? + total(west).await?;
     println!(
-        "   {committed} committed, {aborted} aborted (lock timeouts) in {:.1}s ({:.0} transfers/s)",
+        "   {committed} committed, {aborted} aborted in {:.1}s ({:.0} transfers/s); {deadlocks} distributed deadlocks broken by the coordinator, each victim retried",
         elapsed.as_secs_f64(),
         (committed + aborted) as f64 / elapsed.as_secs_f64()
     );

@@ -68,6 +68,14 @@ enum Command {
         #[arg(long)]
         participant: String,
     },
+    /// Who waits for whom: the global wait-for graph of the live transactions' statements
+    /// blocked on locks, asked of their participants now. A cycle across databases is a
+    /// distributed deadlock, which the coordinator breaks within about a second.
+    Locks {
+        /// Only waits at least this long (ms).
+        #[arg(long, default_value_t = 0)]
+        min_wait_ms: u32,
+    },
     /// Resolve a stuck transaction by hand. At the coordinator (default): declare the branches
     /// still owed phase 2 finished (their participant is gone for good); it never reverses a
     /// decision. With --participant: commit or roll back that participant's prepared branch
@@ -201,6 +209,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Show { txn_id } => show(&cli.coordinator, txn_id, json).await,
         Command::Abort { txn_id, reason } => abort(&cli.coordinator, txn_id, reason, json).await,
         Command::InDoubt { participant } => in_doubt(&participant, json).await,
+        Command::Locks { min_wait_ms } => locks(&cli.coordinator, min_wait_ms, json).await,
         Command::Resolve(r) => resolve(&cli.coordinator, r, json).await,
     }
 }
@@ -276,6 +285,49 @@ async fn abort(url: &str, txn_id: String, reason: String, json: bool) -> Result<
     Ok(())
 }
 
+/// `locks`: the global wait-for graph.
+async fn locks(url: &str, min_wait_ms: u32, json: bool) -> Result<()> {
+    let resp = coordinator(url)?
+        .list_lock_waits(proto::ListLockWaitsRequest { min_wait_ms })
+        .await?
+        .into_inner();
+    if json {
+        let waits: Vec<Json> = resp
+            .waits
+            .iter()
+            .map(|w| {
+                json!({"participant_id": w.participant_id, "waiter_txn_id": w.waiter_txn_id,
+                    "holder_txn_id": w.holder_txn_id, "holder": w.holder,
+                    "waited_ms": w.waited_ms, "lock": w.lock})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"waits": waits, "unreachable": resp.unreachable})
+        );
+        return Ok(());
+    }
+    let mut t = table(&["waiter", "waits for", "on", "for", "lock"]);
+    for w in &resp.waits {
+        t.add_row(vec![
+            w.waiter_txn_id.clone(),
+            w.holder.clone(),
+            w.participant_id.clone(),
+            format!("{:.1}s", f64::from(w.waited_ms) / 1000.0),
+            w.lock.clone(),
+        ]);
+    }
+    println!(
+        "{t}
+{} wait(s)",
+        resp.waits.len()
+    );
+    for u in &resp.unreachable {
+        println!("not asked: {u}");
+    }
+    Ok(())
+}
+
 /// `in-doubt`: a participant's prepared branches.
 async fn in_doubt(participant: &str, json: bool) -> Result<()> {
     let resp = ParticipantClient::new(channel(participant)?)
@@ -335,6 +387,7 @@ async fn resolve(url: &str, r: Resolve, json: bool) -> Result<()> {
                 txn_id: r.txn_id.clone(),
                 xid: branch.xid,
                 coordinator_id: branch.coordinator_id.clone(),
+                ..Default::default()
             });
             req.metadata_mut().insert(
                 "x-twopc-operator",

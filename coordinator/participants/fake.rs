@@ -9,10 +9,10 @@
 //! coordinator by dropping its whole runtime while calls into this are in flight, and the
 //! participants must outlive it, as real ones outlive a coordinator process.
 
-use super::{Participants, PeerError};
-use crate::proto::TxnId;
+use super::{Ending, Participants, PeerError};
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
+use crate::proto::{LockWait, TxnId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,6 +90,10 @@ struct Node {
     calls: Vec<Call>,
     /// Branches that ended against what was asked. Must stay 0.
     alarms: usize,
+    /// What `Waits` answers (a test sets it: the fake has no locks of its own).
+    waits: Vec<LockWait>,
+    /// The cause each rollback carried, by txn.
+    causes: HashMap<TxnId, (String, String)>,
 }
 
 /// A request a fake participant received.
@@ -159,6 +163,16 @@ impl FakeParticipants {
         });
     }
 
+    /// What `Waits` at `endpoint` answers from now on.
+    pub fn set_waits(&self, endpoint: &str, waits: Vec<LockWait>) {
+        self.with(endpoint, |n| n.waits = waits);
+    }
+
+    /// The reason and SQLSTATE the rollback of `txn` at `endpoint` carried, if one came.
+    pub fn abort_cause(&self, endpoint: &str, txn: TxnId) -> Option<(String, String)> {
+        self.with(endpoint, |n| n.causes.get(&txn).cloned())
+    }
+
     fn with<T>(&self, endpoint: &str, f: impl FnOnce(&mut Node) -> T) -> T {
         f(self
             .nodes
@@ -226,10 +240,14 @@ impl Participants for FakeParticipants {
         endpoint: &str,
         txn: TxnId,
         _xid: u64,
-        commit: bool,
+        ending: &Ending,
         timeout: Duration,
     ) -> Result<(), PeerError> {
+        let commit = ending.is_commit();
         let result = self.with(endpoint, |n| {
+            if let Ending::RollBack { reason, sqlstate } = ending {
+                n.causes.insert(txn, (reason.clone(), sqlstate.clone()));
+            }
             n.calls.push(if commit {
                 Call::Commit(txn)
             } else {
@@ -284,6 +302,24 @@ impl Participants for FakeParticipants {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn waits(
+        &self,
+        endpoint: &str,
+        min_wait: Duration,
+        _timeout: Duration,
+    ) -> Result<Vec<LockWait>, PeerError> {
+        self.with(endpoint, |n| {
+            if n.behaviour.down {
+                return Err(PeerError::Unreachable("connection refused".into()));
+            }
+            Ok(n.waits
+                .iter()
+                .filter(|w| u128::from(w.waited_ms) >= min_wait.as_millis())
+                .cloned()
+                .collect())
+        })
     }
 
     async fn commit_one_phase(

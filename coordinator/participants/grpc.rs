@@ -1,13 +1,15 @@
 //! Participants over gRPC: one lazily connected channel per endpoint, shared by every
 //! transaction that enlists it.
 
-use super::{Participants, PeerError};
+use super::{Ending, Participants, PeerError};
 use crate::process::auth::Bearer;
 use crate::process::tls::Tls;
 use crate::proto::participant_client::ParticipantClient;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
-use crate::proto::{BranchRequest, CommitOnePhaseRequest, PrepareRequest, TxnId};
+use crate::proto::{
+    BranchRequest, CommitOnePhaseRequest, LockWait, PrepareRequest, TxnId, WaitsRequest,
+};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -145,19 +147,25 @@ impl Participants for GrpcParticipants {
         endpoint: &str,
         txn: TxnId,
         xid: u64,
-        commit: bool,
+        ending: &Ending,
         timeout: Duration,
     ) -> Result<(), PeerError> {
         let mut client = self.client(endpoint).map_err(peer_error)?;
+        let (abort_reason, abort_sqlstate) = match ending {
+            Ending::Commit => Default::default(),
+            Ending::RollBack { reason, sqlstate } => (reason.clone(), sqlstate.clone()),
+        };
         let mut req = tonic::Request::new(BranchRequest {
             txn_id: txn.to_string(),
             xid,
             coordinator_id: self.coordinator_id.clone(),
+            abort_reason,
+            abort_sqlstate,
         });
         req.set_timeout(timeout);
         trace(&mut req, txn);
         let call = async {
-            if commit {
+            if ending.is_commit() {
                 client.commit(req).await
             } else {
                 client.rollback(req).await
@@ -168,6 +176,25 @@ impl Participants for GrpcParticipants {
                 "no answer from {endpoint} within {timeout:?}"
             ))),
             Ok(r) => r.map(|_| ()).map_err(peer_error),
+        }
+    }
+
+    async fn waits(
+        &self,
+        endpoint: &str,
+        min_wait: Duration,
+        timeout: Duration,
+    ) -> Result<Vec<LockWait>, PeerError> {
+        let mut client = self.client(endpoint).map_err(peer_error)?;
+        let mut req = tonic::Request::new(WaitsRequest {
+            min_wait_ms: u32::try_from(min_wait.as_millis()).unwrap_or(u32::MAX),
+        });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.waits(req)).await {
+            Err(_) => Err(PeerError::Unreachable(format!(
+                "no answer from {endpoint} within {timeout:?}"
+            ))),
+            Ok(r) => r.map(|r| r.into_inner().waits).map_err(peer_error),
         }
     }
 }

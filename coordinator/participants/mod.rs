@@ -12,8 +12,8 @@ mod grpc;
 
 pub use grpc::GrpcParticipants;
 
-use crate::proto::TxnId;
 use crate::proto::vote::{OnePhaseOutcome, Vote};
+use crate::proto::{LockWait, TxnId};
 use std::future::Future;
 use std::time::Duration;
 
@@ -36,16 +36,25 @@ pub trait Participants: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Vote> + Send;
 
-    /// Phase 2 for one branch: COMMIT PREPARED (`commit`) or a rollback. `xid` (0 if unknown)
-    /// lets the participant tell how a branch whose gid is gone really ended.
+    /// Phase 2 for one branch: COMMIT PREPARED or a rollback. `xid` (0 if unknown) lets the
+    /// participant tell how a branch whose gid is gone really ended.
     fn finish(
         &self,
         endpoint: &str,
         txn: TxnId,
         xid: u64,
-        commit: bool,
+        ending: &Ending,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
+    /// The waits for locks, at least `min_wait` old, of the branches at `endpoint`
+    /// (`Participant.Waits`), for the deadlock detector.
+    fn waits(
+        &self,
+        endpoint: &str,
+        min_wait: Duration,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<LockWait>, PeerError>> + Send;
 
     /// One-phase commit of a lone branch: the participant's COMMIT decides. `forget`: earlier
     /// one-phase transactions whose end is durable here, whose markers it may delete. An
@@ -64,6 +73,24 @@ pub trait Participants: Send + Sync + 'static {
         endpoint: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<Vec<TxnId>, PeerError>> + Send;
+}
+
+/// What phase 2 asks of a branch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Commit,
+    /// A rollback, with the abort's reason and its SQLSTATE (empty if it has none): a statement
+    /// of the branch still running is cancelled, and its Execute fails with these.
+    RollBack {
+        reason: String,
+        sqlstate: String,
+    },
+}
+
+impl Ending {
+    pub fn is_commit(&self) -> bool {
+        matches!(self, Ending::Commit)
+    }
 }
 
 /// Why a phase-2 or recovery call did not succeed.
