@@ -13,12 +13,13 @@ use super::core::{Coordinator, Limits};
 use super::log::MemLog;
 use super::participants::fake::FakeParticipants;
 use super::service::Service;
+use crate::proto::fuzzing::{self, run_case, text};
 use crate::proto::{self, TxnId, coordinator_server::Coordinator as _};
 use proptest::prelude::*;
 use prost::Message;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 /// A txn id as a stranger might send one.
 #[derive(Clone, Debug)]
@@ -51,15 +52,6 @@ enum Call {
     /// Arbitrary bytes decoded as the request of method `n` (modulo the methods); called if
     /// they decode.
     Raw(u8, Vec<u8>),
-}
-
-/// Text: mostly short, sometimes long, any Unicode.
-fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => "\\PC{0,24}",
-        1 => "(?s).{0,3000}",
-        1 => Just(String::new()),
-    ]
 }
 
 fn id() -> impl Strategy<Value = Id> {
@@ -99,20 +91,6 @@ fn call() -> impl Strategy<Value = Call> {
         2 => (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(m, b)| Call::Raw(m, b)),
     ]
-}
-
-/// Statuses a client can act on. INTERNAL, UNKNOWN and the like would mean a bug or a panic.
-fn actionable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::ResourceExhausted
-            | Code::PermissionDenied
-            | Code::Unavailable
-            | Code::Aborted
-    )
 }
 
 /// One case's coordinator and what it has handed out.
@@ -158,10 +136,44 @@ impl Target {
         }
     }
 
-    /// Makes the call; `Err` with what went wrong if its answer is not acceptable.
-    async fn call(&mut self, call: &Call) -> Result<(), String> {
+    /// Raw bytes as a request of one of the methods; bytes that do not decode are what tonic
+    /// itself refuses, before any of our code runs.
+    async fn raw(&mut self, method: u8, bytes: &[u8]) -> Result<(), Status> {
         let s = &self.service;
-        let answer: Result<(), Status> = match call {
+        macro_rules! call {
+            ($ty:ty, $method:ident) => {
+                match <$ty>::decode(bytes) {
+                    Ok(req) => s.$method(Request::new(req)).await.map(drop),
+                    Err(_) => Ok(()),
+                }
+            };
+        }
+        match method % 9 {
+            0 => match proto::BeginRequest::decode(bytes) {
+                Ok(req) => s
+                    .begin(Request::new(req))
+                    .await
+                    .map(|r| self.begun.push(r.into_inner().txn_id)),
+                Err(_) => Ok(()),
+            },
+            1 => call!(proto::CommitRequest, commit),
+            2 => call!(proto::AbortRequest, abort),
+            3 => call!(proto::GetTransactionRequest, get_transaction),
+            4 => call!(proto::ListTransactionsRequest, list_transactions),
+            5 => call!(proto::RegisterBranchRequest, register_branch),
+            6 => call!(proto::QueryOutcomeRequest, query_outcome),
+            7 => call!(proto::ListLockWaitsRequest, list_lock_waits),
+            _ => call!(proto::ResolveTransactionRequest, resolve_transaction),
+        }
+    }
+}
+
+impl fuzzing::Target for Target {
+    type Call = Call;
+
+    async fn call(&mut self, call: &Call) -> Result<(), Status> {
+        let s = &self.service;
+        match call {
             Call::Begin(timeout_ms, label) => s
                 .begin(Request::new(proto::BeginRequest {
                     timeout_ms: *timeout_ms,
@@ -234,41 +246,6 @@ impl Target {
                 .await
                 .map(drop),
             Call::Raw(method, bytes) => self.raw(*method, bytes).await,
-        };
-        match answer {
-            Err(status) if !actionable(&status) => Err(format!("{call:?} answered {status:?}")),
-            _ => Ok(()),
-        }
-    }
-
-    /// Raw bytes as a request of one of the methods; bytes that do not decode are what tonic
-    /// itself refuses, before any of our code runs.
-    async fn raw(&mut self, method: u8, bytes: &[u8]) -> Result<(), Status> {
-        let s = &self.service;
-        macro_rules! call {
-            ($ty:ty, $method:ident) => {
-                match <$ty>::decode(bytes) {
-                    Ok(req) => s.$method(Request::new(req)).await.map(drop),
-                    Err(_) => Ok(()),
-                }
-            };
-        }
-        match method % 9 {
-            0 => match proto::BeginRequest::decode(bytes) {
-                Ok(req) => s
-                    .begin(Request::new(req))
-                    .await
-                    .map(|r| self.begun.push(r.into_inner().txn_id)),
-                Err(_) => Ok(()),
-            },
-            1 => call!(proto::CommitRequest, commit),
-            2 => call!(proto::AbortRequest, abort),
-            3 => call!(proto::GetTransactionRequest, get_transaction),
-            4 => call!(proto::ListTransactionsRequest, list_transactions),
-            5 => call!(proto::RegisterBranchRequest, register_branch),
-            6 => call!(proto::QueryOutcomeRequest, query_outcome),
-            7 => call!(proto::ListLockWaitsRequest, list_lock_waits),
-            _ => call!(proto::ResolveTransactionRequest, resolve_transaction),
         }
     }
 
@@ -301,29 +278,6 @@ impl Target {
     }
 }
 
-/// How long one call may take: the longest wait a call can make here is Commit's, bounded by
-/// the prepare timeout and the commit wait above.
-const CALL_BOUND: Duration = Duration::from_secs(5);
-
-fn run_case(calls: &[Call]) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut target = Target::new();
-        for call in calls {
-            tokio::time::timeout(CALL_BOUND, target.call(call))
-                .await
-                .map_err(|_| format!("{call:?} did not answer within {CALL_BOUND:?}"))??;
-        }
-        match target.leftovers().await {
-            Some(left) => Err(left),
-            None => Ok(()),
-        }
-    })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -331,7 +285,7 @@ proptest! {
     fn any_sequence_of_requests_gets_actionable_answers_and_leaks_nothing(
         calls in proptest::collection::vec(call(), 1..24)
     ) {
-        if let Err(problem) = run_case(&calls) {
+        if let Err(problem) = run_case(Target::new, &calls) {
             prop_assert!(false, "{}", problem);
         }
     }

@@ -11,11 +11,11 @@
 use super::core::Participant;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::service::Service;
+use crate::proto::fuzzing::{self, run_case, text};
 use crate::proto::{self, TxnId, participant_server::Participant as _, value::Kind};
 use proptest::prelude::*;
 use prost::Message;
-use std::time::Duration;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 /// The coordinator the fake enlists with.
 const COORDINATOR: &str = "fz";
@@ -41,14 +41,6 @@ enum Call {
     Recover(String),
     /// Arbitrary bytes decoded as the request of method `n` (modulo the methods).
     Raw(u8, Vec<u8>),
-}
-
-fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => "\\PC{0,24}",
-        1 => "(?s).{0,3000}",
-        1 => Just(String::new()),
-    ]
 }
 
 fn id() -> impl Strategy<Value = Id> {
@@ -115,20 +107,6 @@ fn call() -> impl Strategy<Value = Call> {
     ]
 }
 
-/// Statuses a client can act on. INTERNAL, UNKNOWN and the like would mean a bug or a panic.
-fn actionable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::ResourceExhausted
-            | Code::PermissionDenied
-            | Code::Unavailable
-            | Code::Aborted
-    )
-}
-
 /// One case's participant, and the ids it works on.
 struct Target {
     service: Service<FakeDatabase, FakeCoordinator>,
@@ -165,9 +143,36 @@ impl Target {
         }
     }
 
-    async fn call(&self, call: &Call) -> Result<(), String> {
+    /// Raw bytes as a request of one of the methods; bytes that do not decode are what tonic
+    /// itself refuses, before any of our code runs.
+    async fn raw(&self, method: u8, bytes: &[u8]) -> Result<(), Status> {
         let s = &self.service;
-        let answer: Result<(), Status> = match call {
+        macro_rules! call {
+            ($ty:ty, $method:ident) => {
+                match <$ty>::decode(bytes) {
+                    Ok(req) => s.$method(Request::new(req)).await.map(drop),
+                    Err(_) => Ok(()),
+                }
+            };
+        }
+        match method % 7 {
+            0 => call!(proto::ExecuteRequest, execute),
+            1 => call!(proto::PrepareRequest, prepare),
+            2 => call!(proto::BranchRequest, commit),
+            3 => call!(proto::BranchRequest, rollback),
+            4 => call!(proto::CommitOnePhaseRequest, commit_one_phase),
+            5 => call!(proto::WaitsRequest, waits),
+            _ => call!(proto::RecoverRequest, recover),
+        }
+    }
+}
+
+impl fuzzing::Target for Target {
+    type Call = Call;
+
+    async fn call(&mut self, call: &Call) -> Result<(), Status> {
+        let s = &self.service;
+        match call {
             Call::Execute(id, sql, params) => s
                 .execute(Request::new(proto::ExecuteRequest {
                     txn_id: self.id(id),
@@ -216,33 +221,6 @@ impl Target {
                 .await
                 .map(drop),
             Call::Raw(method, bytes) => self.raw(*method, bytes).await,
-        };
-        match answer {
-            Err(status) if !actionable(&status) => Err(format!("{call:?} answered {status:?}")),
-            _ => Ok(()),
-        }
-    }
-
-    /// Raw bytes as a request of one of the methods; bytes that do not decode are what tonic
-    /// itself refuses, before any of our code runs.
-    async fn raw(&self, method: u8, bytes: &[u8]) -> Result<(), Status> {
-        let s = &self.service;
-        macro_rules! call {
-            ($ty:ty, $method:ident) => {
-                match <$ty>::decode(bytes) {
-                    Ok(req) => s.$method(Request::new(req)).await.map(drop),
-                    Err(_) => Ok(()),
-                }
-            };
-        }
-        match method % 7 {
-            0 => call!(proto::ExecuteRequest, execute),
-            1 => call!(proto::PrepareRequest, prepare),
-            2 => call!(proto::BranchRequest, commit),
-            3 => call!(proto::BranchRequest, rollback),
-            4 => call!(proto::CommitOnePhaseRequest, commit_one_phase),
-            5 => call!(proto::WaitsRequest, waits),
-            _ => call!(proto::RecoverRequest, recover),
         }
     }
 
@@ -265,28 +243,6 @@ impl Target {
     }
 }
 
-/// How long one call may take: nothing here waits on anything but the in-memory fakes.
-const CALL_BOUND: Duration = Duration::from_secs(5);
-
-fn run_case(calls: &[Call]) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let target = Target::new();
-        for call in calls {
-            tokio::time::timeout(CALL_BOUND, target.call(call))
-                .await
-                .map_err(|_| format!("{call:?} did not answer within {CALL_BOUND:?}"))??;
-        }
-        match target.leftovers().await {
-            Some(left) => Err(left),
-            None => Ok(()),
-        }
-    })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
@@ -294,7 +250,7 @@ proptest! {
     fn any_sequence_of_requests_gets_actionable_answers_and_leaks_nothing(
         calls in proptest::collection::vec(call(), 1..24)
     ) {
-        if let Err(problem) = run_case(&calls) {
+        if let Err(problem) = run_case(Target::new, &calls) {
             prop_assert!(false, "{}", problem);
         }
     }

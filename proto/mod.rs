@@ -2,6 +2,8 @@
 //! server reflection), and what both sides of the protocol read from it: the transaction id,
 //! the names coordinators and participants go by ([`names`]), and a branch's [`vote`].
 
+#[cfg(test)]
+pub mod fuzzing;
 pub mod names;
 mod txn_id;
 pub mod vote;
