@@ -1,0 +1,309 @@
+//! The Rust client: global transactions as a service uses them.
+//!
+//! - [`Client`]: a coordinator connection (with TLS and a token when the servers want them),
+//!   and one connection per participant it reaches, made on first use and shared.
+//! - [`Transaction`]: one global transaction. [`Transaction::execute`] runs a statement on a
+//!   participant with typed parameters and rows ([`value`]); [`Transaction::commit`] answers
+//!   with the outcome, an abort as [`Error::Aborted`]. The idempotent calls (Commit, Abort) are
+//!   retried on transient errors; a transaction dropped unfinished is aborted in the background.
+//! - [`transact`] ([`ambient`]): begin, or join the transaction already in the task's context,
+//!   run the work, and commit on `Ok` / abort on `Err` or panic. Nested calls share one
+//!   transaction; the outermost commits.
+//! - [`propagation`]: tower layers that carry the ambient transaction across gRPC calls in
+//!   `twopc-txn-id` metadata, for any tonic client and server.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), twopc::client::Error> {
+//! use twopc::client::{Client, transact};
+//!
+//! let client = Client::connect("http://127.0.0.1:50051")?;
+//! let east = "http://127.0.0.1:50061";
+//! let west = "http://127.0.0.1:50062";
+//! transact(&client, |tx| async move {
+//!     tx.execute(east, "UPDATE acct SET bal = bal - $1 WHERE id = $2", &[&30i64, &1i64]).await?;
+//!     tx.execute(west, "UPDATE acct SET bal = bal + $1 WHERE id = $2", &[&30i64, &1i64]).await?;
+//!     Ok::<_, twopc::client::Error>(())
+//! })
+//! .await
+//! # }
+//! ```
+
+pub mod ambient;
+mod error;
+pub mod propagation;
+pub mod value;
+
+pub use ambient::{Options, transact, transact_with};
+pub use error::Error;
+pub use value::{FromValue, Rows, ToValue};
+
+use crate::process::auth::Bearer;
+use crate::process::tls::Tls;
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::participant_client::ParticipantClient;
+use crate::proto::{self, Outcome, TxnId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// How often, and how patiently, idempotent calls are retried on transient errors.
+const RETRIES: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A connection to a coordinator, and to the participants its transactions run statements on.
+/// Cheap to clone; clones share the connections.
+#[derive(Clone)]
+pub struct Client {
+    coordinator: CoordinatorClient<Authed>,
+    participants: Arc<Mutex<HashMap<String, ParticipantClient<Authed>>>>,
+    tls: Tls,
+    bearer: Bearer,
+}
+
+impl Client {
+    /// A client of the coordinator at `url`, in plaintext and without a token. Connects on
+    /// first use (and again after a failure), so this fails only on a malformed URL.
+    pub fn connect(url: &str) -> Result<Client, Error> {
+        Client::with_security(url, Tls::default(), None)
+    }
+
+    /// A client that dials with `tls` (https:// servers, with a client certificate for mTLS)
+    /// and sends `token` as `authorization: Bearer …` on every call.
+    pub fn with_security(url: &str, tls: Tls, token: Option<&str>) -> Result<Client, Error> {
+        let bearer = Bearer::new(token);
+        let channel = Client::channel(&tls, url)?;
+        Ok(Client {
+            coordinator: CoordinatorClient::new(InterceptedService::new(channel, bearer.clone())),
+            participants: Arc::default(),
+            tls,
+            bearer,
+        })
+    }
+
+    fn channel(tls: &Tls, url: &str) -> Result<Channel, Error> {
+        Ok(tls
+            .endpoint(url)
+            .map_err(|e| Error::Invalid(format!("{url}: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy())
+    }
+
+    fn participant(&self, url: &str) -> Result<ParticipantClient<Authed>, Error> {
+        let mut participants = self.participants.lock().unwrap();
+        if let Some(p) = participants.get(url) {
+            return Ok(p.clone());
+        }
+        let channel = Client::channel(&self.tls, url)?;
+        let p = ParticipantClient::new(InterceptedService::new(channel, self.bearer.clone()));
+        participants.insert(url.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Begins a global transaction that aborts if it is still open after `timeout` (`None`:
+    /// the coordinator's default). `label` shows in `twopcctl list`. Not retried: a Begin
+    /// whose answer was lost leaves an empty transaction behind, which its deadline ends.
+    pub async fn begin(
+        &self,
+        timeout: Option<Duration>,
+        label: &str,
+    ) -> Result<Transaction, Error> {
+        let timeout_ms = timeout.map_or(0, |t| {
+            u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1)
+        });
+        let resp = self
+            .coordinator
+            .clone()
+            .begin(proto::BeginRequest {
+                timeout_ms,
+                label: label.to_string(),
+            })
+            .await
+            .map_err(|s| Error::from_status(&s))?
+            .into_inner();
+        let id = resp
+            .txn_id
+            .parse()
+            .map_err(|e| Error::Invalid(format!("the coordinator answered a bad txn id: {e}")))?;
+        Ok(Transaction::new(self.clone(), id, true))
+    }
+
+    /// A transaction begun elsewhere (another service handed its id over): this handle runs
+    /// statements in it, but dropping it aborts nothing; its owner commits or aborts it.
+    pub fn join(&self, id: TxnId) -> Transaction {
+        Transaction::new(self.clone(), id, false)
+    }
+
+    /// Retries `call` while it fails transiently, with backoff: only for idempotent calls.
+    async fn retried<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && attempt < RETRIES => {
+                    tracing::debug!(error = %e, attempt, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// How a Commit ended well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Committed, but some participant has not acknowledged yet: its data becomes visible
+    /// there once it does (the coordinator keeps at it).
+    pub branches_pending: bool,
+}
+
+/// One global transaction. Clones are handles on the same transaction (the ambient context
+/// hands them out); the last handle of one this process began aborts it if nobody ended it.
+#[derive(Clone)]
+pub struct Transaction {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: TxnId,
+    client: Client,
+    /// Begun here: this process ends it, and aborts it when dropped open.
+    owned: bool,
+    ended: Mutex<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.owned || *self.ended.lock().unwrap() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(txn_id = %self.id, "a transaction was dropped open outside a runtime: its deadline will abort it");
+            return;
+        };
+        let (client, id) = (self.client.clone(), self.id);
+        tracing::debug!(txn_id = %id, "dropped without commit: aborting");
+        runtime.spawn(async move {
+            let _ = abort(&client, id, "dropped by the client without commit").await;
+        });
+    }
+}
+
+impl Transaction {
+    fn new(client: Client, id: TxnId, owned: bool) -> Transaction {
+        Transaction {
+            inner: Arc::new(Inner {
+                id,
+                client,
+                owned,
+                ended: Mutex::new(false),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> TxnId {
+        self.inner.id
+    }
+
+    /// The client this transaction runs on.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// Runs `sql` with `params` ($1, $2, ...) in this transaction's branch on the participant
+    /// at `participant` (its URL). Not retried: a statement is not idempotent. A failed
+    /// statement dooms the transaction.
+    pub async fn execute(
+        &self,
+        participant: &str,
+        sql: &str,
+        params: &[&(dyn ToValue + Sync)],
+    ) -> Result<Rows, Error> {
+        let resp = self
+            .inner
+            .client
+            .participant(participant)?
+            .execute(proto::ExecuteRequest {
+                txn_id: self.inner.id.to_string(),
+                sql: sql.to_string(),
+                params: params.iter().map(|p| p.to_value()).collect(),
+            })
+            .await
+            .map_err(|s| Error::from_status(&s))?
+            .into_inner();
+        Ok(Rows {
+            affected: resp.rows_affected,
+            columns: resp.columns,
+            rows: resp.rows.into_iter().map(|r| r.values).collect(),
+        })
+    }
+
+    /// Commits: `Ok` once the decision is durable, [`Error::Aborted`] if the transaction
+    /// aborted instead. Retried while the coordinator cannot be reached (Commit is
+    /// idempotent); an [`Error::Rpc`] after that means the outcome is not known here yet.
+    pub async fn commit(&self) -> Result<Committed, Error> {
+        let (client, id) = (&self.inner.client, self.inner.id);
+        let resp = client
+            .retried(|| async {
+                client
+                    .coordinator
+                    .clone()
+                    .commit(proto::CommitRequest {
+                        txn_id: id.to_string(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| Error::from_status(&s))
+            })
+            .await?;
+        *self.inner.ended.lock().unwrap() = true;
+        match resp.outcome() {
+            Outcome::Committed => Ok(Committed {
+                branches_pending: resp.branches_pending,
+            }),
+            Outcome::Aborted => Err(Error::Aborted {
+                sqlstate: error::sqlstate_in(&resp.reason),
+                reason: resp.reason,
+            }),
+            other => Err(Error::Rpc {
+                code: tonic::Code::Unavailable,
+                message: format!("the coordinator answered Commit with {other:?}; ask again"),
+            }),
+        }
+    }
+
+    /// Aborts (unless it is already decided; then nothing changes). Retried like Commit.
+    pub async fn abort(&self, reason: &str) -> Result<(), Error> {
+        abort(&self.inner.client, self.inner.id, reason).await?;
+        *self.inner.ended.lock().unwrap() = true;
+        Ok(())
+    }
+}
+
+async fn abort(client: &Client, id: TxnId, reason: &str) -> Result<Outcome, Error> {
+    client
+        .retried(|| async {
+            client
+                .coordinator
+                .clone()
+                .abort(proto::AbortRequest {
+                    txn_id: id.to_string(),
+                    reason: reason.to_string(),
+                })
+                .await
+                .map(|r| r.into_inner().outcome())
+                .map_err(|s| Error::from_status(&s))
+        })
+        .await
+}
