@@ -148,6 +148,11 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         })
     }
 
+    /// Where the coordinator reaches this participant.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
     fn find(&self, txn: TxnId) -> Found<D> {
         let table = self.branches.lock().unwrap();
         if let Some(open) = table.open.get(&txn) {
@@ -189,6 +194,54 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             id => id,
         };
         Ok(Gid::new(owner, txn)?)
+    }
+
+    /// Runs `work` on the connection that holds `txn`'s branch here, opening the branch
+    /// (enlisted with the coordinator, `BEGIN` sent) on first use: how a service that embeds
+    /// the participant runs its own statements in a global transaction, with the database
+    /// driver's own API and no gRPC hop per statement (`embedded.rs`). The branch is locked
+    /// while `work` runs, as during an Execute; if `work` fails, the branch is doomed (the
+    /// transaction can then only abort), exactly as after a failed statement.
+    pub async fn with_branch<T, E, F>(self: &Arc<Self>, txn: TxnId, work: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c D::Conn) -> futures::future::BoxFuture<'c, Result<T, E>>,
+        E: From<Error> + std::fmt::Display,
+    {
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => {
+                return Err(Error::from(self.ended(txn, "", state)?.not_active()).into());
+            }
+            Found::Unknown => self.open(txn).await?,
+        };
+        let mut slot = open.slot.lock().await;
+        slot.branch.check_execute().map_err(Error::from)?;
+        if slot.conn.is_none() {
+            let conn = self.db.conn().await?;
+            if let Err(e) = self.db.begin(&conn).await {
+                self.db.roll_back_open(conn).await;
+                return Err(Error::statement(txn, e).into());
+            }
+            *open.cancel.lock().await = Some(D::cancel_handle(&conn));
+            let pid = self.db.backend_pid(&conn).unwrap_or(0);
+            open.backend.store(pid, Ordering::Relaxed);
+            slot.conn = Some(conn);
+        }
+        let conn = slot
+            .conn
+            .as_ref()
+            .expect("an active branch has a connection");
+        *open.running_since.lock().unwrap() = Some(Instant::now());
+        let done = work(conn).await;
+        *open.running_since.lock().unwrap() = None;
+        if let Err(e) = &done {
+            let why = match open.aborted.lock().unwrap().clone() {
+                Some(cause) => cause.reason,
+                None => e.to_string(),
+            };
+            slot.branch.doom(why);
+        }
+        done
     }
 
     pub async fn execute(

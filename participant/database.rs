@@ -99,6 +99,10 @@ pub trait Database: Send + Sync + 'static {
         sql::Limits::default()
     }
 
+    /// Opens the branch's transaction on `conn` (for work that runs its own statements on it:
+    /// `Participant::with_branch`).
+    fn begin(&self, conn: &Self::Conn) -> impl Future<Output = Result<(), SqlError>> + Send;
+
     /// Runs a client's statement in the branch; with `begin`, opens its transaction first.
     fn execute(
         &self,

@@ -155,6 +155,11 @@ impl Database for FakeDatabase {
         Arc::clone(&conn.cancelled)
     }
 
+    async fn begin(&self, conn: &FakeConn) -> Result<(), SqlError> {
+        self.inner.lock().unwrap().open.insert(conn.id, None);
+        Ok(())
+    }
+
     fn backend_pid(&self, conn: &FakeConn) -> Option<i32> {
         i32::try_from(conn.id).ok()
     }

@@ -12,6 +12,8 @@
 //! - [`link`]: the line to the coordinator (RegisterBranch, QueryOutcome).
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
+//! - [`embedded`]: the same participant inside a service that owns its database, running the
+//!   service's own statements in the ambient global transaction.
 //! - [`health`]: `grpc.health.v1` status from PostgreSQL's and the coordinator's reachability.
 //! - [`service`]: the `twopc.v1.Participant` gRPC service; [`error`] maps errors to statuses.
 //! - `fake` (tests and the `testkit` feature): an in-memory database and coordinator;
@@ -20,6 +22,7 @@
 pub mod branch;
 pub mod core;
 pub mod database;
+pub mod embedded;
 pub mod error;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
@@ -87,12 +90,6 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let db = Postgres::new(&config.postgres, config.max_connections)?.with_limits(config.limits);
-    db.check_prepared_transactions_enabled().await?;
-    db.check_not_superuser(config.allow_superuser).await?;
-    if config.one_phase {
-        db.set_up_one_phase().await;
-    }
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         format!(
             "{}://{}",
@@ -102,17 +99,8 @@ pub async fn run(
                 .expect("a bound listener has an address")
         )
     });
-    let channel = config
-        .tls
-        .endpoint(&config.coordinator)
-        .map_err(|e| anyhow::anyhow!("coordinator URL {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, %advertise, postgres = db.target(), "participant serving");
-    let coordinator = GrpcCoordinator::new(channel.clone(), config.auth.bearer());
-    let core = Participant::new(config.id.clone(), advertise, db, coordinator);
-    core.spawn_resolver(config.resolve_interval);
+    let (core, channel) = start(&config, advertise).await?;
+    tracing::info!(participant_id = %config.id, addr = %listener.local_addr()?, advertise = %core.advertise(), postgres = core.db.target(), "participant serving");
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts out SERVING; nothing is known yet.
@@ -125,6 +113,32 @@ pub async fn run(
     };
     let (tls, gate) = (config.tls.server(), config.auth.gate());
     serve_with(listener, core, health_service, tls, gate, draining).await
+}
+
+/// The participant's core on PostgreSQL, checked and with its resolver running, reached by
+/// the coordinator at `advertise`; and the channel to the coordinator. What `run` serves, and
+/// what a service embeds (`embedded.rs`).
+pub(crate) async fn start(
+    config: &Config,
+    advertise: String,
+) -> anyhow::Result<(std::sync::Arc<Participant>, tonic::transport::Channel)> {
+    let db = Postgres::new(&config.postgres, config.max_connections)?.with_limits(config.limits);
+    db.check_prepared_transactions_enabled().await?;
+    db.check_not_superuser(config.allow_superuser).await?;
+    if config.one_phase {
+        db.set_up_one_phase().await;
+    }
+    let channel = config
+        .tls
+        .endpoint(&config.coordinator)
+        .map_err(|e| anyhow::anyhow!("coordinator URL {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let coordinator = GrpcCoordinator::new(channel.clone(), config.auth.bearer());
+    let core = Participant::new(config.id.clone(), advertise, db, coordinator);
+    core.spawn_resolver(config.resolve_interval);
+    Ok((core, channel))
 }
 
 /// Serves an already-built core, on any database and coordinator link, until `shutdown`: the

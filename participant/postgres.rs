@@ -369,7 +369,7 @@ impl Postgres {
     /// Gives a branch's connection back to the pool, off the caller's critical path: first it
     /// is cleaned, because a client's statements may have left session state behind (`SET`
     /// and `SET ROLE` survive PREPARE) that the next branch must not inherit.
-    fn release(conn: Object) {
+    pub(super) fn release(conn: Object) {
         tokio::spawn(async move {
             if conn.batch_execute(CLEAN_SESSION).await.is_err() {
                 drop(Object::take(conn));
@@ -540,6 +540,10 @@ impl Database for Postgres {
 
     fn limits(&self) -> sql::Limits {
         self.limits
+    }
+
+    async fn begin(&self, conn: &Object) -> Result<(), SqlError> {
+        Ok(conn.batch_execute("BEGIN").await?)
     }
 
     async fn execute(

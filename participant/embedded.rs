@@ -1,0 +1,105 @@
+//! The participant inside a service that owns its database.
+//!
+//! A service that keeps its own PostgreSQL database needs no participant process next to it:
+//! it starts an [`Embedded`] participant (its own pool, its resolver, the same core, gid, xid and
+//! PREPARE checks as the standalone `participant`), adds [`Embedded::service`] to its own tonic
+//! router so the coordinator can prepare and commit, and runs its statements with
+//! [`Embedded::transaction`]: inside an ambient global transaction (`client::transact`, or a
+//! request joined through `client::propagation::JoinLayer`) they run in that transaction's
+//! branch on this database; outside one, in a local transaction committed on the spot. Either
+//! way the work gets the database driver's own client: no gRPC hop per statement.
+//!
+//! ```no_run
+//! # async fn example(db: &twopc::participant::embedded::Embedded) -> Result<(), twopc::participant::error::Error> {
+//! let id: i64 = db
+//!     .transaction(|pg| Box::pin(async move {
+//!         let row = pg
+//!             .query_one("INSERT INTO entries (amount) VALUES ($1) RETURNING id", &[&25i64])
+//!             .await?;
+//!         Ok::<_, twopc::participant::error::Error>(row.get(0))
+//!     }))
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use super::core::Participant;
+use super::database::Database;
+use super::error::Error;
+use super::postgres::Postgres;
+use super::service::Service;
+use super::{Config, start};
+use crate::client::ambient;
+use crate::proto::participant_server::ParticipantServer;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+/// A participant running inside a service, on the service's database.
+#[derive(Clone)]
+pub struct Embedded {
+    core: Arc<Participant>,
+}
+
+impl Embedded {
+    /// Connects to `config.postgres` (checked as the standalone participant checks it) and
+    /// starts the in-doubt resolver. `config.advertise` is required: the URL at which the
+    /// service serves [`Embedded::service`], which is where the coordinator prepares and
+    /// commits this participant's branches.
+    pub async fn start(config: Config) -> anyhow::Result<Embedded> {
+        let advertise = config.advertise.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "an embedded participant needs `advertise`: the URL of the service it runs in"
+            )
+        })?;
+        let (core, _channel) = start(&config, advertise).await?;
+        tracing::info!(participant_id = %config.id, advertise = %core.advertise(), postgres = core.db.target(), "embedded participant ready");
+        Ok(Embedded { core })
+    }
+
+    /// The `twopc.v1.Participant` service, for the service's own router.
+    pub fn service(&self) -> ParticipantServer<Service<Postgres, super::link::GrpcCoordinator>> {
+        ParticipantServer::new(Service::new(Arc::clone(&self.core)))
+    }
+
+    /// Runs `work` on this database: in the ambient global transaction's branch here when the
+    /// task is inside one (its outcome is then the coordinator's, and a failure of `work`
+    /// dooms the whole transaction), else in a local transaction that commits when `work`
+    /// returns `Ok` and rolls back when it returns `Err`.
+    pub async fn transaction<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c tokio_postgres::Client) -> BoxFuture<'c, Result<T, E>>,
+        E: From<Error> + std::fmt::Display,
+    {
+        match ambient::current() {
+            Some(tx) => {
+                self.core
+                    .with_branch(tx.id(), |conn| work(conn.as_ref()))
+                    .await
+            }
+            None => self.local(work).await,
+        }
+    }
+
+    async fn local<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c tokio_postgres::Client) -> BoxFuture<'c, Result<T, E>>,
+        E: From<Error> + std::fmt::Display,
+    {
+        let db = &self.core.db;
+        let conn = db.conn().await?;
+        db.begin(&conn)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        match work(conn.as_ref()).await {
+            Ok(value) => {
+                conn.batch_execute("COMMIT").await.map_err(Error::from)?;
+                Postgres::release(conn);
+                Ok(value)
+            }
+            Err(e) => {
+                db.roll_back_open(conn).await;
+                Err(e)
+            }
+        }
+    }
+}
