@@ -1,4 +1,4 @@
-//! Compiles `proto/twopc/v1/*.proto` without a system `protoc`: `protox` parses the files into a
+//! Compiles `proto/twopc/v1/*.proto` (and the example services' protos) without a system `protoc`: `protox` parses the files into a
 //! descriptor set, tonic generates the code from it, and the encoded set is written to `OUT_DIR`
 //! so the servers can offer gRPC reflection.
 
@@ -20,5 +20,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("twopc_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    // The example services' own contracts (examples/proto), each with its descriptor set for
+    // reflection.
+    println!("cargo:rerun-if-changed=examples/proto");
+    for (name, file) in [
+        ("ledger", "examples/proto/ledger/v1/ledger.proto"),
+        ("audit", "examples/proto/audit/v1/audit.proto"),
+    ] {
+        let fds = protox::compile([file], ["examples/proto"])?;
+        std::fs::write(
+            out_dir.join(format!("{name}_descriptor.bin")),
+            fds.encode_to_vec(),
+        )?;
+        tonic_prost_build::configure().compile_fds(fds)?;
+    }
     Ok(())
 }

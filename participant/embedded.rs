@@ -29,10 +29,14 @@ use super::error::Error;
 use super::postgres::Postgres;
 use super::service::Service;
 use super::{Config, start};
+use crate::client::Client;
 use crate::client::ambient;
+use crate::client::propagation::JoinLayer;
 use crate::proto::participant_server::ParticipantServer;
 use futures::future::BoxFuture;
 use std::sync::Arc;
+use tonic::transport::server::Router;
+use tower_layer::{Identity, Stack};
 
 /// A participant running inside a service, on the service's database.
 #[derive(Clone)]
@@ -54,6 +58,35 @@ impl Embedded {
         let (core, _channel) = start(&config, advertise).await?;
         tracing::info!(participant_id = %config.id, advertise = %core.advertise(), postgres = core.db.target(), "embedded participant ready");
         Ok(Embedded { core })
+    }
+
+    /// A server for the service to add its own services to: the `twopc.v1.Participant`
+    /// service, health, gRPC reflection of twopc's contract and of `descriptor_sets` (the
+    /// service's own), and [`JoinLayer`] in front of everything, so that a request carrying
+    /// `twopc-txn-id` runs in that transaction (`client` is whom its handlers' nested
+    /// `transact` calls go to).
+    pub fn router(
+        &self,
+        client: Client,
+        descriptor_sets: &[&'static [u8]],
+    ) -> Result<Router<Stack<JoinLayer, Identity>>, tonic_reflection::server::Error> {
+        let mut v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        let mut v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for set in descriptor_sets {
+            v1 = v1.register_encoded_file_descriptor_set(set);
+            v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
+        }
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        Ok(tonic::transport::Server::builder()
+            .layer(JoinLayer::new(client))
+            .add_service(health)
+            .add_service(v1.build_v1()?)
+            .add_service(v1alpha.build_v1alpha()?)
+            .add_service(self.service()))
     }
 
     /// The `twopc.v1.Participant` service, for the service's own router.

@@ -1,0 +1,191 @@
+//! The example services (examples/ledger.rs, audit.rs, transfer.rs) as a system: two ledgers and
+//! an audit service, each with its own database and an embedded participant, and a transfer
+//! client. One global transaction runs through nested gRPC calls (transfer → ledger → audit)
+//! that carry it in metadata; it commits in all three databases, or in none when any of them,
+//! the innermost included, fails.
+
+mod support;
+
+#[allow(dead_code)]
+#[path = "../examples/audit.rs"]
+mod audit;
+#[allow(dead_code)]
+#[path = "../examples/ledger.rs"]
+mod ledger;
+#[allow(dead_code)]
+#[path = "../examples/transfer.rs"]
+mod transfer;
+
+use std::net::SocketAddr;
+use support::{PgCluster, System, eventually, pg_with, scalar};
+use tokio::net::TcpListener;
+
+struct Services {
+    sys: System,
+    ledger_a: (String, PgCluster),
+    ledger_b: (String, PgCluster),
+    audit: (String, PgCluster),
+}
+
+async fn listener() -> (TcpListener, SocketAddr, String) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr, format!("http://{addr}"))
+}
+
+/// A coordinator, and the three services, each on a database of its own; ledger A records its
+/// postings with the audit service.
+async fn services() -> Services {
+    let sys = System::start(0).await;
+    let coordinator = sys.url(sys.coordinator.addr);
+    let (audit_db, a_db, b_db) = (
+        pg_with("SELECT 1").await,
+        pg_with("SELECT 1").await,
+        pg_with("SELECT 1").await,
+    );
+    let (l, addr, audit_url) = listener().await;
+    let args = audit::Args {
+        listen: addr,
+        id: "audit".into(),
+        coordinator: coordinator.clone(),
+        postgres: audit_db.conn_str(),
+    };
+    tokio::spawn(audit::run(l, args, std::future::pending()));
+    let mut ledgers = Vec::new();
+    for (id, db, audit) in [
+        ("ledger-a", &a_db, Some(audit_url.clone())),
+        ("ledger-b", &b_db, None),
+    ] {
+        let (l, addr, url) = listener().await;
+        let args = ledger::Args {
+            listen: addr,
+            id: id.into(),
+            coordinator: coordinator.clone(),
+            postgres: db.conn_str(),
+            audit,
+        };
+        tokio::spawn(ledger::run(l, args, std::future::pending()));
+        ledgers.push(url);
+    }
+    let s = Services {
+        sys,
+        ledger_a: (ledgers[0].clone(), a_db),
+        ledger_b: (ledgers[1].clone(), b_db),
+        audit: (audit_url, audit_db),
+    };
+    for url in [&s.ledger_a.0, &s.ledger_b.0] {
+        eventually("the ledger serves", || async move {
+            ledger_client(url)
+                .await
+                .balance(ledger::pb::BalanceRequest::default())
+                .await
+                .is_ok()
+        })
+        .await;
+    }
+    s
+}
+
+async fn ledger_client(
+    url: &str,
+) -> ledger::pb::ledger_client::LedgerClient<tonic::transport::Channel> {
+    ledger::pb::ledger_client::LedgerClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect_lazy(),
+    )
+}
+
+impl Services {
+    fn transfer(&self, amount: i64, memo: &str) -> transfer::Args {
+        transfer::Args {
+            coordinator: self.sys.url(self.sys.coordinator.addr),
+            from: self.ledger_a.0.clone(),
+            to: self.ledger_b.0.clone(),
+            account: "alice".into(),
+            amount,
+            memo: memo.into(),
+        }
+    }
+
+    /// Alice's balance in each ledger, and how many postings the audit service holds.
+    async fn state(&self) -> (i64, i64, i64) {
+        let balance =
+            "SELECT coalesce(sum(balance), 0)::int8 FROM balances WHERE account = 'alice'";
+        (
+            scalar(&self.ledger_a.1, balance).await,
+            scalar(&self.ledger_b.1, balance).await,
+            scalar(&self.audit.1, "SELECT count(*) FROM records").await,
+        )
+    }
+
+    async fn nothing_prepared(&self) {
+        for db in [&self.ledger_a.1, &self.ledger_b.1, &self.audit.1] {
+            assert_eq!(
+                scalar(db, "SELECT count(*) FROM pg_prepared_xacts").await,
+                0
+            );
+        }
+    }
+
+    /// Alice opens her account in ledger A with 100: a Post outside any global transaction,
+    /// which commits on its own (and is audited on its own).
+    async fn open_account(&self) {
+        ledger_client(&self.ledger_a.0)
+            .await
+            .post(ledger::pb::PostRequest {
+                account: "alice".into(),
+                amount: 100,
+                memo: "opening".into(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_through_nested_services_commits_in_all_three_databases() {
+    let s = services().await;
+    s.open_account().await;
+
+    let entries = transfer::run(&s.transfer(30, "rent")).await;
+
+    assert!(entries.is_ok(), "{entries:?}");
+    assert_eq!(
+        s.state().await,
+        (70, 30, 2),
+        "debited, credited, and the debit audited"
+    );
+    s.nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_innermost_service_refuses_nothing_commits_anywhere() {
+    let s = services().await;
+    s.open_account().await;
+
+    // The audit service, called by ledger A inside the transaction, refuses an empty memo.
+    let refused = transfer::run(&s.transfer(30, "")).await;
+
+    let error = refused.unwrap_err().to_string();
+    assert!(error.contains("needs a memo"), "{error}");
+    assert_eq!(
+        s.state().await,
+        (100, 0, 1),
+        "only the opening, which committed on its own"
+    );
+    s.nothing_prepared().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdraft_in_one_ledger_aborts_the_transfer_everywhere() {
+    let s = services().await;
+    s.open_account().await;
+
+    let overdraft = transfer::run(&s.transfer(500, "too much")).await;
+
+    let error = overdraft.unwrap_err().to_string();
+    assert!(error.contains("would go negative"), "{error}");
+    assert_eq!(s.state().await, (100, 0, 1));
+    s.nothing_prepared().await;
+}
