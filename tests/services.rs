@@ -189,3 +189,116 @@ async fn an_overdraft_in_one_ledger_aborts_the_transfer_everywhere() {
     assert_eq!(s.state().await, (100, 0, 1));
     s.nothing_prepared().await;
 }
+
+/// grpcurl (installed into .venv by `scripts/setup`) with `args`, plaintext.
+async fn grpcurl(args: &[&str]) -> serde_json::Value {
+    let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("-plaintext").args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{}: {e} (run `bash scripts/setup`)", bin.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// As README shows it: a person begins a transaction at the coordinator, joins a ledger's Post
+/// to it with `-H 'twopc-txn-id: …'`, and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_post_joined_by_hand_with_grpcurl_commits_with_the_transaction() {
+    let s = services().await;
+    let coordinator = s.sys.coordinator.addr.to_string();
+    let ledger_b = s.ledger_b.0.trim_start_matches("http://").to_string();
+
+    let begun = grpcurl(&["-d", "{}", &coordinator, "twopc.v1.Coordinator/Begin"]).await;
+    let txn = begun["txnId"].as_str().unwrap().to_string();
+    let header = format!("twopc-txn-id: {txn}");
+    let post = r#"{"account": "alice", "amount": 5, "memo": "by hand"}"#;
+    grpcurl(&[
+        "-H",
+        &header,
+        "-d",
+        post,
+        &ledger_b,
+        "ledger.v1.Ledger/Post",
+    ])
+    .await;
+    let before = s.state().await;
+    let commit = format!(r#"{{"txn_id": "{txn}"}}"#);
+    let committed = grpcurl(&["-d", &commit, &coordinator, "twopc.v1.Coordinator/Commit"]).await;
+
+    assert_eq!(before, (0, 0, 0), "nothing visible before the commit");
+    assert_eq!(committed["outcome"], "OUTCOME_COMMITTED");
+    assert_eq!(s.state().await, (0, 5, 0));
+    s.nothing_prepared().await;
+}
+
+/// Runs an example client in another language; its exit status and what it printed.
+async fn example_client(program: &str, script: &str, args: Vec<String>) -> (bool, String) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // A path inside the repository (.venv's python), or a program on PATH (node).
+    let mut cmd = match root.join(program) {
+        inside if inside.exists() => std::process::Command::new(inside),
+        _ => std::process::Command::new(program),
+    };
+    cmd.arg(root.join(script)).args(args).current_dir(&root);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{program}: {e} (run `bash scripts/setup`)"));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
+}
+
+/// examples/python/transfer.py (grpcio) and examples/node/transfer.js (@grpc/grpc-js) do what
+/// `transfer` does, from stubs made from the same .proto files: metadata is all it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_and_node_clients_transfer_and_abort_as_the_rust_one_does() {
+    let s = services().await;
+    s.open_account().await;
+    let args = |amount: i64| {
+        let t = s.transfer(amount, "from another language");
+        vec![
+            "--coordinator".into(),
+            t.coordinator,
+            "--from".into(),
+            t.from,
+            "--to".into(),
+            t.to,
+            "--account".into(),
+            t.account,
+            "--amount".into(),
+            amount.to_string(),
+        ]
+    };
+
+    for (program, script) in [
+        (".venv/bin/python", "examples/python/transfer.py"),
+        ("node", "examples/node/transfer.js"),
+    ] {
+        let (ok, printed) = example_client(program, script, args(10)).await;
+        assert!(ok && printed.contains("committed"), "{script}: {printed}");
+        let (ok, printed) = example_client(program, script, args(1000)).await;
+        assert!(
+            !ok && printed.contains("would go negative"),
+            "{script}: {printed}"
+        );
+    }
+
+    assert_eq!(
+        s.state().await,
+        (80, 20, 3),
+        "two transfers, each debit audited"
+    );
+    s.nothing_prepared().await;
+}
