@@ -80,6 +80,14 @@ impl<D: Database> OpenBranch<D> {
         self.slot.lock().await
     }
 
+    /// Gives the branch the connection its transaction runs on, reachable for a cancel and
+    /// named by its server process for the lock tables.
+    async fn attach(&self, slot: &mut Slot<D>, conn: D::Conn, backend: Option<i32>) {
+        *self.cancel.lock().await = Some(D::cancel_handle(&conn));
+        self.backend.store(backend.unwrap_or(0), Ordering::Relaxed);
+        slot.conn = Some(conn);
+    }
+
     async fn take_conn(&self, slot: &mut Slot<D>) -> Option<D::Conn> {
         *self.cancel.lock().await = None;
         slot.conn.take()
@@ -207,13 +215,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         F: for<'c> FnOnce(&'c D::Conn) -> futures::future::BoxFuture<'c, Result<T, E>>,
         E: From<Error> + std::fmt::Display,
     {
-        let open = match self.find(txn) {
-            Found::Open(open) => open,
-            Found::Ended(state) => {
-                return Err(Error::from(self.ended(txn, "", state)?.not_active()).into());
-            }
-            Found::Unknown => self.open(txn).await?,
-        };
+        let open = self.open_branch(txn).await?;
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute().map_err(Error::from)?;
         if slot.conn.is_none() {
@@ -222,10 +224,8 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 self.db.roll_back_open(conn).await;
                 return Err(Error::statement(txn, e).into());
             }
-            *open.cancel.lock().await = Some(D::cancel_handle(&conn));
-            let pid = self.db.backend_pid(&conn).unwrap_or(0);
-            open.backend.store(pid, Ordering::Relaxed);
-            slot.conn = Some(conn);
+            let backend = self.db.backend_pid(&conn);
+            open.attach(&mut slot, conn, backend).await;
         }
         let conn = slot
             .conn
@@ -253,11 +253,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         sql::check_allowed(sql_text)
             .and_then(|()| self.db.limits().check_request(sql_text, params.len()))
             .map_err(|e| Error::statement(txn, e))?;
-        let open = match self.find(txn) {
-            Found::Open(open) => open,
-            Found::Ended(state) => return Err(self.ended(txn, "", state)?.not_active().into()),
-            Found::Unknown => self.open(txn).await?,
-        };
+        let open = self.open_branch(txn).await?;
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute()?;
         let begin = slot.conn.is_none();
@@ -265,10 +261,8 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             // Nothing has run in the branch yet, so a failure here dooms nothing: the client
             // may retry the statement.
             let conn = self.db.conn().await?;
-            *open.cancel.lock().await = Some(D::cancel_handle(&conn));
-            let pid = self.db.backend_pid(&conn).unwrap_or(0);
-            open.backend.store(pid, Ordering::Relaxed);
-            slot.conn = Some(conn);
+            let backend = self.db.backend_pid(&conn);
+            open.attach(&mut slot, conn, backend).await;
         }
         let conn = slot
             .conn
@@ -316,6 +310,16 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 }
                 Err(err)
             }
+        }
+    }
+
+    /// The branch of `txn` that statements run in: the open one, or a new one (enlisted);
+    /// never one that ended here (FAILED_PRECONDITION: the transaction can only abort).
+    async fn open_branch(self: &Arc<Self>, txn: TxnId) -> Result<Arc<OpenBranch<D>>, Error> {
+        match self.find(txn) {
+            Found::Open(open) => Ok(open),
+            Found::Ended(state) => Err(self.ended(txn, "", state)?.not_active().into()),
+            Found::Unknown => self.open(txn).await,
         }
     }
 
