@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 use support::{System, eventually};
-use twopc::client::{Client, Error, Transaction, transact};
+use twopc::client::{self, Client, Error, Transaction, transact};
 use twopc::proto::TxnState;
 
 const ACCOUNTS: &str = "CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL, note text);
@@ -220,4 +220,51 @@ async fn a_transaction_dropped_unfinished_is_aborted_in_the_background() {
     })
     .await;
     assert_eq!(b.balances().await, (100, 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_victim_is_run_again_when_the_caller_allows_it() {
+    let b = std::sync::Arc::new(bank().await);
+    // Each side holds its first row until the other has taken its own: a sure deadlock.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let crossing = |east_first: bool| {
+        let (b, barrier) = (std::sync::Arc::clone(&b), std::sync::Arc::clone(&barrier));
+        tokio::spawn(async move {
+            let runs = std::sync::atomic::AtomicUsize::new(0);
+            let options = client::Options {
+                deadlock_retries: 3,
+                ..Default::default()
+            };
+            let (first, second) = match east_first {
+                true => (b.east.clone(), b.west.clone()),
+                false => (b.west.clone(), b.east.clone()),
+            };
+            client::transact_with(&b.client.clone(), options, |tx| {
+                let (first, second, barrier) = (first.clone(), second.clone(), &barrier);
+                let run = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let touch = "UPDATE acct SET bal = bal + 1 WHERE id = 1";
+                    tx.execute(&first, touch, &[]).await?;
+                    if run == 0 {
+                        barrier.wait().await;
+                    }
+                    tx.execute(&second, touch, &[]).await?;
+                    Ok::<_, Error>(())
+                }
+            })
+            .await
+            .map(|()| runs.load(std::sync::atomic::Ordering::SeqCst))
+        })
+    };
+
+    let (a, c) = (crossing(true), crossing(false));
+    let runs = [a.await.unwrap().unwrap(), c.await.unwrap().unwrap()];
+
+    assert_eq!(
+        runs.iter().sum::<usize>(),
+        3,
+        "one victim, run once more: {runs:?}"
+    );
+    assert_eq!(b.balances().await, (102, 102), "both committed once");
+    b.sys.assert_nothing_prepared().await;
 }
