@@ -259,9 +259,9 @@ impl Harness {
         self.round
     }
 
-    fn start_workload(&mut self) -> Workload {
+    fn start_workload(&mut self, hot: Option<f64>) -> Workload {
         let seed = self.rng.random();
-        Workload::start(&self.clients, &self.recorder, self.n_clients, seed)
+        Workload::start(&self.clients, &self.recorder, self.n_clients, seed, hot)
     }
 
     /// Makes sure every process runs; one that died without being told to is a violation.
@@ -371,7 +371,9 @@ impl Harness {
         match self.sys.start(role, Some(&spec)).await? {
             Started::Died(status) => hit = Some((status, Duration::ZERO)),
             Started::Ready => {
-                workload = Some(self.start_workload());
+                // The detector's failpoint needs deadlocks: every transfer on the hot accounts.
+                let hot = (name == "coordinator::deadlock_victim_chosen").then_some(1.0);
+                workload = Some(self.start_workload(hot));
                 let t0 = Instant::now();
                 if let Some(p) = held_down {
                     // Let branches enlist there first, so some aborts owe it a rollback.
@@ -483,7 +485,7 @@ impl Harness {
             self.sys
                 .timeline
                 .note(&format!("===== soak round {check_round}"));
-            let workload = self.start_workload();
+            let workload = self.start_workload(None);
             let mut kills = 0;
             let mut what = Vec::new();
             let mut violations = Vec::new();

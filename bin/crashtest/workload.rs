@@ -187,6 +187,8 @@ struct Client {
     clients: Clients,
     recorder: Arc<Recorder>,
     rng: StdRng,
+    /// The share of transfers between the hot accounts.
+    hot: f64,
 }
 
 impl Client {
@@ -219,7 +221,7 @@ impl Client {
         };
         // Some transfers go between the hot accounts, in both directions across databases:
         // the distributed deadlocks the coordinator's detector breaks, during the crashes.
-        let accounts = if self.rng.random_bool(HOT_PROBABILITY) {
+        let accounts = if self.rng.random_bool(self.hot) {
             HOT_ACCOUNTS
         } else {
             ACCOUNTS
@@ -355,7 +357,15 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn start(clients: &Clients, recorder: &Arc<Recorder>, n: usize, seed: u64) -> Workload {
+    /// `n` clients; `hot`: the share of their transfers between the hot accounts (`None`:
+    /// the usual one in five).
+    pub fn start(
+        clients: &Clients,
+        recorder: &Arc<Recorder>,
+        n: usize,
+        seed: u64,
+        hot: Option<f64>,
+    ) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = (0..n)
             .map(|i| {
@@ -363,6 +373,7 @@ impl Workload {
                     clients: clients.clone(),
                     recorder: Arc::clone(recorder),
                     rng: StdRng::seed_from_u64(seed.wrapping_add(i as u64)),
+                    hot: hot.unwrap_or(HOT_PROBABILITY),
                 };
                 let stop = Arc::clone(&stop);
                 tokio::spawn(async move {
