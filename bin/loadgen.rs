@@ -278,6 +278,15 @@ async fn time_types(t: &Target, rounds: usize) -> Result<Vec<(&'static str, Vec<
     Ok(times)
 }
 
+/// `work`, unless SIGINT or SIGTERM comes first: then an error, so that `main` returns and the
+/// clusters it made are stopped and removed on the way out instead of left running.
+async fn interruptible<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        result = work => result,
+        () = twopc::process::signal::shutdown() => anyhow::bail!("interrupted"),
+    }
+}
+
 /// What the crossing mode saw.
 struct Crossing {
     committed: usize,
@@ -707,7 +716,7 @@ fn main() -> Result<()> {
             })
         };
         let before = total(&pgs)?;
-        let r = clients.block_on(crossing(&targets.twopc, clients_n, transfers))?;
+        let r = clients.block_on(interruptible(crossing(&targets.twopc, clients_n, transfers)))?;
         let conserved = total(&pgs)? == before;
         if args.json {
             println!(
@@ -741,7 +750,7 @@ fn main() -> Result<()> {
             pgs[0].client().await?.batch_execute(TYPES_TABLES).await?;
             Ok::<_, anyhow::Error>(())
         })?;
-        let times = clients.block_on(time_types(&targets.twopc, 5))?;
+        let times = clients.block_on(interruptible(time_types(&targets.twopc, 5)))?;
         let median = |v: &[f64]| {
             let mut v = v.to_vec();
             v.sort_by(f64::total_cmp);
@@ -784,7 +793,7 @@ fn main() -> Result<()> {
         for &c in &args.clients {
             let mut tps = std::collections::HashMap::new();
             for &system in &args.systems {
-                let r = clients.block_on(run(&targets, system, c, branches, args.secs))?;
+                let r = clients.block_on(interruptible(run(&targets, system, c, branches, args.secs)))?;
                 let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
                 let txn_per_s = r.committed as f64 / r.elapsed.as_secs_f64();
                 tps.insert(system, txn_per_s);
