@@ -716,7 +716,11 @@ fn main() -> Result<()> {
             })
         };
         let before = total(&pgs)?;
-        let r = clients.block_on(interruptible(crossing(&targets.twopc, clients_n, transfers)))?;
+        let r = clients.block_on(interruptible(crossing(
+            &targets.twopc,
+            clients_n,
+            transfers,
+        )))?;
         let conserved = total(&pgs)? == before;
         if args.json {
             println!(
@@ -793,7 +797,8 @@ fn main() -> Result<()> {
         for &c in &args.clients {
             let mut tps = std::collections::HashMap::new();
             for &system in &args.systems {
-                let r = clients.block_on(interruptible(run(&targets, system, c, branches, args.secs)))?;
+                let r = clients
+                    .block_on(interruptible(run(&targets, system, c, branches, args.secs)))?;
                 let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
                 let txn_per_s = r.committed as f64 / r.elapsed.as_secs_f64();
                 tps.insert(system, txn_per_s);
