@@ -50,6 +50,41 @@ struct OpenBranch<D: Database> {
     aborted: Mutex<Option<AbortCause>>,
 }
 
+/// A service's work running on its branch (`with_branch`). Unlike an Execute, which runs in a
+/// task of its own, the work runs in the service's handler, which is dropped when its caller
+/// cancels: then some of its statements may have run and the rest never will, so the branch
+/// is doomed rather than left to commit half of the work.
+struct Unfinished<'a> {
+    branch: Option<&'a mut Branch>,
+    running_since: &'a Mutex<Option<Instant>>,
+}
+
+impl<'a> Unfinished<'a> {
+    fn start(branch: &'a mut Branch, running_since: &'a Mutex<Option<Instant>>) -> Self {
+        *running_since.lock().unwrap() = Some(Instant::now());
+        Unfinished {
+            branch: Some(branch),
+            running_since,
+        }
+    }
+
+    /// The work returned: the branch, to judge its result.
+    fn finish(&mut self) -> &mut Branch {
+        *self.running_since.lock().unwrap() = None;
+        self.branch.take().expect("finished once")
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(branch) = self.branch.take() {
+            *self.running_since.lock().unwrap() = None;
+            branch
+                .doom("the service's work on this branch was cancelled before it finished".into());
+        }
+    }
+}
+
 /// Why a transaction aborted, as its coordinator tells the branch's Rollback.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AbortCause {
@@ -227,19 +262,17 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             let backend = self.db.backend_pid(&conn);
             open.attach(&mut slot, conn, backend).await;
         }
-        let conn = slot
-            .conn
-            .as_ref()
-            .expect("an active branch has a connection");
-        *open.running_since.lock().unwrap() = Some(Instant::now());
+        let Slot { branch, conn } = &mut *slot;
+        let conn = conn.as_ref().expect("an active branch has a connection");
+        let mut running = Unfinished::start(branch, &open.running_since);
         let done = work(conn).await;
-        *open.running_since.lock().unwrap() = None;
+        let branch = running.finish();
         if let Err(e) = &done {
             let why = match open.aborted.lock().unwrap().clone() {
                 Some(cause) => cause.reason,
                 None => e.to_string(),
             };
-            slot.branch.doom(why);
+            branch.doom(why);
         }
         done
     }

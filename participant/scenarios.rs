@@ -246,6 +246,30 @@ fn waits_name_both_branches_and_a_deadlock_victims_statement_fails_with_its_caus
 }
 
 #[test]
+fn a_services_work_cancelled_halfway_dooms_the_branch() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let txn = TxnId::generate();
+
+    // The handler running the work is dropped (its caller cancelled) while the work waits.
+    let cancelled = p.run(async {
+        let work = p.core.with_branch(txn, |_conn| {
+            Box::pin(async {
+                std::future::pending::<()>().await;
+                Ok::<_, Error>(())
+            })
+        });
+        tokio::time::timeout(Duration::from_millis(20), work).await
+    });
+
+    assert!(cancelled.is_err(), "the work never finished");
+    assert!(
+        matches!(p.prepare(txn), Vote::No { reason } if reason.contains("cancelled")),
+        "half of the work must not commit"
+    );
+}
+
+#[test]
 fn a_prepare_that_breaks_after_preparing_votes_no_and_the_rollback_settles_it() {
     let (db, coord) = world();
     let p = Process::start(&db, &coord);
