@@ -119,11 +119,14 @@ impl Embedded {
         E: From<Error> + std::fmt::Display,
     {
         let db = &self.core.db;
-        let conn = db.conn().await?;
-        db.begin(&conn)
+        let conn = Local(Some(db.conn().await?));
+        let client = conn.0.as_ref().expect("held until handed back");
+        db.begin(client)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        match work(conn.as_ref()).await {
+        let done = work(client).await;
+        let conn = conn.hand_back();
+        match done {
             Ok(value) => {
                 conn.batch_execute("COMMIT").await.map_err(Error::from)?;
                 Postgres::release(conn);
@@ -133,6 +136,25 @@ impl Embedded {
                 db.roll_back_open(conn).await;
                 Err(e)
             }
+        }
+    }
+}
+
+/// A local transaction's connection. If the work is dropped halfway (its caller cancelled),
+/// the connection is closed, which rolls the transaction back, instead of going back to the
+/// pool with the transaction still open for the next user to run in.
+struct Local(Option<deadpool_postgres::Object>);
+
+impl Local {
+    fn hand_back(mut self) -> deadpool_postgres::Object {
+        self.0.take().expect("handed back once")
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_postgres::Object::take(conn));
         }
     }
 }

@@ -195,3 +195,27 @@ async fn outside_a_global_transaction_the_same_code_commits_locally() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_work_cancelled_halfway_leaves_nothing_for_the_next_user_of_its_connection() {
+    let w = world().await;
+    let blocker = w.ledger_db.client().await.unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE balance IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // Its entry is inserted, then it waits on the lock, and its caller gives up.
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), post(&w.ledger, 9)).await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    for _ in 0..3 {
+        post(&w.ledger, 1).await.unwrap();
+    }
+
+    assert!(cancelled.is_err());
+    assert_eq!(
+        scalar(&w.ledger_db, "SELECT count(*) FROM entries").await,
+        3
+    );
+    assert_eq!(w.ledger_balance().await, 3);
+}
