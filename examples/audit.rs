@@ -25,14 +25,21 @@ pub mod pb {
 /// A record of every posting.
 #[derive(Parser, Debug, Clone)]
 pub struct Args {
+    /// Where to serve the audit service (and its participant).
     #[arg(long, default_value = "127.0.0.1:7003")]
     pub listen: SocketAddr,
+    /// This service's participant id at the coordinator.
     #[arg(long, default_value = "audit")]
     pub id: String,
+    /// The twopc coordinator.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// This service's own database (libpq key=value string or postgres:// URL).
     #[arg(long)]
     pub postgres: String,
+    /// How often this service's prepared branches are checked with the coordinator, in ms.
+    #[arg(long, default_value_t = 5_000)]
+    pub resolve_interval_ms: u64,
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS records (
@@ -66,7 +73,7 @@ impl pb::audit_server::Audit for Audit {
                             &[&r.service, &r.account, &r.amount, &r.memo],
                         )
                         .await
-                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                        .map_err(|e| participant::error::statement_status(&e))?;
                     Ok(row.get::<_, i64>(0))
                 })
             })
@@ -87,7 +94,7 @@ pub async fn run(
         advertise: Some(format!("http://{}", listener.local_addr()?)),
         postgres: args.postgres.clone(),
         max_connections: 16,
-        resolve_interval: Duration::from_secs(5),
+        resolve_interval: Duration::from_millis(args.resolve_interval_ms),
         one_phase: true,
         allow_superuser: false,
         limits: Default::default(),
@@ -99,7 +106,7 @@ pub async fn run(
         Box::pin(async move {
             pg.batch_execute(SCHEMA)
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))
+                .map_err(|e| participant::error::statement_status(&e))
         })
     })
     .await
@@ -116,6 +123,8 @@ pub async fn run(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
+    // Named crash points for crash-recovery harnesses (docs/FAILPOINTS.md).
+    twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     run(listener, args, async {

@@ -55,6 +55,10 @@ pub struct Args {
     /// The audit service every Post is recorded with, if any.
     #[arg(long)]
     pub audit: Option<String>,
+    /// How often this service's prepared branches are checked with the coordinator, in ms
+    /// (also at start): how soon a branch left in doubt by a crash is resolved.
+    #[arg(long, default_value_t = 5_000)]
+    pub resolve_interval_ms: u64,
 }
 
 const SCHEMA: &str = "
@@ -171,7 +175,8 @@ impl PostError {
             {
                 Status::failed_precondition(format!("account {account:?} would go negative"))
             }
-            PostError::Db(e) => Status::unavailable(PostError::Db(e).to_string()),
+            // Coded by its SQLSTATE, which rides along: a caller retries a deadlock's victim.
+            PostError::Db(e) => participant::error::statement_status(&e),
             PostError::Participant(e) => e.into(),
         }
     }
@@ -189,7 +194,7 @@ pub async fn run(
         advertise: Some(format!("http://{}", listener.local_addr()?)),
         postgres: args.postgres.clone(),
         max_connections: 16,
-        resolve_interval: Duration::from_secs(5),
+        resolve_interval: Duration::from_millis(args.resolve_interval_ms),
         one_phase: true,
         allow_superuser: false,
         limits: Default::default(),
@@ -226,6 +231,9 @@ pub async fn run(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
+    // Crash-recovery harnesses (`crashtest --embedded`) arm named crash points through the
+    // FAILPOINTS variable (docs/FAILPOINTS.md); a build without the `testing` feature refuses it.
+    twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     run(listener, args, async {

@@ -56,6 +56,25 @@ impl Error {
     }
 }
 
+/// The status for a statement of a service's own that failed in PostgreSQL (the work of
+/// `Embedded::transaction`): coded by its SQLSTATE as Execute codes it, which rides along as
+/// `x-sqlstate`, so a caller's `transact` knows a deadlock's victim (40P01, ABORTED) from a
+/// constraint (23xxx, FAILED_PRECONDITION) or a lost connection (UNAVAILABLE).
+pub fn statement_status(e: &tokio_postgres::Error) -> Status {
+    let sqlstate = e.as_db_error().map(|db| db.code().code().to_string());
+    with_sqlstate(
+        Status::new(statement_code(sqlstate.as_deref()), describe(e)),
+        sqlstate,
+    )
+}
+
+fn with_sqlstate(mut status: Status, sqlstate: Option<String>) -> Status {
+    if let Some(Ok(v)) = sqlstate.map(|s| s.parse()) {
+        status.metadata_mut().insert("x-sqlstate", v);
+    }
+    status
+}
+
 /// A failed statement's code, by SQLSTATE class: what the client can do about it.
 fn statement_code(sqlstate: Option<&str>) -> Code {
     match sqlstate.map(|s| &s[..2.min(s.len())]) {
@@ -78,13 +97,10 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) | Error::CoordinatorId(_) => Status::invalid_argument(msg),
             Error::NotFound(_) => Status::not_found(msg),
             Error::FailedPrecondition(_) | Error::Branch(_) => Status::failed_precondition(msg),
-            Error::Statement { sqlstate, .. } => {
-                let mut status = Status::new(statement_code(sqlstate.as_deref()), msg);
-                if let Some(Ok(v)) = sqlstate.map(|s| s.parse()) {
-                    status.metadata_mut().insert("x-sqlstate", v);
-                }
-                status
-            }
+            Error::Statement { sqlstate, .. } => with_sqlstate(
+                Status::new(statement_code(sqlstate.as_deref()), msg),
+                sqlstate,
+            ),
             Error::Unavailable(_) => Status::unavailable(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Postgres(e) if e.as_db_error().is_none() => Status::unavailable(msg),

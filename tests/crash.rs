@@ -1,15 +1,22 @@
 //! Crash recovery, end to end: runs the `crashtest` harness's deterministic pass, which fires
 //! every named failpoint once under a bank-transfer load against real processes and real
-//! PostgreSQL, and checks atomicity, durability and recovery after each. Needs the `testing`
-//! feature (`cargo test --features testing --test crash`).
+//! PostgreSQL, and checks atomicity, durability and recovery after each: once with the
+//! `participant` binary in front of each database, once with services that embed their
+//! participant (the `ledger` example). Needs the `testing` feature and the examples built with
+//! it (`cargo test --all-targets --features testing`, as scripts/test runs).
 #![cfg(feature = "testing")]
 
 use std::process::Command;
+use std::sync::Mutex;
 
-#[test]
-fn every_failpoint_recovers_under_load() {
+/// Each pass runs a whole system under load; two at once on a small machine would slow each
+/// other past the harness's timeouts.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn crashtest(args: &[&str]) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(env!("CARGO_BIN_EXE_crashtest"))
-        .args(["--failpoints", "all", "--clients", "4"])
+        .args(args)
         .output()
         .expect("run crashtest");
     println!("{}", String::from_utf8_lossy(&out.stdout));
@@ -18,7 +25,18 @@ fn every_failpoint_recovers_under_load() {
     }
     assert!(
         out.status.success(),
-        "crashtest failed ({}); its output is above",
+        "crashtest {} failed ({}); its output is above",
+        args.join(" "),
         out.status
     );
+}
+
+#[test]
+fn every_failpoint_recovers_under_load() {
+    crashtest(&["--failpoints", "all", "--clients", "4"]);
+}
+
+#[test]
+fn every_failpoint_recovers_with_participants_embedded_in_services() {
+    crashtest(&["--embedded", "--failpoints", "all", "--clients", "4"]);
 }

@@ -49,6 +49,7 @@ async fn services() -> Services {
         id: "audit".into(),
         coordinator: coordinator.clone(),
         postgres: audit_db.conn_str(),
+        resolve_interval_ms: 1_000,
     };
     tokio::spawn(audit::run(l, args, std::future::pending()));
     let mut ledgers = Vec::new();
@@ -63,6 +64,7 @@ async fn services() -> Services {
             coordinator: coordinator.clone(),
             postgres: db.conn_str(),
             audit,
+            resolve_interval_ms: 1_000,
         };
         tokio::spawn(ledger::run(l, args, std::future::pending()));
         ledgers.push(url);

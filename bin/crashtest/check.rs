@@ -10,8 +10,10 @@
 //! 5. the coordinator agrees: GetTransaction says COMMITTED for one that is in the databases,
 //!    and ABORTED or NOT_FOUND (presumed abort) for one that is not.
 
-use crate::system::{DATABASES, System};
-use crate::workload::{ACCOUNTS, Clients, INITIAL_BALANCE, Seen, TxnRecord, bounded, request};
+use crate::system::{DATABASES, Deployment, System};
+use crate::workload::{
+    ACCOUNTS, Clients, INITIAL_BALANCE, OPENING_MEMO, Seen, TxnRecord, bounded, request,
+};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::fmt;
@@ -156,16 +158,22 @@ struct DbState {
 
 async fn read_db(sys: &System, i: usize) -> anyhow::Result<DbState> {
     let client = sys.pgs[i].client().await?;
-    let balance: i64 = client
-        .query_one("SELECT coalesce(sum(bal), 0)::int8 FROM acct", &[])
-        .await?
-        .get(0);
-    let rows = client
-        .query(
+    // The workload's tables, or the ledger service's (its entries' memo is the txn id).
+    let (balance_sql, ledger_sql) = match sys.deployment {
+        Deployment::Standalone => (
+            "SELECT coalesce(sum(bal), 0)::int8 FROM acct",
             "SELECT txn_id, count(*)::int8, sum(delta)::int8 FROM ledger GROUP BY txn_id",
-            &[],
-        )
-        .await?;
+        ),
+        Deployment::Embedded => (
+            "SELECT coalesce(sum(balance), 0)::int8 FROM balances",
+            "SELECT memo, count(*)::int8, sum(amount)::int8 FROM entries WHERE memo <> $1 GROUP BY memo",
+        ),
+    };
+    let balance: i64 = client.query_one(balance_sql, &[]).await?.get(0);
+    let rows = match sys.deployment {
+        Deployment::Standalone => client.query(ledger_sql, &[]).await?,
+        Deployment::Embedded => client.query(ledger_sql, &[&OPENING_MEMO]).await?,
+    };
     let mut ledger = HashMap::new();
     let mut ledger_sum = 0;
     for r in rows {
@@ -365,7 +373,7 @@ impl Presence {
             t.note,
             db_list(&present)
         );
-        let both = t.dbs.iter().all(|d| present.contains(d));
+        let both = t.expect.iter().all(|(d, _, _)| present.contains(d));
         Presence {
             present,
             both,
@@ -377,7 +385,9 @@ impl Presence {
 /// 2. Atomicity: in both of its databases or in neither, one row of the right amount each.
 fn atomicity(t: &TxnRecord, seen: &Presence, dbs: &[DbState], violations: &mut Vec<Violation>) {
     let (present, both, what) = (&seen.present, seen.both, &seen.what);
-    let stray = present.iter().any(|d| !t.dbs.contains(d));
+    let stray = present
+        .iter()
+        .any(|d| !t.expect.iter().any(|(e, _, _)| e == d));
     if stray {
         violations.push(Violation::new(
             "atomicity",
@@ -392,21 +402,15 @@ fn atomicity(t: &TxnRecord, seen: &Presence, dbs: &[DbState], violations: &mut V
             format!("in one database only: {what}"),
         ));
     }
-    // A local transfer (one database) writes one row of 0: its debit and credit cancel out.
-    let expected: &[(usize, i64)] = if t.dbs[0] == t.dbs[1] {
-        &[(t.dbs[0], 0)]
-    } else {
-        &[(t.dbs[0], -t.amount), (t.dbs[1], t.amount)]
-    };
-    for &(db, delta) in expected {
+    for &(db, want_rows, want_sum) in &t.expect {
         if let Some(&(rows, sum)) = dbs[db].ledger.get(&t.id)
-            && (rows != 1 || sum != delta)
+            && (rows, sum) != (want_rows, want_sum)
         {
             violations.push(Violation::new(
                 "atomicity",
                 Some(&t.id),
                 format!(
-                    "db{} has {rows} ledger row(s) adding up to {sum}, expected one row of {delta}: {what}",
+                    "db{} has {rows} ledger row(s) adding up to {sum}, expected {want_rows} adding up to {want_sum}: {what}",
                     db + 1
                 ),
             ));

@@ -11,8 +11,12 @@
 //! - Soak (`--soak SECS`): random SIGKILLs of the coordinator or a participant and immediate
 //!   stops of a PostgreSQL cluster, each restarted after 0-2 s, with a check every ~30 s.
 //!
+//! - `--embedded`: the same over `ledger` services (examples/ledger.rs) with the participant
+//!   embedded in them, driven through their own API inside `transact`; `participant::*`
+//!   failpoints then fire inside the service p1.
+//!
 //! Needs the `testing` feature (the binaries' failpoints): `cargo build --features testing
-//! --bins && ./target/debug/crashtest`. Exits 1 on any violation or a failpoint that never
+//! --bins --examples && ./target/debug/crashtest`. Exits 1 on any violation or a failpoint that never
 //! fired, 2 if the harness itself could not run.
 
 mod check;
@@ -29,7 +33,7 @@ use report::{Report, Row};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use system::{DATABASES, Role, Started, System};
+use system::{DATABASES, Deployment, Role, Started, System};
 use workload::{Clients, Recorder, Seen, Workload};
 
 /// Crash-recovery test harness for twopc: crashes the coordinator, participants and
@@ -58,6 +62,11 @@ struct Args {
     /// network (docs/SECURITY.md).
     #[arg(long)]
     secure: bool,
+    /// Front each database with a `ledger` service that embeds its participant (built by
+    /// `cargo build --features testing --examples`), called through its own API, instead of
+    /// the `participant` binary.
+    #[arg(long)]
+    embedded: bool,
 }
 
 /// How long a failpoint may take to fire under load.
@@ -186,8 +195,13 @@ async fn run(
         args.clients,
         dir.display()
     );
-    let sys = System::launch(dir, args.secure).await?;
+    let deployment = match args.embedded {
+        true => Deployment::Embedded,
+        false => Deployment::Standalone,
+    };
+    let sys = System::launch(dir, args.secure, deployment).await?;
     let clients = Clients::new(&sys)?;
+    clients.open_accounts().await?;
     println!(
         "crashtest: system up: coordinator {}, participants {}, PostgreSQL ports {}",
         sys.url(Role::Coordinator),

@@ -1,6 +1,7 @@
 //! The system under test, as separate OS processes: three throwaway PostgreSQL clusters, one
-//! `coordinator` and one `participant` per database, all on loopback, on ports fixed at start so
-//! a restarted process comes back where the others expect it.
+//! `coordinator` and, per database, a `participant` or (`--embedded`) a `ledger` service with
+//! the participant inside it, all on loopback, on ports fixed at start so a restarted process
+//! comes back where the others expect it.
 //!
 //! Every process appends its stdout and stderr to `<dir>/<name>.log`, under a header line per
 //! start. A process handle kills its child (SIGKILL) when dropped, also while a panic unwinds;
@@ -33,6 +34,17 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const START_ATTEMPTS: u32 = 3;
 /// How long a SIGTERM'd process may take before it gets SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// What fronts each database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deployment {
+    /// The `participant` binary: the workload sends its SQL through Execute.
+    Standalone,
+    /// The `ledger` example service (examples/ledger.rs), which embeds the participant: the
+    /// workload calls its `Post` inside ambient transactions, and the service runs its own
+    /// statements in the branch.
+    Embedded,
+}
 
 /// Which process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,6 +264,7 @@ pub struct System {
     /// What the harness sends them: the operator token with `--secure`, as it both runs
     /// transactions and lists them.
     pub bearer: Bearer,
+    pub deployment: Deployment,
     /// With `--secure`: the certificates and token files the processes read.
     _secure: Option<(TestPki, TestTokens)>,
 }
@@ -259,7 +272,10 @@ pub struct System {
 impl System {
     /// Starts the clusters, creates the schema, and starts every process; with `secure`, every
     /// connection over mutual TLS and every call with a token.
-    pub async fn launch(dir: &Path, secure: bool) -> Result<System> {
+    pub async fn launch(dir: &Path, secure: bool, deployment: Deployment) -> Result<System> {
+        if secure && deployment == Deployment::Embedded {
+            bail!("--secure is not supported with --embedded: the ledger example serves plaintext");
+        }
         let secure = match secure {
             true => Some((TestPki::new()?, TestTokens::new()?)),
             false => None,
@@ -277,11 +293,14 @@ impl System {
             .parent()
             .ok_or_else(|| anyhow!("{} has no parent dir", exe.display()))?;
         let coordinator_bin = bin_dir.join("coordinator");
-        let participant_bin = bin_dir.join("participant");
+        let participant_bin = match deployment {
+            Deployment::Standalone => bin_dir.join("participant"),
+            Deployment::Embedded => bin_dir.join("examples").join("ledger"),
+        };
         for bin in [&coordinator_bin, &participant_bin] {
             if !bin.is_file() {
                 bail!(
-                    "{} not found: build it with `cargo build --features testing --bins`",
+                    "{} not found: build it with `cargo build --features testing --bins --examples`",
                     bin.display()
                 );
             }
@@ -297,7 +316,11 @@ impl System {
         for pg in &pgs {
             pg.client()
                 .await?
-                .batch_execute(crate::workload::SCHEMA)
+                .batch_execute(match deployment {
+                    Deployment::Standalone => crate::workload::SCHEMA,
+                    // The ledger creates its own tables; the harness adds the poison table.
+                    Deployment::Embedded => crate::workload::POISON_SCHEMA,
+                })
                 .await
                 .context("creating the schema")?;
         }
@@ -343,6 +366,7 @@ impl System {
             procs.push(Proc {
                 name: role.name(),
                 program: participant_bin.clone(),
+                // (The ledger example takes the same flags.)
                 args: vec![
                     "--listen".into(),
                     format!("127.0.0.1:{port}"),
@@ -375,6 +399,7 @@ impl System {
             timeline: Timeline::new(dir)?,
             tls,
             bearer,
+            deployment,
             _secure: secure,
         };
         sys.timeline.note("clusters up, schema created");

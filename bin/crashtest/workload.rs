@@ -14,8 +14,15 @@
 //! About one in three is a local transfer instead: both accounts in one database, so the
 //! transaction has a lone branch and commits in one phase; its ledger row has delta 0. Poison
 //! there fails the one-phase COMMIT itself.
+//!
+//! With `--embedded` the databases are fronted by `ledger` services with the participant inside
+//! them, and a transfer is what a service's caller writes: `transact`, a `Post` of the debit to
+//! one ledger and of the credit to another (each service runs its own statements in the
+//! ambient transaction's branch; the txn id is each entry's memo), and the poison, when there
+//! is one, through the embedded participant's own Execute. A Post that would overdraw an
+//! account fails and aborts the transfer.
 
-use crate::system::{DATABASES, Role, System};
+use crate::system::{DATABASES, Deployment, Role, System};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -27,13 +34,24 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
+use tower_layer::Layer;
+use twopc::client::propagation::{Propagate, PropagateLayer};
+use twopc::client::{self as sdk, transact_with};
 use twopc::process::auth::Bearer;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
 
+mod ledger_pb {
+    tonic::include_proto!("ledger.v1");
+}
+
+use ledger_pb::ledger_client::LedgerClient;
+
 pub const ACCOUNTS: i64 = 20;
 pub const INITIAL_BALANCE: i64 = 1000;
+/// The memo of the ledger service's opening entries; every other entry's memo is a txn id.
+pub const OPENING_MEMO: &str = "opening";
 
 /// Every database's tables, created directly, outside twopc.
 pub const SCHEMA: &str = "
@@ -41,6 +59,12 @@ pub const SCHEMA: &str = "
     INSERT INTO acct SELECT g, 1000 FROM generate_series(1, 20) AS g;
     CREATE TABLE ledger (txn_id text NOT NULL, delta bigint NOT NULL);
     CREATE TABLE poison (ref int REFERENCES acct (id) DEFERRABLE INITIALLY DEFERRED);
+";
+
+/// With `--embedded`: the ledger service creates its own tables; the harness adds the poison.
+pub const POISON_SCHEMA: &str = "
+    CREATE TABLE poison_target (id int PRIMARY KEY);
+    CREATE TABLE poison (ref int REFERENCES poison_target (id) DEFERRABLE INITIALLY DEFERRED);
 ";
 
 /// Every RPC the clients make is bounded by this, on the wire (grpc-timeout) and locally.
@@ -75,6 +99,8 @@ pub struct TxnRecord {
     pub dbs: [usize; 2],
     pub amount: i64,
     pub poison: bool,
+    /// What a commit leaves behind, per database: (database, ledger rows, their sum).
+    pub expect: Vec<(usize, i64, i64)>,
     pub seen: Seen,
     /// The scenario (or soak round) it began in.
     pub round: usize,
@@ -94,12 +120,13 @@ impl Recorder {
         self.round.store(round, Ordering::SeqCst);
     }
 
-    fn began(&self, id: &str, dbs: [usize; 2], amount: i64, poison: bool) {
+    fn began(&self, id: &str, plan: &Plan, expect: Vec<(usize, i64, i64)>) {
         let record = TxnRecord {
             id: id.to_string(),
-            dbs,
-            amount,
-            poison,
+            dbs: [plan.a, plan.b],
+            amount: plan.amount,
+            poison: plan.poison,
+            expect,
             seen: Seen::InFlight,
             round: self.round.load(Ordering::SeqCst),
             note: String::new(),
@@ -126,6 +153,18 @@ impl Recorder {
 pub struct Clients {
     pub coordinator: CoordinatorClient<Authed>,
     pub participants: Vec<ParticipantClient<Authed>>,
+    /// With `--embedded`: the ledger services, called as a service's caller calls them.
+    services: Option<Services>,
+}
+
+#[derive(Clone)]
+struct Services {
+    /// twopc's client library: `transact`, and the poison's Execute.
+    sdk: sdk::Client,
+    /// Each carries the ambient transaction along (`twopc-txn-id`).
+    ledgers: Vec<LedgerClient<Propagate<Channel>>>,
+    /// Where each ledger (and its embedded participant) serves.
+    urls: Vec<String>,
 }
 
 /// A channel with the harness's token on every call.
@@ -144,13 +183,65 @@ fn channel(sys: &System, role: Role) -> anyhow::Result<Authed> {
 
 impl Clients {
     pub fn new(sys: &System) -> anyhow::Result<Clients> {
+        let services = match sys.deployment {
+            Deployment::Standalone => None,
+            Deployment::Embedded => {
+                let urls: Vec<String> = (0..DATABASES)
+                    .map(|i| sys.url(Role::Participant(i)))
+                    .collect();
+                let ledgers = urls
+                    .iter()
+                    .map(|url| {
+                        let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                            .connect_timeout(Duration::from_secs(1))
+                            .timeout(RPC_TIMEOUT)
+                            .tcp_nodelay(true)
+                            .connect_lazy();
+                        Ok(LedgerClient::new(PropagateLayer.layer(channel)))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                Some(Services {
+                    sdk: sdk::Client::connect(&sys.url(Role::Coordinator))?,
+                    ledgers,
+                    urls,
+                })
+            }
+        };
         Ok(Clients {
             coordinator: CoordinatorClient::new(channel(sys, Role::Coordinator)?),
             participants: (0..DATABASES)
                 .map(|i| Ok(ParticipantClient::new(channel(sys, Role::Participant(i))?)))
                 .collect::<anyhow::Result<_>>()?,
+            services,
         })
     }
+
+    /// With `--embedded`: opens every account in every ledger with its initial balance, by
+    /// Posts outside any global transaction (each commits on its own).
+    pub async fn open_accounts(&self) -> anyhow::Result<()> {
+        let Some(services) = &self.services else {
+            return Ok(());
+        };
+        for (i, ledger) in services.ledgers.iter().enumerate() {
+            for n in 1..=ACCOUNTS {
+                bounded(ledger.clone().post(request(ledger_pb::PostRequest {
+                    account: account(n),
+                    amount: INITIAL_BALANCE,
+                    memo: OPENING_MEMO.into(),
+                })))
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!("opening account {n} in p{}: {}", i + 1, describe(&s))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A ledger service's name for account `n`.
+fn account(n: i64) -> String {
+    format!("a{n}")
 }
 
 /// A request with the client's deadline on the wire.
@@ -183,6 +274,29 @@ pub struct Stats {
     pub begin_errors: usize,
 }
 
+/// One transfer, drawn at random: `amount` from account `from` of database `a` to account `to`
+/// of database `b` (the same database for a local transfer).
+struct Plan {
+    a: usize,
+    b: usize,
+    local: bool,
+    from: i64,
+    to: i64,
+    amount: i64,
+    poison: bool,
+}
+
+/// Why a transfer through the services failed.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    /// A step of its work: the transaction was aborted and can never commit.
+    #[error("{0}")]
+    Step(String),
+    /// Begin or Commit.
+    #[error(transparent)]
+    Txn(#[from] sdk::Error),
+}
+
 struct Client {
     clients: Clients,
     recorder: Arc<Recorder>,
@@ -212,6 +326,14 @@ impl Client {
 
     /// One transfer. Returns false if it hit an error (the caller pauses).
     async fn transfer(&mut self, stats: &mut Stats) -> bool {
+        let plan = self.plan();
+        match self.clients.services.clone() {
+            None => self.through_participants(&plan, stats).await,
+            Some(services) => self.through_services(&plan, &services, stats).await,
+        }
+    }
+
+    fn plan(&mut self) -> Plan {
         let a = self.rng.random_range(0..DATABASES);
         let local = self.rng.random_bool(LOCAL_PROBABILITY);
         let b = if local {
@@ -230,7 +352,27 @@ impl Client {
         let to = self.rng.random_range(1..=accounts);
         let amount = self.rng.random_range(1..=100i64);
         let poison = self.rng.random_bool(POISON_PROBABILITY);
+        Plan {
+            a,
+            b,
+            local,
+            from,
+            to,
+            amount,
+            poison,
+        }
+    }
 
+    async fn through_participants(&mut self, plan: &Plan, stats: &mut Stats) -> bool {
+        let &Plan {
+            a,
+            b,
+            local,
+            from,
+            to,
+            amount,
+            poison,
+        } = plan;
         let mut coordinator = self.clients.coordinator.clone();
         let begun = bounded(coordinator.begin(request(proto::BeginRequest {
             timeout_ms: TXN_TIMEOUT_MS,
@@ -245,7 +387,13 @@ impl Client {
             }
         };
         stats.transfers += 1;
-        self.recorder.began(&txn, [a, b], amount, poison);
+        // One ledger row per database; a local transfer's debit and credit share one row of 0.
+        let expect = if local {
+            vec![(a, 1, 0)]
+        } else {
+            vec![(a, 1, -amount), (b, 1, amount)]
+        };
+        self.recorder.began(&txn, plan, expect);
 
         let steps = async {
             self.exec(
@@ -346,6 +494,91 @@ impl Client {
             }
         };
         self.recorder.finish(&txn, seen, note);
+        ok
+    }
+
+    /// The transfer as a service's caller writes it: `transact` around a Post to each ledger.
+    async fn through_services(
+        &mut self,
+        plan: &Plan,
+        services: &Services,
+        stats: &mut Stats,
+    ) -> bool {
+        let options = sdk::Options {
+            timeout: Some(Duration::from_millis(TXN_TIMEOUT_MS.into())),
+            label: "crashtest".into(),
+            deadlock_retries: 0,
+        };
+        let mut began: Option<String> = None;
+        let outcome = transact_with(&services.sdk, options, |tx| {
+            let id = tx.id().to_string();
+            // Each entry of one Post; a local transfer posts both to one ledger.
+            let expect = if plan.local {
+                vec![(plan.a, 2, 0)]
+            } else {
+                vec![(plan.a, 1, -plan.amount), (plan.b, 1, plan.amount)]
+            };
+            self.recorder.began(&id, plan, expect);
+            began = Some(id.clone());
+            let post = move |db: usize, n: i64, amount: i64, memo: String| {
+                let mut ledger = services.ledgers[db].clone();
+                async move {
+                    let req = ledger_pb::PostRequest {
+                        account: account(n),
+                        amount,
+                        memo,
+                    };
+                    bounded(ledger.post(request(req)))
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| {
+                            Failed::Step(format!(
+                                "Post {amount:+} to p{}: {}",
+                                db + 1,
+                                describe(&s)
+                            ))
+                        })
+                }
+            };
+            async move {
+                post(plan.a, plan.from, -plan.amount, id.clone()).await?;
+                post(plan.b, plan.to, plan.amount, id).await?;
+                if plan.poison {
+                    tx.execute(
+                        &services.urls[plan.b],
+                        "INSERT INTO poison VALUES (-1)",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| Failed::Step(format!("poison on p{}: {e}", plan.b + 1)))?;
+                }
+                Ok::<_, Failed>(())
+            }
+        });
+        let outcome = tokio::time::timeout(3 * RPC_TIMEOUT, outcome)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failed::Txn(sdk::Error::Rpc {
+                    code: tonic::Code::DeadlineExceeded,
+                    message: format!("no outcome within {:?}", 3 * RPC_TIMEOUT),
+                }))
+            });
+        let Some(id) = began else {
+            stats.begin_errors += 1;
+            return false;
+        };
+        stats.transfers += 1;
+        let (seen, note, ok) = match outcome {
+            Ok(()) => (Seen::Committed, "transact: committed".into(), true),
+            Err(Failed::Txn(sdk::Error::Aborted { reason, .. })) => {
+                (Seen::Aborted, format!("transact: aborted ({reason})"), true)
+            }
+            // Nobody commits a transaction whose work failed: it aborts, by transact's Abort
+            // or by its deadline.
+            Err(Failed::Step(step)) => (Seen::Aborted, step, false),
+            Err(Failed::Txn(e)) => (Seen::Unknown, format!("Commit: {e}"), false),
+        };
+        self.recorder.finish(&id, seen, note);
         ok
     }
 }
