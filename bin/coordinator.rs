@@ -69,6 +69,10 @@ struct Args {
     /// Lock waits shorter than this are not reported to the deadlock detector (ms).
     #[arg(long, env = "TWOPC_DEADLOCK_MIN_WAIT_MS", default_value_t = ms(Limits::default().deadlock_min_wait))]
     deadlock_min_wait_ms: u64,
+    /// How often every enlisted participant's health is checked (grpc.health.v1), for
+    /// `twopcctl participants` and the twopc_participant_serving gauge (ms); 0 turns it off.
+    #[arg(long, env = "TWOPC_HEALTH_CHECK_INTERVAL_MS", default_value_t = Limits::default().health_check_interval.map_or(0, ms))]
+    health_check_interval_ms: u64,
     /// How long shutdown waits for transactions in flight (ms).
     #[arg(long, env = "TWOPC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     drain_timeout_ms: u64,
@@ -124,6 +128,8 @@ fn main() -> anyhow::Result<()> {
                 deadlock_interval: (args.deadlock_interval_ms > 0)
                     .then(|| Duration::from_millis(args.deadlock_interval_ms)),
                 deadlock_min_wait: Duration::from_millis(args.deadlock_min_wait_ms),
+                health_check_interval: (args.health_check_interval_ms > 0)
+                    .then(|| Duration::from_millis(args.health_check_interval_ms)),
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),

@@ -12,6 +12,7 @@
 use super::error::Error;
 use super::log::Log;
 use super::participants::{GrpcParticipants, Participants};
+use super::registry::Registry;
 use super::txn::{Outcome, State, Txn};
 use super::wire;
 use crate::process::auth::Bearer;
@@ -57,6 +58,8 @@ pub struct Limits {
     pub deadlock_interval: Option<Duration>,
     /// Waits shorter than this are not reported: most waits end on their own.
     pub deadlock_min_wait: Duration,
+    /// How often the enlisted participants' health is checked (`ListParticipants`); None: never.
+    pub health_check_interval: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -77,6 +80,7 @@ impl Default for Limits {
             allowed_participants: None,
             deadlock_interval: Some(Duration::from_millis(50)),
             deadlock_min_wait: Duration::from_millis(50),
+            health_check_interval: Some(Duration::from_secs(2)),
         }
     }
 }
@@ -142,8 +146,8 @@ pub struct Coordinator<L: Log, P: Participants = GrpcParticipants> {
     pub(super) live: Mutex<HashMap<TxnId, Arc<Live>>>,
     pub(super) limits: Limits,
     pub(super) participants: P,
-    /// Cache of the log's participant registry: (id → endpoint).
-    enlisted: Mutex<HashMap<String, String>>,
+    /// The log's participant registry, and what this process has seen of each.
+    pub(super) registry: Registry,
     /// Shutting down: Begin is refused.
     draining: AtomicBool,
     /// By endpoint: one-phase transactions that retired, whose participants may delete their
@@ -192,14 +196,14 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         participants: P,
         limits: Limits,
     ) -> Result<Arc<Self>, Error> {
-        let enlisted = log.participants()?.into_iter().collect();
+        let registry = Registry::new(log.participants()?);
         Ok(Arc::new(Coordinator {
             participants,
             id,
             log,
             live: Mutex::new(HashMap::new()),
             limits,
-            enlisted: Mutex::new(enlisted),
+            registry,
             draining: AtomicBool::new(false),
             forgettable: Mutex::new(HashMap::new()),
         }))
@@ -355,7 +359,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             }
             txn.deadline_ms
         };
-        self.enlist(participant_id, endpoint).await?;
+        self.enlist(participant_id, endpoint, instance).await?;
         crate::failpoint!("coordinator::branch_registered");
         Ok(deadline)
     }
@@ -363,12 +367,17 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Makes sure the participant is in the durable registry before it can prepare anything
     /// of ours, so a restarted coordinator knows to ask it about orphans. Rare: once per
     /// participant (and endpoint), so the forced write costs nothing in steady state.
-    async fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<(), Error> {
+    async fn enlist(
+        &self,
+        participant_id: &str,
+        endpoint: &str,
+        instance: &str,
+    ) -> Result<(), Error> {
+        if self
+            .registry
+            .registering(participant_id, endpoint, instance, now_ms())
         {
-            let known = self.enlisted.lock().unwrap();
-            if known.get(participant_id).map(String::as_str) == Some(endpoint) {
-                return Ok(());
-            }
+            return Ok(());
         }
         if self.log.enlist(participant_id, endpoint)? {
             tracing::info!(participant_id, endpoint, "participant enlisted");
@@ -376,10 +385,8 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         // Even when another registration wrote the entry first: it may not be on disk yet, and
         // this reply must not go out before it is.
         self.sync().await;
-        self.enlisted
-            .lock()
-            .unwrap()
-            .insert(participant_id.to_string(), endpoint.to_string());
+        self.registry
+            .enlisted(participant_id, endpoint, instance, now_ms());
         Ok(())
     }
 

@@ -148,7 +148,7 @@ impl Target {
                 }
             };
         }
-        match method % 9 {
+        match method % 10 {
             0 => match proto::BeginRequest::decode(bytes) {
                 Ok(req) => s
                     .begin(Request::new(req))
@@ -163,6 +163,7 @@ impl Target {
             5 => call!(proto::RegisterBranchRequest, register_branch),
             6 => call!(proto::QueryOutcomeRequest, query_outcome),
             7 => call!(proto::ListLockWaitsRequest, list_lock_waits),
+            8 => call!(proto::ListParticipantsRequest, list_participants),
             _ => call!(proto::ResolveTransactionRequest, resolve_transaction),
         }
     }

@@ -10,7 +10,8 @@
 //! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
 //!   `retention.rs`: pruning finished transactions from the log.
 //! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory.
-//! - [`participants`]: how the drivers reach participants: gRPC, and a fake for tests.
+//! - [`participants`]: how the drivers reach participants: gRPC, and a fake for tests;
+//!   [`registry`]: every enlisted participant as an operator sees it, health checked.
 //! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`wire`] converts to and from its
 //!   types; [`error`] maps errors to statuses. `fuzz.rs` sends it arbitrary requests.
 
@@ -25,6 +26,7 @@ mod fuzz;
 pub mod log;
 pub mod participants;
 pub mod recovery;
+pub mod registry;
 mod retention;
 #[cfg(test)]
 mod scenarios;
@@ -82,6 +84,9 @@ pub async fn run(
     core.spawn_gauges();
     if let Some(interval) = config.limits.deadlock_interval {
         core.spawn_deadlock_detector(interval);
+    }
+    if let Some(interval) = config.limits.health_check_interval {
+        core.spawn_health_checks(interval);
     }
     if let Some(retain) = config.limits.retain_finished {
         core.spawn_pruner(retain);

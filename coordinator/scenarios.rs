@@ -1084,3 +1084,60 @@ fn only_allowed_participants_at_their_own_endpoints_are_enlisted() {
         assert!(status.message().contains("--allowed-participants"));
     }
 }
+
+// ---- The registry of participants ----
+
+#[test]
+fn the_registry_shows_each_participants_instance_health_and_branches() {
+    let ps = participants();
+    // p2 never acknowledges phase 2: its branch of `decided` stays prepared.
+    ps.set(P2, behave(OnPrepare::Yes, OnFinish::Hang));
+    let c = Process::start(MemLog::default(), &ps);
+    let decided = c.begin_with(&[P1, P2]);
+    assert_eq!(c.commit(decided), Outcome::Committed);
+    let _running = c.begin_with(&[P1]);
+    ps.set(
+        P1,
+        Behaviour {
+            down: true,
+            ..Behaviour::default()
+        },
+    );
+
+    c.run(c.core.check_participants());
+    let listed = c.core.list_participants();
+
+    let by_id = |id: &str| listed.iter().find(|p| p.participant_id == id).unwrap();
+    let (p1, p2) = (by_id("p1"), by_id("p2"));
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        (p1.endpoint.as_str(), p1.instance_id.as_str()),
+        (P1, "instance-1")
+    );
+    assert_eq!(p1.health(), proto::ParticipantHealth::Unreachable);
+    assert!(p1.health_detail.contains("refused"), "{p1:?}");
+    assert_eq!((p1.prepared_branches, p1.open_branches), (0, 1));
+    assert_eq!(p2.health(), proto::ParticipantHealth::Serving);
+    assert_eq!((p2.prepared_branches, p2.open_branches), (1, 0));
+    assert!(p2.last_seen_unix_ms >= p1.last_seen_unix_ms && p1.last_seen_unix_ms > 0);
+}
+
+#[test]
+fn a_restarted_coordinator_lists_its_participants_from_the_log_unseen_and_unchecked() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = c.begin_with(&[P1]);
+    c.commit(id);
+
+    let c = Process::start(c.crash(), &ps);
+    let listed = c.core.list_participants();
+
+    assert_eq!(listed.len(), 1);
+    let p1 = &listed[0];
+    assert_eq!(
+        (p1.participant_id.as_str(), p1.endpoint.as_str()),
+        ("p1", P1)
+    );
+    assert_eq!(p1.health(), proto::ParticipantHealth::Unknown);
+    assert_eq!((p1.last_seen_unix_ms, p1.instance_id.as_str()), (0, ""));
+}

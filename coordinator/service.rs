@@ -210,6 +210,15 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
             unreachable: found.unreachable,
         }))
     }
+
+    async fn list_participants(
+        &self,
+        _request: Request<proto::ListParticipantsRequest>,
+    ) -> Result<Response<proto::ListParticipantsResponse>, Status> {
+        Ok(Response::new(proto::ListParticipantsResponse {
+            participants: self.core.list_participants(),
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ use crate::client::propagation::JoinLayer;
 use crate::proto::participant_server::ParticipantServer;
 use futures::future::BoxFuture;
 use std::sync::Arc;
+use tonic::transport::Channel;
 use tonic::transport::server::Router;
 use tower_layer::{Identity, Stack};
 
@@ -42,6 +43,8 @@ use tower_layer::{Identity, Stack};
 #[derive(Clone)]
 pub struct Embedded {
     core: Arc<Participant>,
+    /// To the coordinator: the health watch checks it can be reached.
+    coordinator: Channel,
 }
 
 impl Embedded {
@@ -55,13 +58,15 @@ impl Embedded {
                 "an embedded participant needs `advertise`: the URL of the service it runs in"
             )
         })?;
-        let (core, _channel) = start(&config, advertise).await?;
+        let (core, coordinator) = start(&config, advertise).await?;
         tracing::info!(participant_id = %config.id, advertise = %core.advertise(), postgres = core.db.target(), "embedded participant ready");
-        Ok(Embedded { core })
+        Ok(Embedded { core, coordinator })
     }
 
     /// A server for the service to add its own services to: the `twopc.v1.Participant`
-    /// service, health, gRPC reflection of twopc's contract and of `descriptor_sets` (the
+    /// service, health (the overall status is the service's own, SERVING; that of
+    /// `twopc.v1.Participant`, which the coordinator checks, is watched as the standalone
+    /// participant's is), gRPC reflection of twopc's contract and of `descriptor_sets` (the
     /// service's own), and [`JoinLayer`] in front of everything, so that a request carrying
     /// `twopc-txn-id` runs in that transaction (`client` is whom its handlers' nested
     /// `transact` calls go to).
@@ -80,7 +85,14 @@ impl Embedded {
             v1 = v1.register_encoded_file_descriptor_set(set);
             v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
         }
-        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        // Ends with the participant (it holds a weak reference).
+        super::health::spawn(
+            Arc::downgrade(&self.core),
+            self.coordinator.clone(),
+            reporter,
+            super::health::Scope::Participant,
+        );
         Ok(tonic::transport::Server::builder()
             .layer(JoinLayer::new(client))
             .add_service(health)

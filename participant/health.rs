@@ -1,7 +1,9 @@
 //! The participant's `grpc.health.v1` status: SERVING only while it can really serve, that is
 //! while its PostgreSQL answers and its coordinator is reachable (a branch cannot open without
-//! registering), NOT_SERVING while draining. Checked every second, for the overall status ("")
-//! and `twopc.v1.Participant` alike.
+//! registering), NOT_SERVING while draining. Checked every second, for `twopc.v1.Participant`
+//! (which the coordinator checks) and, in the standalone process, the overall status ("")
+//! too. A service embedding the participant keeps "" for itself: it may well serve its own
+//! calls while twopc cannot.
 
 use super::core::Participant;
 use super::link::GrpcCoordinator;
@@ -19,13 +21,24 @@ use tonic_health::server::HealthReporter;
 
 const EVERY: Duration = Duration::from_secs(1);
 
-pub async fn set(reporter: &HealthReporter, serving: bool) {
+/// Whose status the watch sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `twopc.v1.Participant` and "": the standalone participant, which serves nothing else.
+    Process,
+    /// `twopc.v1.Participant` only: the participant embedded in a service.
+    Participant,
+}
+
+pub async fn set(reporter: &HealthReporter, scope: Scope, serving: bool) {
     let status = if serving {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
     };
-    reporter.set_service_status("", status).await;
+    if scope == Scope::Process {
+        reporter.set_service_status("", status).await;
+    }
     reporter
         .set_service_status(
             <ParticipantServer<Service<Postgres, GrpcCoordinator>> as tonic::server::NamedService>::NAME,
@@ -78,6 +91,7 @@ pub fn spawn(
     core: Weak<Participant>,
     coordinator: Channel,
     reporter: HealthReporter,
+    scope: Scope,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut client = HealthClient::new(coordinator);
@@ -95,7 +109,7 @@ pub fn spawn(
                     Ok(()) => tracing::info!("health: SERVING"),
                     Err(why) => tracing::warn!(why, "health: NOT_SERVING"),
                 }
-                set(&reporter, serving).await;
+                set(&reporter, scope, serving).await;
                 last = Some(serving);
             }
             tokio::time::sleep(EVERY).await;

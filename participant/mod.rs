@@ -46,6 +46,7 @@ use crate::process::tls::Tls;
 use crate::proto::participant_server::ParticipantServer;
 pub use core::Participant;
 use database::Database;
+use health::Scope;
 use link::{CoordinatorLink, GrpcCoordinator};
 use postgres::Postgres;
 use std::future::Future;
@@ -104,12 +105,17 @@ pub async fn run(
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // tonic-health starts out SERVING; nothing is known yet.
-    health::set(&reporter, false).await;
-    let watch = health::spawn(std::sync::Arc::downgrade(&core), channel, reporter.clone());
+    health::set(&reporter, Scope::Process, false).await;
+    let watch = health::spawn(
+        std::sync::Arc::downgrade(&core),
+        channel,
+        reporter.clone(),
+        Scope::Process,
+    );
     let draining = async move {
         shutdown.await;
         watch.abort();
-        health::set(&reporter, false).await;
+        health::set(&reporter, Scope::Process, false).await;
     };
     let (tls, gate) = (config.tls.server(), config.auth.gate());
     serve_with(listener, core, health_service, tls, gate, draining).await

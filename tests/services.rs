@@ -16,8 +16,9 @@ mod ledger;
 #[path = "../examples/transfer.rs"]
 mod transfer;
 
+use serde_json::Value as Json;
 use std::net::SocketAddr;
-use support::{PgCluster, System, eventually, pg_with, scalar};
+use support::{PgCluster, System, eventually, pg_with, scalar, twopcctl};
 use tokio::net::TcpListener;
 
 struct Services {
@@ -25,6 +26,8 @@ struct Services {
     ledger_a: (String, PgCluster),
     ledger_b: (String, PgCluster),
     audit: (String, PgCluster),
+    /// Stops the audit service gracefully.
+    stop_audit: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 async fn listener() -> (TcpListener, SocketAddr, String) {
@@ -51,7 +54,10 @@ async fn services() -> Services {
         postgres: audit_db.conn_str(),
         resolve_interval_ms: 1_000,
     };
-    tokio::spawn(audit::run(l, args, std::future::pending()));
+    let (stop_audit, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(audit::run(l, args, async {
+        let _ = stopped.await;
+    }));
     let mut ledgers = Vec::new();
     for (id, db, audit) in [
         ("ledger-a", &a_db, Some(audit_url.clone())),
@@ -74,6 +80,7 @@ async fn services() -> Services {
         ledger_a: (ledgers[0].clone(), a_db),
         ledger_b: (ledgers[1].clone(), b_db),
         audit: (audit_url, audit_db),
+        stop_audit: Some(stop_audit),
     };
     for url in [&s.ledger_a.0, &s.ledger_b.0] {
         eventually("the ledger serves", || async move {
@@ -301,6 +308,62 @@ async fn the_python_and_node_clients_transfer_and_abort_as_the_rust_one_does() {
         s.state().await,
         (80, 20, 3),
         "two transfers, each debit audited"
+    );
+    s.nothing_prepared().await;
+}
+
+/// `twopcctl participants --json`, by participant id.
+async fn participants(coordinator: &str) -> std::collections::BTreeMap<String, Json> {
+    let (ok, out, err) = twopcctl(&["--coordinator", coordinator, "--json", "participants"]).await;
+    assert!(ok, "{err}");
+    let rows: Vec<Json> = serde_json::from_str(&out).unwrap();
+    rows.into_iter()
+        .map(|r| (r["participant_id"].as_str().unwrap().to_string(), r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_lists_every_services_participant_and_sees_one_stop() {
+    let mut s = services().await;
+    s.open_account().await;
+    transfer::run(&s.transfer(30, "rent")).await.unwrap();
+    let coordinator = s.sys.url(s.sys.coordinator.addr);
+
+    eventually("all three are seen serving", || {
+        let coordinator = coordinator.clone();
+        async move {
+            let listed = participants(&coordinator).await;
+            listed.len() == 3 && listed.values().all(|p| p["health"] == "serving")
+        }
+    })
+    .await;
+    let listed = participants(&coordinator).await;
+    s.stop_audit.take().unwrap().send(()).unwrap();
+    eventually("the stopped audit service is seen unreachable", || {
+        let coordinator = coordinator.clone();
+        async move { participants(&coordinator).await["audit"]["health"] == "unreachable" }
+    })
+    .await;
+    let (shown, table, _) = twopcctl(&["--coordinator", &coordinator, "participants"]).await;
+    println!("{table}");
+
+    for (id, url) in [
+        ("ledger-a", &s.ledger_a.0),
+        ("ledger-b", &s.ledger_b.0),
+        ("audit", &s.audit.0),
+    ] {
+        let p = &listed[id];
+        assert_eq!(p["endpoint"], url.as_str(), "{p}");
+        assert_eq!(p["instance_id"].as_str().unwrap().len(), 32, "{p}");
+        assert!(p["last_seen_unix_ms"].as_i64().unwrap() > 0, "{p}");
+        assert_eq!(
+            (p["prepared_branches"].as_u64(), p["open_branches"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    assert!(
+        shown && table.contains("unreachable") && table.contains("ledger-b"),
+        "{table}"
     );
     s.nothing_prepared().await;
 }

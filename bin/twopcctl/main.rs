@@ -76,6 +76,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         min_wait_ms: u32,
     },
+    /// The participants the coordinator has enlisted: endpoint, process instance, when last
+    /// heard from, health (checked by the coordinator) and branches in live transactions.
+    Participants,
     /// Resolve a stuck transaction by hand. At the coordinator (default): declare the branches
     /// still owed phase 2 finished (their participant is gone for good); it never reverses a
     /// decision. With --participant: commit or roll back that participant's prepared branch
@@ -210,6 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Abort { txn_id, reason } => abort(&cli.coordinator, txn_id, reason, json).await,
         Command::InDoubt { participant } => in_doubt(&participant, json).await,
         Command::Locks { min_wait_ms } => locks(&cli.coordinator, min_wait_ms, json).await,
+        Command::Participants => participants(&cli.coordinator, json).await,
         Command::Resolve(r) => resolve(&cli.coordinator, r, json).await,
     }
 }
@@ -325,6 +329,65 @@ async fn locks(url: &str, min_wait_ms: u32, json: bool) -> Result<()> {
     for u in &resp.unreachable {
         println!("not asked: {u}");
     }
+    Ok(())
+}
+
+/// `participants`: the coordinator's registry.
+async fn participants(url: &str, json: bool) -> Result<()> {
+    let resp = coordinator(url)?
+        .list_participants(proto::ListParticipantsRequest {})
+        .await?
+        .into_inner();
+    let health =
+        |p: &proto::ParticipantInfo| short(p.health().as_str_name(), "PARTICIPANT_HEALTH_");
+    if json {
+        let rows: Vec<Json> = resp
+            .participants
+            .iter()
+            .map(|p| {
+                json!({"participant_id": p.participant_id, "endpoint": p.endpoint,
+                    "instance_id": p.instance_id, "last_seen_unix_ms": p.last_seen_unix_ms,
+                    "health": health(p), "health_detail": p.health_detail,
+                    "health_checked_unix_ms": p.health_checked_unix_ms,
+                    "prepared_branches": p.prepared_branches, "open_branches": p.open_branches})
+            })
+            .collect();
+        println!("{}", Json::Array(rows));
+        return Ok(());
+    }
+    let mut t = table(&[
+        "participant",
+        "endpoint",
+        "instance",
+        "last seen",
+        "health",
+        "prepared",
+        "open",
+    ]);
+    for p in &resp.participants {
+        let mut h = health(p);
+        if !p.health_detail.is_empty() {
+            h = format!("{h}: {}", p.health_detail);
+        }
+        t.add_row(vec![
+            p.participant_id.clone(),
+            p.endpoint.clone(),
+            // The first 8 hex digits tell restarts apart.
+            p.instance_id.chars().take(8).collect(),
+            match p.last_seen_unix_ms {
+                0 => "not since start".into(),
+                ms => format!("{} ago", age(ms)),
+            },
+            h,
+            p.prepared_branches.to_string(),
+            p.open_branches.to_string(),
+        ]);
+    }
+    println!(
+        "{t}
+{} participant(s)",
+        resp.participants.len()
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 //! participants must outlive it, as real ones outlive a coordinator process.
 
 use super::{Ending, Participants, PeerError};
+use crate::coordinator::registry::Health;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
 use crate::proto::{LockWait, TxnId};
@@ -302,6 +303,13 @@ impl Participants for FakeParticipants {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn health(&self, endpoint: &str, _timeout: Duration) -> Health {
+        self.with(endpoint, |n| match n.behaviour.down {
+            true => Health::Unreachable("connection refused".into()),
+            false => Health::Serving,
+        })
     }
 
     async fn waits(

@@ -2,6 +2,7 @@
 //! transaction that enlists it.
 
 use super::{Ending, Participants, PeerError};
+use crate::coordinator::registry::Health;
 use crate::process::auth::Bearer;
 use crate::process::tls::Tls;
 use crate::proto::participant_client::ParticipantClient;
@@ -15,13 +16,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// The service whose health a participant reports (it is NOT_SERVING while it cannot reach
+/// its PostgreSQL or this coordinator).
+const PARTICIPANT_SERVICE: &str = "twopc.v1.Participant";
 
 /// The participants reached over gRPC, as the coordinator named `coordinator_id`.
 pub struct GrpcParticipants {
     /// Sent with every request: a participant acts only on gids of the coordinator that asks.
     coordinator_id: String,
-    /// One client per endpoint; tonic channels multiplex every call over one connection.
-    channels: Mutex<HashMap<String, Client>>,
+    /// One channel per endpoint; tonic channels multiplex every call over one connection.
+    channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
     tls: Tls,
     /// This coordinator's peer token, on every call.
@@ -46,7 +54,7 @@ impl GrpcParticipants {
         }
     }
 
-    fn client(&self, endpoint: &str) -> Result<Client, tonic::Status> {
+    fn channel(&self, endpoint: &str) -> Result<Channel, tonic::Status> {
         let mut channels = self.channels.lock().unwrap();
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
@@ -58,9 +66,16 @@ impl GrpcParticipants {
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
-        let client = ParticipantClient::with_interceptor(channel, self.bearer.clone());
-        channels.insert(endpoint.to_string(), client.clone());
-        Ok(client)
+        channels.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn client(&self, endpoint: &str) -> Result<Client, tonic::Status> {
+        let channel = self.channel(endpoint)?;
+        Ok(ParticipantClient::with_interceptor(
+            channel,
+            self.bearer.clone(),
+        ))
     }
 }
 
@@ -176,6 +191,33 @@ impl Participants for GrpcParticipants {
                 "no answer from {endpoint} within {timeout:?}"
             ))),
             Ok(r) => r.map(|_| ()).map_err(peer_error),
+        }
+    }
+
+    async fn health(&self, endpoint: &str, timeout: Duration) -> Health {
+        let channel = match self.channel(endpoint) {
+            Ok(c) => c,
+            Err(status) => return Health::Unreachable(status.message().to_string()),
+        };
+        let mut client = HealthClient::new(channel);
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: PARTICIPANT_SERVICE.into(),
+        });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.check(req)).await {
+            Err(_) => Health::Unreachable(format!("no answer within {timeout:?}")),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+                Health::NotServing("it serves no twopc.v1.Participant health status".into())
+            }
+            Ok(Err(status)) => {
+                Health::Unreachable(format!("{:?}: {}", status.code(), status.message()))
+            }
+            Ok(Ok(resp)) => match resp.into_inner().status() {
+                ServingStatus::Serving => Health::Serving,
+                other => {
+                    Health::NotServing(format!("its health service says {}", other.as_str_name()))
+                }
+            },
         }
     }
 

@@ -12,6 +12,7 @@ mod grpc;
 
 pub use grpc::GrpcParticipants;
 
+use super::registry::Health;
 use crate::proto::vote::{OnePhaseOutcome, Vote};
 use crate::proto::{LockWait, TxnId};
 use std::future::Future;
@@ -66,6 +67,9 @@ pub trait Participants: Send + Sync + 'static {
         forget: &[TxnId],
         timeout: Duration,
     ) -> impl Future<Output = Result<OnePhaseOutcome, PeerError>> + Send;
+
+    /// The participant's health (`grpc.health.v1` Check of `twopc.v1.Participant`).
+    fn health(&self, endpoint: &str, timeout: Duration) -> impl Future<Output = Health> + Send;
 
     /// The txn ids of this coordinator's branches prepared at `endpoint`.
     fn recover(

@@ -86,6 +86,7 @@ pub fn test_limits() -> Limits {
     Limits {
         prepare_timeout: Duration::from_secs(5),
         commit_wait: Duration::from_secs(2),
+        health_check_interval: Some(Duration::from_millis(200)),
         ..Limits::default()
     }
 }
