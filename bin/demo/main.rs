@@ -4,6 +4,11 @@
 //! It starts two throwaway PostgreSQL clusters (`bank-east` and `bank-west`), a coordinator and
 //! one participant per database, all on loopback, then talks to them over gRPC exactly as a
 //! client service would. With `--keep` it stays up afterwards so you can try grpcurl on it.
+//!
+//! With `--services` (`services.rs`): services that own their databases, with the participant
+//! embedded, joined in one transaction by the client library.
+
+mod services;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -38,6 +43,10 @@ struct Args {
     /// and tokens (docs/SECURITY.md).
     #[arg(long)]
     secure: bool,
+    /// Instead: two ledger services and an audit service, each with its own database and the
+    /// participant embedded, in one global transaction (examples/ledger.rs, audit.rs).
+    #[arg(long, conflicts_with = "secure")]
+    services: bool,
 }
 
 /// A channel with the demo client's token (if any) on every call.
@@ -217,6 +226,9 @@ async fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.services {
+        return services::run(args.keep).await;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

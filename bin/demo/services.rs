@@ -1,0 +1,481 @@
+//! `demo --services`: services that each own their database, in one global transaction.
+//!
+//! Three throwaway PostgreSQL clusters, a coordinator, and the example services as processes of
+//! their own: `ledger-a` and `ledger-b` (examples/ledger.rs) and `audit` (examples/audit.rs),
+//! each with the participant embedded and no transaction code. The demo is a client service:
+//! it moves money with `transact` around ordinary gRPC calls that carry the transaction in
+//! metadata, and ledger-a's handler calls the audit service inside it. Then an overdraft that
+//! aborts everywhere, and ledger-b killed at a named failpoint between its vote and its commit,
+//! whose branch commits once it is back. The services run from target/debug/examples, built
+//! with the `testing` feature so that the failpoint exists (scripts/demo does both).
+
+use crate::listener;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tower_layer::Layer;
+use twopc::client::propagation::{Propagate, PropagateLayer};
+use twopc::client::{self, transact_with};
+use twopc::coordinator;
+use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::proto::{self, ParticipantHealth};
+use twopc::testkit::cluster::PgCluster;
+
+mod pb {
+    tonic::include_proto!("ledger.v1");
+}
+
+type Ledger = pb::ledger_client::LedgerClient<Propagate<Channel>>;
+
+/// How long a service may take to start serving.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The failpoint scene 3 arms in ledger-b.
+const CRASH_POINT: &str = "participant::before_commit_prepared";
+
+/// One example service, run as a process of its own and restartable on its port.
+struct Service {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    url: String,
+    log: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl Service {
+    fn new(
+        name: &'static str,
+        program: PathBuf,
+        dir: &Path,
+        coordinator: &str,
+        pg: &PgCluster,
+        extra: &[String],
+    ) -> Result<Service> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut args: Vec<String> = [
+            "--listen",
+            &addr.to_string(),
+            "--id",
+            name,
+            "--coordinator",
+            coordinator,
+            "--postgres",
+            &pg.conn_str(),
+            "--resolve-interval-ms",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend_from_slice(extra);
+        Ok(Service {
+            name,
+            program,
+            args,
+            url: format!("http://{addr}"),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        })
+    }
+
+    /// Starts it (with `failpoints` armed, if any) and waits until it serves.
+    async fn start(&mut self, failpoints: Option<&str>) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        match failpoints {
+            Some(spec) => cmd.env("FAILPOINTS", spec),
+            None => cmd.env_remove("FAILPOINTS"),
+        };
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.program.display()))?,
+        );
+        let until = Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(
+                tonic::transport::Endpoint::from_shared(self.url.clone())?.connect_lazy(),
+            );
+            let check = health.check(tonic_health::pb::HealthCheckRequest {
+                service: "twopc.v1.Participant".into(),
+            });
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), check).await
+                && r.into_inner().status()
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving
+            {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{} exited at start ({status}); see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            if Instant::now() > until {
+                bail!(
+                    "{} did not serve within {READY_TIMEOUT:?}; see {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    fn client(&self) -> Result<Ledger> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())?.connect_lazy();
+        Ok(pb::ledger_client::LedgerClient::new(
+            PropagateLayer.layer(channel),
+        ))
+    }
+}
+
+/// What a scene looks at: alice's balance in each ledger and the audit service's records.
+struct Databases {
+    a: PgCluster,
+    b: PgCluster,
+    audit: PgCluster,
+}
+
+impl Databases {
+    async fn scalar(pg: &PgCluster, sql: &str) -> Result<i64> {
+        Ok(pg.client().await?.query_one(sql, &[]).await?.get(0))
+    }
+
+    async fn state(&self) -> Result<(i64, i64, i64)> {
+        let alice = "SELECT coalesce(sum(balance), 0)::int8 FROM balances WHERE account = 'alice'";
+        Ok((
+            Self::scalar(&self.a, alice).await?,
+            Self::scalar(&self.b, alice).await?,
+            Self::scalar(&self.audit, "SELECT count(*) FROM records").await?,
+        ))
+    }
+
+    async fn show(&self) -> Result<(i64, i64, i64)> {
+        let (a, b, audited) = self.state().await?;
+        println!("   alice: ledger-a {a}, ledger-b {b}; audit records: {audited}");
+        Ok((a, b, audited))
+    }
+
+    async fn prepared(&self) -> Result<i64> {
+        let mut n = 0;
+        for pg in [&self.a, &self.b, &self.audit] {
+            n += Self::scalar(pg, "SELECT count(*) FROM pg_prepared_xacts").await?;
+        }
+        Ok(n)
+    }
+}
+
+/// Why a transfer failed: a ledger's answer, or the transaction's outcome.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Ledger(#[from] tonic::Status),
+    #[error(transparent)]
+    Twopc(#[from] client::Error),
+}
+
+/// Posts `steps` (ledger, amount) for alice in one global transaction; its id and outcome.
+async fn transfer(
+    twopc: &client::Client,
+    steps: &[(&Ledger, i64)],
+    memo: &str,
+) -> (String, Result<(), Failed>) {
+    let mut id = String::new();
+    let options = client::Options {
+        label: memo.into(),
+        ..client::Options::default()
+    };
+    let outcome = transact_with(twopc, options, |tx| {
+        id = tx.id().to_string();
+        let steps: Vec<(Ledger, i64)> = steps.iter().map(|(l, a)| ((*l).clone(), *a)).collect();
+        async move {
+            for (mut ledger, amount) in steps {
+                ledger
+                    .post(pb::PostRequest {
+                        account: "alice".into(),
+                        amount,
+                        memo: memo.into(),
+                    })
+                    .await?;
+            }
+            Ok::<_, Failed>(())
+        }
+    })
+    .await;
+    (id, outcome)
+}
+
+pub async fn run(keep: bool) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let examples = exe
+        .parent()
+        .context("the demo's directory")?
+        .join("examples");
+    let (ledger_bin, audit_bin) = (examples.join("ledger"), examples.join("audit"));
+    for bin in [&ledger_bin, &audit_bin] {
+        if !bin.is_file() {
+            bail!(
+                "{} not found: `bash scripts/demo --services` builds it (cargo build --features testing --examples)",
+                bin.display()
+            );
+        }
+    }
+    println!("== Starting three throwaway PostgreSQL clusters: ledger-a, ledger-b and audit");
+    let (a, b, audit) = tokio::task::spawn_blocking(|| {
+        Ok::<_, anyhow::Error>((
+            PgCluster::start()?,
+            PgCluster::start()?,
+            PgCluster::start()?,
+        ))
+    })
+    .await??;
+    let dbs = Databases { a, b, audit };
+
+    let dir = tempfile::Builder::new()
+        .prefix("twopc-services-demo-")
+        .tempdir()?;
+    // The coordinator runs in this process; its log goes beside the services' logs.
+    let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .init();
+    let (cl, caddr) = listener().await?;
+    let coordinator_url = format!("http://{caddr}");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let coordinator_task = tokio::spawn(coordinator::run(
+        cl,
+        coordinator::Config {
+            data_dir: dir.path().join("coordinator"),
+            id: Some("demo".into()),
+            limits: coordinator::Limits {
+                health_check_interval: Some(Duration::from_millis(500)),
+                // How long Commit waits for phase 2 before it answers with branches pending.
+                commit_wait: Duration::from_secs(1),
+                ..coordinator::Limits::default()
+            },
+            drain_timeout: Duration::from_secs(5),
+            tls: Default::default(),
+            auth: Default::default(),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut audit = Service::new(
+        "audit",
+        audit_bin,
+        dir.path(),
+        &coordinator_url,
+        &dbs.audit,
+        &[],
+    )?;
+    audit.start(None).await?;
+    let mut ledger_a = Service::new(
+        "ledger-a",
+        ledger_bin.clone(),
+        dir.path(),
+        &coordinator_url,
+        &dbs.a,
+        &["--audit".into(), audit.url.clone()],
+    )?;
+    ledger_a.start(None).await?;
+    let mut ledger_b = Service::new(
+        "ledger-b",
+        ledger_bin,
+        dir.path(),
+        &coordinator_url,
+        &dbs.b,
+        &[],
+    )?;
+    ledger_b.start(None).await?;
+    println!(
+        "== Up: coordinator {coordinator_url}; ledger-a {} (records every Post with audit), ledger-b {}, audit {}; each a process with its participant embedded (logs in {})",
+        ledger_a.url,
+        ledger_b.url,
+        audit.url,
+        dir.path().display()
+    );
+    let twopc = client::Client::connect(&coordinator_url)?;
+    let (la, lb) = (ledger_a.client()?, ledger_b.client()?);
+    let mut coordinator = CoordinatorClient::connect(coordinator_url.clone()).await?;
+
+    println!(
+        "   alice opens her account in ledger-a with 100: a Post outside any transaction commits on its own"
+    );
+    la.clone()
+        .post(pb::PostRequest {
+            account: "alice".into(),
+            amount: 100,
+            memo: "opening".into(),
+        })
+        .await?;
+    dbs.show().await?;
+
+    println!(
+        "\n== 1. alice moves 30 from ledger-a to ledger-b: transact {{ ledger-a.Post(-30); ledger-b.Post(+30) }},\n   and ledger-a's handler calls audit.Record inside the same transaction"
+    );
+    let (txn, outcome) = transfer(&twopc, &[(&la, -30), (&lb, 30)], "rent").await;
+    println!("   txn {txn}: {}", describe(&outcome));
+    let t = coordinator
+        .get_transaction(proto::GetTransactionRequest {
+            txn_id: txn.clone(),
+        })
+        .await?
+        .into_inner();
+    for br in &t.branches {
+        println!(
+            "   branch {} at {}: {:?}",
+            br.participant_id,
+            br.endpoint,
+            br.state()
+        );
+    }
+    if dbs.show().await? != (70, 30, 2) || outcome.is_err() {
+        bail!("scene 1 should have committed in all three databases");
+    }
+
+    println!(
+        "\n== 2. alice moves 500 but has 70: ledger-b credits her first, then ledger-a's CHECK (balance >= 0)\n   fails in its handler (FAILED_PRECONDITION), which dooms the transaction: the credit is undone too"
+    );
+    let (txn, outcome) = transfer(&twopc, &[(&lb, 500), (&la, -500)], "too much").await;
+    println!("   txn {txn}: {}", describe(&outcome));
+    if dbs.show().await? != (70, 30, 2) || outcome.is_ok() {
+        bail!("scene 2 should have aborted everywhere");
+    }
+
+    println!(
+        "\n== 3. ledger-b restarts with the failpoint {CRASH_POINT} armed, and dies between its\n   yes vote and its COMMIT PREPARED; the commit decision is durable at the coordinator"
+    );
+    ledger_b.kill().await;
+    ledger_b
+        .start(Some(&format!("{CRASH_POINT}=abort")))
+        .await?;
+    let (txn, outcome) = transfer(&twopc, &[(&la, -20), (&lb, 20)], "crash").await;
+    println!(
+        "   txn {txn}: {} (the decision is durable; after waiting 1 s for phase 2, Commit answers\n   with ledger-b's acknowledgement still owed, which the coordinator keeps asking for)",
+        describe(&outcome)
+    );
+    let died = tokio::time::timeout(
+        Duration::from_secs(10),
+        ledger_b.child.as_mut().context("ledger-b runs")?.wait(),
+    )
+    .await
+    .context("ledger-b should have died at the failpoint")??;
+    ledger_b.child = None;
+    println!(
+        "   ledger-b died ({died}); its database holds {} prepared transaction(s), alice's 20 not visible there yet:",
+        Databases::scalar(&dbs.b, "SELECT count(*) FROM pg_prepared_xacts").await?
+    );
+    dbs.show().await?;
+    let restarted = Instant::now();
+    // Whoever is first commits it: the coordinator's retry, or ledger-b's resolver asking
+    // the coordinator how the transaction ended.
+    ledger_b.start(None).await?;
+    while dbs.prepared().await? > 0 {
+        if restarted.elapsed() > Duration::from_secs(30) {
+            bail!("ledger-b's branch was not committed within 30 s of its restart");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "   ledger-b is back; its prepared branch committed {} ms after the restart:",
+        restarted.elapsed().as_millis()
+    );
+    if dbs.show().await? != (50, 50, 3) || outcome.is_err() {
+        bail!("scene 3 should have committed everywhere once ledger-b was back");
+    }
+
+    println!("\n== 4. the coordinator's registry of participants (twopcctl participants)");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let listed = coordinator
+        .list_participants(proto::ListParticipantsRequest {})
+        .await?
+        .into_inner()
+        .participants;
+    for p in &listed {
+        println!(
+            "   {:<9} {}  instance {}  health {}",
+            p.participant_id,
+            p.endpoint,
+            p.instance_id.chars().take(8).collect::<String>(),
+            p.health()
+                .as_str_name()
+                .trim_start_matches("PARTICIPANT_HEALTH_")
+                .to_lowercase()
+        );
+    }
+    if listed.len() != 3
+        || listed
+            .iter()
+            .any(|p| p.health() != ParticipantHealth::Serving)
+    {
+        bail!("every service should be enlisted and serving");
+    }
+    println!(
+        "   prepared transactions left in PostgreSQL: {}",
+        dbs.prepared().await?
+    );
+
+    if keep {
+        println!(
+            "\n== Still running. Join a Post to a transaction begun by hand (from this directory):"
+        );
+        println!(
+            "   TXN=$(.venv/bin/grpcurl -plaintext -d '{{}}' {caddr} twopc.v1.Coordinator/Begin | jq -r .txnId)"
+        );
+        println!(
+            "   .venv/bin/grpcurl -plaintext -H \"twopc-txn-id: $TXN\" -d '{{\"account\": \"alice\", \"amount\": 5, \"memo\": \"by hand\"}}' {} ledger.v1.Ledger/Post",
+            ledger_b.url.trim_start_matches("http://")
+        );
+        println!(
+            "   .venv/bin/grpcurl -plaintext -d \"{{\\\"txn_id\\\": \\\"$TXN\\\"}}\" {caddr} twopc.v1.Coordinator/Commit"
+        );
+        println!("   cargo run -q --bin twopcctl -- --coordinator {coordinator_url} participants");
+        println!("   Ctrl-C stops everything and removes the clusters.");
+        std::future::pending::<()>().await;
+    }
+
+    println!(
+        "\n== Done: stopping the services and the coordinator, removing the clusters (logs were in {})",
+        dir.path().display()
+    );
+    for s in [&mut ledger_a, &mut ledger_b, &mut audit] {
+        s.kill().await;
+    }
+    let _ = stop.send(());
+    coordinator_task.await??;
+    Ok(())
+}
+
+fn describe(outcome: &Result<(), Failed>) -> String {
+    match outcome {
+        Ok(()) => "COMMITTED".into(),
+        Err(e) => format!("ABORTED everywhere: {e}"),
+    }
+}

@@ -1,0 +1,48 @@
+//! README's main job, `bash scripts/demo`, end to end: the bank demo and, with `--services`,
+//! the services that embed their participant. Each demo checks every scene itself (balances,
+//! audit records, nothing left prepared) and exits non-zero on any surprise. `--services`
+//! crashes a service at a named failpoint, so this needs the `testing` feature and the
+//! examples built with it (`cargo test --all-targets --features testing`).
+#![cfg(feature = "testing")]
+
+use std::process::Command;
+
+fn demo(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_demo"))
+        .args(args)
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo {args:?} failed ({})",
+        out.status
+    );
+    stdout
+}
+
+#[test]
+fn the_bank_demo_runs_every_scene() {
+    let out = demo(&["--clients", "4", "--transfers", "10"]);
+
+    assert!(out.contains("total money before"), "{out}");
+    assert!(out.contains("conserved"), "{out}");
+}
+
+#[test]
+fn the_services_demo_commits_aborts_everywhere_and_recovers_a_crashed_service() {
+    let out = demo(&["--services"]);
+
+    assert!(
+        out.contains("branch audit at"),
+        "the nested service joined: {out}"
+    );
+    assert!(out.contains("ABORTED everywhere"), "{out}");
+    assert!(out.contains("ledger-b died (signal: 6"), "{out}");
+    assert!(
+        out.contains("prepared transactions left in PostgreSQL: 0"),
+        "{out}"
+    );
+}
