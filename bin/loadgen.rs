@@ -3,8 +3,9 @@
 //! The workload is the one `../shared/bench/pg-2pc-baseline.sh` gives PostgreSQL alone (a
 //! one-row `UPDATE` on a random account among 10,000), so the two are comparable: there,
 //! pgbench sends `BEGIN; UPDATE; PREPARE TRANSACTION; COMMIT PREPARED` straight to one
-//! server; here, a client does Begin → Execute(UPDATE) on each of `--branches` databases →
-//! Commit, and twopc does the rest. Both run with fsync on.
+//! server; here, a client does Begin → Execute(UPDATE) on each of `--branches` databases (at
+//! once, as the hand-rolled client below sends its statements) → Commit, and twopc does the
+//! rest. Both run with fsync on.
 //!
 //! Everything (two PostgreSQL servers, the coordinator, the participants and the clients)
 //! shares this machine's cores, as the baseline's pgbench shares them with its server. The
@@ -207,16 +208,17 @@ async fn one_transaction(t: &Target, branches: usize) -> Result<Outcome> {
         .await?
         .into_inner()
         .txn_id;
-    for p in t.participants.iter().take(branches) {
-        let id = rand::rng().random_range(1..=ACCOUNTS);
-        p.clone()
-            .execute(proto::ExecuteRequest {
-                txn_id: txn.clone(),
-                sql: "UPDATE acct SET bal = bal + 1 WHERE id = $1".into(),
-                params: vec![proto::Value::int(id)],
-            })
-            .await?;
-    }
+    // To every database at once, as the hand-rolled client sends its statements.
+    futures::future::try_join_all(t.participants.iter().take(branches).map(|p| {
+        let (mut p, id) = (p.clone(), rand::rng().random_range(1..=ACCOUNTS));
+        let req = proto::ExecuteRequest {
+            txn_id: txn.clone(),
+            sql: "UPDATE acct SET bal = bal + 1 WHERE id = $1".into(),
+            params: vec![proto::Value::int(id)],
+        };
+        async move { p.execute(req).await }
+    }))
+    .await?;
     let r = coordinator
         .commit(proto::CommitRequest { txn_id: txn })
         .await?

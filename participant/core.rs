@@ -101,6 +101,16 @@ struct Slot<D: Database> {
 }
 
 impl<D: Database> OpenBranch<D> {
+    fn new(branch: Branch) -> Self {
+        OpenBranch {
+            slot: tokio::sync::Mutex::new(Slot { branch, conn: None }),
+            cancel: tokio::sync::Mutex::new(None),
+            backend: AtomicI32::new(0),
+            running_since: Mutex::new(None),
+            aborted: Mutex::new(None),
+        }
+    }
+
     /// Locks the slot, cancelling the statement running on it if it is busy.
     async fn lock_interrupting(&self, db: &D) -> tokio::sync::MutexGuard<'_, Slot<D>> {
         if let Ok(slot) = self.slot.try_lock() {
@@ -210,7 +220,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// The branch ended: it leaves the open table and stays as a tombstone.
     fn finish(&self, txn: TxnId, branch: &Branch) {
         let now = crate::process::clock::now_ms();
-        let until_ms = branch.deadline_ms + (DEADLINE_GRACE + TOMBSTONE).as_millis() as i64;
+        let until_ms = branch
+            .deadline_ms
+            .saturating_add((DEADLINE_GRACE + TOMBSTONE).as_millis() as i64);
         let mut table = self.branches.lock().unwrap();
         table.open.remove(&txn);
         table.ended.insert(txn, branch.state.clone(), until_ms, now);
@@ -286,16 +298,105 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         sql::check_allowed(sql_text)
             .and_then(|()| self.db.limits().check_request(sql_text, params.len()))
             .map_err(|e| Error::statement(txn, e))?;
-        let open = self.open_branch(txn).await?;
+        let open = match self.find(txn) {
+            Found::Open(open) => open,
+            Found::Ended(state) => return Err(self.ended(txn, "", state)?.not_active().into()),
+            Found::Unknown => match self.coordinator_id.get() {
+                // The gid is known once any branch has enlisted, so the enlistment of this one
+                // can travel while its first statement runs.
+                Some(owner) => {
+                    let owner = owner.clone();
+                    return self.execute_enlisting(txn, owner, sql_text, params).await;
+                }
+                None => self.open(txn).await?,
+            },
+        };
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute()?;
+        self.run_statement(&open, &mut slot, txn, sql_text, params)
+            .await
+    }
+
+    /// The first statement of a branch not open here yet, run while its enlistment with the
+    /// coordinator is in flight: one round trip to the coordinator off the statement's
+    /// latency. The reply still waits for both, so the client cannot call Commit before the
+    /// coordinator knows the branch; if the coordinator refuses it, what ran is rolled back.
+    async fn execute_enlisting(
+        self: &Arc<Self>,
+        txn: TxnId,
+        owner: String,
+        sql_text: &str,
+        params: &[proto::Value],
+    ) -> Result<proto::ExecuteResponse, Error> {
+        // Its deadline comes with the coordinator's answer.
+        let open = Arc::new(OpenBranch::new(Branch::new(
+            Gid::new(&owner, txn)?,
+            i64::MAX,
+        )));
+        let mut slot = open
+            .slot
+            .try_lock()
+            .expect("nobody else holds a branch not yet in the table");
+        let first = {
+            let mut table = self.branches.lock().unwrap();
+            let first = !table.open.contains_key(&txn) && table.ended.get(txn).is_none();
+            if first {
+                table.open.insert(txn, open.clone());
+            }
+            first
+        };
+        if !first {
+            // A concurrent Execute got here first: join its branch the usual way.
+            drop(slot);
+            return Box::pin(self.execute(txn, sql_text, params)).await;
+        }
+        let register = self.coordinator.register(
+            txn,
+            &self.id,
+            &self.advertise,
+            &self.instance,
+            self.db.one_phase(),
+        );
+        let (enlisted, ran) = tokio::join!(
+            register,
+            self.run_statement(&open, &mut slot, txn, sql_text, params)
+        );
+        crate::failpoint!("participant::first_statement_ran");
+        let refused = match enlisted {
+            Ok(e) if e.coordinator_id == owner => {
+                slot.branch.deadline_ms = e.deadline_ms;
+                self.expire_at(txn, e.deadline_ms);
+                return ran;
+            }
+            Ok(e) => Error::Coordinator(tonic::Status::failed_precondition(format!(
+                "this participant's branches belong to coordinator {owner:?}, but {:?} answered",
+                e.coordinator_id
+            ))),
+            Err(status) => Error::Coordinator(status),
+        };
+        // Not enlisted, so never to be prepared: nothing of it may stay.
+        self.roll_back_open(&open, &mut slot).await;
+        self.branches.lock().unwrap().open.remove(&txn);
+        Err(refused)
+    }
+
+    /// Runs a statement on the branch (sending BEGIN first if nothing ran yet); a failure
+    /// dooms the branch, except one that leaves it untouched.
+    async fn run_statement(
+        &self,
+        open: &OpenBranch<D>,
+        slot: &mut Slot<D>,
+        txn: TxnId,
+        sql_text: &str,
+        params: &[proto::Value],
+    ) -> Result<proto::ExecuteResponse, Error> {
         let begin = slot.conn.is_none();
         if begin {
             // Nothing has run in the branch yet, so a failure here dooms nothing: the client
             // may retry the statement.
             let conn = self.db.conn().await?;
             let backend = self.db.backend_pid(&conn);
-            open.attach(&mut slot, conn, backend).await;
+            open.attach(slot, conn, backend).await;
         }
         let conn = slot
             .conn
@@ -382,29 +483,25 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             drop(table);
             return Err(self.ended(txn, "", state)?.not_active().into());
         }
-        let open = Arc::new(OpenBranch {
-            slot: tokio::sync::Mutex::new(Slot {
-                branch: Branch::new(gid, enlisted.deadline_ms),
-                conn: None,
-            }),
-            cancel: tokio::sync::Mutex::new(None),
-            backend: AtomicI32::new(0),
-            running_since: Mutex::new(None),
-            aborted: Mutex::new(None),
-        });
+        let open = Arc::new(OpenBranch::new(Branch::new(gid, enlisted.deadline_ms)));
         table.open.insert(txn, open.clone());
         drop(table);
+        self.expire_at(txn, enlisted.deadline_ms);
+        tracing::debug!(txn_id = %txn, "branch opened");
+        Ok(open)
+    }
+
+    /// Rolls the branch back if it is still open (unprepared) past the transaction's deadline.
+    fn expire_at(self: &Arc<Self>, txn: TxnId, deadline_ms: i64) {
         // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
         let this = Arc::downgrade(self);
-        let until = crate::process::clock::until(enlisted.deadline_ms) + DEADLINE_GRACE;
+        let until = crate::process::clock::until(deadline_ms) + DEADLINE_GRACE;
         tokio::spawn(async move {
             tokio::time::sleep(until).await;
             if let Some(p) = this.upgrade() {
                 p.expire(txn).await;
             }
         });
-        tracing::debug!(txn_id = %txn, "branch opened");
-        Ok(open)
     }
 
     /// The deadline passed: a branch still open here will never be committed.

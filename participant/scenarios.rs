@@ -104,6 +104,55 @@ fn a_branch_that_wrote_prepares_and_commits() {
 }
 
 #[test]
+fn a_first_statement_runs_while_its_enlistment_travels_and_a_refused_one_is_rolled_back() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    // Once one branch has enlisted, the coordinator's id (and so any gid) is known.
+    p.exec(TxnId::generate(), "UPDATE acct SET bal = 1")
+        .unwrap();
+    coord.set_reachable(false);
+    let txn = TxnId::generate();
+
+    let refused = p.exec(txn, "UPDATE acct SET bal = bal - 1");
+    let open_after_refusal = db.open_transactions();
+    coord.set_reachable(true);
+    let retried = p.exec(txn, "UPDATE acct SET bal = bal - 1");
+
+    assert!(matches!(refused, Err(Error::Coordinator(_))), "{refused:?}");
+    assert_eq!(
+        open_after_refusal, 1,
+        "the refused branch's statement was rolled back"
+    );
+    assert!(retried.is_ok(), "{retried:?}");
+    assert_eq!(coord.registrations(txn).len(), 1);
+    assert!(matches!(p.prepare(txn), Vote::Yes { .. }));
+}
+
+#[test]
+fn concurrent_first_statements_of_one_transaction_share_one_branch() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    p.exec(TxnId::generate(), "UPDATE acct SET bal = 1")
+        .unwrap();
+    let txn = TxnId::generate();
+
+    let (a, b) = p.run(async {
+        tokio::join!(
+            p.core.execute(txn, "INSERT INTO t VALUES (1)", &[]),
+            p.core.execute(txn, "INSERT INTO t VALUES (2)", &[])
+        )
+    });
+
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    assert_eq!(
+        db.open_transactions(),
+        2,
+        "the first transaction's, and one for both"
+    );
+    assert_eq!(coord.registrations(txn).len(), 1);
+}
+
+#[test]
 fn repeats_after_lost_replies_answer_the_same_way() {
     let (db, coord) = world();
     let p = Process::start(&db, &coord);
