@@ -319,6 +319,40 @@ fn a_services_work_cancelled_halfway_dooms_the_branch() {
 }
 
 #[test]
+fn a_services_work_cancelled_while_its_enlistment_travels_leaves_nothing_open() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    p.exec(TxnId::generate(), "UPDATE acct SET bal = 1")
+        .unwrap();
+    let txn = TxnId::generate();
+
+    let cancelled = p.run(async {
+        // (BEGIN has opened its transaction by the time the work runs.)
+        let work = p.core.with_branch(txn, |_conn| {
+            Box::pin(async move {
+                std::future::pending::<()>().await;
+                Ok::<_, Error>(())
+            })
+        });
+        let cancelled = tokio::time::timeout(Duration::from_millis(20), work).await;
+        // The rollback runs in the background.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cancelled
+    });
+
+    assert!(cancelled.is_err(), "the work never finished");
+    assert_eq!(
+        db.open_transactions(),
+        1,
+        "only the first transaction's is open"
+    );
+    assert!(
+        matches!(p.prepare(txn), Vote::No { .. }),
+        "nothing of the cancelled work can commit"
+    );
+}
+
+#[test]
 fn a_prepare_that_breaks_after_preparing_votes_no_and_the_rollback_settles_it() {
     let (db, coord) = world();
     let p = Process::start(&db, &coord);

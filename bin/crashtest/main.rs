@@ -11,16 +11,17 @@
 //! - Soak (`--soak SECS`): random SIGKILLs of the coordinator or a participant and immediate
 //!   stops of a PostgreSQL cluster, each restarted after 0-2 s, with a check every ~30 s.
 //!
-//! - `--embedded`: the same over `ledger` services (examples/ledger.rs) with the participant
-//!   embedded in them, driven through their own API inside `transact`; `participant::*`
-//!   failpoints then fire inside the service p1.
+//! - `--embedded`: the same over `ledger` services (examples/ledger.rs, run by this binary as
+//!   `crashtest ledger …`) with the participant embedded in them, driven through their own API
+//!   inside `transact`; `participant::*` failpoints then fire inside the service p1.
 //!
 //! Needs the `testing` feature (the binaries' failpoints): `cargo build --features testing
-//! --bins --examples && ./target/debug/crashtest`. Exits 1 on any violation or a failpoint that never
+//! --bins && ./target/debug/crashtest`. Exits 1 on any violation or a failpoint that never
 //! fired, 2 if the harness itself could not run.
 
 mod check;
 mod report;
+mod service;
 mod system;
 mod workload;
 
@@ -62,9 +63,9 @@ struct Args {
     /// network (docs/SECURITY.md).
     #[arg(long)]
     secure: bool,
-    /// Front each database with a `ledger` service that embeds its participant (built by
-    /// `cargo build --features testing --examples`), called through its own API, instead of
-    /// the `participant` binary.
+    /// Front each database with a `ledger` service that embeds its participant (the example's
+    /// code, run by this binary), called through its own API, instead of the `participant`
+    /// binary.
     #[arg(long)]
     embedded: bool,
 }
@@ -79,6 +80,9 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 const SOAK_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(service::LEDGER) {
+        return service::ledger_main();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

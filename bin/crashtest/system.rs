@@ -293,14 +293,15 @@ impl System {
             .parent()
             .ok_or_else(|| anyhow!("{} has no parent dir", exe.display()))?;
         let coordinator_bin = bin_dir.join("coordinator");
-        let participant_bin = match deployment {
-            Deployment::Standalone => bin_dir.join("participant"),
-            Deployment::Embedded => bin_dir.join("examples").join("ledger"),
+        // The ledger service is this binary's `ledger` mode (service.rs).
+        let (participant_bin, first_arg) = match deployment {
+            Deployment::Standalone => (bin_dir.join("participant"), None),
+            Deployment::Embedded => (exe.clone(), Some(crate::service::LEDGER.to_string())),
         };
         for bin in [&coordinator_bin, &participant_bin] {
             if !bin.is_file() {
                 bail!(
-                    "{} not found: build it with `cargo build --features testing --bins --examples`",
+                    "{} not found: build it with `cargo build --features testing --bins`",
                     bin.display()
                 );
             }
@@ -367,21 +368,23 @@ impl System {
                 name: role.name(),
                 program: participant_bin.clone(),
                 // (The ledger example takes the same flags.)
-                args: vec![
-                    "--listen".into(),
-                    format!("127.0.0.1:{port}"),
-                    "--id".into(),
-                    role.name(),
-                    "--coordinator".into(),
-                    coordinator_url.clone(),
-                    "--postgres".into(),
-                    pg.conn_str(),
-                    "--resolve-interval-ms".into(),
-                    "1000".into(),
-                ]
-                .into_iter()
-                .chain(security_args(&role.name())?)
-                .collect(),
+                args: first_arg
+                    .clone()
+                    .into_iter()
+                    .chain([
+                        "--listen".into(),
+                        format!("127.0.0.1:{port}"),
+                        "--id".into(),
+                        role.name(),
+                        "--coordinator".into(),
+                        coordinator_url.clone(),
+                        "--postgres".into(),
+                        pg.conn_str(),
+                        "--resolve-interval-ms".into(),
+                        "1000".into(),
+                    ])
+                    .chain(security_args(&role.name())?)
+                    .collect(),
                 log_path: dir.join(format!("{}.log", role.name())),
                 port,
                 child: None,

@@ -214,6 +214,10 @@ async fn listener() -> Result<(TcpListener, std::net::SocketAddr)> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // `demo ledger …` / `demo audit …`: an example service, as `--services` starts them.
+    if let Some(served) = services::serve_if_asked().await {
+        return served;
+    }
     let args = Args::parse();
     // Ctrl-C (or SIGTERM) drops the run, and with it the throwaway clusters it started.
     tokio::select! {

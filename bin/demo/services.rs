@@ -6,8 +6,9 @@
 //! it moves money with `transact` around ordinary gRPC calls that carry the transaction in
 //! metadata, and ledger-a's handler calls the audit service inside it. Then an overdraft that
 //! aborts everywhere, and ledger-b killed at a named failpoint between its vote and its commit,
-//! whose branch commits once it is back. The services run from target/debug/examples, built
-//! with the `testing` feature so that the failpoint exists (scripts/demo does both).
+//! whose branch commits once it is back. The services are the examples' code, compiled into
+//! this binary and run as `demo ledger …` and `demo audit …`; built with the `testing` feature
+//! so that the failpoint exists (scripts/demo does).
 
 use crate::listener;
 use anyhow::{Context, Result, bail};
@@ -23,9 +24,14 @@ use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::{self, ParticipantHealth};
 use twopc::testkit::cluster::PgCluster;
 
-mod pb {
-    tonic::include_proto!("ledger.v1");
-}
+#[allow(dead_code)] // their own `main`s are the examples', not ours
+#[path = "../../examples/audit.rs"]
+mod audit;
+#[allow(dead_code)]
+#[path = "../../examples/ledger.rs"]
+mod ledger;
+
+use ledger::pb;
 
 type Ledger = pb::ledger_client::LedgerClient<Propagate<Channel>>;
 
@@ -44,10 +50,42 @@ struct Service {
     child: Option<tokio::process::Child>,
 }
 
+/// When this process was started as one of the example services (`demo ledger …` or `demo
+/// audit …`), serves it until SIGINT or SIGTERM and returns how that went.
+pub async fn serve_if_asked() -> Option<Result<()>> {
+    let kind = std::env::args().nth(1)?;
+    if kind != "ledger" && kind != "audit" {
+        return None;
+    }
+    // The demo's own first argument is the service's name: clap sees the rest.
+    let argv = std::env::args()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, a)| a);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    Some(
+        async {
+            twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
+            let shutdown = twopc::process::signal::shutdown();
+            if kind == "ledger" {
+                let args = <ledger::Args as clap::Parser>::parse_from(argv);
+                ledger::run(twopc::process::bind(args.listen).await?, args, shutdown).await
+            } else {
+                let args = <audit::Args as clap::Parser>::parse_from(argv);
+                audit::run(twopc::process::bind(args.listen).await?, args, shutdown).await
+            }
+        }
+        .await,
+    )
+}
+
 impl Service {
+    /// The example service `kind` (`ledger` or `audit`), named `name`, on its own port.
     fn new(
         name: &'static str,
-        program: PathBuf,
+        kind: &str,
         dir: &Path,
         coordinator: &str,
         pg: &PgCluster,
@@ -55,6 +93,7 @@ impl Service {
     ) -> Result<Service> {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let mut args: Vec<String> = [
+            kind,
             "--listen",
             &addr.to_string(),
             "--id",
@@ -71,7 +110,7 @@ impl Service {
         args.extend_from_slice(extra);
         Ok(Service {
             name,
-            program,
+            program: std::env::current_exe()?,
             args,
             url: format!("http://{addr}"),
             log: dir.join(format!("{name}.log")),
@@ -228,20 +267,6 @@ async fn transfer(
 }
 
 pub async fn run(keep: bool) -> Result<()> {
-    let exe = std::env::current_exe()?;
-    let examples = exe
-        .parent()
-        .context("the demo's directory")?
-        .join("examples");
-    let (ledger_bin, audit_bin) = (examples.join("ledger"), examples.join("audit"));
-    for bin in [&ledger_bin, &audit_bin] {
-        if !bin.is_file() {
-            bail!(
-                "{} not found: `bash scripts/demo --services` builds it (cargo build --features testing --examples)",
-                bin.display()
-            );
-        }
-    }
     println!("== Starting three throwaway PostgreSQL clusters: ledger-a, ledger-b and audit");
     let (a, b, audit) = tokio::task::spawn_blocking(|| {
         Ok::<_, anyhow::Error>((
@@ -289,7 +314,7 @@ pub async fn run(keep: bool) -> Result<()> {
     ));
     let mut audit = Service::new(
         "audit",
-        audit_bin,
+        "audit",
         dir.path(),
         &coordinator_url,
         &dbs.audit,
@@ -298,7 +323,7 @@ pub async fn run(keep: bool) -> Result<()> {
     audit.start(None).await?;
     let mut ledger_a = Service::new(
         "ledger-a",
-        ledger_bin.clone(),
+        "ledger",
         dir.path(),
         &coordinator_url,
         &dbs.a,
@@ -307,7 +332,7 @@ pub async fn run(keep: bool) -> Result<()> {
     ledger_a.start(None).await?;
     let mut ledger_b = Service::new(
         "ledger-b",
-        ledger_bin,
+        "ledger",
         dir.path(),
         &coordinator_url,
         &dbs.b,
