@@ -74,6 +74,10 @@ struct Args {
 const HIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the workload runs on after the crashed process is back.
 const AFTER_RESTART: Duration = Duration::from_secs(2);
+/// ... and longer, up to this, until something committed in the scenario: a crash at its very
+/// start leaves open branches whose row locks hold the workload up until their deadline (the
+/// restarted coordinator forgot them), and a scenario with no commit checks nothing.
+const AFTER_RESTART_MAX: Duration = Duration::from_secs(15);
 /// How long recovery may take to settle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the soak pauses to check.
@@ -394,10 +398,18 @@ impl Harness {
                 workload = Some(self.start_workload(hot));
                 let t0 = Instant::now();
                 if let Some(p) = held_down {
-                    // Let branches enlist there first, so some aborts owe it a rollback.
+                    // Let branches enlist there first, so some aborts owe it a rollback; and
+                    // make sure one does, whatever the workload's transactions were doing.
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    let Role::Participant(db) = p else {
+                        unreachable!("a participant is held down")
+                    };
+                    let owed = self.clients.enlisted_on(db).await;
                     self.sys.kill(p);
                     kills += 1;
+                    if let Ok(txn) = &owed {
+                        let _ = self.clients.abort(txn).await;
+                    }
                 }
                 while t0.elapsed() < HIT_TIMEOUT {
                     if let Some(status) = self.sys.exited(role) {
@@ -441,6 +453,10 @@ impl Harness {
         }
         if let Some(w) = workload {
             tokio::time::sleep(AFTER_RESTART).await;
+            let until = Instant::now() + AFTER_RESTART_MAX - AFTER_RESTART;
+            while self.row(String::new(), round, 0).committed == 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             w.stop().await;
         }
         let (recovered, new) = self.settle_and_check(restarted, violations).await?;

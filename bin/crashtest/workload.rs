@@ -216,6 +216,36 @@ impl Clients {
         })
     }
 
+    /// Begins a transaction with a branch on database `db` (a read: nothing to check later).
+    pub async fn enlisted_on(&self, db: usize) -> Result<String, Status> {
+        let txn = bounded(self.coordinator.clone().begin(request(proto::BeginRequest {
+            timeout_ms: TXN_TIMEOUT_MS,
+            label: "crashtest: a rollback owed".into(),
+        })))
+        .await?
+        .txn_id;
+        bounded(
+            self.participants[db]
+                .clone()
+                .execute(request(proto::ExecuteRequest {
+                    txn_id: txn.clone(),
+                    sql: "SELECT 1".into(),
+                    params: vec![],
+                })),
+        )
+        .await?;
+        Ok(txn)
+    }
+
+    pub async fn abort(&self, txn: &str) -> Result<(), Status> {
+        bounded(self.coordinator.clone().abort(request(proto::AbortRequest {
+            txn_id: txn.into(),
+            reason: "crashtest".into(),
+        })))
+        .await
+        .map(drop)
+    }
+
     /// With `--embedded`: opens every account in every ledger with its initial balance, by
     /// Posts outside any global transaction (each commits on its own).
     pub async fn open_accounts(&self) -> anyhow::Result<()> {
