@@ -50,6 +50,9 @@ struct OpenBranch<D: Database> {
     /// Why the coordinator rolled it back, if it said (`rollback_because`): the running
     /// statement it cancelled fails with this instead of a bare cancellation.
     aborted: Mutex<Option<AbortCause>>,
+    /// When it entered the table: the resolver asks about open branches that old
+    /// (`recovery.rs`, `resolve_forgotten`).
+    opened: Instant,
 }
 
 /// A service's work running on its branch (`with_branch`). Unlike an Execute, which runs in a
@@ -167,6 +170,7 @@ impl<D: Database> OpenBranch<D> {
             backend: AtomicI32::new(0),
             running_since: Mutex::new(None),
             aborted: Mutex::new(None),
+            opened: Instant::now(),
         }
     }
 
@@ -274,6 +278,19 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             Some(state) => Found::Ended(state),
             None => Found::Unknown,
         }
+    }
+
+    /// The transactions of the branches open here (not prepared or ended) for at least `age`,
+    /// and the coordinator they belong to.
+    pub(super) fn open_for(&self, age: Duration) -> (Vec<TxnId>, Option<String>) {
+        let table = self.branches.lock().unwrap();
+        let txns = table
+            .open
+            .iter()
+            .filter(|(_, open)| open.opened.elapsed() >= age)
+            .map(|(txn, _)| *txn)
+            .collect();
+        (txns, self.coordinator_id.get().cloned())
     }
 
     /// The branch ended: it leaves the open table and stays as a tombstone.

@@ -7,6 +7,11 @@
 //! `QueryOutcome` and the answer applied. PENDING means a commit is in flight: leave it. While
 //! the coordinator is unreachable the branch stays prepared (no heuristic decisions: guessing
 //! could break atomicity) and a warning names the gid and its age.
+//!
+//! Open branches (statements ran, never prepared) hold row locks too. Their deadline ends them,
+//! but a coordinator that restarted may have forgotten their transaction well before that: the
+//! same pass asks about those open longer than a pass interval, and rolls back the ones whose
+//! transaction the coordinator says aborted.
 
 use super::core::{MARKER_RETENTION, Participant};
 use super::database::{Database, PreparedBranch};
@@ -88,6 +93,42 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         Ok(pass)
     }
 
+    /// Branches still open here (never prepared) after `min_age` whose transaction the
+    /// coordinator says aborted are rolled back now, not at their deadline: they hold row
+    /// locks, and their transaction can never commit. Typically a coordinator that restarted
+    /// before anything durable was written for them answers ABORTED (presumed abort), where a
+    /// live transaction answers PENDING. Returns how many were rolled back.
+    pub async fn resolve_forgotten(&self, min_age: Duration) -> usize {
+        let (open, Some(coordinator_id)) = self.open_for(min_age) else {
+            return 0;
+        };
+        let coordinator_id = &coordinator_id;
+        futures::stream::iter(open)
+            .map(|txn| async move {
+                let asked = self
+                    .coordinator
+                    .query_outcome(txn, coordinator_id, QUERY_TIMEOUT)
+                    .await;
+                if !matches!(asked, Ok(Outcome::Aborted)) {
+                    return false;
+                }
+                match self.rollback(txn, 0, coordinator_id).await {
+                    Ok(()) => {
+                        tracing::info!(txn_id = %txn, "open branch of a transaction the coordinator says aborted: rolled back before its deadline");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(txn_id = %txn, error = %e, "rolling back an open branch of an aborted transaction failed; its deadline will");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .filter(|rolled_back| std::future::ready(*rolled_back))
+            .count()
+            .await
+    }
+
     /// Runs passes now and every `interval` until the participant is dropped. Hourly, it
     /// also deletes the one-phase markers nobody said to forget, once past their retention.
     pub fn spawn_resolver(self: &Arc<Self>, interval: Duration) {
@@ -119,6 +160,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "in-doubt scan failed; retrying"),
                 }
+                core.resolve_forgotten(interval).await;
                 drop(core);
                 min_age = interval;
                 tokio::time::sleep(interval).await;

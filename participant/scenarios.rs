@@ -472,6 +472,26 @@ fn the_resolver_applies_what_the_coordinator_decided_and_leaves_the_rest() {
 }
 
 #[test]
+fn an_open_branch_whose_transaction_the_coordinator_forgot_is_rolled_back_before_its_deadline() {
+    let (db, coord) = world();
+    let p = Process::start(&db, &coord);
+    let (forgotten, live) = (TxnId::generate(), TxnId::generate());
+    p.exec(forgotten, "UPDATE acct SET bal = 1").unwrap();
+    p.exec(live, "UPDATE acct SET bal = 2").unwrap();
+    // `live` runs on at the coordinator; of `forgotten` it knows nothing (it restarted before
+    // logging it), so it presumes abort.
+    coord.decide(live, Outcome::Pending);
+
+    let too_young = p.run(p.core.resolve_forgotten(Duration::from_secs(60)));
+    let rolled_back = p.run(p.core.resolve_forgotten(Duration::ZERO));
+
+    assert_eq!((too_young, rolled_back), (0, 1));
+    assert_eq!(db.open_transactions(), 1, "only the live transaction's");
+    assert!(matches!(p.prepare(forgotten), Vote::No { .. }));
+    assert!(matches!(p.prepare(live), Vote::Yes { .. }));
+}
+
+#[test]
 fn while_the_coordinator_is_unreachable_in_doubt_branches_stay_prepared() {
     let (db, coord) = world();
     let txn = TxnId::generate();
