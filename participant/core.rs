@@ -20,7 +20,7 @@ use super::branch::{
 use super::database::{Database, Prepared};
 use super::error::Error;
 use super::gid::Gid;
-use super::link::{CoordinatorLink, Enlisted, GrpcCoordinator};
+use super::link::{CoordinatorLink, GrpcCoordinator};
 use super::postgres::Postgres;
 use super::sql;
 use super::tombstone::Tombstones;
@@ -29,14 +29,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedMutexGuard;
 
 /// A branch in the table: its state machine, the connection holding its open transaction, and
 /// a way to cancel the statement running there without waiting for the branch's lock (a
 /// deadline or a rollback must not wait behind a statement stuck on a lock).
 struct OpenBranch<D: Database> {
-    /// Shared, so that a request can claim a new branch with its lock already held (`claim`).
-    slot: Arc<tokio::sync::Mutex<Slot<D>>>,
+    slot: tokio::sync::Mutex<Slot<D>>,
     /// Set only while the slot holds its connection (after that the connection may serve
     /// another branch, whose statements are not ours to cancel). An async lock: held while a
     /// cancel is in flight, so the connection cannot leave the branch under it.
@@ -98,63 +96,6 @@ pub struct AbortCause {
     pub sqlstate: String,
 }
 
-/// A branch claimed by a request that runs its first work while its enlistment travels
-/// (`Participant::claim`), until the coordinator's answer is settled. If the request is dropped
-/// before that (a service's caller cancelled), the branch is rolled back and leaves the table in
-/// the background: with no deadline known yet, nothing else would ever end it.
-struct Claimed<D: Database, C: CoordinatorLink> {
-    core: Arc<Participant<D, C>>,
-    txn: TxnId,
-    /// The coordinator that the branch's gid names.
-    owner: String,
-    open: Arc<OpenBranch<D>>,
-    /// Held until settled.
-    slot: Option<OwnedMutexGuard<Slot<D>>>,
-}
-
-impl<D: Database, C: CoordinatorLink> Claimed<D, C> {
-    fn slot(&mut self) -> &mut Slot<D> {
-        self.slot.as_mut().expect("held until settled")
-    }
-
-    /// The coordinator's answer, the first work done: the branch's deadline; or, refused, the
-    /// work rolled back and the branch out of the table with no tombstone (the coordinator
-    /// never knew it).
-    async fn settle(&mut self, enlisted: Result<Enlisted, tonic::Status>) -> Result<(), Error> {
-        crate::failpoint!("participant::first_statement_ran");
-        let refused = match enlisted {
-            Ok(e) if e.coordinator_id == self.owner => {
-                self.slot().branch.deadline_ms = e.deadline_ms;
-                self.core.expire_at(self.txn, e.deadline_ms);
-                self.slot = None;
-                return Ok(());
-            }
-            Ok(e) => Error::Coordinator(tonic::Status::failed_precondition(format!(
-                "this participant's branches belong to coordinator {:?}, but {:?} answered",
-                self.owner, e.coordinator_id
-            ))),
-            Err(status) => Error::Coordinator(status),
-        };
-        let mut slot = self.slot.take().expect("held until settled");
-        self.core
-            .forget_claim(self.txn, &self.open, &mut slot)
-            .await;
-        Err(refused)
-    }
-}
-
-impl<D: Database, C: CoordinatorLink> Drop for Claimed<D, C> {
-    fn drop(&mut self) {
-        let Some(mut slot) = self.slot.take() else {
-            return;
-        };
-        let (core, open, txn) = (Arc::clone(&self.core), Arc::clone(&self.open), self.txn);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { core.forget_claim(txn, &open, &mut slot).await });
-        }
-    }
-}
-
 /// What the branch's lock guards.
 struct Slot<D: Database> {
     branch: Branch,
@@ -163,17 +104,6 @@ struct Slot<D: Database> {
 }
 
 impl<D: Database> OpenBranch<D> {
-    fn new(branch: Branch) -> Self {
-        OpenBranch {
-            slot: Arc::new(tokio::sync::Mutex::new(Slot { branch, conn: None })),
-            cancel: tokio::sync::Mutex::new(None),
-            backend: AtomicI32::new(0),
-            running_since: Mutex::new(None),
-            aborted: Mutex::new(None),
-            opened: Instant::now(),
-        }
-    }
-
     /// Locks the slot, cancelling the statement running on it if it is busy.
     async fn lock_interrupting(&self, db: &D) -> tokio::sync::MutexGuard<'_, Slot<D>> {
         if let Ok(slot) = self.slot.try_lock() {
@@ -296,9 +226,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// The branch ended: it leaves the open table and stays as a tombstone.
     fn finish(&self, txn: TxnId, branch: &Branch) {
         let now = crate::process::clock::now_ms();
-        let until_ms = branch
-            .deadline_ms
-            .saturating_add((DEADLINE_GRACE + TOMBSTONE).as_millis() as i64);
+        let until_ms = branch.deadline_ms + (DEADLINE_GRACE + TOMBSTONE).as_millis() as i64;
         let mut table = self.branches.lock().unwrap();
         table.open.remove(&txn);
         table.ended.insert(txn, branch.state.clone(), until_ms, now);
@@ -338,41 +266,8 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         F: for<'c> FnOnce(&'c D::Conn) -> futures::future::BoxFuture<'c, Result<T, E>>,
         E: From<Error> + std::fmt::Display,
     {
-        let open = match self.find(txn) {
-            Found::Open(open) => open,
-            Found::Ended(state) => {
-                return Err(Error::from(self.ended(txn, "", state)?.not_active()).into());
-            }
-            Found::Unknown => match self.claim(txn)? {
-                Some(mut claimed) => {
-                    let open = Arc::clone(&claimed.open);
-                    let (enlisted, done) = tokio::join!(
-                        self.register(txn),
-                        self.run_work(&open, claimed.slot(), txn, work)
-                    );
-                    claimed.settle(enlisted).await?;
-                    return done;
-                }
-                None => self.open_branch(txn).await?,
-            },
-        };
+        let open = self.open_branch(txn).await?;
         let mut slot = open.slot.lock().await;
-        self.run_work(&open, &mut slot, txn, work).await
-    }
-
-    /// A service's work on the branch (BEGIN first if nothing ran yet); its failure dooms
-    /// the branch.
-    async fn run_work<T, E, F>(
-        &self,
-        open: &OpenBranch<D>,
-        slot: &mut Slot<D>,
-        txn: TxnId,
-        work: F,
-    ) -> Result<T, E>
-    where
-        F: for<'c> FnOnce(&'c D::Conn) -> futures::future::BoxFuture<'c, Result<T, E>>,
-        E: From<Error> + std::fmt::Display,
-    {
         slot.branch.check_execute().map_err(Error::from)?;
         if slot.conn.is_none() {
             let conn = self.db.conn().await?;
@@ -381,9 +276,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 return Err(Error::statement(txn, e).into());
             }
             let backend = self.db.backend_pid(&conn);
-            open.attach(slot, conn, backend).await;
+            open.attach(&mut slot, conn, backend).await;
         }
-        let Slot { branch, conn } = slot;
+        let Slot { branch, conn } = &mut *slot;
         let conn = conn.as_ref().expect("an active branch has a connection");
         let mut running = Unfinished::start(branch, &open.running_since);
         let done = work(conn).await;
@@ -407,90 +302,16 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         sql::check_allowed(sql_text)
             .and_then(|()| self.db.limits().check_request(sql_text, params.len()))
             .map_err(|e| Error::statement(txn, e))?;
-        let open = match self.find(txn) {
-            Found::Open(open) => open,
-            Found::Ended(state) => return Err(self.ended(txn, "", state)?.not_active().into()),
-            Found::Unknown => match self.claim(txn)? {
-                Some(mut claimed) => {
-                    let open = Arc::clone(&claimed.open);
-                    let (enlisted, ran) = tokio::join!(
-                        self.register(txn),
-                        self.run_statement(&open, claimed.slot(), txn, sql_text, params)
-                    );
-                    claimed.settle(enlisted).await?;
-                    return ran;
-                }
-                None => self.open_branch(txn).await?,
-            },
-        };
+        let open = self.open_branch(txn).await?;
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute()?;
-        self.run_statement(&open, &mut slot, txn, sql_text, params)
-            .await
-    }
-
-    /// A branch's first work may run while its enlistment travels once the gid is known, that
-    /// is once the coordinator's id is (any earlier enlistment told it): one round trip to the
-    /// coordinator off the first statement's latency. The reply still waits for both (§6 rule
-    /// 11 of docs/PROTOCOL.md), so a client cannot call Commit before the coordinator knows the
-    /// branch. This puts the new branch in the table already locked, so a concurrent first
-    /// statement waits for it; with its coordinator's id. None: the gid is not known yet, or
-    /// another request opened the branch meanwhile; enlist first then (`open_branch`).
-    fn claim(self: &Arc<Self>, txn: TxnId) -> Result<Option<Claimed<D, C>>, Error> {
-        let Some(owner) = self.coordinator_id.get() else {
-            return Ok(None);
-        };
-        // Its deadline comes with the coordinator's answer.
-        let open = Arc::new(OpenBranch::new(Branch::new(
-            Gid::new(owner, txn)?,
-            i64::MAX,
-        )));
-        let slot = Arc::clone(&open.slot)
-            .try_lock_owned()
-            .expect("nobody else knows a branch not yet in the table");
-        let mut table = self.branches.lock().unwrap();
-        if table.open.contains_key(&txn) || table.ended.get(txn).is_some() {
-            return Ok(None);
-        }
-        table.open.insert(txn, open.clone());
-        Ok(Some(Claimed {
-            core: Arc::clone(self),
-            txn,
-            owner: owner.clone(),
-            open,
-            slot: Some(slot),
-        }))
-    }
-
-    async fn register(&self, txn: TxnId) -> Result<Enlisted, tonic::Status> {
-        self.coordinator
-            .register(
-                txn,
-                &self.id,
-                &self.advertise,
-                &self.instance,
-                self.db.one_phase(),
-            )
-            .await
-    }
-
-    /// Runs a statement on the branch (sending BEGIN first if nothing ran yet); a failure
-    /// dooms the branch, except one that leaves it untouched.
-    async fn run_statement(
-        &self,
-        open: &OpenBranch<D>,
-        slot: &mut Slot<D>,
-        txn: TxnId,
-        sql_text: &str,
-        params: &[proto::Value],
-    ) -> Result<proto::ExecuteResponse, Error> {
         let begin = slot.conn.is_none();
         if begin {
             // Nothing has run in the branch yet, so a failure here dooms nothing: the client
             // may retry the statement.
             let conn = self.db.conn().await?;
             let backend = self.db.backend_pid(&conn);
-            open.attach(slot, conn, backend).await;
+            open.attach(&mut slot, conn, backend).await;
         }
         let conn = slot
             .conn
@@ -553,7 +374,17 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
 
     /// Enlists this participant with the coordinator and makes the branch's entry.
     async fn open(self: &Arc<Self>, txn: TxnId) -> Result<Arc<OpenBranch<D>>, Error> {
-        let enlisted = self.register(txn).await.map_err(Error::Coordinator)?;
+        let enlisted = self
+            .coordinator
+            .register(
+                txn,
+                &self.id,
+                &self.advertise,
+                &self.instance,
+                self.db.one_phase(),
+            )
+            .await
+            .map_err(Error::Coordinator)?;
         let gid = Gid::new(&enlisted.coordinator_id, txn)?;
         let _ = self.coordinator_id.set(enlisted.coordinator_id);
         let mut table = self.branches.lock().unwrap();
@@ -567,32 +398,30 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             drop(table);
             return Err(self.ended(txn, "", state)?.not_active().into());
         }
-        let open = Arc::new(OpenBranch::new(Branch::new(gid, enlisted.deadline_ms)));
+        let open = Arc::new(OpenBranch {
+            slot: tokio::sync::Mutex::new(Slot {
+                branch: Branch::new(gid, enlisted.deadline_ms),
+                conn: None,
+            }),
+            cancel: tokio::sync::Mutex::new(None),
+            backend: AtomicI32::new(0),
+            running_since: Mutex::new(None),
+            aborted: Mutex::new(None),
+            opened: Instant::now(),
+        });
         table.open.insert(txn, open.clone());
         drop(table);
-        self.expire_at(txn, enlisted.deadline_ms);
-        tracing::debug!(txn_id = %txn, "branch opened");
-        Ok(open)
-    }
-
-    /// A claimed branch that will not be enlisted: what ran is rolled back, and it leaves the
-    /// table without a tombstone.
-    async fn forget_claim(&self, txn: TxnId, open: &OpenBranch<D>, slot: &mut Slot<D>) {
-        self.roll_back_open(open, slot).await;
-        self.branches.lock().unwrap().open.remove(&txn);
-    }
-
-    /// Rolls the branch back if it is still open (unprepared) past the transaction's deadline.
-    fn expire_at(self: &Arc<Self>, txn: TxnId, deadline_ms: i64) {
         // Weak: a pending timer must not keep a stopped participant (and its pool) alive.
         let this = Arc::downgrade(self);
-        let until = crate::process::clock::until(deadline_ms) + DEADLINE_GRACE;
+        let until = crate::process::clock::until(enlisted.deadline_ms) + DEADLINE_GRACE;
         tokio::spawn(async move {
             tokio::time::sleep(until).await;
             if let Some(p) = this.upgrade() {
                 p.expire(txn).await;
             }
         });
+        tracing::debug!(txn_id = %txn, "branch opened");
+        Ok(open)
     }
 
     /// The deadline passed: a branch still open here will never be committed.

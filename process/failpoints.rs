@@ -67,10 +67,6 @@ pub const ALL: &[(&str, &str)] = &[
         "coordinator::one_phase_answered",
         "the participant answered CommitOnePhase, before the outcome is recorded or announced",
     ),
-    (
-        "participant::first_statement_ran",
-        "a branch's first statement ran while its enlistment with the coordinator was in flight; both are done, before the reply",
-    ),
     ("participant::before_prepare", "before PREPARE TRANSACTION"),
     (
         "participant::after_prepare",
