@@ -42,11 +42,17 @@ const CRASH_POINT: &str = "participant::before_commit_prepared";
 
 /// One example service, run as a process of its own and restartable on its port.
 struct Service {
+    /// Its participant id, and its log's name.
     name: &'static str,
+    /// This binary, which runs the examples' code (`serve_if_asked`).
     program: PathBuf,
+    /// `ledger` or `audit`, then the example's flags.
     args: Vec<String>,
+    /// Where it serves: its own API, its participant, health and reflection.
     url: String,
+    /// Every run's stdout and stderr, appended.
     log: PathBuf,
+    /// The running process, if any.
     child: Option<tokio::process::Child>,
 }
 
@@ -192,8 +198,11 @@ impl Service {
 
 /// What a scene looks at: alice's balance in each ledger and the audit service's records.
 struct Databases {
+    /// ledger-a's.
     a: PgCluster,
+    /// ledger-b's.
     b: PgCluster,
+    /// The audit service's.
     audit: PgCluster,
 }
 
