@@ -20,8 +20,9 @@
 //! fired, 2 if the harness itself could not run.
 
 mod check;
+#[path = "../example_services.rs"]
+mod example_services;
 mod report;
-mod service;
 mod system;
 mod workload;
 
@@ -84,8 +85,18 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 const SOAK_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some(service::LEDGER) {
-        return service::ledger_main();
+    // `crashtest ledger …`: the service `--embedded` puts in front of each database.
+    if let Some(kind) = example_services::asked() {
+        let served = tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(example_services::serve(&kind)));
+        return match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{kind}: {e:#}");
+                ExitCode::from(1)
+            }
+        };
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -293,10 +293,13 @@ impl System {
             .parent()
             .ok_or_else(|| anyhow!("{} has no parent dir", exe.display()))?;
         let coordinator_bin = bin_dir.join("coordinator");
-        // The ledger service is this binary's `ledger` mode (service.rs).
+        // The ledger service is this binary's `ledger` mode (example_services.rs).
         let (participant_bin, first_arg) = match deployment {
             Deployment::Standalone => (bin_dir.join("participant"), None),
-            Deployment::Embedded => (exe.clone(), Some(crate::service::LEDGER.to_string())),
+            Deployment::Embedded => (
+                exe.clone(),
+                Some(crate::example_services::LEDGER.to_string()),
+            ),
         };
         for bin in [&coordinator_bin, &participant_bin] {
             if !bin.is_file() {

@@ -8,6 +8,8 @@
 //! With `--services` (`services.rs`): services that own their databases, with the participant
 //! embedded, joined in one transaction by the client library.
 
+#[path = "../example_services.rs"]
+mod example_services;
 mod services;
 
 use anyhow::{Context, Result, bail};
@@ -215,8 +217,8 @@ async fn listener() -> Result<(TcpListener, std::net::SocketAddr)> {
 #[tokio::main]
 async fn main() -> Result<()> {
     // `demo ledger …` / `demo audit …`: an example service, as `--services` starts them.
-    if let Some(served) = services::serve_if_asked().await {
-        return served;
+    if let Some(kind) = example_services::asked() {
+        return example_services::serve(&kind).await;
     }
     let args = Args::parse();
     // Ctrl-C (or SIGTERM) drops the run, and with it the throwaway clusters it started.

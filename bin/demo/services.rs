@@ -7,8 +7,8 @@
 //! metadata, and ledger-a's handler calls the audit service inside it. Then an overdraft that
 //! aborts everywhere, and ledger-b killed at a named failpoint between its vote and its commit,
 //! whose branch commits once it is back. The services are the examples' code, compiled into
-//! this binary and run as `demo ledger …` and `demo audit …`; built with the `testing` feature
-//! so that the failpoint exists (scripts/demo does).
+//! this binary (`example_services.rs`) and run as `demo ledger …` and `demo audit …`; built
+//! with the `testing` feature so that the failpoint exists (scripts/demo does).
 
 use crate::listener;
 use anyhow::{Context, Result, bail};
@@ -24,14 +24,7 @@ use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::{self, ParticipantHealth};
 use twopc::testkit::cluster::PgCluster;
 
-#[allow(dead_code)] // their own `main`s are the examples', not ours
-#[path = "../../examples/audit.rs"]
-mod audit;
-#[allow(dead_code)]
-#[path = "../../examples/ledger.rs"]
-mod ledger;
-
-use ledger::pb;
+use crate::example_services::{AUDIT, LEDGER, ledger::pb};
 
 type Ledger = pb::ledger_client::LedgerClient<Propagate<Channel>>;
 
@@ -44,7 +37,7 @@ const CRASH_POINT: &str = "participant::before_commit_prepared";
 struct Service {
     /// Its participant id, and its log's name.
     name: &'static str,
-    /// This binary, which runs the examples' code (`serve_if_asked`).
+    /// This binary, which runs the examples' code (`example_services.rs`).
     program: PathBuf,
     /// `ledger` or `audit`, then the example's flags.
     args: Vec<String>,
@@ -54,37 +47,6 @@ struct Service {
     log: PathBuf,
     /// The running process, if any.
     child: Option<tokio::process::Child>,
-}
-
-/// When this process was started as one of the example services (`demo ledger …` or `demo
-/// audit …`), serves it until SIGINT or SIGTERM and returns how that went.
-pub async fn serve_if_asked() -> Option<Result<()>> {
-    let kind = std::env::args().nth(1)?;
-    if kind != "ledger" && kind != "audit" {
-        return None;
-    }
-    // The demo's own first argument is the service's name: clap sees the rest.
-    let argv = std::env::args()
-        .enumerate()
-        .filter(|(i, _)| *i != 1)
-        .map(|(_, a)| a);
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
-    Some(
-        async {
-            twopc::process::failpoints::setup_from_env().map_err(anyhow::Error::msg)?;
-            let shutdown = twopc::process::signal::shutdown();
-            if kind == "ledger" {
-                let args = <ledger::Args as clap::Parser>::parse_from(argv);
-                ledger::run(twopc::process::bind(args.listen).await?, args, shutdown).await
-            } else {
-                let args = <audit::Args as clap::Parser>::parse_from(argv);
-                audit::run(twopc::process::bind(args.listen).await?, args, shutdown).await
-            }
-        }
-        .await,
-    )
 }
 
 impl Service {
@@ -323,7 +285,7 @@ pub async fn run(keep: bool) -> Result<()> {
     ));
     let mut audit = Service::new(
         "audit",
-        "audit",
+        AUDIT,
         dir.path(),
         &coordinator_url,
         &dbs.audit,
@@ -332,7 +294,7 @@ pub async fn run(keep: bool) -> Result<()> {
     audit.start(None).await?;
     let mut ledger_a = Service::new(
         "ledger-a",
-        "ledger",
+        LEDGER,
         dir.path(),
         &coordinator_url,
         &dbs.a,
@@ -341,7 +303,7 @@ pub async fn run(keep: bool) -> Result<()> {
     ledger_a.start(None).await?;
     let mut ledger_b = Service::new(
         "ledger-b",
-        "ledger",
+        LEDGER,
         dir.path(),
         &coordinator_url,
         &dbs.b,
