@@ -202,6 +202,7 @@ async fn run(args: Args) -> Result<()> {
         + count(&pgs[1], "SELECT count(*) FROM pg_prepared_xacts").await?;
     let config = coordinator::Config {
         data_dir: data_dir.path().to_path_buf(),
+        etcd: None,
         id: None,
         limits: coordinator::Limits::default(),
         drain_timeout: Duration::from_secs(1),

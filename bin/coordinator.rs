@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use twopc::coordinator::{Config, Limits, run};
+use twopc::coordinator::{Config, EtcdConfig, Limits, run};
 use twopc::process::{auth, telemetry, tls};
 
 /// The twopc coordinator: begins global transactions and commits them atomically across
@@ -21,8 +21,34 @@ struct Args {
     #[arg(long, env = "TWOPC_DATA_DIR", default_value = "./twopc-data")]
     data_dir: PathBuf,
     /// The coordinator's stable id (A-Z a-z 0-9 _ -), recorded on first start; default: random.
+    /// Replicas on etcd share it: it names the cluster, and every PostgreSQL gid carries it.
     #[arg(long, env = "TWOPC_ID")]
     id: Option<String>,
+    /// Where the decision log lives: `sled` (in --data-dir, one coordinator) or `etcd` (on
+    /// --etcd-endpoints: this process is one replica of a coordinator cluster, docs/HA.md).
+    #[arg(long, env = "TWOPC_LOG", value_enum, default_value_t = LogBackend::Sled)]
+    log: LogBackend,
+    /// With `--log etcd`: the etcd members' client URLs, separated by commas.
+    #[arg(
+        long,
+        env = "TWOPC_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required_if_eq("log", "etcd")
+    )]
+    etcd_endpoints: Vec<String>,
+    /// With `--log etcd`: the key prefix of this coordinator cluster; every replica of it
+    /// gives the same, and no other cluster does.
+    #[arg(long, env = "TWOPC_ETCD_PREFIX", default_value = "/twopc/default/")]
+    etcd_prefix: String,
+    /// With `--log etcd`: the leader's lease (ms). A dead leader is replaced after at most this
+    /// long; a leader cut off from etcd this long steps down. etcd grants no less than 2 s with
+    /// its default timings.
+    #[arg(long, env = "TWOPC_LEASE_MS", default_value_t = 2_000)]
+    lease_ms: u64,
+    /// With `--log etcd`: this replica's URL as clients dial it; the others send clients
+    /// here while it leads. Default: http(s)://<--listen>.
+    #[arg(long, env = "TWOPC_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     /// Timeout of a transaction that Begin gives none (ms).
     #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT_MS", default_value_t = ms(Limits::default().default_timeout))]
     default_timeout_ms: u64,
@@ -84,6 +110,12 @@ struct Args {
     auth: auth::Options,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogBackend {
+    Sled,
+    Etcd,
+}
+
 /// `p1=https://db1:50061,p2=…` as id → URL.
 fn parse_participants(s: &str) -> Result<HashMap<String, String>, String> {
     s.split(',')
@@ -109,8 +141,27 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         telemetry::serve_metrics(args.process.metrics_listen)?;
         let listener = twopc::process::bind(args.listen).await?;
+        let tls = tls::Tls::load(&args.tls)?;
+        let etcd = (args.log == LogBackend::Etcd).then(|| EtcdConfig {
+            endpoints: args.etcd_endpoints,
+            prefix: if args.etcd_prefix.ends_with('/') {
+                args.etcd_prefix
+            } else {
+                format!("{}/", args.etcd_prefix)
+            },
+            lease_ttl: Duration::from_millis(args.lease_ms),
+            advertise: args.advertise_url.unwrap_or_else(|| {
+                let scheme = if tls.server().is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", args.listen)
+            }),
+        });
         let config = Config {
             data_dir: args.data_dir,
+            etcd,
             id: args.id,
             limits: Limits {
                 default_timeout: Duration::from_millis(args.default_timeout_ms),
@@ -133,7 +184,7 @@ fn main() -> anyhow::Result<()> {
                 ..Limits::default()
             },
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
-            tls: tls::Tls::load(&args.tls)?,
+            tls,
             auth: auth::Auth::load(&args.auth, args.listen)?,
         };
         run(listener, config, twopc::process::signal::shutdown()).await

@@ -484,6 +484,7 @@ async fn start_coordinator(
     let addr = listener.local_addr()?;
     let config = coordinator::Config {
         data_dir: dir.to_path_buf(),
+        etcd: None,
         id: Some(id.into()),
         limits: coordinator::Limits {
             one_phase: args.one_phase,

@@ -49,6 +49,9 @@ pub enum LogError {
         "cannot open the decision log in {dir}: {reason}. Refusing to start: starting without it would forget durable commits. Restore the directory from backup, or fix its permissions"
     )]
     Unreadable { dir: String, reason: String },
+    /// The log on etcd (`--log etcd`): unreachable, refused, or this replica no longer leads.
+    #[error("decision log on etcd: {0}")]
+    Etcd(String),
     #[error(
         "{dir} is not empty but holds no twopc decision log; refusing to start there. Point --data-dir at the coordinator's own directory, or at an empty one for a new coordinator"
     )]
@@ -95,7 +98,7 @@ fn is_locked(e: &sled::Error) -> bool {
 }
 
 /// Whether a record may go: see `Log::prune`.
-fn prunable(txn: &Txn, before_ms: i64) -> bool {
+pub(super) fn prunable(txn: &Txn, before_ms: i64) -> bool {
     txn.state.is_final() && !txn.forced && txn.finished_ms < before_ms
 }
 

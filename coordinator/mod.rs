@@ -9,7 +9,10 @@
 //!   I/O; [`detector`] gathers the participants' lock waits and aborts the victims.
 //! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
 //!   `retention.rs`: pruning finished transactions from the log.
-//! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory.
+//! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory;
+//!   `etcd_log.rs`: the log on etcd, for replicas (docs/HA.md).
+//! - `replica.rs`: a coordinator replica on etcd: `leader.rs` elects the one that serves,
+//!   `standby.rs` sends callers of the others to it.
 //! - [`participants`]: how the drivers reach participants: gRPC, and a fake for tests;
 //!   [`registry`]: every enlisted participant as an operator sees it, health checked.
 //! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`wire`] converts to and from its
@@ -20,17 +23,25 @@ pub mod core;
 pub mod deadlock;
 pub mod detector;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd_log;
 mod flusher;
 #[cfg(test)]
 mod fuzz;
+#[cfg(feature = "etcd")]
+pub mod leader;
 pub mod log;
 pub mod participants;
 pub mod recovery;
 pub mod registry;
+#[cfg(feature = "etcd")]
+mod replica;
 mod retention;
 #[cfg(test)]
 mod scenarios;
 pub mod service;
+#[cfg(feature = "etcd")]
+pub mod standby;
 pub mod txn;
 pub mod wire;
 
@@ -49,7 +60,10 @@ use tokio::net::TcpListener;
 /// Everything a coordinator process needs, whatever the source (flags, env, tests).
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The decision log on sled, when `etcd` is `None`.
     pub data_dir: PathBuf,
+    /// The decision log on etcd, and this process one replica of a coordinator cluster.
+    pub etcd: Option<EtcdConfig>,
     /// The stable id to record on first start; later starts must match or leave it unset.
     pub id: Option<String>,
     pub limits: Limits,
@@ -61,12 +75,35 @@ pub struct Config {
     pub auth: Auth,
 }
 
-/// Opens the log in `config.data_dir` and serves on `listener` until `shutdown` completes.
+/// Where a replicated coordinator keeps its log and elects its leader (docs/HA.md).
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members.
+    pub endpoints: Vec<String>,
+    /// One coordinator cluster's keys, ending in `/`; every replica of it uses the same.
+    pub prefix: String,
+    /// How long the cluster stays leaderless when the leader dies (and how long a paused
+    /// leader may go unrenewed before it steps down).
+    pub lease_ttl: Duration,
+    /// This replica's URL as clients should dial it, for the others to send them here.
+    pub advertise: String,
+}
+
+/// Opens the log (in `config.data_dir`, or on etcd as one replica) and serves on `listener`
+/// until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    if let Some(etcd) = config.etcd.clone() {
+        #[cfg(feature = "etcd")]
+        return replica::run(listener, config, etcd, shutdown).await;
+        #[cfg(not(feature = "etcd"))]
+        anyhow::bail!(
+            "the decision log on etcd ({etcd:?}) needs a coordinator built with the `etcd` feature"
+        );
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
@@ -80,19 +117,35 @@ pub async fn run(
     )?;
     // Before serving: a Begin must not race the log's unfinished transactions.
     core.recover()?;
-    core.spawn_orphan_scanner(config.limits.orphan_scan_interval);
-    core.spawn_gauges();
-    if let Some(interval) = config.limits.deadlock_interval {
-        core.spawn_deadlock_detector(interval);
-    }
-    if let Some(interval) = config.limits.health_check_interval {
-        core.spawn_health_checks(interval);
-    }
-    if let Some(retain) = config.limits.retain_finished {
-        core.spawn_pruner(retain);
-    }
+    start_background(&core, &config.limits);
     tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
     serve(listener, core, &config, shutdown).await
+}
+
+/// The coordinator's own periodic work, once its log is open and recovered.
+fn start_background<L: Log, P: Participants>(core: &Arc<Coordinator<L, P>>, limits: &Limits) {
+    core.spawn_orphan_scanner(limits.orphan_scan_interval);
+    core.spawn_gauges();
+    if let Some(interval) = limits.deadlock_interval {
+        core.spawn_deadlock_detector(interval);
+    }
+    if let Some(interval) = limits.health_check_interval {
+        core.spawn_health_checks(interval);
+    }
+    if let Some(retain) = limits.retain_finished {
+        core.spawn_pruner(retain);
+    }
+}
+
+/// On shutdown: no new transactions, those in flight get up to `timeout`, and the hints are
+/// made durable too (whatever was decided already is).
+async fn drain<L: Log, P: Participants>(core: &Coordinator<L, P>, timeout: Duration) {
+    core.drain();
+    let until = tokio::time::Instant::now() + timeout;
+    while core.live_count() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = core.log.sync().await;
 }
 
 /// Serves an already-open core: gRPC, health and reflection on one port.
@@ -114,19 +167,13 @@ async fn serve<L: Log, P: Participants>(
     let drained = async move {
         shutdown.await;
         tracing::info!("shutting down: no new transactions; waiting for those in flight");
-        drain_core.drain();
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         health_reporter
             .set_not_serving::<CoordinatorServer<service::Service<L, P>>>()
             .await;
-        let until = tokio::time::Instant::now() + drain_timeout;
-        while drain_core.live_count() > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Whatever was decided is on disk already; this makes the hints durable too.
-        let _ = drain_core.log.sync().await;
+        drain(&drain_core, drain_timeout).await;
     };
     crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
         .add_service(CoordinatorServer::new(service::Service::new(core)))

@@ -333,6 +333,7 @@ impl System {
         let (tls, auth) = Secure::of(secure, "coordinator")?;
         let coordinator_config = coordinator::Config {
             data_dir: data_dir.path().to_path_buf(),
+            etcd: None,
             id: Some("demo".into()),
             limits: coordinator::Limits::default(),
             drain_timeout: Duration::from_secs(5),

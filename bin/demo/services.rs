@@ -268,6 +268,7 @@ pub async fn run(keep: bool) -> Result<()> {
         cl,
         coordinator::Config {
             data_dir: dir.path().join("coordinator"),
+            etcd: None,
             id: Some("demo".into()),
             limits: coordinator::Limits {
                 health_check_interval: Some(Duration::from_millis(500)),

@@ -325,6 +325,7 @@ pub async fn start_coordinator_with(
     let (stop, stopped) = oneshot::channel::<()>();
     let config = coordinator::Config {
         data_dir: data_dir.to_path_buf(),
+        etcd: None,
         id: Some("test-coord".into()),
         limits,
         drain_timeout: Duration::from_secs(2),

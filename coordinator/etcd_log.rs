@@ -1,0 +1,539 @@
+//! The decision log on etcd: durable once a quorum of etcd members has it, so losing the
+//! coordinator's machine loses no decision (docs/HA.md).
+//!
+//! Only the leading replica touches the log, so it keeps the whole log in memory, loaded at the
+//! start of its term, and etcd is written, never read, while it leads: the protocol's reads
+//! (`get`, `newest`, `unfinished`) stay synchronous and cheap, exactly as on sled.
+//!
+//! Writes queue in memory and one writer task sends them: every `sync` waits for the etcd
+//! transaction that carries everything queued before it, and while one transaction is in
+//! flight the next batch gathers, which is group commit with no timer. Every transaction is
+//! conditioned on the [`Fence`], the leader key this replica created: once another replica has
+//! taken over (its key is a new key, with a new create revision) every write of the deposed one
+//! fails, whatever its clock says, so it can never record a decision after the takeover.
+//!
+//! A write that fails, or whose outcome is unknown, is not retried here: the coordinator stops
+//! on a failed `sync` (as on a failed fsync), and the next leader reads what etcd holds. Queued
+//! hints that no `sync` waits for go out within [`IDLE_FLUSH`].
+//!
+//! Keys, under the cluster's prefix: `meta/format`, `meta/coordinator_id`, `leader` (see
+//! `leader.rs`), `txns/<txn id>` (JSON of the [`Txn`]; hyphenated UUIDv7s sort by creation) and
+//! `participants/<id>` (its endpoint).
+
+use super::log::{Log, LogError};
+use super::txn::Txn;
+use crate::proto::TxnId;
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn as EtcdTxn, TxnOp};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+const FORMAT_VERSION: &str = "twopc-log-1";
+
+/// etcd refuses a transaction of more than 128 operations (`--max-txn-ops`); a batch larger
+/// than this goes as several.
+const MAX_OPS: usize = 120;
+
+/// How long queued hints may wait for a `sync` before the writer sends them anyway.
+const IDLE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Records read per request when a term starts.
+const PAGE: i64 = 5_000;
+
+/// The leader key this replica created: writes go through only while it still exists with this
+/// create revision (`leader.rs` creates it, with the replica's lease).
+#[derive(Clone, Debug)]
+pub struct Fence {
+    pub key: String,
+    pub revision: i64,
+}
+
+impl Fence {
+    fn holds(&self) -> Compare {
+        Compare::create_revision(self.key.as_bytes(), CompareOp::Equal, self.revision)
+    }
+}
+
+/// Where a term's writes go and what they must be conditioned on.
+#[derive(Clone)]
+pub struct EtcdTarget {
+    pub client: Client,
+    /// `--etcd-prefix`, ending in `/`: one twopc cluster's keys.
+    pub prefix: String,
+    pub fence: Fence,
+    /// How long one etcd write may take before the coordinator gives up on it (and stops).
+    pub write_timeout: Duration,
+}
+
+/// The log on etcd: the whole log in memory, writes batched to etcd, fenced.
+pub struct EtcdLog {
+    shared: Arc<Shared>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    mirror: Mutex<Mirror>,
+    wake: Notify,
+    /// How far the writer has written: every change up to this generation is in etcd. `Err`
+    /// once a write failed: nothing is known to be durable after that.
+    written: watch::Sender<Result<u64, String>>,
+}
+
+#[derive(Default)]
+struct Mirror {
+    txns: BTreeMap<TxnId, Txn>,
+    participants: BTreeMap<String, String>,
+    /// Changes not yet sent, by key (a later change of a key replaces an earlier one): a value
+    /// to put, or `None` to delete.
+    queued: BTreeMap<String, Option<Vec<u8>>>,
+    /// Counts changes; `sync` waits until `written` reaches the count it saw.
+    generation: u64,
+}
+
+impl Mirror {
+    fn queue(&mut self, key: String, value: Option<Vec<u8>>) {
+        self.queued.insert(key, value);
+        self.generation += 1;
+    }
+}
+
+impl EtcdLog {
+    /// Loads the log under `target.prefix` (creating it, and the coordinator's id, on first
+    /// start) and returns it with the coordinator's stable id, which every replica shares.
+    pub async fn open(
+        target: EtcdTarget,
+        requested: Option<&str>,
+    ) -> Result<(Self, String), LogError> {
+        let mut kv = target.client.kv_client();
+        let p = &target.prefix;
+        let (format_key, id_key) = (format!("{p}meta/format"), format!("{p}meta/coordinator_id"));
+        let meta = |r: etcd_client::GetResponse| r.kvs().first().map(|kv| kv.value().to_vec());
+        let format = meta(kv.get(format_key.as_str(), None).await.map_err(etcd)?);
+        let existing = meta(kv.get(id_key.as_str(), None).await.map_err(etcd)?)
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        match &format {
+            Some(found) if found.as_slice() != FORMAT_VERSION.as_bytes() => {
+                return Err(LogError::IncompatibleVersion {
+                    dir: format!("etcd prefix {p}"),
+                    found: String::from_utf8_lossy(found).into_owned(),
+                });
+            }
+            _ => {}
+        }
+        let id = match (existing, requested) {
+            (Some(existing), Some(requested)) if existing != requested => {
+                return Err(LogError::IdMismatch {
+                    dir: format!("etcd prefix {p}"),
+                    existing,
+                    requested: requested.into(),
+                });
+            }
+            (Some(existing), _) => existing,
+            (None, requested) => {
+                let id = match requested {
+                    Some(r) => r.to_string(),
+                    None => format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+                };
+                crate::proto::names::check_coordinator_id(&id)?;
+                // Only the leader writes, and only if nobody wrote an id meanwhile.
+                let created = kv
+                    .txn(
+                        EtcdTxn::new()
+                            .when([
+                                target.fence.holds(),
+                                Compare::version(id_key.as_bytes(), CompareOp::Equal, 0),
+                            ])
+                            .and_then([
+                                TxnOp::put(format_key.as_bytes(), FORMAT_VERSION, None),
+                                TxnOp::put(id_key.as_bytes(), id.as_bytes(), None),
+                            ]),
+                    )
+                    .await
+                    .map_err(etcd)?;
+                if !created.succeeded() {
+                    return Err(LogError::Etcd(
+                        "the coordinator id changed or this replica lost the lead while the log was being created; start again".into(),
+                    ));
+                }
+                id
+            }
+        };
+
+        let mut mirror = Mirror::default();
+        for (key, value) in read_all(&mut kv, &format!("{p}txns/")).await? {
+            let txn: Txn = serde_json::from_slice(&value).map_err(|source| LogError::Corrupt {
+                key: key.clone(),
+                source,
+            })?;
+            mirror.txns.insert(txn.id, txn);
+        }
+        let participants_prefix = format!("{p}participants/");
+        for (key, value) in read_all(&mut kv, &participants_prefix).await? {
+            mirror.participants.insert(
+                key[participants_prefix.len()..].to_string(),
+                String::from_utf8_lossy(&value).into_owned(),
+            );
+        }
+        tracing::info!(
+            prefix = %p,
+            transactions = mirror.txns.len(),
+            participants = mirror.participants.len(),
+            "decision log loaded from etcd"
+        );
+
+        let shared = Arc::new(Shared {
+            mirror: Mutex::new(mirror),
+            wake: Notify::new(),
+            written: watch::channel(Ok(0)).0,
+        });
+        let writer = tokio::spawn(write_forever(Arc::clone(&shared), target));
+        Ok((EtcdLog { shared, writer }, id))
+    }
+
+    fn txn_key(&self, id: TxnId) -> String {
+        format!("txns/{id}")
+    }
+}
+
+impl Drop for EtcdLog {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+/// Every key under `prefix` (relative keys are full keys here), in key order, page by page.
+async fn read_all(
+    kv: &mut etcd_client::KvClient,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, LogError> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut all = Vec::new();
+    loop {
+        let page = kv
+            .get(
+                from.clone(),
+                Some(GetOptions::new().with_range(end.clone()).with_limit(PAGE)),
+            )
+            .await
+            .map_err(etcd)?;
+        for kv in page.kvs() {
+            all.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        match (page.more(), page.kvs().last()) {
+            (true, Some(last)) => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("a non-empty prefix") += 1;
+    end
+}
+
+fn etcd(e: etcd_client::Error) -> LogError {
+    LogError::Etcd(e.to_string())
+}
+
+/// The writer: sends what is queued whenever a `sync` asks (or `IDLE_FLUSH` passes), one
+/// fenced etcd transaction per `MAX_OPS` changes, and stops at the first failure.
+async fn write_forever(shared: Arc<Shared>, target: EtcdTarget) {
+    let mut kv = target.client.kv_client();
+    loop {
+        let _ = tokio::time::timeout(IDLE_FLUSH, shared.wake.notified()).await;
+        let (batch, generation) = {
+            let mut mirror = shared.mirror.lock().unwrap();
+            (std::mem::take(&mut mirror.queued), mirror.generation)
+        };
+        let started = std::time::Instant::now();
+        let ops: Vec<TxnOp> = batch
+            .into_iter()
+            .map(|(key, value)| {
+                let key = format!("{}{key}", target.prefix);
+                match value {
+                    Some(value) => TxnOp::put(key, value, None),
+                    None => TxnOp::delete(key, None),
+                }
+            })
+            .collect();
+        let batches = ops.len().div_ceil(MAX_OPS);
+        let mut ops = ops.into_iter();
+        for _ in 0..batches {
+            let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_OPS).collect();
+            let sent = tokio::time::timeout(
+                target.write_timeout,
+                kv.txn(EtcdTxn::new().when([target.fence.holds()]).and_then(chunk)),
+            )
+            .await;
+            let failure = match sent {
+                Ok(Ok(reply)) if reply.succeeded() => None,
+                Ok(Ok(_)) => Some(format!(
+                    "etcd refused the write: this replica no longer leads (leader key {} is gone or is another replica's)",
+                    target.fence.key
+                )),
+                Ok(Err(e)) => Some(format!("etcd write failed: {e}")),
+                Err(_) => Some(format!(
+                    "etcd write timed out after {:?}: its outcome is unknown",
+                    target.write_timeout
+                )),
+            };
+            if let Some(failure) = failure {
+                let _ = shared.written.send_replace(Err(failure));
+                return;
+            }
+        }
+        if batches > 0 {
+            metrics::histogram!("twopc_log_flush_seconds").record(started.elapsed());
+        }
+        shared.written.send_modify(|w| {
+            if let Ok(w) = w {
+                *w = (*w).max(generation);
+            }
+        });
+    }
+}
+
+impl Log for EtcdLog {
+    fn put(&self, txn: &Txn) -> Result<(), LogError> {
+        let value = serde_json::to_vec(txn).expect("a Txn always serialises");
+        let key = self.txn_key(txn.id);
+        let mut mirror = self.shared.mirror.lock().unwrap();
+        mirror.txns.insert(txn.id, txn.clone());
+        mirror.queue(key, Some(value));
+        Ok(())
+    }
+
+    fn sync(&self) -> impl Future<Output = Result<(), LogError>> + Send {
+        let ticket = self.shared.mirror.lock().unwrap().generation;
+        let mut written = self.shared.written.subscribe();
+        self.shared.wake.notify_one();
+        async move {
+            let reached = written
+                .wait_for(|w| match w {
+                    Ok(w) => *w >= ticket,
+                    Err(_) => true,
+                })
+                .await;
+            match reached.as_deref() {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(failure)) => Err(LogError::Etcd(failure.clone())),
+                Err(_) => Err(LogError::Etcd("the etcd writer stopped".into())),
+            }
+        }
+    }
+
+    fn get(&self, id: TxnId) -> Result<Option<Txn>, LogError> {
+        Ok(self.shared.mirror.lock().unwrap().txns.get(&id).cloned())
+    }
+
+    fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
+        let mirror = self.shared.mirror.lock().unwrap();
+        Ok(mirror
+            .txns
+            .values()
+            .rev()
+            .filter(|t| keep(t))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
+        let mut mirror = self.shared.mirror.lock().unwrap();
+        let old = mirror
+            .participants
+            .insert(participant_id.into(), endpoint.into());
+        let moved = old.as_deref() != Some(endpoint);
+        if moved {
+            mirror.queue(
+                format!("participants/{participant_id}"),
+                Some(endpoint.as_bytes().to_vec()),
+            );
+        }
+        Ok(moved)
+    }
+
+    fn participants(&self) -> Result<Vec<(String, String)>, LogError> {
+        let mirror = self.shared.mirror.lock().unwrap();
+        Ok(mirror
+            .participants
+            .iter()
+            .map(|(id, endpoint)| (id.clone(), endpoint.clone()))
+            .collect())
+    }
+
+    fn prune(&self, before_ms: i64) -> Result<usize, LogError> {
+        let mut mirror = self.shared.mirror.lock().unwrap();
+        let gone: Vec<TxnId> = mirror
+            .txns
+            .values()
+            .filter(|t| super::log::prunable(t, before_ms))
+            .map(|t| t.id)
+            .collect();
+        for id in &gone {
+            mirror.txns.remove(id);
+            mirror.queue(format!("txns/{id}"), None);
+        }
+        drop(mirror);
+        self.shared.wake.notify_one();
+        Ok(gone.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real single-member etcd (`testkit::EtcdCluster`): what matters here is what
+    //! etcd does with a fenced transaction, which no fake would tell.
+    use super::*;
+    use crate::coordinator::leader::{Election, Leadership};
+    use crate::coordinator::txn::State;
+    use crate::testkit::EtcdCluster;
+
+    struct Setup {
+        _etcd: EtcdCluster,
+        client: Client,
+    }
+
+    async fn etcd() -> Setup {
+        let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(1))
+            .await
+            .unwrap()
+            .unwrap();
+        let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+        Setup {
+            _etcd: etcd,
+            client,
+        }
+    }
+
+    async fn lead(client: &Client, name: &str) -> Leadership {
+        Election {
+            client: client.clone(),
+            key: "/t/leader".into(),
+            advertise: format!("http://{name}"),
+            lease_ttl: Duration::from_secs(2),
+        }
+        .win(|_| {})
+        .await
+    }
+
+    async fn open(client: &Client, leadership: &Leadership) -> EtcdLog {
+        let target = EtcdTarget {
+            client: client.clone(),
+            prefix: "/t/".into(),
+            fence: leadership.fence.clone(),
+            write_timeout: Duration::from_secs(5),
+        };
+        EtcdLog::open(target, Some("cluster-a")).await.unwrap().0
+    }
+
+    fn txn() -> Txn {
+        Txn::begin(TxnId::generate(), "label".into(), 1, 2)
+    }
+
+    #[tokio::test]
+    async fn the_next_leader_reads_every_synced_record_and_the_same_id() {
+        let Setup { _etcd, client } = etcd().await;
+        let first = lead(&client, "a").await;
+        let log = open(&client, &first).await;
+        let records: Vec<Txn> = (0..300).map(|_| txn()).collect();
+        for t in &records {
+            log.put(t).unwrap();
+        }
+        assert!(log.enlist("p1", "http://p1").unwrap());
+        log.sync().await.unwrap();
+        drop(log);
+        first.resign().await;
+
+        let second = lead(&client, "b").await;
+        let target = EtcdTarget {
+            client: client.clone(),
+            prefix: "/t/".into(),
+            fence: second.fence.clone(),
+            write_timeout: Duration::from_secs(5),
+        };
+        let (log, id) = EtcdLog::open(target, None).await.unwrap();
+
+        assert_eq!(
+            id, "cluster-a",
+            "replicas share the id that names the cluster"
+        );
+        assert_eq!(
+            log.newest(usize::MAX, &|_| true).unwrap().len(),
+            300,
+            "more than one etcd transaction's worth"
+        );
+        assert_eq!(log.get(records[7].id).unwrap().as_ref(), Some(&records[7]));
+        assert_eq!(
+            log.participants().unwrap(),
+            vec![("p1".to_string(), "http://p1".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_cannot_write_a_decision() {
+        let Setup { _etcd, client } = etcd().await;
+        let first = lead(&client, "a").await;
+        let stale = open(&client, &first).await;
+        // The first leader's lease ends (here by resigning; a pause past the TTL ends it the
+        // same way) and another replica takes over.
+        first.resign().await;
+        let _second = lead(&client, "b").await;
+
+        let mut decided = txn();
+        decided.state = State::Committing;
+        stale.put(&decided).unwrap();
+        let synced = stale.sync().await;
+
+        assert!(
+            matches!(&synced, Err(LogError::Etcd(why)) if why.contains("no longer leads")),
+            "{synced:?}"
+        );
+        let mut kv = client.kv_client();
+        let stored = kv
+            .get(format!("/t/txns/{}", decided.id), None)
+            .await
+            .unwrap();
+        assert!(stored.kvs().is_empty(), "the fenced decision reached etcd");
+    }
+
+    #[tokio::test]
+    async fn pruned_records_leave_etcd_too() {
+        let Setup { _etcd, client } = etcd().await;
+        let leader = lead(&client, "a").await;
+        let log = open(&client, &leader).await;
+        let mut done = txn();
+        done.state = State::Committed;
+        done.finished_ms = 10;
+        let open_one = txn();
+        log.put(&done).unwrap();
+        log.put(&open_one).unwrap();
+        log.sync().await.unwrap();
+
+        assert_eq!(log.prune(100).unwrap(), 1);
+        log.sync().await.unwrap();
+
+        let mut kv = client.kv_client();
+        let left = kv
+            .get("/t/txns/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let keys: Vec<String> = left
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap().to_string())
+            .collect();
+        assert_eq!(keys, vec![format!("/t/txns/{}", open_one.id)]);
+    }
+}

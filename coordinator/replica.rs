@@ -1,0 +1,146 @@
+//! One replica of a coordinator cluster on etcd (docs/HA.md).
+//!
+//! It serves at once, but as a [`Standby`] that sends callers to the leader, and campaigns
+//! ([`Election`]). Once it leads it loads the log from etcd, runs recovery exactly as a
+//! restarted single coordinator does, and only then opens the gate. A leader that loses its
+//! lease stops the process at once, as kube-controller-manager does: its table of live
+//! transactions, its phase-2 tasks and its view of the log all belong to a term that is over,
+//! and a fresh start (the supervisor restarts it, as a standby) is the one state nobody has to
+//! reason about. Its writes could not have landed anyway: they are fenced.
+
+use super::etcd_log::{EtcdLog, EtcdTarget};
+use super::leader::{Candidacy, Election};
+use super::standby::{Gate, Standby};
+use super::{Config, Coordinator, EtcdConfig, drain, service, start_background};
+use crate::proto::coordinator_server::CoordinatorServer;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The exit status of a replica that lost the lead: not a crash, a supervisor should restart it.
+pub const EXIT_DEPOSED: i32 = 75;
+
+/// Campaigns, leads, and serves on `listener` until `shutdown` completes (or the lead is lost,
+/// which ends the process).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    etcd: EtcdConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(etcd.lease_ttl.max(Duration::from_secs(2)))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    let client = etcd_client::Client::connect(&etcd.endpoints, Some(options))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot set up the etcd client for {:?}: {e}",
+                etcd.endpoints
+            )
+        })?;
+    let election = Election {
+        client: client.clone(),
+        key: format!("{}leader", etcd.prefix),
+        advertise: etcd.advertise.clone(),
+        lease_ttl: etcd.lease_ttl,
+    };
+
+    let (gate, gated) = watch::channel(Gate::Standing(Candidacy {
+        leader: None,
+        why: "campaigning".into(),
+    }));
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status(
+            crate::proto::coordinator_server::SERVICE_NAME,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+
+    // The server runs from the start, beside the campaign and then the term; it ends once
+    // `shutdown` completes and a term's transactions are drained.
+    let (leading_tx, leading) = watch::channel(None);
+    let drain_timeout = config.drain_timeout;
+    let drained = {
+        let mut leading = leading.clone();
+        let health_reporter = health_reporter.clone();
+        async move {
+            shutdown.await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            // A term that started wants its transactions drained; `leading` says so.
+            let core: Option<Arc<Coordinator<EtcdLog>>> = leading.borrow_and_update().clone();
+            if let Some(core) = core {
+                tracing::info!("shutting down: no new transactions; waiting for those in flight");
+                drain(&core, drain_timeout).await;
+            }
+        }
+    };
+    let server =
+        crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
+            .add_service(Standby::new(gated))
+            .serve_with_incoming_shutdown(crate::proto::incoming(listener), drained);
+    tokio::pin!(server);
+
+    let mut leadership = tokio::select! {
+        won = election.win(|candidacy| { gate.send_replace(Gate::Standing(candidacy)); }) => won,
+        served = &mut server => {
+            served?;
+            return Ok(());
+        }
+    };
+
+    // Leading: load the log this term's fence guards, recover, then open the gate.
+    let target = EtcdTarget {
+        client,
+        prefix: etcd.prefix.clone(),
+        fence: leadership.fence.clone(),
+        write_timeout: etcd.lease_ttl.max(Duration::from_secs(2)),
+    };
+    let (log, id) = EtcdLog::open(target, config.id.as_deref()).await?;
+    let core = Coordinator::new(
+        id,
+        log,
+        config.limits.clone(),
+        config.tls.clone(),
+        config.auth.bearer(),
+    )?;
+    core.recover()?;
+    start_background(&core, &config.limits);
+    leading_tx.send_replace(Some(Arc::clone(&core)));
+    gate.send_replace(Gate::Leading {
+        service: CoordinatorServer::new(service::Service::new(Arc::clone(&core))),
+        lease: leadership.check(),
+    });
+    health_reporter
+        .set_service_status(
+            crate::proto::coordinator_server::SERVICE_NAME,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tracing::info!(coordinator_id = core.id(), advertise = %etcd.advertise, prefix = %etcd.prefix, "coordinator replica leads and serves");
+
+    tokio::select! {
+        reason = leadership.deposed() => {
+            tracing::error!(%reason, "this coordinator replica lost the lead; stopping at once (a supervisor restarts it as a standby)");
+            std::process::exit(EXIT_DEPOSED);
+        }
+        served = &mut server => {
+            served?;
+        }
+    }
+    // Shut down cleanly: hand the lead over now rather than after the lease's TTL.
+    leadership.resign().await;
+    Ok(())
+}
