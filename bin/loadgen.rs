@@ -662,7 +662,7 @@ fn main() -> Result<()> {
                 format!("mem{}", i + 1),
                 format!("http://{addr}"),
                 FakeDatabase::default(),
-                GrpcCoordinator::new(channel.clone(), Default::default()),
+                GrpcCoordinator::new(channel.clone().into(), Default::default()),
             );
             tokio::spawn(participant::serve(l, core, std::future::pending()));
         }

@@ -16,7 +16,7 @@ struct Args {
     /// This participant's id (A-Z a-z 0-9 _ - .), unique among the coordinator's participants.
     #[arg(long, env = "TWOPC_PARTICIPANT_ID", default_value = "p1")]
     id: String,
-    /// The coordinator's URL.
+    /// The coordinator's URL; a replicated coordinator's URLs, separated by commas.
     #[arg(
         long,
         env = "TWOPC_COORDINATOR",

@@ -38,6 +38,7 @@ pub use error::Error;
 pub use value::{FromValue, Rows, ToValue};
 
 use crate::process::auth::Bearer;
+use crate::process::leader_channel::LeaderChannel;
 use crate::process::tls::Tls;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::participant_client::ParticipantClient;
@@ -58,15 +59,16 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct Client {
-    coordinator: CoordinatorClient<Authed>,
+    coordinator: CoordinatorClient<InterceptedService<LeaderChannel, Bearer>>,
     participants: Arc<Mutex<HashMap<String, ParticipantClient<Authed>>>>,
     tls: Tls,
     bearer: Bearer,
 }
 
 impl Client {
-    /// A client of the coordinator at `url`, in plaintext and without a token. Connects on
-    /// first use (and again after a failure), so this fails only on a malformed URL.
+    /// A client of the coordinator at `url` (or of its replicas, their URLs separated by
+    /// commas: calls go to the leader), in plaintext and without a token. Connects on first use
+    /// (and again after a failure), so this fails only on a malformed URL.
     pub fn connect(url: &str) -> Result<Client, Error> {
         Client::with_security(url, Tls::default(), None)
     }
@@ -75,7 +77,8 @@ impl Client {
     /// and sends `token` as `authorization: Bearer …` on every call.
     pub fn with_security(url: &str, tls: Tls, token: Option<&str>) -> Result<Client, Error> {
         let bearer = Bearer::new(token);
-        let channel = Client::channel(&tls, url)?;
+        let channel =
+            LeaderChannel::new(url, &tls).map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
         Ok(Client {
             coordinator: CoordinatorClient::new(InterceptedService::new(channel, bearer.clone())),
             participants: Arc::default(),

@@ -2,18 +2,16 @@
 //!
 //! A replica serves from the moment it starts, leader or not, so that a client that reached it
 //! learns where to go: while it does not lead (or its lease has run out by its own count) every
-//! call is UNAVAILABLE with the leader's URL, when known, in the `twopc-leader` metadata; once it
+//! call is UNAVAILABLE with the leader's URL (empty when not known) in the `twopc-leader` metadata; once it
 //! leads, calls go to the real service. Health and reflection are served either way.
 
 use super::leader::{Candidacy, LeaseCheck};
+use crate::process::leader_channel::LEADER_HEADER;
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http;
-
-/// The metadata key that names the leading replica's URL.
-pub const LEADER_HEADER: &str = "twopc-leader";
 
 /// Where calls go now.
 #[derive(Clone)]
@@ -89,10 +87,12 @@ fn refuse(candidacy: Candidacy) -> tonic::Status {
         ),
     };
     let mut status = tonic::Status::unavailable(message);
-    if let Some(leader) = candidacy.leader
-        && let Ok(value) = leader.parse()
-    {
-        status.metadata_mut().insert(LEADER_HEADER, value);
-    }
+    // Present even when empty: it tells a client that this call was refused untouched, and so
+    // may go to another replica (`process::leader_channel`).
+    let leader = candidacy.leader.unwrap_or_default();
+    let value = leader
+        .parse()
+        .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static(""));
+    status.metadata_mut().insert(LEADER_HEADER, value);
     status
 }

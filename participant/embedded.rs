@@ -32,10 +32,10 @@ use super::{Config, start};
 use crate::client::Client;
 use crate::client::ambient;
 use crate::client::propagation::JoinLayer;
+use crate::process::leader_channel::LeaderChannel;
 use crate::proto::participant_server::ParticipantServer;
 use futures::future::BoxFuture;
 use std::sync::Arc;
-use tonic::transport::Channel;
 use tonic::transport::server::Router;
 use tower_layer::{Identity, Stack};
 
@@ -44,7 +44,7 @@ use tower_layer::{Identity, Stack};
 pub struct Embedded {
     core: Arc<Participant>,
     /// To the coordinator: the health watch checks it can be reached.
-    coordinator: Channel,
+    coordinator: LeaderChannel,
 }
 
 impl Embedded {

@@ -9,11 +9,11 @@ use super::core::Participant;
 use super::link::GrpcCoordinator;
 use super::postgres::Postgres;
 use super::service::Service;
+use crate::process::leader_channel::LeaderChannel;
 use crate::proto::participant_server::ParticipantServer;
 use std::sync::Weak;
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -51,7 +51,7 @@ pub async fn set(reporter: &HealthReporter, scope: Scope, serving: bool) {
 async fn check(
     core: &Participant,
     own: &mut Option<tokio_postgres::Client>,
-    coordinator: &mut HealthClient<Channel>,
+    coordinator: &LeaderChannel,
 ) -> Result<(), String> {
     if own.as_ref().is_none_or(|c| c.is_closed()) {
         *own = Some(
@@ -77,11 +77,13 @@ async fn check(
         service: String::new(),
     });
     req.set_timeout(EVERY);
-    let resp = tokio::time::timeout(EVERY, coordinator.check(req))
+    let resp = tokio::time::timeout(EVERY, HealthClient::new(coordinator.clone()).check(req))
         .await
         .map_err(|_| "the coordinator did not answer a health check".to_string())?
         .map_err(|s| format!("the coordinator is not reachable: {}", s.message()))?;
     if resp.into_inner().status != ServingStatus::Serving as i32 {
+        // A replica that does not lead says NOT_SERVING: look for the one that does.
+        coordinator.next_replica();
         return Err("the coordinator is not serving".into());
     }
     Ok(())
@@ -89,19 +91,18 @@ async fn check(
 
 pub fn spawn(
     core: Weak<Participant>,
-    coordinator: Channel,
+    coordinator: LeaderChannel,
     reporter: HealthReporter,
     scope: Scope,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut client = HealthClient::new(coordinator);
         let mut own = None;
         let mut last: Option<bool> = None;
         loop {
             let Some(participant) = core.upgrade() else {
                 return;
             };
-            let result = check(&participant, &mut own, &mut client).await;
+            let result = check(&participant, &mut own, &coordinator).await;
             drop(participant);
             let serving = result.is_ok();
             if last != Some(serving) {

@@ -5,12 +5,12 @@
 //! coordinator in tests; [`GrpcCoordinator`] is the real one.
 
 use crate::process::auth::Bearer;
+use crate::process::leader_channel::LeaderChannel;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{self, Outcome, RegisterBranchRequest, TxnId};
 use std::future::Future;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 /// The coordinator's answer to RegisterBranch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,12 +49,12 @@ pub trait CoordinatorLink: Send + Sync + 'static {
 /// The coordinator reached over gRPC.
 #[derive(Clone)]
 pub struct GrpcCoordinator {
-    client: CoordinatorClient<InterceptedService<Channel, Bearer>>,
+    client: CoordinatorClient<InterceptedService<LeaderChannel, Bearer>>,
 }
 
 impl GrpcCoordinator {
     /// `bearer`: this participant's peer token, on every call.
-    pub fn new(channel: Channel, bearer: Bearer) -> Self {
+    pub fn new(channel: LeaderChannel, bearer: Bearer) -> Self {
         GrpcCoordinator {
             client: CoordinatorClient::with_interceptor(channel, bearer),
         }

@@ -42,6 +42,7 @@ pub mod sql;
 pub mod tombstone;
 
 use crate::process::auth::{Auth, Gate};
+use crate::process::leader_channel::LeaderChannel;
 use crate::process::tls::Tls;
 use crate::proto::participant_server::ParticipantServer;
 pub use core::Participant;
@@ -62,7 +63,7 @@ pub static ALARMS: AtomicU64 = AtomicU64::new(0);
 pub struct Config {
     /// This participant's id, unique among the coordinator's participants.
     pub id: String,
-    /// The coordinator's URL.
+    /// The coordinator's URL; a replicated coordinator's URLs, separated by commas.
     pub coordinator: String,
     /// Where the coordinator reaches this participant; `None`: http(s)://<listen address>.
     pub advertise: Option<String>,
@@ -127,20 +128,15 @@ pub async fn run(
 pub(crate) async fn start(
     config: &Config,
     advertise: String,
-) -> anyhow::Result<(std::sync::Arc<Participant>, tonic::transport::Channel)> {
+) -> anyhow::Result<(std::sync::Arc<Participant>, LeaderChannel)> {
     let db = Postgres::new(&config.postgres, config.max_connections)?.with_limits(config.limits);
     db.check_prepared_transactions_enabled().await?;
     db.check_not_superuser(config.allow_superuser).await?;
     if config.one_phase {
         db.set_up_one_phase().await;
     }
-    let channel = config
-        .tls
-        .endpoint(&config.coordinator)
-        .map_err(|e| anyhow::anyhow!("coordinator URL {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = LeaderChannel::new(&config.coordinator, &config.tls)
+        .map_err(|e| anyhow::anyhow!("coordinator URL {e}"))?;
     let coordinator = GrpcCoordinator::new(channel.clone(), config.auth.bearer());
     let core = Participant::new(config.id.clone(), advertise, db, coordinator);
     core.spawn_resolver(config.resolve_interval);

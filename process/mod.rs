@@ -1,12 +1,14 @@
 //! What every twopc process shares, whatever side of the protocol it runs: the wall clock
 //! ([`clock`]), how it stops ([`signal`]), where it can be made to crash on purpose ([`failpoints`]), how it reports
 //! (logs and metrics, [`telemetry`]), how it is configured beyond its flags ([`config`]), and
-//! how its connections are encrypted ([`tls`]) and who may call what ([`auth`]).
+//! how its connections are encrypted ([`tls`]) and who may call what ([`auth`]), and how it
+//! reaches a coordinator that may be several replicas ([`leader_channel`]).
 
 pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod failpoints;
+pub mod leader_channel;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;

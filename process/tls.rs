@@ -58,6 +58,8 @@ pub enum TlsError {
         url: String,
         error: tonic::transport::Error,
     },
+    #[error("no URL given")]
+    NoUrl,
 }
 
 impl Tls {

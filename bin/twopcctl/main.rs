@@ -14,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use twopc::process::auth::{self, Bearer};
 use twopc::process::clock::now_ms;
+use twopc::process::leader_channel::LeaderChannel;
 use twopc::process::tls::{self, Tls};
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
@@ -23,7 +24,8 @@ use twopc::proto::{self, TxnState};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
-    /// The coordinator's URL.
+    /// The coordinator's URL; a replicated coordinator's URLs, separated by commas (calls go
+    /// to the leader).
     #[arg(
         long,
         env = "TWOPC_COORDINATOR",
@@ -218,8 +220,14 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn coordinator(url: &str) -> Result<CoordinatorClient<InterceptedService<Channel, Bearer>>> {
-    channel(url).map(CoordinatorClient::new)
+/// The coordinator, or its replicas (URLs separated by commas): calls go to the leader.
+fn coordinator(urls: &str) -> Result<CoordinatorClient<InterceptedService<LeaderChannel, Bearer>>> {
+    let (tls, bearer) = TLS.get_or_init(Default::default);
+    let channel = LeaderChannel::new(urls, tls).with_context(|| format!("cannot dial {urls:?}"))?;
+    Ok(CoordinatorClient::new(InterceptedService::new(
+        channel,
+        bearer.clone(),
+    )))
 }
 
 /// `list`: transactions, newest first.

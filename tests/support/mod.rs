@@ -359,6 +359,50 @@ pub async fn start_participant(
     .await
 }
 
+/// A participant of a replicated coordinator: `coordinator` is its replicas' URLs,
+/// separated by commas.
+pub async fn start_participant_of(id: &str, coordinator: &str, postgres: &str) -> Server {
+    let (l, addr) = listener().await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = participant_config(
+        id,
+        coordinator.into(),
+        postgres,
+        Tls::default(),
+        Auth::default(),
+    );
+    let task = tokio::spawn(participant::run(l, config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+fn participant_config(
+    id: &str,
+    coordinator: String,
+    postgres: &str,
+    tls: Tls,
+    auth: Auth,
+) -> participant::Config {
+    participant::Config {
+        id: id.into(),
+        coordinator,
+        advertise: None,
+        postgres: postgres.into(),
+        max_connections: 40,
+        resolve_interval: Duration::from_secs(2),
+        one_phase: true,
+        allow_superuser: false,
+        limits: Default::default(),
+        tls,
+        auth,
+    }
+}
+
 pub async fn start_participant_with(
     id: &str,
     coordinator: SocketAddr,
@@ -386,19 +430,13 @@ pub async fn start_participant_with(
         None => listener().await,
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let config = participant::Config {
-        id: id.into(),
-        coordinator: format!("{}://{coordinator}", tls.scheme()),
-        advertise: None,
-        postgres: postgres.into(),
-        max_connections: 40,
-        resolve_interval: Duration::from_secs(2),
-        one_phase: true,
-        allow_superuser: false,
-        limits: Default::default(),
+    let config = participant_config(
+        id,
+        format!("{}://{coordinator}", tls.scheme()),
+        postgres,
         tls,
         auth,
-    };
+    );
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;
     }));
@@ -432,6 +470,16 @@ impl Proc {
     /// `failpoints` (which makes it abort on the spot when one fires), and waits until it
     /// accepts connections.
     pub async fn start(bin: &str, addr: SocketAddr, args: &[String], failpoints: &str) -> Proc {
+        Self::start_with_env(bin, addr, args, &[("FAILPOINTS", failpoints)]).await
+    }
+
+    /// As `start`, with these environment variables set.
+    pub async fn start_with_env(
+        bin: &str,
+        addr: SocketAddr,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let path = match bin {
             "coordinator" => env!("CARGO_BIN_EXE_coordinator"),
             "participant" => env!("CARGO_BIN_EXE_participant"),
@@ -441,8 +489,8 @@ impl Proc {
             .arg("--listen")
             .arg(addr.to_string())
             .args(args)
-            .env("FAILPOINTS", failpoints)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {bin}: {e}"));

@@ -1,0 +1,204 @@
+//! A channel to a coordinator that may be several replicas, of which one leads (docs/HA.md).
+//!
+//! Every process that calls the coordinator (participants, `twopc::client`, twopcctl, the
+//! tools) takes `--coordinator URL,URL,URL` and dials through this. Calls go to the replica
+//! believed to lead. A replica that does not lead refuses a call before doing anything with it
+//! (UNAVAILABLE, with the leader's URL in `twopc-leader` when it knows it), so such a call is
+//! sent again, to the named leader or else to the next replica, for up to [`FOLLOW_FOR`]: long
+//! enough to ride out an election. A call that failed in transport is *not* sent again here (it
+//! may have reached a leader that died with it); it fails as it did, and the next call tries the
+//! next replica.
+//!
+//! With one URL this is the plain channel, with nothing buffered or re-sent.
+
+use crate::process::tls::{Tls, TlsError};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::transport::Channel;
+
+/// How long a call keeps looking for the leader: the default lease and an election's worth.
+pub const FOLLOW_FOR: Duration = Duration::from_secs(6);
+
+/// The metadata key in which a replica that does not lead names the one that does.
+pub const LEADER_HEADER: &str = "twopc-leader";
+
+/// One coordinator, or the replicas of one, as a tonic channel.
+#[derive(Clone)]
+pub struct LeaderChannel {
+    inner: Route,
+}
+
+#[derive(Clone)]
+enum Route {
+    One(Channel),
+    Replicas(Arc<Replicas>),
+}
+
+struct Replicas {
+    tls: Tls,
+    /// Every replica dialled so far (the configured ones, and any leader named that was not
+    /// among them): URL and channel.
+    known: Mutex<Vec<(String, Channel)>>,
+    /// The index in `known` of the replica believed to lead.
+    current: AtomicUsize,
+}
+
+impl LeaderChannel {
+    /// Dials lazily (nothing connects until the first call): `urls` is one URL, or several
+    /// separated by commas.
+    pub fn new(urls: &str, tls: &Tls) -> Result<LeaderChannel, TlsError> {
+        let urls: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let known = urls
+            .iter()
+            .map(|url| Ok((url.to_string(), dial(tls, url)?)))
+            .collect::<Result<Vec<_>, TlsError>>()?;
+        let inner = match <[_; 1]>::try_from(known) {
+            Ok([(_, channel)]) => Route::One(channel),
+            Err(known) if known.is_empty() => {
+                return Err(TlsError::NoUrl);
+            }
+            Err(known) => Route::Replicas(Arc::new(Replicas {
+                tls: tls.clone(),
+                known: Mutex::new(known),
+                current: AtomicUsize::new(0),
+            })),
+        };
+        Ok(LeaderChannel { inner })
+    }
+
+    /// Moves on to the next replica: for a caller that learnt by other means (a health check
+    /// answering NOT_SERVING, say) that the current one does not lead.
+    pub fn next_replica(&self) {
+        if let Route::Replicas(replicas) = &self.inner {
+            replicas.advance_from(replicas.current.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// One coordinator, on a channel already set up.
+impl From<Channel> for LeaderChannel {
+    fn from(channel: Channel) -> Self {
+        LeaderChannel {
+            inner: Route::One(channel),
+        }
+    }
+}
+
+fn dial(tls: &Tls, url: &str) -> Result<Channel, TlsError> {
+    Ok(tls
+        .endpoint(url)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl Replicas {
+    fn current(&self) -> (usize, Channel) {
+        let known = self.known.lock().unwrap();
+        let i = self.current.load(Ordering::Relaxed) % known.len();
+        (i, known[i].1.clone())
+    }
+
+    /// The next replica after `from`, unless another call moved on already.
+    fn advance_from(&self, from: usize) {
+        let n = self.known.lock().unwrap().len();
+        let _ = self.current.compare_exchange(
+            from,
+            (from + 1) % n,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Believe `url` leads, dialling it if it is new.
+    fn follow(&self, url: &str) {
+        let mut known = self.known.lock().unwrap();
+        let i = match known.iter().position(|(u, _)| u == url) {
+            Some(i) => i,
+            None => match dial(&self.tls, url) {
+                Ok(channel) => {
+                    known.push((url.to_string(), channel));
+                    known.len() - 1
+                }
+                Err(e) => {
+                    tracing::warn!(%url, error = %e, "a coordinator replica named a leader that cannot be dialled");
+                    return;
+                }
+            },
+        };
+        self.current.store(i, Ordering::Relaxed);
+    }
+
+    async fn call(
+        self: Arc<Self>,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, tonic::transport::Error> {
+        let (parts, body) = request.into_parts();
+        // A unary call's body is one small message; keep it to send again.
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(status) => return Ok(status.into_http()),
+        };
+        let until = Instant::now() + FOLLOW_FOR;
+        loop {
+            let (i, mut channel) = self.current();
+            let mut again = http::Request::new(Body::new(Full::new(Bytes::clone(&body))));
+            *again.method_mut() = parts.method.clone();
+            *again.uri_mut() = parts.uri.clone();
+            *again.version_mut() = parts.version;
+            *again.headers_mut() = parts.headers.clone();
+            std::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
+            let response = match Service::call(&mut channel, again).await {
+                Ok(response) => response,
+                Err(e) => {
+                    self.advance_from(i);
+                    return Err(e);
+                }
+            };
+            let Some(leader) = response.headers().get(LEADER_HEADER) else {
+                return Ok(response);
+            };
+            if Instant::now() >= until {
+                return Ok(response);
+            }
+            match leader.to_str().ok().filter(|l| !l.is_empty()) {
+                Some(leader) => self.follow(leader),
+                None => {
+                    // Nobody leads yet: an election is under way.
+                    self.advance_from(i);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Service<http::Request<Body>> for LeaderChannel {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match &mut self.inner {
+            Route::One(channel) => channel.poll_ready(cx),
+            Route::Replicas(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match &mut self.inner {
+            Route::One(channel) => Box::pin(channel.call(request)),
+            Route::Replicas(replicas) => Box::pin(Arc::clone(replicas).call(request)),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Coordinator replicas on etcd (docs/HA.md): the standby sends callers to the leader, takes
+//! over when the leader dies, and a leader frozen past its lease writes nothing when it wakes.
+//!
+//! Real parts throughout: a three-member etcd cluster, PostgreSQL clusters, the coordinator
+//! binary run as replica processes (so they can be killed and frozen), and participants that
+//! know every replica's URL.
+
+mod support;
+
+use std::net::SocketAddr;
+#[cfg(feature = "testing")]
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+use support::*;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use twopc::client::{Client, Error};
+use twopc::process::leader_channel::LEADER_HEADER;
+use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::testkit::EtcdCluster;
+
+const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, note text NOT NULL)";
+
+/// Three etcd members, two databases with a participant each, and room for replicas.
+struct Cluster {
+    etcd: EtcdCluster,
+    pgs: Vec<PgCluster>,
+    participants: Vec<Server>,
+    addrs: Vec<SocketAddr>,
+    data: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `replicas` addresses are reserved; the participants know them all.
+    async fn start(replicas: usize) -> Cluster {
+        let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+            .await
+            .unwrap()
+            .unwrap();
+        let addrs: Vec<SocketAddr> = (0..replicas).map(|_| free_addr()).collect();
+        let urls: Vec<String> = addrs.iter().map(|a| url(*a)).collect();
+        let mut pgs = Vec::new();
+        let mut participants = Vec::new();
+        for i in 0..2 {
+            let pg = pg_with(SCHEMA).await;
+            participants.push(
+                start_participant_of(&format!("p{}", i + 1), &urls.join(","), &pg.conn_str()).await,
+            );
+            pgs.push(pg);
+        }
+        Cluster {
+            etcd,
+            pgs,
+            participants,
+            addrs,
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Starts replica `i` of the coordinator, as its own process.
+    async fn replica(&self, i: usize, env: &[(&str, &str)]) -> Proc {
+        let args: Vec<String> = [
+            "--log",
+            "etcd",
+            "--etcd-endpoints",
+            &self.etcd.endpoints_flag(),
+            "--etcd-prefix",
+            "/twopc/ha-test/",
+            "--id",
+            "ha-test",
+            "--lease-ms",
+            "2000",
+            "--data-dir",
+            &self
+                .data
+                .path()
+                .join(format!("unused-{i}"))
+                .display()
+                .to_string(),
+            "--orphan-scan-interval-ms",
+            "1000",
+            "--commit-wait-ms",
+            "2000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Proc::start_with_env("coordinator", self.addrs[i], &args, env).await
+    }
+
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    fn urls(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|a| url(*a))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn participant_url(&self, i: usize) -> String {
+        url(self.participants[i].addr)
+    }
+
+    /// One transfer-like transaction: a row in each database, committed.
+    async fn write(&self, client: &Client, id: i32) -> Result<(), Error> {
+        let txn = client.begin(Some(Duration::from_secs(20)), "ha").await?;
+        for p in 0..2 {
+            txn.execute(
+                &self.participant_url(p),
+                "INSERT INTO t VALUES ($1, 'x')",
+                &[&id],
+            )
+            .await?;
+        }
+        txn.commit().await.map(|_| ())
+    }
+
+    async fn rows(&self, id: i32) -> Vec<i64> {
+        let mut counts = Vec::new();
+        for pg in &self.pgs {
+            counts.push(scalar(pg, &format!("SELECT count(*) FROM t WHERE id = {id}")).await);
+        }
+        counts
+    }
+
+    async fn assert_nothing_prepared(&self) {
+        for pg in &self.pgs {
+            eventually("no branch is left prepared", || async {
+                scalar(pg, "SELECT count(*) FROM pg_prepared_xacts").await == 0
+            })
+            .await;
+        }
+    }
+}
+
+/// Whether the replica at `addr` says it serves (it leads).
+async fn leads(addr: SocketAddr) -> bool {
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(url(addr))
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "twopc.v1.Coordinator".into(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == tonic_health::ServingStatus::Serving as i32)
+}
+
+#[tokio::test]
+async fn a_standby_sends_callers_to_the_leader_and_takes_over_when_it_dies() {
+    let cluster = Cluster::start(2).await;
+    let first = cluster.replica(0, &[]).await;
+    eventually("the first replica leads", || leads(cluster.addrs[0])).await;
+    let _second = cluster.replica(1, &[]).await;
+
+    // A caller that reached the standby is told where the leader is.
+    let refused = CoordinatorClient::connect(url(cluster.addrs[1]))
+        .await
+        .unwrap()
+        .begin(twopc::proto::BeginRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused
+            .metadata()
+            .get(LEADER_HEADER)
+            .map(|v| v.to_str().unwrap().to_string()),
+        Some(url(cluster.addrs[0]))
+    );
+
+    // A client that knows every replica (standby first) commits through the leader.
+    let standby_first = format!("{},{}", url(cluster.addrs[1]), url(cluster.addrs[0]));
+    let client = Client::connect(&standby_first).unwrap();
+    cluster.write(&client, 1).await.unwrap();
+    assert_eq!(cluster.rows(1).await, vec![1, 1]);
+
+    // The leader's machine dies; the standby takes over and commits.
+    first.signal("KILL");
+    let killed = Instant::now();
+    let mut id = 2;
+    loop {
+        match cluster.write(&client, id).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "no commit after failover: {e}"
+                );
+                id += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    println!(
+        "failover: first commit through the new leader {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(cluster.rows(id).await, vec![1, 1]);
+    assert!(leads(cluster.addrs[1]).await);
+    cluster.assert_nothing_prepared().await;
+}
+
+/// Needs the failpoints (`--features testing`, as scripts/test runs).
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_leader_frozen_past_its_lease_records_no_decision_and_steps_down() {
+    let cluster = Cluster::start(2).await;
+    // One runtime thread, so the failpoint's sleep freezes the whole process, as SIGSTOP
+    // would, at the worst moment: the commit decision is written in memory, not yet in etcd.
+    let mut first = cluster
+        .replica(
+            0,
+            &[
+                ("FAILPOINTS", "coordinator::decision_written=sleep(4000)"),
+                ("TOKIO_WORKER_THREADS", "1"),
+            ],
+        )
+        .await;
+    eventually("the first replica leads", || leads(cluster.addrs[0])).await;
+    let _second = cluster.replica(1, &[]).await;
+    let client = Client::connect(&url(cluster.addrs[0])).unwrap();
+    let txn = client
+        .begin(Some(Duration::from_secs(30)), "frozen")
+        .await
+        .unwrap();
+    for p in 0..2 {
+        txn.execute(
+            &cluster.participant_url(p),
+            "INSERT INTO t VALUES (7, 'x')",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+
+    let id = txn.id();
+    let committing = tokio::spawn(async move { txn.commit().await });
+    eventually("the standby takes over from the frozen leader", || {
+        leads(cluster.addrs[1])
+    })
+    .await;
+    let exited = first.wait_exit().await;
+
+    // The frozen leader woke to a fence: it announced nothing and stopped by itself.
+    assert!(
+        committing.await.unwrap().is_err(),
+        "a deposed leader announced a commit"
+    );
+    assert!(
+        exited.code() == Some(75) || exited.signal() == Some(6),
+        "the deposed leader did not stop itself (75: its lease ran out; SIGABRT: a fenced write): {exited:?}"
+    );
+    // The new leader found no commit decision: the transaction aborted everywhere.
+    let replicas = Client::connect(&cluster.urls()).unwrap();
+    let status = replicas.join(id).commit().await;
+    assert!(matches!(status, Err(Error::Aborted { .. })), "{status:?}");
+    cluster.assert_nothing_prepared().await;
+    assert_eq!(cluster.rows(7).await, vec![0, 0]);
+}
