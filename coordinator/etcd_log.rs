@@ -12,8 +12,9 @@
 //! taken over (its key is a new key, with a new create revision) every write of the deposed one
 //! fails, whatever its clock says, so it can never record a decision after the takeover.
 //!
-//! A write that fails, or whose outcome is unknown, is not retried here: the coordinator stops
-//! on a failed `sync` (as on a failed fsync), and the next leader reads what etcd holds. Queued
+//! A write that fails in transport is sent again (it is idempotent under the fence) until the
+//! write timeout; one still failing then, or refused by the fence, fails every `sync` from then
+//! on: the coordinator stops (as on a failed fsync), and the next leader reads what etcd holds. Queued
 //! hints that no `sync` waits for go out within [`IDLE_FLUSH`].
 //!
 //! Keys, under the cluster's prefix: `meta/format`, `meta/coordinator_id`, `leader` (see
@@ -271,24 +272,7 @@ async fn write_forever(shared: Arc<Shared>, target: EtcdTarget) {
         let mut ops = ops.into_iter();
         for _ in 0..batches {
             let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_OPS).collect();
-            let sent = tokio::time::timeout(
-                target.write_timeout,
-                kv.txn(EtcdTxn::new().when([target.fence.holds()]).and_then(chunk)),
-            )
-            .await;
-            let failure = match sent {
-                Ok(Ok(reply)) if reply.succeeded() => None,
-                Ok(Ok(_)) => Some(format!(
-                    "etcd refused the write: this replica no longer leads (leader key {} is gone or is another replica's)",
-                    target.fence.key
-                )),
-                Ok(Err(e)) => Some(format!("etcd write failed: {e}")),
-                Err(_) => Some(format!(
-                    "etcd write timed out after {:?}: its outcome is unknown",
-                    target.write_timeout
-                )),
-            };
-            if let Some(failure) = failure {
+            if let Err(failure) = write(&mut kv, &target, chunk).await {
                 let _ = shared.written.send_replace(Err(failure));
                 return;
             }
@@ -301,6 +285,43 @@ async fn write_forever(shared: Arc<Shared>, target: EtcdTarget) {
                 *w = (*w).max(generation);
             }
         });
+    }
+}
+
+/// One fenced etcd transaction, sent again after a transport error (an etcd member died, say)
+/// until `write_timeout` has passed. Sending it again is safe even if the first one landed: its
+/// values are this batch's, the same again, and anything newer is queued behind it.
+async fn write(
+    kv: &mut etcd_client::KvClient,
+    target: &EtcdTarget,
+    ops: Vec<TxnOp>,
+) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + target.write_timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let txn = EtcdTxn::new()
+            .when([target.fence.holds()])
+            .and_then(ops.clone());
+        let error = match tokio::time::timeout_at(until, kv.txn(txn)).await {
+            Ok(Ok(reply)) if reply.succeeded() => return Ok(()),
+            Ok(Ok(_)) => {
+                return Err(format!(
+                    "etcd refused the write: this replica no longer leads (leader key {} is gone or is another replica's)",
+                    target.fence.key
+                ));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".into(),
+        };
+        if tokio::time::Instant::now() + pause >= until {
+            return Err(format!(
+                "etcd write failed for {:?} ({error}): its outcome is unknown",
+                target.write_timeout
+            ));
+        }
+        tracing::warn!(%error, "etcd write failed; sending it again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 

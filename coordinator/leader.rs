@@ -230,7 +230,9 @@ fn margin(ttl: Duration) -> Duration {
     ttl - ttl / 10
 }
 
-/// Renews the lease every third of its TTL until it cannot, then reports why.
+/// Renews the lease every third of its TTL until it cannot, then reports why. A failed renewal
+/// (an etcd member died under the stream, say) is tried again after [`RETRY`] on a fresh stream,
+/// which the client may open to another member, as long as the lease lasts.
 async fn renew(
     client: Client,
     lease: i64,
@@ -238,30 +240,33 @@ async fn renew(
     check: LeaseCheck,
     depose: watch::Sender<Option<String>>,
 ) {
+    const RETRY: Duration = Duration::from_millis(100);
     let mut lease_client = client.lease_client();
     let mut channel = None;
+    let mut next = tokio::time::Instant::now() + ttl / 3;
     loop {
-        tokio::time::sleep(ttl / 3).await;
+        tokio::time::sleep_until(next).await;
         if !check.valid() {
             depose.send_replace(Some(format!(
                 "the leader lease was not renewed within {ttl:?} (etcd unreachable, or this process was paused)"
             )));
             return;
         }
-        if channel.is_none() {
-            channel = lease_client.keep_alive(lease).await.ok();
-        }
-        let Some((keeper, stream)) = channel.as_mut() else {
-            continue;
-        };
         let sent = Instant::now();
-        let renewed = tokio::time::timeout(ttl / 3, async {
+        let renewed = tokio::time::timeout(ttl / 4, async {
+            if channel.is_none() {
+                channel = Some(lease_client.keep_alive(lease).await?);
+            }
+            let (keeper, stream) = channel.as_mut().expect("opened above");
             keeper.keep_alive().await?;
             stream.message().await
         })
         .await;
         match renewed {
-            Ok(Ok(Some(reply))) if reply.ttl() > 0 => check.extend(sent + margin(ttl)),
+            Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
+                check.extend(sent + margin(ttl));
+                next = tokio::time::Instant::now() + ttl / 3;
+            }
             Ok(Ok(Some(_))) => {
                 depose.send_replace(Some("etcd says the leader lease has expired".into()));
                 return;
@@ -269,6 +274,7 @@ async fn renew(
             other => {
                 tracing::warn!(outcome = ?other.map(|r| r.map(|_| ())), "leader lease renewal failed; retrying");
                 channel = None;
+                next = tokio::time::Instant::now() + RETRY;
             }
         }
     }

@@ -10,6 +10,7 @@
 
 use super::etcd_log::{EtcdLog, EtcdTarget};
 use super::leader::{Candidacy, Election};
+use super::log::LogError;
 use super::standby::{Gate, Standby};
 use super::{Config, Coordinator, EtcdConfig, drain, service, start_background};
 use crate::proto::coordinator_server::CoordinatorServer;
@@ -30,9 +31,11 @@ pub async fn run(
     etcd: EtcdConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Short per request: a request stuck on a member that just died must give up soon enough
+    // to be sent again (to another member) well within a lease.
     let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(etcd.lease_ttl.max(Duration::from_secs(2)))
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout((etcd.lease_ttl / 4).max(Duration::from_millis(250)))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
     let client = etcd_client::Client::connect(&etcd.endpoints, Some(options))
         .await
@@ -105,7 +108,18 @@ pub async fn run(
         fence: leadership.fence.clone(),
         write_timeout: etcd.lease_ttl.max(Duration::from_secs(2)),
     };
-    let (log, id) = EtcdLog::open(target, config.id.as_deref()).await?;
+    // A read that hit an etcd member that is down fails fast; another may answer. Try again
+    // while the lease lasts, rather than give the lead up over one member.
+    let (log, id) = loop {
+        match EtcdLog::open(target.clone(), config.id.as_deref()).await {
+            Ok(opened) => break opened,
+            Err(LogError::Etcd(why)) if leadership.check().valid() => {
+                tracing::warn!(%why, "cannot load the decision log from etcd yet; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let core = Coordinator::new(
         id,
         log,

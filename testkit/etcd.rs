@@ -86,6 +86,31 @@ impl EtcdCluster {
         self.endpoints().join(",")
     }
 
+    /// The index of a live member that is not etcd's raft leader (killing it costs no
+    /// election), asked of each member's status over etcd's JSON gateway.
+    pub fn a_follower(&self) -> Result<usize> {
+        let mut leader = None;
+        let mut ids = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if m.process.is_none() {
+                continue;
+            }
+            let status = post(m.client_port, "/v3/maintenance/status", "{}")?;
+            let status: serde_json::Value = serde_json::from_str(&status)
+                .with_context(|| format!("etcd status of {}: {status}", m.name))?;
+            let id = status["header"]["member_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            leader = status["leader"].as_str().map(str::to_string).or(leader);
+            ids.push((i, id));
+        }
+        ids.into_iter()
+            .find(|(_, id)| Some(id) != leader.as_ref())
+            .map(|(i, _)| i)
+            .context("no live etcd member is a follower")
+    }
+
     /// Kills member `i` at once (SIGKILL), as a machine dying would.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].process.take() {
@@ -203,6 +228,22 @@ fn healthy(port: u16) -> bool {
     let mut reply = String::new();
     let _ = stream.read_to_string(&mut reply);
     reply.contains("\"health\":\"true\"")
+}
+
+/// A POST to a member's client port, returning the body.
+fn post(port: u16, path: &str, body: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string()))
 }
 
 fn which_etcd() -> Result<PathBuf> {
