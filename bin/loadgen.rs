@@ -41,7 +41,7 @@ use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
 use twopc::testkit::cluster::{PgCluster, Settings};
-use twopc::testkit::{TestPki, TestTokens};
+use twopc::testkit::{EtcdCluster, TestPki, TestTokens};
 use twopc::{coordinator, participant};
 
 /// Measures global transactions per second through twopc.
@@ -97,6 +97,10 @@ enum System {
     HandRolled,
     Plain,
     CoordinatorOnly,
+    /// `twopc` with the decision log on a three-member etcd (docs/HA.md) instead of sled.
+    TwopcEtcd,
+    /// `coordinator-only` with the decision log on etcd.
+    CoordinatorOnlyEtcd,
 }
 
 impl System {
@@ -106,7 +110,13 @@ impl System {
             System::HandRolled => "hand-rolled",
             System::Plain => "plain",
             System::CoordinatorOnly => "coordinator-only",
+            System::TwopcEtcd => "twopc-etcd",
+            System::CoordinatorOnlyEtcd => "coordinator-only-etcd",
         }
+    }
+
+    fn on_etcd(self) -> bool {
+        matches!(self, System::TwopcEtcd | System::CoordinatorOnlyEtcd)
     }
 }
 
@@ -403,6 +413,9 @@ struct RunResult {
 struct Targets {
     twopc: Arc<Target>,
     coordinator_only: Arc<Target>,
+    /// The same two on the etcd log, when a system asks for them.
+    twopc_etcd: Option<Arc<Target>>,
+    coordinator_only_etcd: Option<Arc<Target>>,
     /// Connection strings of the databases, for the systems without twopc.
     databases: Vec<String>,
 }
@@ -427,6 +440,10 @@ async fn run(
         .map(|_| {
             let target = match system {
                 System::CoordinatorOnly => Arc::clone(&targets.coordinator_only),
+                System::TwopcEtcd => Arc::clone(targets.twopc_etcd.as_ref().expect("started")),
+                System::CoordinatorOnlyEtcd => {
+                    Arc::clone(targets.coordinator_only_etcd.as_ref().expect("started"))
+                }
                 _ => Arc::clone(&targets.twopc),
             };
             let own = direct.next();
@@ -479,12 +496,20 @@ async fn start_coordinator(
     id: &str,
     args: &Args,
     (tls, auth): (Tls, Auth),
+    etcd: Option<&EtcdCluster>,
 ) -> Result<std::net::SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let etcd = etcd.map(|cluster| coordinator::EtcdConfig {
+        endpoints: cluster.endpoints(),
+        prefix: format!("/twopc/{id}/"),
+        lease_ttl: Duration::from_secs(2),
+        advertise: format!("{}://{addr}", tls.scheme()),
+    });
+    let on_etcd = etcd.is_some();
     let config = coordinator::Config {
         data_dir: dir.to_path_buf(),
-        etcd: None,
+        etcd,
         id: Some(id.into()),
         limits: coordinator::Limits {
             one_phase: args.one_phase,
@@ -497,7 +522,89 @@ async fn start_coordinator(
         auth,
     };
     tokio::spawn(coordinator::run(listener, config, std::future::pending()));
+    if on_etcd {
+        // A replica serves at once, as a standby; measure only once it leads.
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let serving = tonic_health::ServingStatus::Serving as i32;
+        for _ in 0..200 {
+            let asked = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "twopc.v1.Coordinator".into(),
+                })
+                .await;
+            if asked.is_ok_and(|r| r.into_inner().status == serving) {
+                return Ok(addr);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the coordinator on etcd did not lead within 20 s");
+    }
     Ok(addr)
+}
+
+/// The `twopc` system: a coordinator (on sled, or on `etcd`) and a participant per database.
+async fn start_twopc(
+    dir: &std::path::Path,
+    id: &str,
+    args: &Args,
+    pgs: &[PgCluster; 2],
+    security: &dyn Fn(&str) -> Result<(Tls, Auth)>,
+    etcd: Option<&EtcdCluster>,
+) -> Result<(std::net::SocketAddr, Vec<std::net::SocketAddr>)> {
+    let scheme = if args.secure { "https" } else { "http" };
+    let caddr = start_coordinator(&dir.join(id), id, args, security("coordinator")?, etcd).await?;
+    let mut paddrs = Vec::new();
+    for (i, pg) in pgs.iter().enumerate() {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        paddrs.push(l.local_addr()?);
+        let (tls, auth) = security(&format!("p{}", i + 1))?;
+        let config = participant::Config {
+            id: format!("p{}", i + 1),
+            coordinator: format!("{scheme}://{caddr}"),
+            advertise: None,
+            postgres: pg.conn_str(),
+            max_connections: 64,
+            resolve_interval: Duration::from_secs(5),
+            one_phase: true,
+            allow_superuser: false,
+            limits: Default::default(),
+            tls,
+            auth,
+        };
+        tokio::spawn(participant::run(l, config, std::future::pending()));
+    }
+    Ok((caddr, paddrs))
+}
+
+/// The `coordinator-only` system: a coordinator whose participants vote at once, over an
+/// in-memory database.
+async fn start_coordinator_only(
+    dir: &std::path::Path,
+    id: &str,
+    args: &Args,
+    etcd: Option<&EtcdCluster>,
+) -> Result<(std::net::SocketAddr, Vec<std::net::SocketAddr>)> {
+    let plaintext = Default::default();
+    let caddr = start_coordinator(&dir.join(id), id, args, plaintext, etcd).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let mut paddrs = Vec::new();
+    for i in 0..2 {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        paddrs.push(addr);
+        let core = participant::Participant::new(
+            format!("mem{}", i + 1),
+            format!("http://{addr}"),
+            FakeDatabase::default(),
+            GrpcCoordinator::new(channel.clone().into(), Default::default()),
+        );
+        tokio::spawn(participant::serve(l, core, std::future::pending()));
+    }
+    Ok((caddr, paddrs))
 }
 
 /// A process's resident memory in MiB, from /proc.
@@ -609,8 +716,7 @@ fn main() -> Result<()> {
             None => Default::default(),
         })
     };
-    let scheme = if args.secure { "https" } else { "http" };
-    let (caddr, paddrs) = servers.block_on(async {
+    servers.block_on(async {
         for pg in &pgs {
             pg.client()
                 .await?
@@ -620,54 +726,50 @@ fn main() -> Result<()> {
                 ))
                 .await?;
         }
-        let caddr =
-            start_coordinator(data_dir.path(), "load", &args, security("coordinator")?).await?;
-        let mut paddrs = Vec::new();
-        for (i, pg) in pgs.iter().enumerate() {
-            let l = TcpListener::bind("127.0.0.1:0").await?;
-            paddrs.push(l.local_addr()?);
-            let (tls, auth) = security(&format!("p{}", i + 1))?;
-            let config = participant::Config {
-                id: format!("p{}", i + 1),
-                coordinator: format!("{scheme}://{caddr}"),
-                advertise: None,
-                postgres: pg.conn_str(),
-                max_connections: 64,
-                resolve_interval: Duration::from_secs(5),
-                one_phase: true,
-                allow_superuser: false,
-                limits: Default::default(),
-                tls,
-                auth,
-            };
-            tokio::spawn(participant::run(l, config, std::future::pending()));
-        }
-        Ok::<_, anyhow::Error>((caddr, paddrs))
+        Ok::<_, anyhow::Error>(())
     })?;
+    // The etcd systems' log: three members on this machine, fsync on, as the HA setup.
+    let etcd = match args.systems.iter().any(|s| s.on_etcd()) {
+        true => Some(EtcdCluster::start(3)?),
+        false => None,
+    };
+    let (caddr, paddrs) = servers.block_on(start_twopc(
+        data_dir.path(),
+        "load",
+        &args,
+        &pgs,
+        &security,
+        None,
+    ))?;
+    let twopc_etcd = match &etcd {
+        Some(etcd) => Some(servers.block_on(start_twopc(
+            data_dir.path(),
+            "load-e",
+            &args,
+            &pgs,
+            &security,
+            Some(etcd),
+        ))?),
+        None => None,
+    };
 
     // Coordinator-only: a second coordinator, with participants over an in-memory database.
     let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
-    let (fast_caddr, fast_paddrs) = servers.block_on(async {
-        let plaintext = Default::default();
-        let caddr = start_coordinator(fast_dir.path(), "load-c", &args, plaintext).await?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let mut paddrs = Vec::new();
-        for i in 0..2 {
-            let l = TcpListener::bind("127.0.0.1:0").await?;
-            let addr = l.local_addr()?;
-            paddrs.push(addr);
-            let core = participant::Participant::new(
-                format!("mem{}", i + 1),
-                format!("http://{addr}"),
-                FakeDatabase::default(),
-                GrpcCoordinator::new(channel.clone().into(), Default::default()),
-            );
-            tokio::spawn(participant::serve(l, core, std::future::pending()));
-        }
-        Ok::<_, anyhow::Error>((caddr, paddrs))
-    })?;
+    let (fast_caddr, fast_paddrs) = servers.block_on(start_coordinator_only(
+        fast_dir.path(),
+        "load-c",
+        &args,
+        None,
+    ))?;
+    let fast_etcd = match &etcd {
+        Some(etcd) => Some(servers.block_on(start_coordinator_only(
+            fast_dir.path(),
+            "load-ce",
+            &args,
+            Some(etcd),
+        ))?),
+        None => None,
+    };
 
     let (client_tls, client_bearer) = match &secure {
         Some((pki, tokens)) => (pki.tls("loadgen")?, Bearer::new(Some(&tokens.client))),
@@ -696,8 +798,18 @@ fn main() -> Result<()> {
     };
     let targets = clients.block_on(async {
         Ok::<_, anyhow::Error>(Targets {
-            twopc: connect(caddr, paddrs, (client_tls, client_bearer)).await?,
-            coordinator_only: connect(fast_caddr, fast_paddrs, plain).await?,
+            twopc: connect(caddr, paddrs, (client_tls.clone(), client_bearer.clone())).await?,
+            coordinator_only: connect(fast_caddr, fast_paddrs, plain.clone()).await?,
+            twopc_etcd: match twopc_etcd {
+                Some((c, p)) => {
+                    Some(connect(c, p, (client_tls.clone(), client_bearer.clone())).await?)
+                }
+                None => None,
+            },
+            coordinator_only_etcd: match fast_etcd {
+                Some((c, p)) => Some(connect(c, p, plain.clone()).await?),
+                None => None,
+            },
             databases: pgs.iter().map(|pg| pg.conn_str()).collect(),
         })
     })?;
@@ -825,7 +937,12 @@ fn main() -> Result<()> {
                     (Some(t), Some(h)) if matches!(system, System::Twopc | System::HandRolled) => {
                         format!("{:.2}", t / h)
                     }
-                    _ => String::new(),
+                    _ => match (tps.get(&System::TwopcEtcd), tps.get(&System::HandRolled)) {
+                        (Some(t), Some(h)) if system == System::TwopcEtcd => {
+                            format!("{:.2}", t / h)
+                        }
+                        _ => String::new(),
+                    },
                 };
                 println!(
                     "{:<17} {:<8} {:<9} {:>9.0} {:>9.2} {:>9.2} {:>9.1} {:>7} {:>14}",

@@ -193,9 +193,11 @@ impl EtcdLog {
         Ok((EtcdLog { shared, writer }, id))
     }
 
-    fn txn_key(&self, id: TxnId) -> String {
-        format!("txns/{id}")
-    }
+}
+
+/// A transaction's key, relative to the prefix.
+fn txn_key(id: TxnId) -> String {
+    format!("txns/{id}")
 }
 
 impl Drop for EtcdLog {
@@ -328,7 +330,7 @@ async fn write(
 impl Log for EtcdLog {
     fn put(&self, txn: &Txn) -> Result<(), LogError> {
         let value = serde_json::to_vec(txn).expect("a Txn always serialises");
-        let key = self.txn_key(txn.id);
+        let key = txn_key(txn.id);
         let mut mirror = self.shared.mirror.lock().unwrap();
         mirror.txns.insert(txn.id, txn.clone());
         mirror.queue(key, Some(value));
@@ -359,15 +361,11 @@ impl Log for EtcdLog {
     }
 
     fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
-        let mirror = self.shared.mirror.lock().unwrap();
-        Ok(mirror
-            .txns
-            .values()
-            .rev()
-            .filter(|t| keep(t))
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(super::log::newest_in(
+            &self.shared.mirror.lock().unwrap().txns,
+            limit,
+            keep,
+        ))
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
@@ -404,7 +402,7 @@ impl Log for EtcdLog {
             .collect();
         for id in &gone {
             mirror.txns.remove(id);
-            mirror.queue(format!("txns/{id}"), None);
+            mirror.queue(txn_key(*id), None);
         }
         drop(mirror);
         self.shared.wake.notify_one();

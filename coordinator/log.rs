@@ -97,6 +97,20 @@ fn is_locked(e: &sled::Error) -> bool {
         || io.to_string().contains("could not acquire lock"))
 }
 
+/// `Log::newest` of a log held in memory, keyed (and so ordered) by txn id.
+pub(super) fn newest_in(
+    txns: &BTreeMap<TxnId, Txn>,
+    limit: usize,
+    keep: &dyn Fn(&Txn) -> bool,
+) -> Vec<Txn> {
+    txns.values()
+        .rev()
+        .filter(|t| keep(t))
+        .take(limit)
+        .cloned()
+        .collect()
+}
+
 /// Whether a record may go: see `Log::prune`.
 pub(super) fn prunable(txn: &Txn, before_ms: i64) -> bool {
     txn.state.is_final() && !txn.forced && txn.finished_ms < before_ms
@@ -358,15 +372,7 @@ impl Log for MemLog {
     }
 
     fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
-        let inner = self.inner.lock().unwrap();
-        Ok(inner
-            .written
-            .values()
-            .rev()
-            .filter(|t| keep(t))
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(newest_in(&self.inner.lock().unwrap().written, limit, keep))
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {

@@ -75,6 +75,10 @@ pub struct Config {
     pub auth: Auth,
 }
 
+/// The exit status of a replica that lost the lead (docs/HA.md): not a crash; its supervisor
+/// should start it again, as a standby.
+pub const EXIT_DEPOSED: i32 = 75;
+
 /// Where a replicated coordinator keeps its log and elects its leader (docs/HA.md).
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
@@ -108,6 +112,13 @@ pub async fn run(
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
     let (log, id) = SledLog::open(&config.data_dir, config.id.as_deref())?;
+    let core = start_core(id, log, &config)?;
+    tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
+    serve(listener, core, &config, shutdown).await
+}
+
+/// The coordinator on an open log: recovered, with its periodic work running, ready to serve.
+fn start_core<L: Log>(id: String, log: L, config: &Config) -> anyhow::Result<Arc<Coordinator<L>>> {
     let core = Coordinator::new(
         id,
         log,
@@ -118,8 +129,7 @@ pub async fn run(
     // Before serving: a Begin must not race the log's unfinished transactions.
     core.recover()?;
     start_background(&core, &config.limits);
-    tracing::info!(coordinator_id = core.id(), addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "coordinator serving");
-    serve(listener, core, &config, shutdown).await
+    Ok(core)
 }
 
 /// The coordinator's own periodic work, once its log is open and recovered.

@@ -12,16 +12,16 @@ use super::etcd_log::{EtcdLog, EtcdTarget};
 use super::leader::{Candidacy, Election};
 use super::log::LogError;
 use super::standby::{Gate, Standby};
-use super::{Config, Coordinator, EtcdConfig, drain, service, start_background};
+use super::{Config, Coordinator, EXIT_DEPOSED, EtcdConfig, drain, service, start_core};
 use crate::proto::coordinator_server::CoordinatorServer;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
-/// The exit status of a replica that lost the lead: not a crash, a supervisor should restart it.
-pub const EXIT_DEPOSED: i32 = 75;
 
 /// Campaigns, leads, and serves on `listener` until `shutdown` completes (or the lead is lost,
 /// which ends the process).
@@ -57,15 +57,7 @@ pub async fn run(
         why: "campaigning".into(),
     }));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status(
-            crate::proto::coordinator_server::SERVICE_NAME,
-            tonic_health::ServingStatus::NotServing,
-        )
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    set_health(&health_reporter, ServingStatus::NotServing).await;
 
     // The server runs from the start, beside the campaign and then the term; it ends once
     // `shutdown` completes and a term's transactions are drained.
@@ -76,9 +68,7 @@ pub async fn run(
         let health_reporter = health_reporter.clone();
         async move {
             shutdown.await;
-            health_reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            set_health(&health_reporter, ServingStatus::NotServing).await;
             // A term that started wants its transactions drained; `leading` says so.
             let core: Option<Arc<Coordinator<EtcdLog>>> = leading.borrow_and_update().clone();
             if let Some(core) = core {
@@ -120,29 +110,13 @@ pub async fn run(
             Err(e) => return Err(e.into()),
         }
     };
-    let core = Coordinator::new(
-        id,
-        log,
-        config.limits.clone(),
-        config.tls.clone(),
-        config.auth.bearer(),
-    )?;
-    core.recover()?;
-    start_background(&core, &config.limits);
+    let core = start_core(id, log, &config)?;
     leading_tx.send_replace(Some(Arc::clone(&core)));
     gate.send_replace(Gate::Leading {
         service: CoordinatorServer::new(service::Service::new(Arc::clone(&core))),
         lease: leadership.check(),
     });
-    health_reporter
-        .set_service_status(
-            crate::proto::coordinator_server::SERVICE_NAME,
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    set_health(&health_reporter, ServingStatus::Serving).await;
     tracing::info!(coordinator_id = core.id(), advertise = %etcd.advertise, prefix = %etcd.prefix, "coordinator replica leads and serves");
 
     tokio::select! {
@@ -157,4 +131,12 @@ pub async fn run(
     // Shut down cleanly: hand the lead over now rather than after the lease's TTL.
     leadership.resign().await;
     Ok(())
+}
+
+/// Health as load balancers read it: only the leader is SERVING, as a whole and as a
+/// Coordinator.
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for service in ["", crate::proto::coordinator_server::SERVICE_NAME] {
+        reporter.set_service_status(service, status).await;
+    }
 }

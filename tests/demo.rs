@@ -1,4 +1,5 @@
-//! README's main job, `bash scripts/demo`, end to end: the bank demo and, with `--services`,
+//! README's main job, `bash scripts/demo`, end to end: the bank demo, the coordinator replicas on
+//! etcd with the leader killed (`--ha`) and, with `--services`,
 //! the services that embed their participant. Each demo checks every scene itself (balances,
 //! audit records, nothing left prepared) and exits non-zero on any surprise. `--services`
 //! crashes a service at a named failpoint, so this needs the `testing` feature and the
@@ -45,4 +46,17 @@ fn the_services_demo_commits_aborts_everywhere_and_recovers_a_crashed_service() 
         out.contains("prepared transactions left in PostgreSQL: 0"),
         "{out}"
     );
+}
+
+#[test]
+fn the_ha_demo_keeps_committing_through_the_leaders_death() {
+    let out = demo(&["--ha"]);
+
+    assert!(out.contains("took over"), "{out}");
+    assert!(
+        out.contains("first transfer committed through the new leader"),
+        "{out}"
+    );
+    assert!(out.contains("conserved"), "{out}");
+    assert!(out.contains("east 0, west 0"), "{out}");
 }

@@ -69,6 +69,11 @@ struct Args {
     /// binary.
     #[arg(long)]
     embedded: bool,
+    /// Three coordinator replicas on a three-member etcd (`--log etcd`, docs/HA.md) instead of
+    /// one coordinator on sled: `coordinator::*` failpoints fire in the leader and another
+    /// replica recovers; the soak also kills replicas and etcd members.
+    #[arg(long)]
+    ha: bool,
 }
 
 /// How long a failpoint may take to fire under load.
@@ -218,12 +223,12 @@ async fn run(
         true => Deployment::Embedded,
         false => Deployment::Standalone,
     };
-    let sys = System::launch(dir, args.secure, deployment).await?;
+    let sys = System::launch(dir, args.secure, deployment, args.ha).await?;
     let clients = Clients::new(&sys)?;
     clients.open_accounts().await?;
     println!(
         "crashtest: system up: coordinator {}, participants {}, PostgreSQL ports {}",
-        sys.url(Role::Coordinator),
+        sys.coordinator_urls(),
         (0..DATABASES)
             .map(|i| sys.url(Role::Participant(i)))
             .collect::<Vec<_>>()
@@ -305,7 +310,14 @@ impl Harness {
             } else {
                 None
             };
-            if let Some(status) = status {
+            if let Some(status) = status
+                && self.stepped_down(role, &status)
+            {
+                self.sys.timeline.note(&format!(
+                    "{} stepped down ({status}): its lease or its etcd write failed",
+                    role.name()
+                ));
+            } else if let Some(status) = status {
                 violations.push(Violation {
                     kind: "crash",
                     txn: None,
@@ -321,6 +333,17 @@ impl Harness {
             }
         }
         Ok(())
+    }
+
+    /// With `--ha`, a replica that lost its lease exits 75, and one whose etcd write failed
+    /// aborts saying so: what the design asks of it when etcd members die, not a finding.
+    fn stepped_down(&self, role: Role, status: &std::process::ExitStatus) -> bool {
+        if !(role.is_coordinator() && self.sys.etcd.is_some()) {
+            return false;
+        }
+        let log = self.sys.proc(role).run_log();
+        status.code() == Some(twopc::coordinator::EXIT_DEPOSED)
+            || (system::is_abort(status) && log.contains("decision log on etcd"))
     }
 
     /// Settles, checks, and returns (recovery time from `since`, new violations).
@@ -401,7 +424,12 @@ impl Harness {
         let held_down = (name == "coordinator::rollback_abandoned").then_some(Role::Participant(0));
         let mut hit = None;
         let mut workload = None;
-        match self.sys.start(role, Some(&spec)).await? {
+        let mut started = self.sys.start(role, Some(&spec)).await?;
+        if matches!(started, Started::Ready) && role == Role::Coordinator && self.sys.etcd.is_some()
+        {
+            started = self.lead_with(role).await?;
+        }
+        match started {
             Started::Died(status) => hit = Some((status, Duration::ZERO)),
             Started::Ready => {
                 // The detector's failpoint needs deadlocks: every transfer on the hot accounts.
@@ -502,6 +530,38 @@ impl Harness {
         Ok(row)
     }
 
+    /// With `--ha`: makes `role` (armed with a failpoint) the leader, by stopping the other
+    /// replicas (a clean stop hands the lead over at once) until it leads, then starting them
+    /// again as standbys. It may die at its failpoint while recovering as the new leader.
+    async fn lead_with(&mut self, role: Role) -> Result<Started> {
+        let others: Vec<Role> = self
+            .sys
+            .coordinator_roles()
+            .into_iter()
+            .filter(|r| *r != role)
+            .collect();
+        for other in &others {
+            self.sys.stop(*other).await;
+        }
+        let until = Instant::now() + HIT_TIMEOUT;
+        let outcome = loop {
+            if let Some(status) = self.sys.exited(role) {
+                break Started::Died(status);
+            }
+            if self.sys.leader().await == Some(role) {
+                break Started::Ready;
+            }
+            if Instant::now() > until {
+                bail!("{} did not take the lead within {HIT_TIMEOUT:?}", role.name());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for other in others {
+            self.sys.start(other, None).await?;
+        }
+        Ok(outcome)
+    }
+
     /// Random crashes until `duration` has passed, with a check every ~30 s and at the end.
     async fn soak(&mut self, duration: Duration) -> Result<()> {
         let soak_start = Instant::now();
@@ -544,12 +604,22 @@ impl Harness {
                 // A process that died by itself is a finding; bring it back before the next.
                 self.revive_the_dead(&mut violations).await?;
                 let down = Duration::from_millis(self.rng.random_range(0..=2000));
-                match self.rng.random_range(0..3) {
+                let choices = if self.sys.etcd.is_some() { 4 } else { 3 };
+                match self.rng.random_range(0..choices) {
                     0 => {
-                        self.sys.kill(Role::Coordinator);
+                        let replicas = self.sys.coordinator_roles();
+                        let role = replicas[self.rng.random_range(0..replicas.len())];
+                        self.sys.kill(role);
                         tokio::time::sleep(down).await;
-                        self.sys.start(Role::Coordinator, None).await?;
-                        what.push("coordinator".to_string());
+                        self.sys.start(role, None).await?;
+                        what.push(role.name());
+                    }
+                    3 => {
+                        let member = self.rng.random_range(0..3);
+                        self.sys.etcd_kill(member);
+                        tokio::time::sleep(down).await;
+                        self.sys.etcd_restart(member)?;
+                        what.push(format!("etcd{member}"));
                     }
                     1 => {
                         let role = Role::Participant(self.rng.random_range(0..DATABASES));

@@ -1,5 +1,5 @@
 //! The system under test, as separate OS processes: three throwaway PostgreSQL clusters, one
-//! `coordinator` and, per database, a `participant` or (`--embedded`) a `ledger` service with
+//! `coordinator` (with `--ha`, three replicas of it on a three-member etcd) and, per database, a `participant` or (`--embedded`) a `ledger` service with
 //! the participant inside it, all on loopback, on ports fixed at start so a restarted process
 //! comes back where the others expect it.
 //!
@@ -21,7 +21,7 @@ use tonic_health::pb::health_client::HealthClient;
 use twopc::process::auth::Bearer;
 use twopc::process::tls::Tls;
 use twopc::testkit::cluster::PgCluster;
-use twopc::testkit::{TestPki, TestTokens};
+use twopc::testkit::{EtcdCluster, TestPki, TestTokens};
 
 /// The coordinator's `--rollback-retry-for-ms` here.
 pub const ROLLBACK_RETRY_FOR_MS: u64 = 1500;
@@ -49,17 +49,29 @@ pub enum Deployment {
 /// Which process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// The coordinator; with `--ha`, replica 0, the one `coordinator::*` failpoints are armed in.
     Coordinator,
     /// Participant of database `i` (0-based; its id is `p{i+1}`).
     Participant(usize),
+    /// With `--ha`: coordinator replica `r` (1 or 2).
+    Replica(usize),
 }
+
+/// Coordinator replicas with `--ha`: `Role::Coordinator` and `Role::Replica(1..REPLICAS)`.
+pub const REPLICAS: usize = 3;
 
 impl Role {
     pub fn name(self) -> String {
         match self {
             Role::Coordinator => "coordinator".into(),
             Role::Participant(i) => format!("p{}", i + 1),
+            Role::Replica(r) => format!("coordinator-{r}"),
         }
+    }
+
+    /// A coordinator process: the only one, or a replica of one.
+    pub fn is_coordinator(self) -> bool {
+        matches!(self, Role::Coordinator | Role::Replica(_))
     }
 
     /// The process a failpoint lives in: `coordinator::*` in the coordinator, `participant::*`
@@ -76,6 +88,7 @@ impl Role {
         match self {
             Role::Coordinator => 0,
             Role::Participant(i) => i + 1,
+            Role::Replica(r) => DATABASES + r,
         }
     }
 }
@@ -226,8 +239,10 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Whether a gRPC server at `url` answers its health check with SERVING.
-async fn serving(tls: &Tls, url: &str) -> bool {
+/// Whether a gRPC server at `url` answers its health check with SERVING (for `service`, ""
+/// being the whole server); `standby`: with any status at all, as a replica that does not lead
+/// answers NOT_SERVING.
+async fn serving(tls: &Tls, url: &str, service: &str, standby: bool) -> bool {
     let Ok(endpoint) = tls.endpoint(url) else {
         return false;
     };
@@ -240,12 +255,35 @@ async fn serving(tls: &Tls, url: &str) -> bool {
     };
     let mut client = HealthClient::new(channel);
     let check = client.check(HealthCheckRequest {
-        service: String::new(),
+        service: service.into(),
     });
     matches!(
         tokio::time::timeout(Duration::from_secs(2), check).await,
-        Ok(Ok(resp)) if resp.get_ref().status() == ServingStatus::Serving
+        Ok(Ok(resp)) if standby || resp.get_ref().status() == ServingStatus::Serving
     )
+}
+
+/// Every coordinator's flags besides where it listens and logs.
+fn coordinator_flags() -> Vec<String> {
+    [
+        "--id",
+        "crash",
+        "--default-timeout-ms",
+        "5000",
+        "--prepare-timeout-ms",
+        "3000",
+        "--commit-wait-ms",
+        "2000",
+        "--orphan-scan-interval-ms",
+        "2000",
+        // Short, so that a participant killed for a while has rollbacks abandoned to presumed
+        // abort, in the soak as in the scenario that waits for it.
+        "--rollback-retry-for-ms",
+    ]
+    .iter()
+    .map(|f| f.to_string())
+    .chain([ROLLBACK_RETRY_FOR_MS.to_string()])
+    .collect()
 }
 
 /// Whether an exit status is the SIGABRT a fired failpoint ends a process with.
@@ -265,6 +303,9 @@ pub struct System {
     /// transactions and lists them.
     pub bearer: Bearer,
     pub deployment: Deployment,
+    /// With `--ha`: the etcd cluster the coordinator replicas keep their log on. After
+    /// `procs`, so the replicas die before it does.
+    pub etcd: Option<EtcdCluster>,
     /// With `--secure`: the certificates and token files the processes read.
     _secure: Option<(TestPki, TestTokens)>,
 }
@@ -272,7 +313,12 @@ pub struct System {
 impl System {
     /// Starts the clusters, creates the schema, and starts every process; with `secure`, every
     /// connection over mutual TLS and every call with a token.
-    pub async fn launch(dir: &Path, secure: bool, deployment: Deployment) -> Result<System> {
+    pub async fn launch(
+        dir: &Path,
+        secure: bool,
+        deployment: Deployment,
+        ha: bool,
+    ) -> Result<System> {
         if secure && deployment == Deployment::Embedded {
             bail!("--secure is not supported with --embedded: the ledger example serves plaintext");
         }
@@ -329,41 +375,67 @@ impl System {
                 .context("creating the schema")?;
         }
 
-        let coordinator_port = free_port()?;
-        let coordinator_url = format!("{scheme}://127.0.0.1:{coordinator_port}");
-        let data_dir = dir.join("coordinator-data");
-        let mut procs = vec![Proc {
-            name: Role::Coordinator.name(),
-            program: coordinator_bin,
-            args: vec![
-                "--listen".into(),
-                format!("127.0.0.1:{coordinator_port}"),
-                "--data-dir".into(),
-                data_dir.display().to_string(),
-                "--id".into(),
-                "crash".into(),
-                "--default-timeout-ms".into(),
-                "5000".into(),
-                "--prepare-timeout-ms".into(),
-                "3000".into(),
-                "--commit-wait-ms".into(),
-                "2000".into(),
-                "--orphan-scan-interval-ms".into(),
-                "2000".into(),
-                // Short, so that a participant killed for a while has rollbacks abandoned to
-                // presumed abort, in the soak as in the scenario that waits for it.
-                "--rollback-retry-for-ms".into(),
-                ROLLBACK_RETRY_FOR_MS.to_string(),
+        let etcd = match ha {
+            true => Some(tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await??),
+            false => None,
+        };
+        let replicas: Vec<Role> = match ha {
+            true => std::iter::once(Role::Coordinator)
+                .chain((1..REPLICAS).map(Role::Replica))
+                .collect(),
+            false => vec![Role::Coordinator],
+        };
+        let coordinator_ports = replicas
+            .iter()
+            .map(|_| free_port())
+            .collect::<Result<Vec<u16>>>()?;
+        let coordinator_url = coordinator_ports
+            .iter()
+            .map(|port| format!("{scheme}://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        // With --ha, every replica on the same etcd prefix and id: one coordinator.
+        let log_args: Vec<String> = match &etcd {
+            Some(etcd) => [
+                "--log",
+                "etcd",
+                "--etcd-endpoints",
+                &etcd.endpoints_flag(),
+                "--etcd-prefix",
+                "/twopc/crash/",
+                "--lease-ms",
+                "2000",
             ]
-            .into_iter()
-            .chain(security_args("coordinator")?)
+            .iter()
+            .map(|a| a.to_string())
             .collect(),
-            log_path: dir.join("coordinator.log"),
-            port: coordinator_port,
-            child: None,
-            run_offset: 0,
-            scan_offset: 0,
-        }];
+            None => Vec::new(),
+        };
+        let mut coordinators = Vec::new();
+        for (role, port) in replicas.iter().zip(&coordinator_ports) {
+            coordinators.push(Proc {
+                name: role.name(),
+                program: coordinator_bin.clone(),
+                args: [
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--data-dir".into(),
+                    dir.join(format!("{}-data", role.name())).display().to_string(),
+                ]
+                .into_iter()
+                .chain(log_args.iter().cloned())
+                .chain(coordinator_flags())
+                .chain(security_args("coordinator")?)
+                .collect(),
+                log_path: dir.join(format!("{}.log", role.name())),
+                port: *port,
+                child: None,
+                run_offset: 0,
+                scan_offset: 0,
+            });
+        }
+        let mut coordinators = coordinators.into_iter();
+        let mut procs = vec![coordinators.next().expect("replica 0")];
         for (i, pg) in pgs.iter().enumerate() {
             let role = Role::Participant(i);
             let port = free_port()?;
@@ -395,6 +467,8 @@ impl System {
                 scan_offset: 0,
             });
         }
+        // Replicas 1.. after the participants, at `Role::index`.
+        procs.extend(coordinators);
         let (tls, bearer) = match &secure {
             Some((pki, tokens)) => (pki.tls("crashtest")?, Bearer::new(Some(&tokens.operator))),
             None => Default::default(),
@@ -406,19 +480,89 @@ impl System {
             tls,
             bearer,
             deployment,
+            etcd,
             _secure: secure,
         };
         sys.timeline.note("clusters up, schema created");
         for role in sys.roles() {
             sys.start(role, None).await?;
         }
+        if sys.etcd.is_some() {
+            sys.wait_for_leader().await?;
+        }
         Ok(sys)
     }
 
     pub fn roles(&self) -> Vec<Role> {
+        let replicas = match self.etcd {
+            Some(_) => 1..REPLICAS,
+            None => 1..1,
+        };
         std::iter::once(Role::Coordinator)
             .chain((0..DATABASES).map(Role::Participant))
+            .chain(replicas.map(Role::Replica))
             .collect()
+    }
+
+    /// The coordinator replicas (just the coordinator without `--ha`).
+    pub fn coordinator_roles(&self) -> Vec<Role> {
+        self.roles()
+            .into_iter()
+            .filter(|r| r.is_coordinator())
+            .collect()
+    }
+
+    /// What clients and participants dial for the coordinator: every replica's URL.
+    pub fn coordinator_urls(&self) -> String {
+        self.coordinator_roles()
+            .into_iter()
+            .map(|r| self.url(r))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The replica that leads, if one does (without `--ha`: the coordinator, if it serves).
+    pub async fn leader(&self) -> Option<Role> {
+        for role in self.coordinator_roles() {
+            if self.running(role)
+                && serving(&self.tls, &self.url(role), "twopc.v1.Coordinator", false).await
+            {
+                return Some(role);
+            }
+        }
+        None
+    }
+
+    /// Waits (up to the ready timeout) until some replica leads.
+    pub async fn wait_for_leader(&mut self) -> Result<Role> {
+        let until = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(role) = self.leader().await {
+                self.timeline.note(&format!("{} leads", role.name()));
+                return Ok(role);
+            }
+            if Instant::now() > until {
+                bail!("no coordinator replica leads after {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// With `--ha`: SIGKILL etcd member `i`, as its machine dying would.
+    pub fn etcd_kill(&mut self, i: usize) {
+        self.timeline.note(&format!("SIGKILL etcd member {i}"));
+        if let Some(etcd) = self.etcd.as_mut() {
+            tokio::task::block_in_place(|| etcd.kill(i));
+        }
+    }
+
+    /// With `--ha`: starts etcd member `i` again, and waits until it is healthy.
+    pub fn etcd_restart(&mut self, i: usize) -> Result<()> {
+        if let Some(etcd) = self.etcd.as_mut() {
+            tokio::task::block_in_place(|| etcd.restart(i))?;
+        }
+        self.timeline.note(&format!("etcd member {i} restarted"));
+        Ok(())
     }
 
     pub fn url(&self, role: Role) -> String {
@@ -458,7 +602,9 @@ impl System {
                     break;
                 }
                 let url = format!("{}://127.0.0.1:{}", self.tls.scheme(), proc.port);
-                if serving(&self.tls, &url).await {
+                // A replica is ready once it answers, leading or standing by.
+                let standby = role.is_coordinator() && self.etcd.is_some();
+                if serving(&self.tls, &url, "", standby).await {
                     self.timeline.note(&format!("{} ready", role.name()));
                     return Ok(Started::Ready);
                 }

@@ -22,6 +22,7 @@
 //! is one, through the embedded participant's own Execute. A Post that would overdraw an
 //! account fails and aborts the transfer.
 
+use twopc::process::leader_channel::LeaderChannel;
 use crate::system::{DATABASES, Deployment, Role, System};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -151,7 +152,8 @@ impl Recorder {
 /// gRPC clients to every process, on lazily (re)connecting channels.
 #[derive(Clone)]
 pub struct Clients {
-    pub coordinator: CoordinatorClient<Authed>,
+    /// Through every coordinator replica's URL with `--ha`: calls go to the leader.
+    pub coordinator: CoordinatorClient<InterceptedService<LeaderChannel, Bearer>>,
     pub participants: Vec<ParticipantClient<Authed>>,
     /// With `--embedded`: the ledger services, called as a service's caller calls them.
     services: Option<Services>,
@@ -201,14 +203,17 @@ impl Clients {
                     })
                     .collect::<anyhow::Result<_>>()?;
                 Some(Services {
-                    sdk: sdk::Client::connect(&sys.url(Role::Coordinator))?,
+                    sdk: sdk::Client::connect(&sys.coordinator_urls())?,
                     ledgers,
                     urls,
                 })
             }
         };
         Ok(Clients {
-            coordinator: CoordinatorClient::new(channel(sys, Role::Coordinator)?),
+            coordinator: CoordinatorClient::new(InterceptedService::new(
+                LeaderChannel::new(&sys.coordinator_urls(), &sys.tls)?,
+                sys.bearer.clone(),
+            )),
             participants: (0..DATABASES)
                 .map(|i| Ok(ParticipantClient::new(channel(sys, Role::Participant(i))?)))
                 .collect::<anyhow::Result<_>>()?,

@@ -6,10 +6,12 @@
 //! client service would. With `--keep` it stays up afterwards so you can try grpcurl on it.
 //!
 //! With `--services` (`services.rs`): services that own their databases, with the participant
-//! embedded, joined in one transaction by the client library.
+//! embedded, joined in one transaction by the client library. With `--ha` (`ha.rs`): the bank
+//! on three coordinator replicas over etcd, the leader killed mid-run.
 
 #[path = "../example_services.rs"]
 mod example_services;
+mod ha;
 mod services;
 
 use anyhow::{Context, Result, bail};
@@ -49,6 +51,10 @@ struct Args {
     /// participant embedded, in one global transaction (examples/ledger.rs, audit.rs).
     #[arg(long, conflicts_with = "secure")]
     services: bool,
+    /// Instead: the bank on three coordinator replicas over a three-member etcd, with the
+    /// leading replica killed while transfers run (docs/HA.md).
+    #[arg(long, conflicts_with_all = ["secure", "services"])]
+    ha: bool,
 }
 
 /// A channel with the demo client's token (if any) on every call.
@@ -234,6 +240,9 @@ async fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     if args.services {
         return services::run(args.keep).await;
+    }
+    if args.ha {
+        return ha::run().await;
     }
     tracing_subscriber::fmt()
         .with_env_filter(
