@@ -88,6 +88,11 @@ struct Args {
     /// this many transactions with two registered branches each, and report its resident memory.
     #[arg(long)]
     open_txns: Option<usize>,
+    /// Instead of the sweep: durable decisions a second on the decision log alone, sled
+    /// against a three-member etcd, with `--clients` writers each writing a commit decision
+    /// and waiting for it to be durable, over and over (group commit batches them).
+    #[arg(long)]
+    log_throughput: bool,
 }
 
 /// What a run measures; see the module header.
@@ -607,6 +612,91 @@ async fn start_coordinator_only(
     Ok((caddr, paddrs))
 }
 
+/// `--log-throughput`: each backend of the decision log under `--clients` concurrent writers.
+async fn log_throughput(args: &Args) -> Result<()> {
+    use twopc::coordinator::etcd_log::{EtcdLog, EtcdTarget};
+    use twopc::coordinator::leader::Election;
+    use twopc::coordinator::log::SledLog;
+
+    let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await??;
+    let client = etcd_client::Client::connect(etcd.endpoints(), None).await?;
+    let leadership = Election {
+        client: client.clone(),
+        key: "/twopc/bench/leader".into(),
+        advertise: "http://127.0.0.1:1".into(),
+        lease_ttl: Duration::from_secs(5),
+    }
+    .win(|_| {})
+    .await;
+    let target = EtcdTarget {
+        client,
+        prefix: "/twopc/bench/".into(),
+        fence: leadership.fence.clone(),
+        write_timeout: Duration::from_secs(5),
+    };
+    let on_etcd = Arc::new(EtcdLog::open(target, Some("bench")).await?.0);
+    let dir = tempfile::Builder::new()
+        .prefix("twopc-log-bench-")
+        .tempdir()?;
+    let on_sled = Arc::new(SledLog::open(dir.path(), Some("bench"))?.0);
+    if !args.json {
+        println!("{:<6} {:>8} {:>14}", "log", "writers", "decisions/s");
+    }
+    for &writers in &args.clients {
+        for (name, rate) in [
+            ("sled", decisions_per_s(&on_sled, writers, args.secs).await?),
+            ("etcd", decisions_per_s(&on_etcd, writers, args.secs).await?),
+        ] {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"mode": "log", "log": name, "writers": writers, "decisions_per_s": rate.round()})
+                );
+            } else {
+                println!("{name:<6} {writers:>8} {rate:>14.0}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Commit decisions made durable a second by `writers` tasks, each writing one and waiting for
+/// its `sync`, for `secs` seconds.
+async fn decisions_per_s<L: twopc::coordinator::log::Log>(
+    log: &Arc<L>,
+    writers: usize,
+    secs: u64,
+) -> Result<f64> {
+    let until = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let log = Arc::clone(log);
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    let mut txn = twopc::coordinator::txn::Txn::begin(
+                        proto::TxnId::generate(),
+                        "log-throughput".into(),
+                        0,
+                        0,
+                    );
+                    txn.state = twopc::coordinator::txn::State::Committing;
+                    log.put(&txn)?;
+                    log.sync().await?;
+                    n += 1;
+                }
+                Ok::<_, twopc::coordinator::log::LogError>(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
 /// A process's resident memory in MiB, from /proc.
 fn rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -678,6 +768,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(n) = args.open_txns {
         return tokio::runtime::Runtime::new()?.block_on(open_txns(n, args.json));
+    }
+    if args.log_throughput {
+        return tokio::runtime::Runtime::new()?.block_on(log_throughput(&args));
     }
     tracing_subscriber::fmt()
         .with_env_filter(

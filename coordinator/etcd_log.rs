@@ -192,7 +192,6 @@ impl EtcdLog {
         let writer = tokio::spawn(write_forever(Arc::clone(&shared), target));
         Ok((EtcdLog { shared, writer }, id))
     }
-
 }
 
 /// A transaction's key, relative to the prefix.

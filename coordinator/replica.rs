@@ -22,7 +22,6 @@ use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-
 /// Campaigns, leads, and serves on `listener` until `shutdown` completes (or the lead is lost,
 /// which ends the process).
 pub async fn run(

@@ -2,7 +2,8 @@
 //! every named failpoint once under a bank-transfer load against real processes and real
 //! PostgreSQL, and checks atomicity, durability and recovery after each: once with the
 //! `participant` binary in front of each database, once with services that embed their
-//! participant (the `ledger` example). Needs the `testing` feature and the examples built with
+//! participant (the `ledger` example), and once more for the coordinator's failpoints with
+//! three coordinator replicas on etcd, where another replica recovers from the leader's crash. Needs the `testing` feature and the examples built with
 //! it (`cargo test --all-targets --features testing`, as scripts/test runs).
 #![cfg(feature = "testing")]
 
@@ -39,4 +40,21 @@ fn every_failpoint_recovers_under_load() {
 #[test]
 fn every_failpoint_recovers_with_participants_embedded_in_services() {
     crashtest(&["--embedded", "--failpoints", "all", "--clients", "4"]);
+}
+
+/// The coordinator's failpoints only: the participants' do not change with replicas.
+#[test]
+fn a_replica_recovers_from_the_leader_crashing_at_every_coordinator_failpoint() {
+    let coordinator: Vec<&str> = twopc::process::failpoints::ALL
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| name.starts_with("coordinator::"))
+        .collect();
+    crashtest(&[
+        "--ha",
+        "--failpoints",
+        &coordinator.join(","),
+        "--clients",
+        "4",
+    ]);
 }

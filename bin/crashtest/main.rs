@@ -552,7 +552,10 @@ impl Harness {
                 break Started::Ready;
             }
             if Instant::now() > until {
-                bail!("{} did not take the lead within {HIT_TIMEOUT:?}", role.name());
+                bail!(
+                    "{} did not take the lead within {HIT_TIMEOUT:?}",
+                    role.name()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };

@@ -420,7 +420,9 @@ impl System {
                     "--listen".into(),
                     format!("127.0.0.1:{port}"),
                     "--data-dir".into(),
-                    dir.join(format!("{}-data", role.name())).display().to_string(),
+                    dir.join(format!("{}-data", role.name()))
+                        .display()
+                        .to_string(),
                 ]
                 .into_iter()
                 .chain(log_args.iter().cloned())

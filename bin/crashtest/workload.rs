@@ -22,7 +22,6 @@
 //! is one, through the embedded participant's own Execute. A Post that would overdraw an
 //! account fails and aborts the transfer.
 
-use twopc::process::leader_channel::LeaderChannel;
 use crate::system::{DATABASES, Deployment, Role, System};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,6 +38,7 @@ use tower_layer::Layer;
 use twopc::client::propagation::{Propagate, PropagateLayer};
 use twopc::client::{self as sdk, transact_with};
 use twopc::process::auth::Bearer;
+use twopc::process::leader_channel::LeaderChannel;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};

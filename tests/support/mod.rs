@@ -363,7 +363,6 @@ pub async fn start_participant(
 /// separated by commas.
 pub async fn start_participant_of(id: &str, coordinator: &str, postgres: &str) -> Server {
     let (l, addr) = listener().await;
-    let (stop, stopped) = oneshot::channel::<()>();
     let config = participant_config(
         id,
         coordinator.into(),
@@ -371,6 +370,12 @@ pub async fn start_participant_of(id: &str, coordinator: &str, postgres: &str) -
         Tls::default(),
         Auth::default(),
     );
+    serve_participant(l, addr, config)
+}
+
+/// Runs a participant on `l` until the returned server is shut down or dropped.
+fn serve_participant(l: TcpListener, addr: SocketAddr, config: participant::Config) -> Server {
+    let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(participant::run(l, config, async {
         let _ = stopped.await;
     }));
@@ -429,7 +434,6 @@ pub async fn start_participant_with(
         }
         None => listener().await,
     };
-    let (stop, stopped) = oneshot::channel::<()>();
     let config = participant_config(
         id,
         format!("{}://{coordinator}", tls.scheme()),
@@ -437,14 +441,7 @@ pub async fn start_participant_with(
         tls,
         auth,
     );
-    let task = tokio::spawn(participant::run(l, config, async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        stop: Some(stop),
-        task,
-    }
+    serve_participant(l, addr, config)
 }
 
 pub fn int(v: i64) -> proto::Value {
