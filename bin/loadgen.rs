@@ -23,6 +23,10 @@
 //! - `plain`: BEGIN, the UPDATE and COMMIT on each database, no atomicity at all;
 //! - `coordinator-only`: twopc with participants over an in-memory database that votes at once,
 //!   so only the coordinator's own cost (and gRPC) remains, every commit decision still flushed.
+//!
+//! On request (`--systems`), `twopc-etcd` and `coordinator-only-etcd`: the same two with the
+//! decision log on a three-member etcd that loadgen starts (docs/HA.md). `--log-throughput`
+//! measures the two logs alone: durable decisions a second under concurrent writers.
 
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
@@ -989,7 +993,7 @@ fn main() -> Result<()> {
     }
     if !args.json {
         println!(
-            "{:<17} {:<8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>14}",
+            "{:<21} {:<8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>14}",
             "system",
             "clients",
             "branches",
@@ -1038,7 +1042,7 @@ fn main() -> Result<()> {
                     },
                 };
                 println!(
-                    "{:<17} {:<8} {:<9} {:>9.0} {:>9.2} {:>9.2} {:>9.1} {:>7} {:>14}",
+                    "{:<21} {:<8} {:<9} {:>9.0} {:>9.2} {:>9.2} {:>9.1} {:>7} {:>14}",
                     system.name(),
                     c,
                     branches,

@@ -12,19 +12,22 @@
 //! taken over (its key is a new key, with a new create revision) every write of the deposed one
 //! fails, whatever its clock says, so it can never record a decision after the takeover.
 //!
-//! A write that fails in transport is sent again (it is idempotent under the fence) until the
-//! write timeout; one still failing then, or refused by the fence, fails every `sync` from then
-//! on: the coordinator stops (as on a failed fsync), and the next leader reads what etcd holds. Queued
-//! hints that no `sync` waits for go out within [`IDLE_FLUSH`].
+//! A write that fails in transport is sent again until the write timeout. Every transaction
+//! also expects and advances the write sequence (`meta/write_sequence`), so exactly one copy of
+//! a write applies, and in order: a late copy can never put back an older record (an active
+//! transaction over its commit decision). A write still failing at the timeout, or refused by
+//! the fence, fails every `sync` from then on: the coordinator stops (as on a failed fsync), and
+//! the next leader reads what etcd holds. Queued hints that no `sync` waits for go out within
+//! [`IDLE_FLUSH`].
 //!
-//! Keys, under the cluster's prefix: `meta/format`, `meta/coordinator_id`, `leader` (see
-//! `leader.rs`), `txns/<txn id>` (JSON of the [`Txn`]; hyphenated UUIDv7s sort by creation) and
-//! `participants/<id>` (its endpoint).
+//! Keys, under the cluster's prefix: `meta/format`, `meta/coordinator_id`,
+//! `meta/write_sequence`, `leader` (see `leader.rs`), `txns/<txn id>` (JSON of the [`Txn`];
+//! hyphenated UUIDv7s sort by creation) and `participants/<id>` (its endpoint).
 
 use super::log::{Log, LogError};
 use super::txn::Txn;
 use crate::proto::TxnId;
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn as EtcdTxn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -34,7 +37,7 @@ use tokio::sync::{Notify, watch};
 const FORMAT_VERSION: &str = "twopc-log-1";
 
 /// etcd refuses a transaction of more than 128 operations (`--max-txn-ops`); a batch larger
-/// than this goes as several.
+/// than this (plus the write sequence's put) goes as several.
 const MAX_OPS: usize = 120;
 
 /// How long queued hints may wait for a `sync` before the writer sends them anyway.
@@ -184,12 +187,24 @@ impl EtcdLog {
             "decision log loaded from etcd"
         );
 
+        let sequence_key = format!("{p}meta/write_sequence");
+        let at = meta(kv.get(sequence_key.as_str(), None).await.map_err(etcd)?)
+            .map(|v| {
+                String::from_utf8_lossy(&v)
+                    .parse::<u64>()
+                    .map_err(|_| LogError::Etcd(format!("{sequence_key} holds no number")))
+            })
+            .transpose()?;
+        let sequence = Sequence {
+            key: sequence_key,
+            at,
+        };
         let shared = Arc::new(Shared {
             mirror: Mutex::new(mirror),
             wake: Notify::new(),
             written: watch::channel(Ok(0)).0,
         });
-        let writer = tokio::spawn(write_forever(Arc::clone(&shared), target));
+        let writer = tokio::spawn(write_forever(Arc::clone(&shared), target, sequence));
         Ok((EtcdLog { shared, writer }, id))
     }
 }
@@ -250,7 +265,7 @@ fn etcd(e: etcd_client::Error) -> LogError {
 
 /// The writer: sends what is queued whenever a `sync` asks (or `IDLE_FLUSH` passes), one
 /// fenced etcd transaction per `MAX_OPS` changes, and stops at the first failure.
-async fn write_forever(shared: Arc<Shared>, target: EtcdTarget) {
+async fn write_forever(shared: Arc<Shared>, target: EtcdTarget, mut sequence: Sequence) {
     let mut kv = target.client.kv_client();
     loop {
         let _ = tokio::time::timeout(IDLE_FLUSH, shared.wake.notified()).await;
@@ -273,7 +288,7 @@ async fn write_forever(shared: Arc<Shared>, target: EtcdTarget) {
         let mut ops = ops.into_iter();
         for _ in 0..batches {
             let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_OPS).collect();
-            if let Err(failure) = write(&mut kv, &target, chunk).await {
+            if let Err(failure) = write(&mut kv, &target, &mut sequence, chunk).await {
                 let _ = shared.written.send_replace(Err(failure));
                 return;
             }
@@ -289,26 +304,86 @@ async fn write_forever(shared: Arc<Shared>, target: EtcdTarget) {
     }
 }
 
+/// The log's write sequence: the number of etcd transactions the log has had, kept in etcd
+/// beside the records. Every write expects the number it last set and sets the next, so the
+/// writes of one leader apply exactly once and in order, even when one is sent again: a copy of
+/// an earlier write that etcd gets to late (a member that died with it, a forwarded proposal)
+/// finds the sequence moved on, and changes nothing.
+struct Sequence {
+    key: String,
+    /// The value in etcd; `None`: the key does not exist yet.
+    at: Option<u64>,
+}
+
+impl Sequence {
+    fn expected(&self) -> Compare {
+        match self.at {
+            Some(n) => Compare::value(self.key.as_bytes(), CompareOp::Equal, n.to_string()),
+            None => Compare::version(self.key.as_bytes(), CompareOp::Equal, 0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        self.at.map_or(1, |n| n + 1)
+    }
+}
+
 /// One fenced etcd transaction, sent again after a transport error (an etcd member died, say)
-/// until `write_timeout` has passed. Sending it again is safe even if the first one landed: its
-/// values are this batch's, the same again, and anything newer is queued behind it.
+/// until `write_timeout` has passed. Sending it again is safe: the sequence lets at most one copy
+/// apply, and a refusal that shows the sequence already at this write's number means an earlier
+/// copy applied.
 async fn write(
     kv: &mut etcd_client::KvClient,
     target: &EtcdTarget,
-    ops: Vec<TxnOp>,
+    sequence: &mut Sequence,
+    mut ops: Vec<TxnOp>,
 ) -> Result<(), String> {
+    let next = sequence.next();
+    ops.push(TxnOp::put(sequence.key.as_bytes(), next.to_string(), None));
     let until = tokio::time::Instant::now() + target.write_timeout;
     let mut pause = Duration::from_millis(20);
     loop {
         let txn = EtcdTxn::new()
-            .when([target.fence.holds()])
-            .and_then(ops.clone());
+            .when([target.fence.holds(), sequence.expected()])
+            .and_then(ops.clone())
+            .or_else([
+                TxnOp::get(target.fence.key.as_bytes(), None),
+                TxnOp::get(sequence.key.as_bytes(), None),
+            ]);
         let error = match tokio::time::timeout_at(until, kv.txn(txn)).await {
-            Ok(Ok(reply)) if reply.succeeded() => return Ok(()),
-            Ok(Ok(_)) => {
+            Ok(Ok(reply)) if reply.succeeded() => {
+                sequence.at = Some(next);
+                return Ok(());
+            }
+            Ok(Ok(reply)) => {
+                let found: Vec<Option<(i64, Vec<u8>)>> = reply
+                    .op_responses()
+                    .into_iter()
+                    .map(|r| match r {
+                        TxnOpResponse::Get(get) => get
+                            .kvs()
+                            .first()
+                            .map(|kv| (kv.create_revision(), kv.value().to_vec())),
+                        _ => None,
+                    })
+                    .collect();
+                let leads =
+                    matches!(found.first(), Some(Some((rev, _))) if *rev == target.fence.revision);
+                let landed = matches!(found.get(1), Some(Some((_, v))) if *v == next.to_string().into_bytes());
+                if !leads {
+                    return Err(format!(
+                        "etcd refused the write: this replica no longer leads (leader key {} is gone or is another replica's)",
+                        target.fence.key
+                    ));
+                }
+                if landed {
+                    // An earlier copy of this very write applied.
+                    sequence.at = Some(next);
+                    return Ok(());
+                }
                 return Err(format!(
-                    "etcd refused the write: this replica no longer leads (leader key {} is gone or is another replica's)",
-                    target.fence.key
+                    "etcd refused the write: the log's write sequence {} is not at {:?}; another writer?",
+                    sequence.key, sequence.at
                 ));
             }
             Ok(Err(e)) => e.to_string(),
@@ -524,6 +599,53 @@ mod tests {
             .await
             .unwrap();
         assert!(stored.kvs().is_empty(), "the fenced decision reached etcd");
+    }
+
+    /// A write whose answer was lost is sent again; if the first copy had applied, the second
+    /// finds the sequence at its own number and counts as done. A copy that etcd gets to after
+    /// a later write (a forwarded proposal, say) changes nothing: a record never goes back to an
+    /// older state, which would turn a commit decision back into an active transaction.
+    #[tokio::test]
+    async fn every_write_applies_once_and_in_order_whatever_the_copies() {
+        let Setup { _etcd, client } = etcd().await;
+        let leader = lead(&client, "a").await;
+        let target = EtcdTarget {
+            client: client.clone(),
+            prefix: "/t/".into(),
+            fence: leader.fence.clone(),
+            write_timeout: Duration::from_secs(5),
+        };
+        let mut kv = client.kv_client();
+        let sequence = || Sequence {
+            key: "/t/meta/write_sequence".into(),
+            at: None,
+        };
+        let (mut writer, mut resent, mut late) = (sequence(), sequence(), sequence());
+        let active = vec![TxnOp::put("/t/txns/x", "active", None)];
+
+        write(&mut kv, &target, &mut writer, active.clone())
+            .await
+            .unwrap();
+        let again = write(&mut kv, &target, &mut resent, active.clone()).await;
+        assert!(again.is_ok(), "{again:?}");
+        assert_eq!(
+            resent.at,
+            Some(1),
+            "the copy counts as the write it repeats"
+        );
+        write(
+            &mut kv,
+            &target,
+            &mut writer,
+            vec![TxnOp::put("/t/txns/x", "committing", None)],
+        )
+        .await
+        .unwrap();
+        let stale = write(&mut kv, &target, &mut late, active).await;
+
+        assert!(stale.is_err(), "a late copy of the first write applied");
+        let stored = kv.get("/t/txns/x", None).await.unwrap();
+        assert_eq!(stored.kvs()[0].value(), b"committing");
     }
 
     #[tokio::test]

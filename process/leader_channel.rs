@@ -94,10 +94,21 @@ impl From<Channel> for LeaderChannel {
     }
 }
 
+/// While a call is open on a connection that has gone quiet, ping this often...
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// ...and give the connection up when a ping goes unanswered this long.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A replica that is frozen (SIGSTOP, a suspended VM) or whose machine vanished keeps its
+/// connections open: the kernel, or nobody, answers no segment. Without pings a call to it
+/// would wait forever; with them it fails in transport within `PING_EVERY + PING_TIMEOUT`
+/// (about when another replica has taken over) and the next call tries the next replica.
 fn dial(tls: &Tls, url: &str) -> Result<Channel, TlsError> {
     Ok(tls
         .endpoint(url)?
         .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT)
         .tcp_nodelay(true)
         .connect_lazy())
 }

@@ -88,7 +88,6 @@ impl Cluster {
         Proc::start_with_env("coordinator", self.addrs[i], &args, env).await
     }
 
-    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     fn urls(&self) -> String {
         self.addrs
             .iter()
@@ -343,6 +342,40 @@ async fn the_leader_rides_out_a_lost_etcd_member_and_announces_nothing_without_a
             Err(Error::Aborted { .. }) | Err(Error::Invalid(_)) => assert_eq!(rows, vec![0, 0]),
             Err(e) => panic!("no outcome once the quorum is back: {e}"),
         }
+    }
+    cluster.assert_nothing_prepared().await;
+}
+
+#[tokio::test]
+async fn a_leader_stopped_past_its_lease_steps_down_when_it_continues() {
+    let cluster = Cluster::start(2).await;
+    let mut first = cluster.replica(0, &[]).await;
+    eventually("the first replica leads", || leads(cluster.addrs[0])).await;
+    let _second = cluster.replica(1, &[]).await;
+    let client = Client::connect(&cluster.urls()).unwrap();
+    cluster.write(&client, 1).await.unwrap();
+
+    // SIGSTOP: the whole process frozen (a GC pause, a suspended VM) past its 2 s lease.
+    first.signal("STOP");
+    eventually("the standby takes over", || leads(cluster.addrs[1])).await;
+    // The client's call to the frozen replica fails once its pings go unanswered; the next
+    // goes to the next replica.
+    let mut failed = 0;
+    while let Err(e) = cluster.write(&client, 2).await {
+        failed += 1;
+        assert!(
+            failed < 3,
+            "the client does not get past the frozen replica: {e}"
+        );
+    }
+    first.signal("CONT");
+
+    // It wakes to find its lease gone by its own count, and stops without serving again.
+    let exited = first.wait_exit().await;
+    assert_eq!(exited.code(), Some(75), "{exited:?}");
+    cluster.write(&client, 3).await.unwrap();
+    for id in 1..=3 {
+        assert_eq!(cluster.rows(id).await, vec![1, 1]);
     }
     cluster.assert_nothing_prepared().await;
 }
