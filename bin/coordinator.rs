@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use twopc::coordinator::{Config, EtcdConfig, Limits, run};
+use twopc::coordinator::{Config, EtcdConfig, EtcdUser, Limits, run};
 use twopc::process::{auth, telemetry, tls};
 
 /// The twopc coordinator: begins global transactions and commits them atomically across
@@ -49,6 +49,23 @@ struct Args {
     /// here while it leads. Default: http(s)://<--listen>.
     #[arg(long, env = "TWOPC_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// With `--log etcd` and https:// endpoints: the PEM CA that the etcd members'
+    /// certificates chain to (etcd's --trusted-ca-file, or the CA that signed its --cert-file).
+    #[arg(long, env = "TWOPC_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate shown to etcd (for etcd's --client-cert-auth).
+    #[arg(long, env = "TWOPC_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "TWOPC_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// The etcd user to authenticate as, when etcd has authentication enabled; its password
+    /// is read from --etcd-password-file.
+    #[arg(long, env = "TWOPC_ETCD_USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// File holding --etcd-user's password (surrounding whitespace trimmed).
+    #[arg(long, env = "TWOPC_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// Timeout of a transaction that Begin gives none (ms).
     #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT_MS", default_value_t = ms(Limits::default().default_timeout))]
     default_timeout_ms: u64,
@@ -127,6 +144,55 @@ fn parse_participants(s: &str) -> Result<HashMap<String, String>, String> {
         .collect()
 }
 
+/// The etcd flags, read and checked: the scheme of every endpoint must match whether
+/// --etcd-ca is given, so a forgotten flag is a message at start, not a refused handshake.
+fn etcd_config(args: &Args, tls: &tls::Tls) -> anyhow::Result<EtcdConfig> {
+    let etcd_tls = tls::Tls::load_files(
+        ["--etcd-cert", "--etcd-key", "--etcd-ca"],
+        args.etcd_cert.as_deref(),
+        args.etcd_key.as_deref(),
+        args.etcd_ca.as_deref(),
+    )?;
+    for url in &args.etcd_endpoints {
+        match (url.starts_with("https://"), args.etcd_ca.is_some()) {
+            (true, false) => anyhow::bail!(
+                "etcd endpoint {url} is https:// but no --etcd-ca was given to check the certificate it presents"
+            ),
+            (false, true) => anyhow::bail!(
+                "etcd endpoint {url} is not https://, but --etcd-ca was given: list the members' https:// client URLs"
+            ),
+            _ => {}
+        }
+    }
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(name), Some(file)) => Some(EtcdUser {
+            name: name.clone(),
+            password: std::fs::read_to_string(file)
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read --etcd-password-file {}: {e}", file.display())
+                })?
+                .trim()
+                .to_string(),
+        }),
+        _ => None,
+    };
+    Ok(EtcdConfig {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: if args.etcd_prefix.ends_with('/') {
+            args.etcd_prefix.clone()
+        } else {
+            format!("{}/", args.etcd_prefix)
+        },
+        lease_ttl: Duration::from_millis(args.lease_ms),
+        advertise: args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{}://{}", tls.scheme(), args.listen)),
+        tls: etcd_tls,
+        user,
+    })
+}
+
 /// A default of `Limits` as a flag's default, so each number is written once.
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
@@ -142,23 +208,10 @@ fn main() -> anyhow::Result<()> {
         telemetry::serve_metrics(args.process.metrics_listen)?;
         let listener = twopc::process::bind(args.listen).await?;
         let tls = tls::Tls::load(&args.tls)?;
-        let etcd = (args.log == LogBackend::Etcd).then(|| EtcdConfig {
-            endpoints: args.etcd_endpoints,
-            prefix: if args.etcd_prefix.ends_with('/') {
-                args.etcd_prefix
-            } else {
-                format!("{}/", args.etcd_prefix)
-            },
-            lease_ttl: Duration::from_millis(args.lease_ms),
-            advertise: args.advertise_url.unwrap_or_else(|| {
-                let scheme = if tls.server().is_some() {
-                    "https"
-                } else {
-                    "http"
-                };
-                format!("{scheme}://{}", args.listen)
-            }),
-        });
+        let etcd = match args.log {
+            LogBackend::Sled => None,
+            LogBackend::Etcd => Some(etcd_config(&args, &tls)?),
+        };
         let config = Config {
             data_dir: args.data_dir,
             etcd,

@@ -514,6 +514,8 @@ async fn start_coordinator(
         prefix: format!("/twopc/{id}/"),
         lease_ttl: Duration::from_secs(2),
         advertise: format!("{}://{addr}", tls.scheme()),
+        tls: Tls::default(),
+        user: None,
     });
     let on_etcd = etcd.is_some();
     let config = coordinator::Config {

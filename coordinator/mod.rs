@@ -91,6 +91,27 @@ pub struct EtcdConfig {
     pub lease_ttl: Duration,
     /// This replica's URL as clients should dial it, for the others to send them here.
     pub advertise: String,
+    /// TLS to etcd (`https://` endpoints): the CA its members' certificates chain to, and this
+    /// replica's client certificate when etcd asks for one. The default dials plaintext.
+    pub tls: Tls,
+    /// The etcd user to authenticate as, when etcd has authentication enabled.
+    pub user: Option<EtcdUser>,
+}
+
+/// An etcd user name and password. The password stays out of `Debug`, and so out of logs.
+#[derive(Clone)]
+pub struct EtcdUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }
 
 /// Opens the log (in `config.data_dir`, or on etcd as one replica) and serves on `listener`
@@ -105,7 +126,8 @@ pub async fn run(
         return replica::run(listener, config, etcd, shutdown).await;
         #[cfg(not(feature = "etcd"))]
         anyhow::bail!(
-            "the decision log on etcd ({etcd:?}) needs a coordinator built with the `etcd` feature"
+            "the decision log on etcd ({:?}) needs a coordinator built with the `etcd` feature",
+            etcd.endpoints
         );
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {

@@ -32,10 +32,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Short per request: a request stuck on a member that just died must give up soon enough
     // to be sent again (to another member) well within a lease.
-    let options = etcd_client::ConnectOptions::new()
+    let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_millis(500))
         .with_timeout((etcd.lease_ttl / 4).max(Duration::from_millis(250)))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    if let Some(tls) = etcd.tls.client() {
+        options = options.with_tls(tls);
+    }
+    if let Some(user) = &etcd.user {
+        options = options.with_user(&user.name, &user.password);
+    }
     let client = etcd_client::Client::connect(&etcd.endpoints, Some(options))
         .await
         .map_err(|e| {

@@ -65,15 +65,32 @@ pub enum TlsError {
 impl Tls {
     /// Reads the files the flags name.
     pub fn load(options: &Options) -> Result<Tls, TlsError> {
-        let identity = match (&options.tls_cert, &options.tls_key) {
+        Tls::load_files(
+            ["--tls-cert", "--tls-key", "--tls-ca"],
+            options.tls_cert.as_deref(),
+            options.tls_key.as_deref(),
+            options.tls_ca.as_deref(),
+        )
+    }
+
+    /// Reads a certificate, its key and a CA from files that the flags `names` give (for the
+    /// messages), each optional.
+    pub fn load_files(
+        names: [&'static str; 3],
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+    ) -> Result<Tls, TlsError> {
+        let [cert_flag, key_flag, ca_flag] = names;
+        let identity = match (cert, key) {
             (Some(cert), Some(key)) => Some(Identity::from_pem(
-                read_pem("--tls-cert", cert)?,
-                read_pem("--tls-key", key)?,
+                read_pem(cert_flag, cert)?,
+                read_pem(key_flag, key)?,
             )),
             _ => None,
         };
-        let ca = match &options.tls_ca {
-            Some(ca) => Some(Certificate::from_pem(read_pem("--tls-ca", ca)?)),
+        let ca = match ca {
+            Some(ca) => Some(Certificate::from_pem(read_pem(ca_flag, ca)?)),
             None => None,
         };
         Ok(Tls { identity, ca })
@@ -128,14 +145,20 @@ impl Tls {
             error,
         };
         let endpoint = Endpoint::from_shared(url.to_string()).map_err(bad)?;
-        let Some(ca) = &self.ca else {
-            return Ok(endpoint);
-        };
-        let mut config = ClientTlsConfig::new().ca_certificate(ca.clone());
-        if let Some(identity) = &self.identity {
-            config = config.identity(identity.clone());
+        match self.client() {
+            Some(config) => endpoint.tls_config(config).map_err(bad),
+            None => Ok(endpoint),
         }
-        endpoint.tls_config(config).map_err(bad)
+    }
+
+    /// The client side: the CA to check servers against and this process's certificate to
+    /// show them; `None` dials plaintext.
+    pub fn client(&self) -> Option<ClientTlsConfig> {
+        let config = ClientTlsConfig::new().ca_certificate(self.ca.clone()?);
+        Some(match &self.identity {
+            Some(identity) => config.identity(identity.clone()),
+            None => config,
+        })
     }
 }
 

@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::TestPki;
+
 /// How long a member may take to join and report healthy.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
@@ -28,21 +30,46 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Serves `/health` over plain HTTP, whatever the client port speaks.
+    health_port: u16,
     process: Option<Child>,
+}
+
+/// The files of a cluster that serves its clients over TLS.
+#[derive(Clone, Debug)]
+struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 #[derive(Debug)]
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// `Some`: clients must connect over TLS and show a certificate of the CA.
+    tls: Option<ServerTls>,
 }
 
 impl EtcdCluster {
     /// Starts `size` members (1 or 3, say) and returns once every one reports healthy.
     pub fn start(size: usize) -> Result<EtcdCluster> {
+        Self::start_with(size, None)
+    }
+
+    /// Like [`start`](Self::start), but its members serve clients over mutual TLS only
+    /// (`https://` endpoints; a client needs a certificate from `pki`), as a production etcd
+    /// (Kubernetes', say) does.
+    pub fn start_tls(size: usize, pki: &TestPki) -> Result<EtcdCluster> {
+        let (cert, key) = pki.issue("etcd")?;
+        let ca = pki.ca_path();
+        Self::start_with(size, Some(ServerTls { cert, key, ca }))
+    }
+
+    fn start_with(size: usize, tls: Option<ServerTls>) -> Result<EtcdCluster> {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(size) {
+            match Self::try_start(size, tls.clone()) {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) => last = Some(e),
             }
@@ -50,7 +77,7 @@ impl EtcdCluster {
         Err(last.expect("at least one attempt"))
     }
 
-    fn try_start(size: usize) -> Result<EtcdCluster> {
+    fn try_start(size: usize, tls: Option<ServerTls>) -> Result<EtcdCluster> {
         let bin = which_etcd()?;
         let dir = tempfile::Builder::new().prefix("twopc-etcd-").tempdir()?;
         let members = (0..size)
@@ -59,11 +86,12 @@ impl EtcdCluster {
                     name: format!("m{i}"),
                     client_port: free_port()?,
                     peer_port: free_port()?,
+                    health_port: free_port()?,
                     process: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut cluster = EtcdCluster { dir, members };
+        let mut cluster = EtcdCluster { dir, members, tls };
         for i in 0..size {
             cluster.spawn(&bin, i)?;
         }
@@ -77,8 +105,15 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
             .collect()
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self.tls {
+            Some(_) => "https",
+            None => "http",
+        }
     }
 
     /// `--etcd-endpoints` for a coordinator: every member, comma-separated.
@@ -87,8 +122,11 @@ impl EtcdCluster {
     }
 
     /// The index of a live member that is not etcd's raft leader (killing it costs no
-    /// election), asked of each member's status over etcd's JSON gateway.
+    /// election), asked of each member's status over etcd's JSON gateway (plaintext only).
     pub fn a_follower(&self) -> Result<usize> {
+        if self.tls.is_some() {
+            bail!("a_follower asks etcd's JSON gateway in plaintext; this cluster serves TLS");
+        }
         let mut leader = None;
         let mut ids = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
@@ -139,15 +177,28 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(bin)
+        let health = format!("http://127.0.0.1:{}", m.health_port);
+        let mut command = Command::new(bin);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
+            .args(["--listen-metrics-urls", &health])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", "twopc-test"])
@@ -167,7 +218,7 @@ impl EtcdCluster {
 
     fn wait_healthy(&mut self, i: usize) -> Result<()> {
         let until = Instant::now() + READY_WITHIN;
-        let port = self.members[i].client_port;
+        let port = self.members[i].health_port;
         loop {
             if let Some(child) = self.members[i].process.as_mut()
                 && let Some(status) = child.try_wait()?
@@ -212,7 +263,7 @@ impl Drop for EtcdCluster {
     }
 }
 
-/// etcd's `/health` (plain HTTP on the client port) says true once the member sees a leader
+/// etcd's `/health` (plain HTTP on the metrics port) says true once the member sees a leader
 /// and can serve a linearizable read.
 fn healthy(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {

@@ -17,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use twopc::client::{Client, Error};
 use twopc::process::leader_channel::LEADER_HEADER;
 use twopc::proto::coordinator_client::CoordinatorClient;
-use twopc::testkit::EtcdCluster;
+use twopc::testkit::{EtcdCluster, TestPki};
 
 const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, note text NOT NULL)";
 
@@ -37,6 +37,10 @@ impl Cluster {
             .await
             .unwrap()
             .unwrap();
+        Cluster::start_on(replicas, etcd).await
+    }
+
+    async fn start_on(replicas: usize, etcd: EtcdCluster) -> Cluster {
         let addrs: Vec<SocketAddr> = (0..replicas).map(|_| free_addr()).collect();
         let urls: Vec<String> = addrs.iter().map(|a| url(*a)).collect();
         let mut pgs = Vec::new();
@@ -59,6 +63,17 @@ impl Cluster {
 
     /// Starts replica `i` of the coordinator, as its own process.
     async fn replica(&self, i: usize, env: &[(&str, &str)]) -> Proc {
+        Proc::start_with_env(
+            "coordinator",
+            self.addrs[i],
+            &self.replica_args(i, &[]),
+            env,
+        )
+        .await
+    }
+
+    /// A replica's flags, then `extra`.
+    fn replica_args(&self, i: usize, extra: &[String]) -> Vec<String> {
         let args: Vec<String> = [
             "--log",
             "etcd",
@@ -84,8 +99,9 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(extra.iter().cloned())
         .collect();
-        Proc::start_with_env("coordinator", self.addrs[i], &args, env).await
+        args
     }
 
     fn urls(&self) -> String {
@@ -378,4 +394,87 @@ async fn a_leader_stopped_past_its_lease_steps_down_when_it_continues() {
         assert_eq!(cluster.rows(id).await, vec![1, 1]);
     }
     cluster.assert_nothing_prepared().await;
+}
+
+/// etcd as production runs it (Kubernetes', Patroni's): clients over mutual TLS, and
+/// authentication on. A replica with the CA, a client certificate and the password leads and
+/// commits; one with a wrong password stops at start, saying why.
+#[tokio::test]
+async fn replicas_reach_an_etcd_that_wants_mutual_tls_and_a_password() {
+    let pki = TestPki::new().unwrap();
+    let etcd = {
+        let pki = &pki;
+        std::thread::scope(|s| s.spawn(|| EtcdCluster::start_tls(1, pki)).join())
+            .unwrap()
+            .unwrap()
+    };
+    enable_auth(&etcd, &pki, "root", "s3cret").await;
+    let cluster = Cluster::start_on(1, etcd).await;
+    let (cert, key) = pki.issue("replica").unwrap();
+    let password = |name: &str, secret: &str| {
+        let path = cluster.data.path().join(name);
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        path.display().to_string()
+    };
+    let flags = |password_file: String| -> Vec<String> {
+        let ca = pki.ca_path().display().to_string();
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        [
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            &password_file,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    let refused = tokio::task::spawn_blocking({
+        let args = cluster.replica_args(0, &flags(password("wrong", "guess")));
+        let addr = cluster.addrs[0].to_string();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+                .args(["--listen", &addr])
+                .args(&args)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+
+    let _replica = Proc::start_with_env(
+        "coordinator",
+        cluster.addrs[0],
+        &cluster.replica_args(0, &flags(password("right", "s3cret"))),
+        &[],
+    )
+    .await;
+    eventually("the replica leads", || leads(cluster.addrs[0])).await;
+    let client = Client::connect(&cluster.urls()).unwrap();
+    cluster.write(&client, 1).await.unwrap();
+    assert_eq!(cluster.rows(1).await, vec![1, 1]);
+    cluster.assert_nothing_prepared().await;
+}
+
+/// Adds `user` with the root role and turns etcd's authentication on, as an operator does
+/// with `etcdctl user add`, `user grant-role` and `auth enable`.
+async fn enable_auth(etcd: &EtcdCluster, pki: &TestPki, user: &str, password: &str) {
+    let tls = pki.tls("etcd-admin").unwrap().client().unwrap();
+    let options = etcd_client::ConnectOptions::new().with_tls(tls);
+    let mut admin = etcd_client::Client::connect(etcd.endpoints(), Some(options))
+        .await
+        .unwrap();
+    admin.user_add(user, password, None).await.unwrap();
+    admin.user_grant_role(user, "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
 }
