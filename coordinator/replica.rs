@@ -40,7 +40,12 @@ pub async fn run(
         options = options.with_tls(tls);
     }
     if let Some(user) = &etcd.user {
-        options = options.with_user(&user.name, &user.password);
+        // etcd's default ("simple") tokens live in each member's memory: a member that
+        // restarts refuses the token the others still accept, and any token lapses after
+        // --auth-token-ttl unused. A refused call was not applied; authenticate and send it again.
+        options = options
+            .with_user(&user.name, &user.password)
+            .with_auto_token_refresh(true);
     }
     let client = etcd_client::Client::connect(&etcd.endpoints, Some(options))
         .await

@@ -149,6 +149,23 @@ impl EtcdCluster {
             .context("no live etcd member is a follower")
     }
 
+    /// Adds `user` with the root role and turns authentication on, as an operator does with
+    /// `etcdctl user add`, `user grant-role` and `auth enable`; over TLS with a certificate
+    /// from `pki` when the cluster serves TLS.
+    #[cfg(feature = "etcd")]
+    pub async fn enable_auth(&self, pki: &TestPki, user: &str, password: &str) -> Result<()> {
+        let mut options = etcd_client::ConnectOptions::new();
+        if self.tls.is_some() {
+            let tls = pki.tls("etcd-admin")?.client().context("the test CA")?;
+            options = options.with_tls(tls);
+        }
+        let mut admin = etcd_client::Client::connect(self.endpoints(), Some(options)).await?;
+        admin.user_add(user, password, None).await?;
+        admin.user_grant_role(user, "root").await?;
+        admin.auth_enable().await?;
+        Ok(())
+    }
+
     /// Kills member `i` at once (SIGKILL), as a machine dying would.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].process.take() {

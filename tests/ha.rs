@@ -408,7 +408,7 @@ async fn replicas_reach_an_etcd_that_wants_mutual_tls_and_a_password() {
             .unwrap()
             .unwrap()
     };
-    enable_auth(&etcd, &pki, "root", "s3cret").await;
+    etcd.enable_auth(&pki, "root", "s3cret").await.unwrap();
     let cluster = Cluster::start_on(1, etcd).await;
     let (cert, key) = pki.issue("replica").unwrap();
     let password = |name: &str, secret: &str| {
@@ -464,17 +464,4 @@ async fn replicas_reach_an_etcd_that_wants_mutual_tls_and_a_password() {
     cluster.write(&client, 1).await.unwrap();
     assert_eq!(cluster.rows(1).await, vec![1, 1]);
     cluster.assert_nothing_prepared().await;
-}
-
-/// Adds `user` with the root role and turns etcd's authentication on, as an operator does
-/// with `etcdctl user add`, `user grant-role` and `auth enable`.
-async fn enable_auth(etcd: &EtcdCluster, pki: &TestPki, user: &str, password: &str) {
-    let tls = pki.tls("etcd-admin").unwrap().client().unwrap();
-    let options = etcd_client::ConnectOptions::new().with_tls(tls);
-    let mut admin = etcd_client::Client::connect(etcd.endpoints(), Some(options))
-        .await
-        .unwrap();
-    admin.user_add(user, password, None).await.unwrap();
-    admin.user_grant_role(user, "root").await.unwrap();
-    admin.auth_enable().await.unwrap();
 }

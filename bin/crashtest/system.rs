@@ -286,6 +286,9 @@ fn coordinator_flags() -> Vec<String> {
     .collect()
 }
 
+/// The etcd root user's password with `--ha --secure` (a throwaway cluster's).
+const ETCD_PASSWORD: &str = "crashtest-etcd";
+
 /// Whether an exit status is the SIGABRT a fired failpoint ends a process with.
 pub fn is_abort(status: &ExitStatus) -> bool {
     status.signal() == Some(6)
@@ -375,9 +378,15 @@ impl System {
                 .context("creating the schema")?;
         }
 
-        let etcd = match ha {
-            true => Some(tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await??),
-            false => None,
+        // With --secure, etcd as production runs it too: clients over mutual TLS, with a user.
+        let etcd = match (ha, &secure) {
+            (false, _) => None,
+            (true, None) => Some(tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await??),
+            (true, Some((pki, _))) => {
+                let etcd = tokio::task::block_in_place(|| EtcdCluster::start_tls(3, pki))?;
+                etcd.enable_auth(pki, "root", ETCD_PASSWORD).await?;
+                Some(etcd)
+            }
         };
         let replicas: Vec<Role> = match ha {
             true => std::iter::once(Role::Coordinator)
@@ -411,6 +420,27 @@ impl System {
             .collect(),
             None => Vec::new(),
         };
+        let etcd_security_args: Vec<String> = match (&etcd, &secure) {
+            (Some(_), Some((pki, _))) => {
+                let (cert, key) = pki.issue("coordinator-etcd")?;
+                let password = dir.join("etcd-password");
+                std::fs::write(&password, ETCD_PASSWORD)?;
+                let path = |p: &Path| p.display().to_string();
+                vec![
+                    "--etcd-ca".into(),
+                    path(&pki.ca_path()),
+                    "--etcd-cert".into(),
+                    path(&cert),
+                    "--etcd-key".into(),
+                    path(&key),
+                    "--etcd-user".into(),
+                    "root".into(),
+                    "--etcd-password-file".into(),
+                    path(&password),
+                ]
+            }
+            _ => Vec::new(),
+        };
         let mut coordinators = Vec::new();
         for (role, port) in replicas.iter().zip(&coordinator_ports) {
             coordinators.push(Proc {
@@ -426,6 +456,7 @@ impl System {
                 ]
                 .into_iter()
                 .chain(log_args.iter().cloned())
+                .chain(etcd_security_args.iter().cloned())
                 .chain(coordinator_flags())
                 .chain(security_args("coordinator")?)
                 .collect(),
