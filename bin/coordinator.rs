@@ -144,8 +144,9 @@ fn parse_participants(s: &str) -> Result<HashMap<String, String>, String> {
         .collect()
 }
 
-/// The etcd flags, read and checked: the scheme of every endpoint must match whether
-/// --etcd-ca is given, so a forgotten flag is a message at start, not a refused handshake.
+/// The etcd flags, read and checked: every endpoint's scheme must match whether --etcd-ca is
+/// given (the same rule as for gRPC peers), so a forgotten flag is a message at start, not a
+/// refused handshake.
 fn etcd_config(args: &Args, tls: &tls::Tls) -> anyhow::Result<EtcdConfig> {
     let etcd_tls = tls::Tls::load_files(
         ["--etcd-cert", "--etcd-key", "--etcd-ca"],
@@ -154,15 +155,7 @@ fn etcd_config(args: &Args, tls: &tls::Tls) -> anyhow::Result<EtcdConfig> {
         args.etcd_ca.as_deref(),
     )?;
     for url in &args.etcd_endpoints {
-        match (url.starts_with("https://"), args.etcd_ca.is_some()) {
-            (true, false) => anyhow::bail!(
-                "etcd endpoint {url} is https:// but no --etcd-ca was given to check the certificate it presents"
-            ),
-            (false, true) => anyhow::bail!(
-                "etcd endpoint {url} is not https://, but --etcd-ca was given: list the members' https:// client URLs"
-            ),
-            _ => {}
-        }
+        etcd_tls.check_peer(url)?;
     }
     let user = match (&args.etcd_user, &args.etcd_password_file) {
         (Some(name), Some(file)) => Some(EtcdUser {

@@ -521,14 +521,21 @@ mod tests {
         .await
     }
 
-    async fn open(client: &Client, leadership: &Leadership) -> EtcdLog {
-        let target = EtcdTarget {
+    /// Where `leadership`'s log writes, under `/t/`.
+    fn target(client: &Client, leadership: &Leadership) -> EtcdTarget {
+        EtcdTarget {
             client: client.clone(),
             prefix: "/t/".into(),
             fence: leadership.fence.clone(),
             write_timeout: Duration::from_secs(5),
-        };
-        EtcdLog::open(target, Some("cluster-a")).await.unwrap().0
+        }
+    }
+
+    async fn open(client: &Client, leadership: &Leadership) -> EtcdLog {
+        EtcdLog::open(target(client, leadership), Some("cluster-a"))
+            .await
+            .unwrap()
+            .0
     }
 
     fn txn() -> Txn {
@@ -550,12 +557,7 @@ mod tests {
         first.resign().await;
 
         let second = lead(&client, "b").await;
-        let target = EtcdTarget {
-            client: client.clone(),
-            prefix: "/t/".into(),
-            fence: second.fence.clone(),
-            write_timeout: Duration::from_secs(5),
-        };
+        let target = target(&client, &second);
         let (log, id) = EtcdLog::open(target, None).await.unwrap();
 
         assert_eq!(
@@ -609,12 +611,7 @@ mod tests {
     async fn every_write_applies_once_and_in_order_whatever_the_copies() {
         let Setup { _etcd, client } = etcd().await;
         let leader = lead(&client, "a").await;
-        let target = EtcdTarget {
-            client: client.clone(),
-            prefix: "/t/".into(),
-            fence: leader.fence.clone(),
-            write_timeout: Duration::from_secs(5),
-        };
+        let target = target(&client, &leader);
         let mut kv = client.kv_client();
         let sequence = || Sequence {
             key: "/t/meta/write_sequence".into(),

@@ -29,10 +29,22 @@ pub struct Options {
 }
 
 /// A process's TLS settings, loaded; the default is plaintext.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Tls {
     identity: Option<Identity>,
     ca: Option<Certificate>,
+    /// The flag that gives `ca`, for messages (`--tls-ca`, or `--etcd-ca` for etcd's).
+    ca_flag: &'static str,
+}
+
+impl Default for Tls {
+    fn default() -> Tls {
+        Tls {
+            identity: None,
+            ca: None,
+            ca_flag: "--tls-ca",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +58,13 @@ pub enum TlsError {
     #[error("{flag} {path} holds no PEM block (-----BEGIN ...): give a PEM file")]
     NotPem { flag: &'static str, path: PathBuf },
     #[error(
-        "{url} is https:// but this process has no --tls-ca to check the certificate it presents"
+        "{url} is https:// but this process has no {flag} to check the certificate it presents"
     )]
-    NoCa { url: String },
+    NoCa { url: String, flag: &'static str },
     #[error(
-        "{url} is not https://, and this process uses TLS (--tls-ca): its peers must serve TLS too"
+        "{url} is not https://, and this process uses TLS ({flag}): its peers must serve TLS too"
     )]
-    Plaintext { url: String },
+    Plaintext { url: String, flag: &'static str },
     #[error("{url}: {error}")]
     Url {
         url: String,
@@ -93,7 +105,11 @@ impl Tls {
             Some(ca) => Some(Certificate::from_pem(read_pem(ca_flag, ca)?)),
             None => None,
         };
-        Ok(Tls { identity, ca })
+        Ok(Tls {
+            identity,
+            ca,
+            ca_flag,
+        })
     }
 
     /// From PEM text: an identity (certificate, key) and a CA.
@@ -101,6 +117,7 @@ impl Tls {
         Tls {
             identity: identity.map(|(cert, key)| Identity::from_pem(cert, key)),
             ca: ca.map(Certificate::from_pem),
+            ..Tls::default()
         }
     }
 
@@ -131,8 +148,14 @@ impl Tls {
     pub fn check_peer(&self, url: &str) -> Result<(), TlsError> {
         let https = url.starts_with("https://");
         match (https, self.ca.is_some()) {
-            (true, false) => Err(TlsError::NoCa { url: url.into() }),
-            (false, true) => Err(TlsError::Plaintext { url: url.into() }),
+            (true, false) => Err(TlsError::NoCa {
+                url: url.into(),
+                flag: self.ca_flag,
+            }),
+            (false, true) => Err(TlsError::Plaintext {
+                url: url.into(),
+                flag: self.ca_flag,
+            }),
             _ => Ok(()),
         }
     }
