@@ -101,7 +101,10 @@ impl Embedded {
             .add_service(self.service()))
     }
 
-    /// The `twopc.v1.Participant` service, for the service's own router.
+    /// The `twopc.v1.Participant` service, for the service's own router. It does not serve
+    /// `Phases`: that stream stays open for as long as the coordinator runs, and the host's
+    /// graceful shutdown, which this service cannot see, would wait on it. The coordinator
+    /// then makes its phase calls one RPC each.
     pub fn service(&self) -> ParticipantServer<Service<Postgres, super::link::GrpcCoordinator>> {
         ParticipantServer::new(Service::new(Arc::clone(&self.core)))
     }

@@ -173,8 +173,15 @@ async fn serve_with<D: Database, C: CoordinatorLink>(
     gate: Gate,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let (closing, phases_end) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing.send(true);
+    };
     crate::proto::server_with(health, tls, gate)?
-        .add_service(ParticipantServer::new(service::Service::new(core)))
+        .add_service(ParticipantServer::new(
+            service::Service::new(core).with_phases(phases_end),
+        ))
         .serve_with_incoming_shutdown(crate::proto::incoming(listener), shutdown)
         .await?;
     Ok(())

@@ -1,6 +1,10 @@
 //! The `twopc.v1.Participant` gRPC service: parses requests, calls the branch table, maps
 //! errors. Every protocol step runs in its own task, so a client that cancels (or a deadline
 //! that passes) cannot stop a PREPARE or a COMMIT PREPARED halfway through its bookkeeping.
+//!
+//! The coordinator's phase calls come either one RPC each (Prepare, Commit, Rollback,
+//! CommitOnePhase) or many over one Phases stream; both run the same step functions below, so
+//! the rules, the failpoints and the metrics cannot differ between the two.
 
 use super::core::{AbortCause, Participant};
 use super::database::Database;
@@ -10,17 +14,31 @@ use crate::process::auth::{Caller, Role};
 use crate::proto::{self, TxnId, participant_server};
 use std::future::Future;
 use std::sync::Arc;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 /// The gRPC face of a [`Participant`].
 pub struct Service<D: Database, C: CoordinatorLink> {
     core: Arc<Participant<D, C>>,
+    /// Turns true when the server begins to shut down, which ends every Phases stream; `None`:
+    /// Phases is not served (UNIMPLEMENTED, and the coordinator calls one RPC at a time), for
+    /// a server whose shutdown this service cannot see.
+    closing: Option<watch::Receiver<bool>>,
 }
 
 impl<D: Database, C: CoordinatorLink> Service<D, C> {
     pub fn new(core: Arc<Participant<D, C>>) -> Self {
-        Service { core }
+        Service {
+            core,
+            closing: None,
+        }
+    }
+
+    /// Serves Phases too; `closing` turns true when the server begins to shut down.
+    pub fn with_phases(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = Some(closing);
+        self
     }
 }
 
@@ -97,6 +115,125 @@ async fn detached<T: Send + 'static>(
     }
 }
 
+/// Phase 1 for one branch, as Prepare and Phases run it.
+async fn prepare<D: Database, C: CoordinatorLink>(
+    core: Arc<Participant<D, C>>,
+    req: proto::PrepareRequest,
+    span: tracing::Span,
+) -> Result<proto::PrepareResponse, Status> {
+    let txn = req.txn_id.parse::<TxnId>()?;
+    let vote = detached(
+        span,
+        async move { core.prepare(txn, &req.coordinator_id).await },
+    )
+    .await?;
+    crate::failpoint!("participant::before_vote_reply");
+    let resp = proto::PrepareResponse::from(vote);
+    tracing::debug!(txn_id = %txn, vote = ?resp.vote(), "voted");
+    metrics::counter!("twopc_participant_votes_total", "vote" => resp.vote().as_str_name())
+        .increment(1);
+    Ok(resp)
+}
+
+/// COMMIT PREPARED, as Commit and Phases run it.
+async fn commit<D: Database, C: CoordinatorLink>(
+    core: Arc<Participant<D, C>>,
+    req: proto::BranchRequest,
+    span: tracing::Span,
+) -> Result<proto::BranchResponse, Status> {
+    let txn = req.txn_id.parse::<TxnId>()?;
+    detached(span, async move {
+        core.commit(txn, req.xid, &req.coordinator_id).await
+    })
+    .await?;
+    Ok(proto::BranchResponse {})
+}
+
+/// A rollback, prepared or not, as Rollback and Phases run it.
+async fn rollback<D: Database, C: CoordinatorLink>(
+    core: Arc<Participant<D, C>>,
+    req: proto::BranchRequest,
+    span: tracing::Span,
+) -> Result<proto::BranchResponse, Status> {
+    let txn = req.txn_id.parse::<TxnId>()?;
+    let cause =
+        (!req.abort_reason.is_empty() || !req.abort_sqlstate.is_empty()).then(|| AbortCause {
+            reason: bounded(&req.abort_reason),
+            sqlstate: bounded(&req.abort_sqlstate),
+        });
+    detached(span, async move {
+        core.rollback_because(txn, req.xid, &req.coordinator_id, cause)
+            .await
+    })
+    .await?;
+    Ok(proto::BranchResponse {})
+}
+
+/// One-phase commit of a lone branch, as CommitOnePhase and Phases run it.
+async fn commit_one_phase<D: Database, C: CoordinatorLink>(
+    core: Arc<Participant<D, C>>,
+    req: proto::CommitOnePhaseRequest,
+    span: tracing::Span,
+) -> Result<proto::CommitOnePhaseResponse, Status> {
+    let txn = req.txn_id.parse::<TxnId>()?;
+    let forget = req
+        .forget
+        .iter()
+        .map(|f| f.parse::<TxnId>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcome = detached(span, async move {
+        core.commit_one_phase(txn, &req.coordinator_id, &forget)
+            .await
+    })
+    .await?;
+    crate::failpoint!("participant::before_one_phase_reply");
+    let resp = proto::CommitOnePhaseResponse::from(outcome);
+    metrics::counter!("twopc_participant_one_phase_total", "outcome" => resp.outcome().as_str_name())
+        .increment(1);
+    Ok(resp)
+}
+
+/// One call that came over Phases: the step of the unary RPC of the same name, its status
+/// carried in the reply.
+async fn phase<D: Database, C: CoordinatorLink>(
+    core: Arc<Participant<D, C>>,
+    req: proto::PhaseRequest,
+) -> proto::phase_reply::Result {
+    use proto::phase_reply::Result as Reply;
+    use proto::phase_request::Step;
+    let id = core.id.clone();
+    let span = |rpc, txn_id: &str| tracing::info_span!("branch", rpc, txn_id, participant = %id, trace = %req.traceparent);
+    let result = match req.step {
+        Some(Step::Prepare(r)) => {
+            let span = span("Prepare", &r.txn_id);
+            prepare(core, r, span).await.map(Reply::Prepare)
+        }
+        Some(Step::Commit(r)) => {
+            let span = span("Commit", &r.txn_id);
+            commit(core, r, span).await.map(Reply::Finished)
+        }
+        Some(Step::Rollback(r)) => {
+            let span = span("Rollback", &r.txn_id);
+            rollback(core, r, span).await.map(Reply::Finished)
+        }
+        Some(Step::CommitOnePhase(r)) => {
+            let span = span("CommitOnePhase", &r.txn_id);
+            commit_one_phase(core, r, span)
+                .await
+                .map(Reply::CommitOnePhase)
+        }
+        None => Err(Status::invalid_argument(
+            "a PhaseRequest needs one step: prepare, commit, rollback or commit_one_phase",
+        )),
+    };
+    result.unwrap_or_else(|status| {
+        Reply::Error(proto::PhaseError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        })
+    })
+}
+
 #[tonic::async_trait]
 impl<D: Database, C: CoordinatorLink> participant_server::Participant for Service<D, C> {
     async fn execute(
@@ -122,20 +259,9 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         req: Request<proto::PrepareRequest>,
     ) -> Result<Response<proto::PrepareResponse>, Status> {
         let span = span(&req, "Prepare", &req.get_ref().txn_id, &self.core.id);
-        let req = req.into_inner();
-        let txn = req.txn_id.parse::<TxnId>()?;
-        let core = Arc::clone(&self.core);
-        let vote = detached(
-            span,
-            async move { core.prepare(txn, &req.coordinator_id).await },
-        )
-        .await?;
-        crate::failpoint!("participant::before_vote_reply");
-        let resp = proto::PrepareResponse::from(vote);
-        tracing::debug!(txn_id = %txn, vote = ?resp.vote(), "voted");
-        metrics::counter!("twopc_participant_votes_total", "vote" => resp.vote().as_str_name())
-            .increment(1);
-        Ok(Response::new(resp))
+        prepare(Arc::clone(&self.core), req.into_inner(), span)
+            .await
+            .map(Response::new)
     }
 
     async fn commit(
@@ -144,13 +270,7 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
     ) -> Result<Response<proto::BranchResponse>, Status> {
         let audit = audit(&req, "commit");
         let span = span(&req, "Commit", &req.get_ref().txn_id, &self.core.id);
-        let req = req.into_inner();
-        let txn = req.txn_id.parse::<TxnId>()?;
-        let core = Arc::clone(&self.core);
-        detached(span, async move {
-            core.commit(txn, req.xid, &req.coordinator_id).await
-        })
-        .await?;
+        commit(Arc::clone(&self.core), req.into_inner(), span).await?;
         if let Some(log) = audit {
             log();
         }
@@ -163,19 +283,7 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
     ) -> Result<Response<proto::BranchResponse>, Status> {
         let audit = audit(&req, "rollback");
         let span = span(&req, "Rollback", &req.get_ref().txn_id, &self.core.id);
-        let req = req.into_inner();
-        let txn = req.txn_id.parse::<TxnId>()?;
-        let core = Arc::clone(&self.core);
-        let cause =
-            (!req.abort_reason.is_empty() || !req.abort_sqlstate.is_empty()).then(|| AbortCause {
-                reason: bounded(&req.abort_reason),
-                sqlstate: bounded(&req.abort_sqlstate),
-            });
-        detached(span, async move {
-            core.rollback_because(txn, req.xid, &req.coordinator_id, cause)
-                .await
-        })
-        .await?;
+        rollback(Arc::clone(&self.core), req.into_inner(), span).await?;
         if let Some(log) = audit {
             log();
         }
@@ -187,24 +295,50 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         req: Request<proto::CommitOnePhaseRequest>,
     ) -> Result<Response<proto::CommitOnePhaseResponse>, Status> {
         let span = span(&req, "CommitOnePhase", &req.get_ref().txn_id, &self.core.id);
-        let req = req.into_inner();
-        let txn = req.txn_id.parse::<TxnId>()?;
-        let forget = req
-            .forget
-            .iter()
-            .map(|f| f.parse::<TxnId>())
-            .collect::<Result<Vec<_>, _>>()?;
+        commit_one_phase(Arc::clone(&self.core), req.into_inner(), span)
+            .await
+            .map(Response::new)
+    }
+
+    type PhasesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::PhaseReply, Status>> + Send>>;
+
+    async fn phases(
+        &self,
+        req: Request<tonic::Streaming<proto::PhaseRequest>>,
+    ) -> Result<Response<Self::PhasesStream>, Status> {
+        let Some(mut closing) = self.closing.clone() else {
+            return Err(Status::unimplemented(
+                "this participant takes the coordinator's calls one RPC at a time (Prepare, \
+                 Commit, Rollback, CommitOnePhase), not over Phases",
+            ));
+        };
+        let mut requests = req.into_inner();
+        let (replies, stream) = futures::channel::mpsc::unbounded();
         let core = Arc::clone(&self.core);
-        let outcome = detached(span, async move {
-            core.commit_one_phase(txn, &req.coordinator_id, &forget)
-                .await
-        })
-        .await?;
-        crate::failpoint!("participant::before_one_phase_reply");
-        let resp = proto::CommitOnePhaseResponse::from(outcome);
-        metrics::counter!("twopc_participant_one_phase_total", "outcome" => resp.outcome().as_str_name())
-            .increment(1);
-        Ok(Response::new(resp))
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    r = requests.message() => r,
+                    // A graceful shutdown waits for every stream to end, and the coordinator
+                    // would keep this one open for ever: stop taking calls; those in flight
+                    // still answer, then the stream ends.
+                    _ = closing.wait_for(|closing| *closing) => break,
+                };
+                let Ok(Some(request)) = request else { break };
+                let (core, replies) = (Arc::clone(&core), replies.clone());
+                tokio::spawn(async move {
+                    let call = request.call;
+                    let result = phase(core, request).await;
+                    // The coordinator may have gone: nothing to do, the step is done.
+                    let _ = replies.unbounded_send(proto::PhaseReply {
+                        call,
+                        result: Some(result),
+                    });
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
     }
 
     async fn waits(

@@ -95,9 +95,9 @@ impl From<Channel> for LeaderChannel {
 }
 
 /// While a call is open on a connection that has gone quiet, ping this often...
-const PING_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
 /// ...and give the connection up when a ping goes unanswered this long.
-const PING_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A replica that is frozen (SIGSTOP, a suspended VM) or whose machine vanished keeps its
 /// connections open: the kernel, or nobody, answers no segment. Without pings a call to it

@@ -1,11 +1,16 @@
 //! Participants over gRPC: one lazily connected channel per endpoint, shared by every
-//! transaction that enlists it.
+//! transaction that enlists it, and on it one Phases stream that carries the phase calls of
+//! every transaction (`phase_stream.rs`), or unary calls to a participant that serves none.
 
+use super::phase_stream::{CallError, PhaseStreams};
 use super::{Ending, Participants, PeerError};
 use crate::coordinator::registry::Health;
 use crate::process::auth::Bearer;
+use crate::process::leader_channel::{PING_EVERY, PING_TIMEOUT};
 use crate::process::tls::Tls;
 use crate::proto::participant_client::ParticipantClient;
+use crate::proto::phase_reply::Result as Reply;
+use crate::proto::phase_request::Step;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
 use crate::proto::{
@@ -34,9 +39,11 @@ pub struct GrpcParticipants {
     tls: Tls,
     /// This coordinator's peer token, on every call.
     bearer: Bearer,
+    /// Prepare, Commit, Rollback and CommitOnePhase, over one stream per participant.
+    pub(super) phases: PhaseStreams,
 }
 
-type Client = ParticipantClient<InterceptedService<Channel, Bearer>>;
+pub(super) type Client = ParticipantClient<InterceptedService<Channel, Bearer>>;
 
 impl GrpcParticipants {
     pub fn new(
@@ -51,6 +58,7 @@ impl GrpcParticipants {
             connect_timeout,
             tls,
             bearer,
+            phases: PhaseStreams::default(),
         }
     }
 
@@ -64,6 +72,10 @@ impl GrpcParticipants {
             .endpoint(endpoint)
             .map_err(|e| tonic::Status::invalid_argument(format!("participant endpoint {e}")))?
             .connect_timeout(self.connect_timeout)
+            // A Phases stream stays open for as long as the participant serves: without pings,
+            // one whose peer vanished without a reset would never be replaced.
+            .http2_keep_alive_interval(PING_EVERY)
+            .keep_alive_timeout(PING_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(endpoint.to_string(), channel.clone());
@@ -77,6 +89,37 @@ impl GrpcParticipants {
             self.bearer.clone(),
         ))
     }
+
+    /// `step` over the participant's Phases stream, its reply as `expect` picks it out; `None`
+    /// when the participant serves no Phases (make the unary call).
+    async fn over_stream<T>(
+        &self,
+        endpoint: &str,
+        txn: TxnId,
+        step: Step,
+        expect: impl FnOnce(Reply) -> Option<T>,
+    ) -> Option<Result<T, tonic::Status>> {
+        let name = match &step {
+            Step::Prepare(_) => "Prepare",
+            Step::Commit(_) => "Commit",
+            Step::Rollback(_) => "Rollback",
+            Step::CommitOnePhase(_) => "CommitOnePhase",
+        };
+        let reply = self
+            .phases
+            .call(endpoint, || self.client(endpoint), step, txn.traceparent())
+            .await;
+        Some(match reply {
+            Err(CallError::Unsupported) => return None,
+            Err(CallError::Failed(status)) => Err(status),
+            Ok(Reply::Error(e)) => Err(tonic::Status::new(tonic::Code::from(e.code), e.message)),
+            Ok(reply) => expect(reply).ok_or_else(|| {
+                tonic::Status::internal(format!(
+                    "{endpoint} answered {name} over Phases with the reply of another step"
+                ))
+            }),
+        })
+    }
 }
 
 impl Participants for GrpcParticipants {
@@ -88,11 +131,20 @@ impl Participants for GrpcParticipants {
 
     async fn prepare(&self, endpoint: &str, txn: TxnId, timeout: Duration) -> Vote {
         let call = async {
-            let mut client = self.client(endpoint)?;
-            let mut req = tonic::Request::new(PrepareRequest {
+            let req = PrepareRequest {
                 txn_id: txn.to_string(),
                 coordinator_id: self.coordinator_id.clone(),
-            });
+            };
+            let step = Step::Prepare(req.clone());
+            let expect = |r| match r {
+                Reply::Prepare(vote) => Some(vote),
+                _ => None,
+            };
+            if let Some(reply) = self.over_stream(endpoint, txn, step, expect).await {
+                return reply;
+            }
+            let mut client = self.client(endpoint)?;
+            let mut req = tonic::Request::new(req);
             req.set_timeout(timeout);
             trace(&mut req, txn);
             client.prepare(req).await.map(|r| r.into_inner())
@@ -115,21 +167,32 @@ impl Participants for GrpcParticipants {
         forget: &[TxnId],
         timeout: Duration,
     ) -> Result<OnePhaseOutcome, PeerError> {
-        let mut client = self.client(endpoint).map_err(peer_error)?;
-        let mut req = tonic::Request::new(CommitOnePhaseRequest {
+        let req = CommitOnePhaseRequest {
             txn_id: txn.to_string(),
             coordinator_id: self.coordinator_id.clone(),
             forget: forget.iter().map(TxnId::to_string).collect(),
-        });
-        req.set_timeout(timeout);
-        trace(&mut req, txn);
-        let resp = tokio::time::timeout(timeout, client.commit_one_phase(req))
+        };
+        let call = async {
+            let step = Step::CommitOnePhase(req.clone());
+            let expect = |r| match r {
+                Reply::CommitOnePhase(outcome) => Some(outcome),
+                _ => None,
+            };
+            if let Some(reply) = self.over_stream(endpoint, txn, step, expect).await {
+                return reply;
+            }
+            let mut client = self.client(endpoint)?;
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(timeout);
+            trace(&mut req, txn);
+            client.commit_one_phase(req).await.map(|r| r.into_inner())
+        };
+        let resp = tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| {
                 PeerError::Unreachable(format!("no answer from {endpoint} within {timeout:?}"))
             })?
-            .map_err(peer_error)?
-            .into_inner();
+            .map_err(peer_error)?;
         OnePhaseOutcome::try_from(resp).map_err(|n| {
             PeerError::Refused(format!(
                 "{endpoint} answered CommitOnePhase with outcome {n}, neither committed nor aborted"
@@ -165,32 +228,44 @@ impl Participants for GrpcParticipants {
         ending: &Ending,
         timeout: Duration,
     ) -> Result<(), PeerError> {
-        let mut client = self.client(endpoint).map_err(peer_error)?;
         let (abort_reason, abort_sqlstate) = match ending {
             Ending::Commit => Default::default(),
             Ending::RollBack { reason, sqlstate } => (reason.clone(), sqlstate.clone()),
         };
-        let mut req = tonic::Request::new(BranchRequest {
+        let req = BranchRequest {
             txn_id: txn.to_string(),
             xid,
             coordinator_id: self.coordinator_id.clone(),
             abort_reason,
             abort_sqlstate,
-        });
-        req.set_timeout(timeout);
-        trace(&mut req, txn);
+        };
         let call = async {
+            let step = match ending {
+                Ending::Commit => Step::Commit(req.clone()),
+                Ending::RollBack { .. } => Step::Rollback(req.clone()),
+            };
+            let expect = |r| match r {
+                Reply::Finished(_) => Some(()),
+                _ => None,
+            };
+            if let Some(reply) = self.over_stream(endpoint, txn, step, expect).await {
+                return reply;
+            }
+            let mut client = self.client(endpoint)?;
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(timeout);
+            trace(&mut req, txn);
             if ending.is_commit() {
-                client.commit(req).await
+                client.commit(req).await.map(|_| ())
             } else {
-                client.rollback(req).await
+                client.rollback(req).await.map(|_| ())
             }
         };
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(PeerError::Unreachable(format!(
                 "no answer from {endpoint} within {timeout:?}"
             ))),
-            Ok(r) => r.map(|_| ()).map_err(peer_error),
+            Ok(r) => r.map_err(peer_error),
         }
     }
 

@@ -9,6 +9,7 @@
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 mod grpc;
+mod phase_stream;
 
 pub use grpc::GrpcParticipants;
 
