@@ -13,6 +13,10 @@
 //!
 //! Everything connects as [`ROLE`], a role without superuser that owns the database, as a
 //! participant in production should (a participant refuses a superuser by default).
+//!
+//! A process killed outright (SIGKILL, a runner's timeout) drops nothing, and its servers would
+//! run for ever. Each cluster's dir names its owner's pid, and the first cluster a process
+//! starts stops and deletes the clusters of owners that are gone.
 use std::fs::{self, File};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -28,6 +32,9 @@ const START_ATTEMPTS: u32 = 3;
 /// The role tests, the demo and the benchmarks connect as: it owns the `postgres` database
 /// (and so its `public` schema), and is no superuser.
 pub const ROLE: &str = "twopc_participant";
+
+/// In each cluster's dir: the pid of the process that owns it.
+const OWNER_FILE: &str = "owner.pid";
 
 /// Run once as the superuser after `initdb`.
 const CREATE_ROLE: &str =
@@ -72,10 +79,13 @@ impl PgCluster {
     pub fn start_with(settings: Settings) -> Result<PgCluster> {
         let bin = find_bin_dir()?;
         let as_root = running_as_root();
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| sweep_orphans(&bin, as_root));
         let dir = tempfile::Builder::new()
-            .prefix("twopc-pg-")
+            .prefix(DIR_PREFIX)
             .tempdir_in(std::env::temp_dir())
             .context("creating temp dir for PostgreSQL")?;
+        fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
         // From here on, Drop cleans up whatever an early return leaves behind.
         let mut cluster = PgCluster {
             dir,
@@ -256,20 +266,8 @@ impl PgCluster {
         self.run(cmd, "pg_ctl-stop")
     }
 
-    /// `program -D <data>`, as the postgres user when we are root.
     fn pg_command(&self, program: &str) -> Command {
-        let exe = self.bin.join(program);
-        let mut cmd = if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        // Our cwd (e.g. /root) may be unreadable to the postgres user, which initdb trips over.
-        cmd.current_dir(self.dir.path()).stdin(Stdio::null());
-        cmd.arg("-D").arg(self.data_dir());
-        cmd
+        pg_command(&self.bin, self.as_root, self.dir.path(), program)
     }
 
     /// Runs quietly: output goes to `<dir>/<what>.out` and shows up only in the error.
@@ -295,6 +293,65 @@ impl Drop for PgCluster {
             tracing::warn!("test PostgreSQL may be left running: {e:#}");
         }
         // The TempDir field removes the directory after this.
+    }
+}
+
+const DIR_PREFIX: &str = "twopc-pg-";
+
+/// `program -D <dir>/data`, as the postgres user when we are root.
+fn pg_command(bin: &Path, as_root: bool, dir: &Path, program: &str) -> Command {
+    let exe = bin.join(program);
+    let mut cmd = if as_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    // Our cwd (e.g. /root) may be unreadable to the postgres user, which initdb trips over.
+    cmd.current_dir(dir).stdin(Stdio::null());
+    cmd.arg("-D").arg(dir.join("data"));
+    cmd
+}
+
+/// Stops and deletes the clusters whose owning process is gone. A dir without an owner file
+/// is left alone: it may be one another process is creating (or an older version's).
+fn sweep_orphans(bin: &Path, as_root: bool) {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for dir in entries.flatten().map(|e| e.path()) {
+        let is_cluster = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(DIR_PREFIX));
+        let Some(owner) = is_cluster
+            .then(|| fs::read_to_string(dir.join(OWNER_FILE)).ok())
+            .flatten()
+        else {
+            continue;
+        };
+        let owner = owner.trim();
+        if owner.is_empty() || Path::new("/proc").join(owner).exists() {
+            continue;
+        }
+        if dir.join("data/postmaster.pid").exists() {
+            let mut stop = pg_command(bin, as_root, &dir, "pg_ctl");
+            stop.args(["-m", "immediate", "-w", "-t", "60", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let _ = stop.status();
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(
+                "removed the test PostgreSQL cluster {} of process {owner}, which is gone",
+                dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot remove the stale test cluster {}: {e}",
+                dir.display()
+            ),
+        }
     }
 }
 
@@ -359,4 +416,31 @@ fn find_bin_dir() -> Result<PathBuf> {
              /usr/lib/postgresql/*/bin; install them with `apt-get install -y postgresql`"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_of_a_process_that_is_gone_is_swept_and_a_live_ones_kept() {
+        let mut gone = Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let orphan = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir()
+            .unwrap()
+            .keep();
+        fs::write(orphan.join(OWNER_FILE), gone.id().to_string()).unwrap();
+        let live = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir()
+            .unwrap();
+        fs::write(live.path().join(OWNER_FILE), std::process::id().to_string()).unwrap();
+
+        sweep_orphans(Path::new("/no/postgres/needed"), false);
+
+        assert!(!orphan.exists(), "its owner is gone");
+        assert!(live.path().exists(), "its owner is this test");
+    }
 }

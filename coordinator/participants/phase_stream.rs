@@ -35,7 +35,8 @@ struct Endpoint {
     /// The stream in use; behind an async lock so that one caller opens it while the others
     /// wait for it rather than each opening their own.
     stream: tokio::sync::Mutex<Option<Arc<Open>>>,
-    /// The participant answered Phases with UNIMPLEMENTED: it gets unary calls.
+    /// The participant answered Phases with UNIMPLEMENTED (or PERMISSION_DENIED): it gets
+    /// unary calls.
     unary_only: AtomicBool,
 }
 
@@ -55,7 +56,7 @@ struct Waiting {
 /// Why a call over the stream did not bring a reply.
 #[derive(Debug)]
 pub enum CallError {
-    /// The participant does not serve Phases: make the unary call.
+    /// The participant does not serve Phases (to this coordinator): make the unary call.
     Unsupported,
     /// What a unary call would have failed with: the stream could not be opened, or it broke
     /// before the reply came.
@@ -145,8 +146,16 @@ impl Endpoint {
         let (requests, outgoing) = mpsc::unbounded();
         let mut replies = match client().map_err(CallError::Failed)?.phases(outgoing).await {
             Ok(replies) => replies.into_inner(),
-            Err(status) if status.code() == Code::Unimplemented => {
-                tracing::info!(endpoint, "participant does not serve Phases; unary calls");
+            // PERMISSION_DENIED: this coordinator's token is not a peer's (an operator's may
+            // make the unary calls, not open Phases).
+            Err(status)
+                if matches!(status.code(), Code::Unimplemented | Code::PermissionDenied) =>
+            {
+                tracing::info!(
+                    endpoint,
+                    "participant does not serve Phases to this coordinator ({}); unary calls",
+                    status.message()
+                );
                 self.unary_only.store(true, Ordering::Relaxed);
                 return Err(CallError::Unsupported);
             }
