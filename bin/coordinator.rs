@@ -195,6 +195,14 @@ fn hours(d: Option<Duration>) -> u64 {
     d.map_or(0, |d| d.as_secs() / 3600)
 }
 
+/// mimalloc instead of the system allocator: a server spends about 15% of its CPU in `malloc`
+/// and `free` (small buffers per gRPC message, from many threads), and with mimalloc the
+/// coordinator alone commits up to a third more two-branch transactions a second here
+/// (docs/BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let (args, runtime) = twopc::process::start::<Args>(|a| &a.process)?;
     runtime.block_on(async {

@@ -770,6 +770,12 @@ async fn open_txns(n: usize, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// mimalloc, as in the coordinator and participant binaries: every system measured here runs
+/// in this process, so all of them get the allocator the servers ship with.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(n) = args.open_txns {

@@ -60,6 +60,14 @@ struct Args {
     auth: auth::Options,
 }
 
+/// mimalloc instead of the system allocator: a server spends about 15% of its CPU in `malloc`
+/// and `free` (small buffers per gRPC message, from many threads), and with mimalloc the
+/// coordinator alone commits up to a third more two-branch transactions a second here
+/// (docs/BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let (args, runtime) = twopc::process::start::<Args>(|a| &a.process)?;
     runtime.block_on(async {
