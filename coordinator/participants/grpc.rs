@@ -144,9 +144,7 @@ impl Participants for GrpcParticipants {
                 return reply;
             }
             let mut client = self.client(endpoint)?;
-            let mut req = tonic::Request::new(req);
-            req.set_timeout(timeout);
-            trace(&mut req, txn);
+            let req = unary(req, txn, timeout);
             client.prepare(req).await.map(|r| r.into_inner())
         };
         match tokio::time::timeout(timeout, call).await {
@@ -182,9 +180,7 @@ impl Participants for GrpcParticipants {
                 return reply;
             }
             let mut client = self.client(endpoint)?;
-            let mut req = tonic::Request::new(req);
-            req.set_timeout(timeout);
-            trace(&mut req, txn);
+            let req = unary(req, txn, timeout);
             client.commit_one_phase(req).await.map(|r| r.into_inner())
         };
         let resp = tokio::time::timeout(timeout, call)
@@ -252,9 +248,7 @@ impl Participants for GrpcParticipants {
                 return reply;
             }
             let mut client = self.client(endpoint)?;
-            let mut req = tonic::Request::new(req);
-            req.set_timeout(timeout);
-            trace(&mut req, txn);
+            let req = unary(req, txn, timeout);
             if ending.is_commit() {
                 client.commit(req).await.map(|_| ())
             } else {
@@ -327,9 +321,13 @@ fn peer_error(status: tonic::Status) -> PeerError {
     }
 }
 
-/// Carries the transaction's trace context to the participant (see `TxnId::traceparent`).
-fn trace<T>(req: &mut tonic::Request<T>, txn: TxnId) {
+/// A phase call as a unary request: its deadline, and the transaction's trace context (see
+/// `TxnId::traceparent`; over Phases it travels in the message).
+fn unary<T>(req: T, txn: TxnId, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(timeout);
     if let Ok(v) = txn.traceparent().parse() {
         req.metadata_mut().insert("traceparent", v);
     }
+    req
 }
