@@ -122,6 +122,10 @@ impl PhaseStreams {
 
     fn endpoint(&self, endpoint: &str) -> Arc<Endpoint> {
         let mut endpoints = self.endpoints.lock().unwrap();
+        // Every phase call comes here: no key is allocated for an endpoint already known.
+        if let Some(known) = endpoints.get(endpoint) {
+            return Arc::clone(known);
+        }
         Arc::clone(endpoints.entry(endpoint.to_string()).or_default())
     }
 }
