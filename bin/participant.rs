@@ -42,10 +42,14 @@ struct Args {
     /// How often prepared branches are checked with the coordinator, in ms (also at start).
     #[arg(long, env = "TWOPC_RESOLVE_INTERVAL_MS", default_value_t = 5_000)]
     resolve_interval_ms: u64,
-    /// Offer one-phase commit for a transaction whose only branch is here. Needs the table
-    /// twopc.one_phase_outcomes, created at start if this role may; without it, it is off.
+    /// Offer one-phase commit for a transaction whose only branch is here. Needs the markers
+    /// that --print-setup-sql sets up, out of this role's reach; without them, it is off.
     #[arg(long, env = "TWOPC_ONE_PHASE", default_value_t = true, action = clap::ArgAction::Set)]
     one_phase: bool,
+    /// Print the SQL that a superuser runs once in the --postgres database for one-phase
+    /// commit (its markers, owned by a role of their own, for the --postgres role), and exit.
+    #[arg(long)]
+    print_setup_sql: bool,
     #[command(flatten)]
     limits: twopc::participant::sql::Limits,
     /// Serve even when the --postgres role is a superuser. Refused otherwise: every client
@@ -70,6 +74,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let (args, runtime) = twopc::process::start::<Args>(|a| &a.process)?;
+    if args.print_setup_sql {
+        let (without_tls, _) = twopc::participant::pg_tls::from_conn_str(&args.postgres)?;
+        let conn: tokio_postgres::Config = without_tls
+            .parse()
+            .map_err(|e| anyhow::anyhow!("cannot parse --postgres: {e}"))?;
+        let role = conn.get_user().ok_or_else(|| {
+            anyhow::anyhow!("--postgres names no user: the setup grants to the participant's role")
+        })?;
+        print!("{}", twopc::participant::marker::setup_sql(role));
+        return Ok(());
+    }
     runtime.block_on(async {
         telemetry::serve_metrics(args.process.metrics_listen)?;
         let listener = twopc::process::bind(args.listen).await?;

@@ -184,7 +184,13 @@ impl<L: Log> Coordinator<L> {
         tls: Tls,
         bearer: Bearer,
     ) -> Result<Arc<Self>, Error> {
-        let participants = GrpcParticipants::new(id.clone(), Duration::from_secs(2), tls, bearer);
+        let participants = GrpcParticipants::new(
+            id.clone(),
+            log.marker_key(),
+            Duration::from_secs(2),
+            tls,
+            bearer,
+        );
         Coordinator::with_participants(id, log, participants, limits)
     }
 }

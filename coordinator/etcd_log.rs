@@ -20,11 +20,12 @@
 //! the next leader reads what etcd holds. Queued hints that no `sync` waits for go out within
 //! [`IDLE_FLUSH`].
 //!
-//! Keys, under the cluster's prefix: `meta/format`, `meta/coordinator_id`,
+//! Keys, under the cluster's prefix: `meta/format`, `meta/coordinator_id`, `meta/marker_key`,
 //! `meta/write_sequence`, `leader` (see `leader.rs`), `txns/<txn id>` (JSON of the [`Txn`];
 //! hyphenated UUIDv7s sort by creation) and `participants/<id>` (its endpoint).
 
 use super::log::{Log, LogError};
+use super::marker_key::MarkerKey;
 use super::txn::Txn;
 use crate::proto::TxnId;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse};
@@ -75,6 +76,8 @@ pub struct EtcdTarget {
 pub struct EtcdLog {
     shared: Arc<Shared>,
     writer: tokio::task::JoinHandle<()>,
+    /// Read (or created) at open; it never changes.
+    marker_key: MarkerKey,
 }
 
 struct Shared {
@@ -165,6 +168,8 @@ impl EtcdLog {
             }
         };
 
+        let marker_key = marker_key(&mut kv, &target).await?;
+
         let mut mirror = Mirror::default();
         for (key, value) in read_all(&mut kv, &format!("{p}txns/")).await? {
             let txn: Txn = serde_json::from_slice(&value).map_err(|source| LogError::Corrupt {
@@ -205,8 +210,54 @@ impl EtcdLog {
             written: watch::channel(Ok(0)).0,
         });
         let writer = tokio::spawn(write_forever(Arc::clone(&shared), target, sequence));
-        Ok((EtcdLog { shared, writer }, id))
+        Ok((
+            EtcdLog {
+                shared,
+                writer,
+                marker_key,
+            },
+            id,
+        ))
     }
+}
+
+/// The log's marker key, created on the first start that finds none (a new log, or one from
+/// before marker keys), by the leader only and only if nobody created one meanwhile; then read
+/// back, so every replica uses the one that won.
+async fn marker_key(
+    kv: &mut etcd_client::KvClient,
+    target: &EtcdTarget,
+) -> Result<MarkerKey, LogError> {
+    let key = format!("{}meta/marker_key", target.prefix);
+    let read = |r: etcd_client::GetResponse| r.kvs().first().map(|kv| kv.value().to_vec());
+    let stored = match read(kv.get(key.as_str(), None).await.map_err(etcd)?) {
+        Some(stored) => stored,
+        None => {
+            let fresh = MarkerKey::generate();
+            kv.txn(
+                EtcdTxn::new()
+                    .when([
+                        target.fence.holds(),
+                        Compare::version(key.as_bytes(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([TxnOp::put(key.as_bytes(), fresh.as_bytes(), None)]),
+            )
+            .await
+            .map_err(etcd)?;
+            read(kv.get(key.as_str(), None).await.map_err(etcd)?).ok_or_else(|| {
+                LogError::Etcd(format!(
+                    "{key} is missing and this replica could not create it (it lost the lead?); start again"
+                ))
+            })?
+        }
+    };
+    MarkerKey::from_bytes(&stored).ok_or_else(|| {
+        LogError::Etcd(format!(
+            "{key} holds {} bytes, not a marker key of {}",
+            stored.len(),
+            super::marker_key::KEY_BYTES
+        ))
+    })
 }
 
 /// A transaction's key, relative to the prefix.
@@ -464,6 +515,10 @@ impl Log for EtcdLog {
             .iter()
             .map(|(id, endpoint)| (id.clone(), endpoint.clone()))
             .collect())
+    }
+
+    fn marker_key(&self) -> MarkerKey {
+        self.marker_key.clone()
     }
 
     fn prune(&self, before_ms: i64) -> Result<usize, LogError> {

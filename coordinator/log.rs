@@ -11,6 +11,7 @@
 //! where `crash()` keeps only what was synced, as a power cut would.
 
 use super::flusher::Flusher;
+use super::marker_key::MarkerKey;
 use super::txn::Txn;
 use crate::proto::TxnId;
 use std::collections::BTreeMap;
@@ -89,6 +90,10 @@ pub trait Log: Send + Sync + 'static {
     /// many. Never an unfinished one (recovery needs it), nor one an operator forced (a branch
     /// of it may still be prepared, and without the record it would be presumed aborted).
     fn prune(&self, before_ms: i64) -> Result<usize, LogError>;
+
+    /// The key one-phase markers' secrets are derived from, created with the log and the same
+    /// for as long as it lives (`marker_key.rs`).
+    fn marker_key(&self) -> MarkerKey;
 }
 
 /// sled's "could not acquire lock" (it wraps the OS's WouldBlock in an error of its own kind).
@@ -128,6 +133,7 @@ pub struct SledLog {
     txns: sled::Tree,
     participants: sled::Tree,
     flusher: Flusher,
+    marker_key: MarkerKey,
     _db: sled::Db,
 }
 
@@ -210,7 +216,25 @@ impl SledLog {
                 id
             }
         };
-        // The id and format must survive a crash before any gid carries the id.
+        let marker_key = match meta.get("marker_key")? {
+            Some(stored) => MarkerKey::from_bytes(&stored).ok_or_else(|| LogError::Unreadable {
+                dir: dir_text.clone(),
+                reason: format!(
+                    "its marker key is {} bytes, not {}: the directory is damaged",
+                    stored.len(),
+                    super::marker_key::KEY_BYTES
+                ),
+            })?,
+            // A new log, or one from before marker keys: no one-phase marker was addressed
+            // by a key yet.
+            None => {
+                let key = MarkerKey::generate();
+                meta.insert("marker_key", key.as_bytes())?;
+                key
+            }
+        };
+        // The id, format and marker key must survive a crash before any gid carries the id
+        // or any marker a secret.
         db.flush()?;
         let txns = db.open_tree("txns")?;
         let participants = db.open_tree("participants")?;
@@ -220,6 +244,7 @@ impl SledLog {
                 txns,
                 participants,
                 flusher,
+                marker_key,
                 _db: db,
             },
             id,
@@ -297,6 +322,9 @@ impl Log for SledLog {
             })
             .collect()
     }
+    fn marker_key(&self) -> MarkerKey {
+        self.marker_key.clone()
+    }
 }
 
 /// An in-memory log for tests. `crash()` returns the log a restarted process would find:
@@ -306,11 +334,12 @@ pub struct MemLog {
     inner: Arc<Mutex<MemInner>>,
 }
 
-#[derive(Default)]
 struct MemInner {
     written: BTreeMap<TxnId, Txn>,
     durable: BTreeMap<TxnId, Txn>,
     participants: BTreeMap<String, String>,
+    /// Survives `crash`, as the real logs' keys do.
+    marker_key: MarkerKey,
     syncs: usize,
     /// Syncs never complete, as on a disk that hangs mid-fsync.
     stalled: bool,
@@ -324,6 +353,7 @@ impl MemLog {
                 written: inner.durable.clone(),
                 durable: inner.durable.clone(),
                 participants: inner.participants.clone(),
+                marker_key: inner.marker_key.clone(),
                 syncs: 0,
                 stalled: false,
             })),
@@ -399,6 +429,22 @@ impl Log for MemLog {
             .clone()
             .into_iter()
             .collect())
+    }
+    fn marker_key(&self) -> MarkerKey {
+        self.inner.lock().unwrap().marker_key.clone()
+    }
+}
+
+impl Default for MemInner {
+    fn default() -> Self {
+        MemInner {
+            written: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            participants: BTreeMap::new(),
+            marker_key: MarkerKey::generate(),
+            syncs: 0,
+            stalled: false,
+        }
     }
 }
 

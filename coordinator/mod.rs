@@ -10,6 +10,7 @@
 //! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
 //!   `retention.rs`: pruning finished transactions from the log.
 //! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory;
+//!   [`marker_key`]: the key in it that one-phase markers' secrets come from;
 //!   `etcd_log.rs`: the log on etcd, for replicas (docs/HA.md).
 //! - `replica.rs`: a coordinator replica on etcd: `leader.rs` elects the one that serves,
 //!   `standby.rs` sends callers of the others to it.
@@ -31,6 +32,7 @@ mod fuzz;
 #[cfg(feature = "etcd")]
 pub mod leader;
 pub mod log;
+pub mod marker_key;
 pub mod participants;
 pub mod recovery;
 pub mod registry;

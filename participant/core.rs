@@ -24,6 +24,7 @@ use super::link::{CoordinatorLink, GrpcCoordinator};
 use super::postgres::Postgres;
 use super::sql;
 use super::tombstone::Tombstones;
+use crate::proto::marker::MarkerSecret;
 use crate::proto::{self, TxnId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -632,17 +633,15 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// Commits the transaction's lone branch in one phase: its COMMIT is the transaction's
     /// outcome. A repeat is answered from the branch's state, or from the database when the
     /// branch is no longer here (docs/PROTOCOL.md, "One-phase commit of a lone branch").
-    /// `forget`: earlier one-phase transactions whose markers the coordinator no longer needs.
+    /// `secret` addresses the transaction's marker; `forget`: the secrets of earlier one-phase
+    /// transactions whose markers the coordinator no longer needs.
     pub async fn commit_one_phase(
         &self,
         txn: TxnId,
         coordinator_id: &str,
-        forget: &[TxnId],
+        secret: &MarkerSecret,
+        forget: &[MarkerSecret],
     ) -> Result<OnePhaseOutcome, Error> {
-        let forget: Vec<Gid> = forget
-            .iter()
-            .map(|f| self.gid(*f, coordinator_id))
-            .collect::<Result<_, _>>()?;
         let open = match self.find(txn) {
             Found::Open(open) => open,
             Found::Ended(state) => {
@@ -653,7 +652,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             }
             Found::Unknown => {
                 let gid = self.gid(txn, coordinator_id)?;
-                return self.one_phase_by_gid(txn, &gid).await;
+                return self.one_phase_by_marker(txn, &gid, secret).await;
             }
         };
         let mut slot = open.slot.lock().await;
@@ -661,7 +660,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         let outcome = match slot.branch.one_phase_step()? {
             OnOnePhase::Answer(outcome) => return Ok(outcome),
             OnOnePhase::AskDatabase => {
-                let outcome = self.one_phase_by_gid(txn, &gid).await?;
+                let outcome = self.one_phase_by_marker(txn, &gid, secret).await?;
                 slot.branch.one_phase_ended(outcome)
             }
             OnOnePhase::RollBackAndRefuse { reason } => {
@@ -674,12 +673,12 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                 None => slot
                     .branch
                     .one_phase_ended(OnePhaseOutcome::Committed { read_only: true }),
-                Some(conn) => match self.db.commit_one_phase(conn, &gid, &forget).await {
+                Some(conn) => match self.db.commit_one_phase(conn, &gid, secret, forget).await {
                     Ok(outcome) => slot.branch.one_phase_ended(outcome),
                     Err(e) => {
                         tracing::warn!(%gid, error = %e, "one-phase COMMIT got no answer; asking the database");
                         slot.branch.one_phase_in_doubt();
-                        let outcome = self.one_phase_by_gid(txn, &gid).await?;
+                        let outcome = self.one_phase_by_marker(txn, &gid, secret).await?;
                         slot.branch.one_phase_ended(outcome)
                     }
                 },
@@ -694,20 +693,29 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// How a one-phase branch that is not open here ended, by its marker; with none, a fence
     /// makes "not committed" final, unless the transaction is too old for "no marker" to mean
     /// that (its marker may have been pruned).
-    async fn one_phase_by_gid(&self, txn: TxnId, gid: &Gid) -> Result<OnePhaseOutcome, Error> {
+    async fn one_phase_by_marker(
+        &self,
+        txn: TxnId,
+        gid: &Gid,
+        secret: &MarkerSecret,
+    ) -> Result<OnePhaseOutcome, Error> {
         let too_old = txn.created_ms().is_none_or(|created| {
             crate::process::clock::now_ms() - created > FENCE_HORIZON.as_millis() as i64
         });
-        let committed = match self.db.one_phase_outcome(gid, false).await? {
+        let committed = match self.db.one_phase_outcome(gid, secret, false).await? {
             Some(committed) => committed,
             None if too_old => {
                 return Err(Error::FailedPrecondition(format!(
                     "{gid} has no one-phase marker here, and its transaction is too old to tell whether the marker was pruned: check the data, then resolve the transaction by hand"
                 )));
             }
-            None => self.db.one_phase_outcome(gid, true).await?.ok_or_else(|| {
-                Error::Internal(format!("{gid} has no marker even after its fence"))
-            })?,
+            None => self
+                .db
+                .one_phase_outcome(gid, secret, true)
+                .await?
+                .ok_or_else(|| {
+                    Error::Internal(format!("{gid} has no marker even after its fence"))
+                })?,
         };
         Ok(if committed {
             OnePhaseOutcome::Committed { read_only: false }

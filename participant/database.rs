@@ -13,6 +13,7 @@ use super::error::Error;
 use super::gid::Gid;
 use super::sql::{self, SqlError};
 use crate::proto;
+use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
 use std::future::Future;
 use std::time::Duration;
@@ -147,27 +148,30 @@ pub trait Database: Send + Sync + 'static {
     fn one_phase(&self) -> bool;
 
     /// One-phase commit on the branch's connection, which is then released: COMMIT, with the
-    /// branch's marker (if it wrote anything) and the deletion of the `forget` markers in the
-    /// same local transaction. `Err`: the connection broke, so whether it committed is unknown
-    /// until [`Database::one_phase_outcome`] is asked.
+    /// branch's marker under `secret` (if it wrote anything) and the deletion of the `forget`
+    /// markers in the same local transaction. `Err`: the connection broke, so whether it
+    /// committed is unknown until [`Database::one_phase_outcome`] is asked.
     fn commit_one_phase(
         &self,
         conn: Self::Conn,
         gid: &Gid,
-        forget: &[Gid],
+        secret: &MarkerSecret,
+        forget: &[MarkerSecret],
     ) -> impl Future<Output = Result<OnePhaseOutcome, Error>> + Send;
 
-    /// Whether a one-phase branch committed, by its marker: `Some(true)` committed,
-    /// `Some(false)` fenced off. With `fence`, a gid with no marker gets a "did not commit" one
-    /// first (waiting for a commit of that gid still in flight), so the answer is always `Some`
-    /// and final; without, it is `None`.
+    /// Whether the one-phase branch whose marker `secret` addresses committed: `Some(true)`
+    /// committed, `Some(false)` fenced off. With `fence`, a secret with no marker gets a "did
+    /// not commit" one first (waiting for a commit under it still in flight), so the answer is
+    /// always `Some` and final; without, it is `None`. (`gid` names it in messages.)
     fn one_phase_outcome(
         &self,
         gid: &Gid,
+        secret: &MarkerSecret,
         fence: bool,
     ) -> impl Future<Output = Result<Option<bool>, Error>> + Send;
 
-    /// Deletes markers older than `age`; returns how many.
+    /// Deletes markers older than `age` (the database refuses to go below its own floor,
+    /// `MARKER_RETENTION`); returns how many.
     fn prune_one_phase_markers(
         &self,
         age: Duration,

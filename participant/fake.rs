@@ -16,6 +16,7 @@ use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, Enlisted};
 use super::sql::SqlError;
+use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::{self, Outcome, TxnId};
 use std::collections::{BTreeMap, HashMap};
@@ -40,8 +41,9 @@ struct Db {
     ended: HashMap<u64, XactStatus>,
     /// The next PREPARE breaks the connection, after preparing (`Some(true)`) or before.
     break_prepare: Option<bool>,
-    /// `twopc.one_phase_outcomes`: gid → committed.
-    markers: BTreeMap<String, bool>,
+    /// `twopc.one_phase_markers`: secret → (gid, committed). The real table keeps the
+    /// secret's SHA-256; the fake needs no hashing to be addressed the same way.
+    markers: BTreeMap<Vec<u8>, (String, bool)>,
     /// The next one-phase COMMIT breaks the connection, after committing (`Some(true)`) or
     /// before.
     break_one_phase: Option<bool>,
@@ -112,7 +114,13 @@ impl FakeDatabase {
 
     /// The one-phase markers: gid → committed.
     pub fn markers(&self) -> BTreeMap<String, bool> {
-        self.inner.lock().unwrap().markers.clone()
+        self.inner
+            .lock()
+            .unwrap()
+            .markers
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Prepares a branch as a previous run of the participant would have left it.
@@ -290,7 +298,8 @@ impl Database for FakeDatabase {
         &self,
         conn: FakeConn,
         gid: &Gid,
-        forget: &[Gid],
+        secret: &MarkerSecret,
+        forget: &[MarkerSecret],
     ) -> Result<OnePhaseOutcome, Error> {
         let mut db = self.inner.lock().unwrap();
         let xid = db.open.remove(&conn.id).flatten();
@@ -311,10 +320,11 @@ impl Database for FakeDatabase {
         }
         end(&mut db, XactStatus::Committed);
         if xid.is_some() {
-            db.markers.insert(gid.to_string(), true);
+            db.markers
+                .insert(secret.as_bytes().to_vec(), (gid.to_string(), true));
         }
         for f in forget {
-            db.markers.remove(&f.to_string());
+            db.markers.remove(f.as_bytes());
         }
         if broken == Some(true) {
             return Err(Error::Unavailable("connection reset after COMMIT".into()));
@@ -324,12 +334,19 @@ impl Database for FakeDatabase {
         })
     }
 
-    async fn one_phase_outcome(&self, gid: &Gid, fence: bool) -> Result<Option<bool>, Error> {
+    async fn one_phase_outcome(
+        &self,
+        gid: &Gid,
+        secret: &MarkerSecret,
+        fence: bool,
+    ) -> Result<Option<bool>, Error> {
         let mut db = self.inner.lock().unwrap();
         if fence {
-            db.markers.entry(gid.to_string()).or_insert(false);
+            db.markers
+                .entry(secret.as_bytes().to_vec())
+                .or_insert((gid.to_string(), false));
         }
-        Ok(db.markers.get(&gid.to_string()).copied())
+        Ok(db.markers.get(secret.as_bytes()).map(|(_, c)| *c))
     }
 
     async fn prune_one_phase_markers(&self, _age: Duration) -> Result<u64, Error> {

@@ -210,7 +210,9 @@ impl fuzzing::Target for Target {
                 .commit_one_phase(Request::new(proto::CommitOnePhaseRequest {
                     txn_id: self.id(id),
                     coordinator_id: c.clone(),
-                    forget: forget.iter().map(|f| self.id(f)).collect(),
+                    // Any bytes: too short, empty and well-formed secrets alike.
+                    marker_secret: self.id(id).into_bytes(),
+                    forget_secrets: forget.iter().map(|f| self.id(f).into_bytes()).collect(),
                 }))
                 .await
                 .map(drop),

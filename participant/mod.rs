@@ -9,6 +9,8 @@
 //!   statement (parameters, result rows, the statements Execute refuses).
 //!   [`record`] prints anonymous records, which the server cannot print for us.
 //!   [`pg_tls`] is how it reaches PostgreSQL over TLS (`sslmode`).
+//! - [`marker`]: one-phase commit's markers in PostgreSQL, owned by a role of their own so
+//!   that no client's SQL can forge, plant or delete one; the SQL that sets them up.
 //! - [`link`]: the line to the coordinator (RegisterBranch, QueryOutcome).
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
@@ -31,6 +33,7 @@ mod fuzz;
 pub mod gid;
 pub mod health;
 pub mod link;
+pub mod marker;
 pub mod pg_tls;
 pub mod postgres;
 pub mod record;
@@ -73,8 +76,8 @@ pub struct Config {
     pub max_connections: usize,
     /// How often prepared branches are checked with the coordinator (and at start).
     pub resolve_interval: Duration,
-    /// Offer one-phase commit for lone branches (needs the `twopc.one_phase_outcomes` table,
-    /// created at start if this role may).
+    /// Offer one-phase commit for lone branches (needs the markers `marker::setup_sql` sets
+    /// up, out of this role's reach; checked at start).
     pub one_phase: bool,
     /// Serve even when the PostgreSQL role is a superuser (refused otherwise).
     pub allow_superuser: bool,
@@ -132,6 +135,7 @@ pub(crate) async fn start(
     let db = Postgres::new(&config.postgres, config.max_connections)?.with_limits(config.limits);
     db.check_prepared_transactions_enabled().await?;
     db.check_not_superuser(config.allow_superuser).await?;
+    db.report_persisted_settings().await?;
     if config.one_phase {
         db.set_up_one_phase().await;
     }

@@ -9,17 +9,26 @@
 //! once the gid is seen in `pg_prepared_xacts`. When a gid is gone, `pg_xact_status` of the xid
 //! read before PREPARE tells whether it committed or rolled back.
 //!
-//! A lone branch commits in one phase: its COMMIT carries a marker row in
-//! `twopc.one_phase_outcomes` (gid, committed), which is how a repeated CommitOnePhase learns
-//! the truth after any crash; a gid with no marker is fenced with a `false` row, which waits for
-//! a commit of the same gid still in flight (the primary key) and rules out any later one.
+//! A lone branch commits in one phase: its COMMIT carries a marker row, addressed by the
+//! coordinator's secret and written only through functions of another role (`marker.rs`),
+//! which is how a repeated CommitOnePhase learns the truth after any crash; a secret with no
+//! marker is fenced with a `false` row, which waits for a commit under the same secret still in
+//! flight (the primary key) and rules out any later one.
+//!
+//! A client's SQL shares the branch's session, and the role's persisted settings reach every
+//! session. So the protocol trusts neither: its statements name every function, type and
+//! operator by schema (a client may put its own `pg_current_xact_id_if_assigned` ahead of
+//! `pg_catalog` in `search_path`), its own connections start with the settings it needs
+//! ([`PROTOCOL_SETTINGS`]), and a one-phase COMMIT is never asynchronous.
 
 use super::database::{Database, LockWait, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
+use super::marker;
 use super::pg_tls::{self, PgTls};
 use super::sql::{self, SqlError};
 use crate::proto;
+use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, ObjectId, Pool, PoolError, RecyclingMethod, Runtime,
@@ -30,15 +39,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 
 /// Resets everything a session can carry from one branch to the next (what deadpool's
 /// `RecyclingMethod::Clean` would run before every use; here it runs once, after a branch).
 const CLEAN_SESSION: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
-                             SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
+                             SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
 
-/// Where one-phase commits leave their markers. Created at start by the participant's own
-/// role; if it cannot be, the participant commits every branch in two phases.
-const MARKERS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS twopc;      CREATE TABLE IF NOT EXISTS twopc.one_phase_outcomes (          gid text PRIMARY KEY,          committed boolean NOT NULL,          at timestamptz NOT NULL DEFAULT now())";
+/// What the protocol's own connections start with, as startup options: they take precedence
+/// over `ALTER ROLE … SET` and `ALTER DATABASE … SET`, which a client's SQL may have slipped
+/// in (through a `DO` block, say). Only settings every supported PostgreSQL knows: an unknown
+/// one fails the connection.
+pub const PROTOCOL_SETTINGS: &str = "-c search_path=pg_catalog,pg_temp -c statement_timeout=0 \
+     -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 \
+     -c default_transaction_read_only=off -c default_transaction_isolation=read\\ committed \
+     -c synchronous_commit=on";
+
+/// Before a one-phase COMMIT, on the branch's session: its own role back (the client may have
+/// switched to one that may not call the marker function), and a synchronous commit (a client
+/// may have set `synchronous_commit = off`, and an asynchronous COMMIT answered "committed"
+/// can be lost in a PostgreSQL crash).
+const BEFORE_ONE_PHASE_COMMIT: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; \
+     SELECT pg_catalog.set_config('synchronous_commit', 'on', true) \
+      WHERE pg_catalog.current_setting('synchronous_commit') OPERATOR(pg_catalog.=) 'off'";
+
+/// The role's and the database's persisted settings (`ALTER ROLE … SET`, `ALTER DATABASE …
+/// SET`): they reach every branch's session.
+const PERSISTED_SETTINGS: &str = "
+    SELECT CASE WHEN s.setrole OPERATOR(pg_catalog.=) 0 THEN 'ALTER DATABASE'
+                ELSE 'ALTER ROLE' END,
+           pg_catalog.array_to_string(s.setconfig, ', ')
+      FROM pg_catalog.pg_db_role_setting AS s
+     WHERE (s.setrole OPERATOR(pg_catalog.=) 0 OR pg_catalog.pg_has_role(s.setrole, 'MEMBER'))
+       AND s.setdatabase OPERATOR(pg_catalog.=) ANY (ARRAY[0::pg_catalog.oid,
+           (SELECT d.oid FROM pg_catalog.pg_database AS d
+             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())])";
 
 /// Connections kept for the protocol's own statements (COMMIT/ROLLBACK PREPARED, the gid
 /// lookups, Recover, one-phase markers), apart from the branches' pool: open branches, however
@@ -79,11 +114,12 @@ pub struct Postgres {
     protocol: Pool,
     /// `max_connections`, for messages.
     branch_connections: usize,
-    /// For connections outside the pool (the health check's).
+    /// For connections outside the pool (the health check's), with [`PROTOCOL_SETTINGS`].
     config: tokio_postgres::Config,
     /// For messages: where PostgreSQL is, without the password.
     target: String,
-    /// The marker table is there and ours to write: lone branches commit in one phase.
+    /// The markers are there and out of the clients' reach (`marker::check`): lone branches
+    /// commit in one phase.
     one_phase: AtomicBool,
     /// TLS to PostgreSQL (`sslmode`), for the connections outside the pools too.
     tls: PgTls,
@@ -113,7 +149,14 @@ impl Postgres {
                 ""
             },
         );
-        let pool = |size| {
+        // Branches keep the role's settings (an administrator's search_path is the
+        // application's); the protocol's connections start with their own.
+        let mut protocol_config = config.clone();
+        protocol_config.options(&match config.get_options() {
+            Some(own) => format!("{own} {PROTOCOL_SETTINGS}"),
+            None => PROTOCOL_SETTINGS.to_string(),
+        });
+        let pool = |size, config: &tokio_postgres::Config| {
             // Branch connections are cleaned when released (`release`), off the critical
             // path; the pool only checks that a connection is still open.
             let recycling = ManagerConfig {
@@ -135,10 +178,10 @@ impl Postgres {
                 .map_err(|e| Error::Internal(format!("cannot build a connection pool: {e}")))
         };
         Ok(Postgres {
-            pool: pool(max_connections)?,
-            protocol: pool(PROTOCOL_CONNECTIONS)?,
+            pool: pool(max_connections, &config)?,
+            protocol: pool(PROTOCOL_CONNECTIONS, &protocol_config)?,
             branch_connections: max_connections,
-            config,
+            config: protocol_config,
             target,
             one_phase: AtomicBool::new(false),
             tls,
@@ -147,38 +190,73 @@ impl Postgres {
         })
     }
 
-    /// Creates the one-phase marker table if it is missing, and turns one-phase commit on if
-    /// this role can write it. A failure is not fatal: every branch then takes two phases.
+    /// Turns one-phase commit on if this database keeps its markers out of the clients' reach
+    /// for this role (`marker::check`); otherwise says why at WARN, with the command that fixes
+    /// it, and every branch takes two phases.
     pub async fn set_up_one_phase(&self) {
-        let ready = async {
+        let access = async {
             let conn = self.pooled().await?;
-            if let Err(e) = conn.batch_execute(MARKERS_DDL).await {
-                // Another participant on the same database may have raced us to it.
-                tracing::debug!(error = %describe(&e), "creating the one-phase marker table");
-            }
-            let row = conn
-                .query_one(
-                    "SELECT to_regclass('twopc.one_phase_outcomes') IS NOT NULL                      AND has_table_privilege('twopc.one_phase_outcomes', 'SELECT, INSERT, DELETE')",
-                    &[],
-                )
-                .await?;
-            Ok::<bool, Error>(row.get(0))
+            let row = conn.query_one(marker::CHECK, &[]).await?;
+            let flag = |i| row.get::<_, Option<bool>>(i).unwrap_or(false);
+            Ok::<_, Error>(marker::Access {
+                superuser: flag(0),
+                table_exists: flag(1),
+                owner: row.get(2),
+                owns: flag(3),
+                writes_table: flag(4),
+                creates_in_schema: flag(5),
+                functions_ready: flag(6),
+                legacy_table_owned: flag(7),
+            })
         }
         .await;
-        match ready {
-            Ok(true) => {
-                self.one_phase.store(true, Ordering::SeqCst);
-                tracing::info!(
-                    "one-phase commit of lone branches: on (markers in twopc.one_phase_outcomes)"
-                );
+        let role = self.config.get_user().unwrap_or("<the participant's role>");
+        let db = self.config.get_dbname().unwrap_or("<its database>");
+        let fix = format!(
+            "to turn it on, run as a superuser: participant --print-setup-sql --postgres \"user={role} dbname={db}\" | psql -d {db}"
+        );
+        match access {
+            Ok(access) => {
+                if access.legacy_table_owned {
+                    tracing::warn!(
+                        "this role still owns twopc.one_phase_outcomes, an earlier version's one-phase markers, which its clients' SQL can write; nothing reads it any more ({fix})"
+                    );
+                }
+                match access.refusal() {
+                    None => {
+                        self.one_phase.store(true, Ordering::SeqCst);
+                        tracing::info!(
+                            "one-phase commit of lone branches: on (markers in twopc.one_phase_markers, owned by {})",
+                            access.owner.as_deref().unwrap_or(marker::OWNER)
+                        );
+                    }
+                    Some(why) => tracing::warn!(
+                        "one-phase commit is off, every branch is committed in two phases: {why}; {fix}"
+                    ),
+                }
             }
-            Ok(false) => tracing::warn!(
-                "one-phase commit is off: this role cannot create or write twopc.one_phase_outcomes;                  every branch is committed in two phases"
+            Err(e) => tracing::warn!(
+                error = %e,
+                "one-phase commit is off: could not check its markers; {fix}"
             ),
-            Err(e) => {
-                tracing::warn!(error = %e, "one-phase commit is off: could not set up its marker table")
-            }
         }
+    }
+
+    /// Says at WARN which settings the role and the database have persisted: each reaches every
+    /// branch's session (the protocol's own sessions override them). A client's SQL cannot set
+    /// them through Execute (`sql::check_allowed`), but could through a function or a `DO`
+    /// block, so they are named at every start.
+    pub async fn report_persisted_settings(&self) -> Result<(), Error> {
+        let conn = self.pooled().await?;
+        for row in conn.query(PERSISTED_SETTINGS, &[]).await? {
+            let (by, settings): (String, String) = (row.get(0), row.get(1));
+            tracing::warn!(
+                settings,
+                "PostgreSQL at {} has settings persisted by {by} … SET for this role or database: every branch's session starts with them (the participant's own sessions override them). If nobody chose them, check who ran {by}",
+                self.target
+            );
+        }
+        Ok(())
     }
 
     /// Limits other than [`sql::Limits::default`] (`--max-sql-bytes`, `--max-result-rows`, …).
@@ -297,8 +375,9 @@ impl Postgres {
              GRANT CONNECT ON DATABASE {db} TO twopc_participant; \
              GRANT USAGE ON SCHEMA public TO twopc_participant; \
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO twopc_participant; \
-             CREATE SCHEMA twopc AUTHORIZATION twopc_participant; \
-             (the last one for one-phase commit's markers), then use user=twopc_participant in --postgres. \
+             then use user=twopc_participant in --postgres, and for one-phase commit run the \
+             output of participant --print-setup-sql --postgres \"user=twopc_participant dbname={db}\" \
+             as {role}. \
              Every participant on this database must use the same role: only the role that \
              prepared a transaction may commit it. To run as {role} anyway, pass --allow-superuser.",
             target = self.target
@@ -313,9 +392,10 @@ impl Postgres {
         // an error). The statements run in order and stop at the first error.
         let gid_literal = gid.literal();
         let batch = format!(
-            "SELECT pg_current_xact_id_if_assigned()::text; \
+            "SELECT pg_catalog.pg_current_xact_id_if_assigned()::pg_catalog.text; \
              PREPARE TRANSACTION {gid_literal}; \
-             SELECT count(*) FROM pg_prepared_xacts WHERE gid = {gid_literal}"
+             SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_xacts \
+              WHERE gid OPERATOR(pg_catalog.=) {gid_literal}::pg_catalog.text"
         );
         crate::failpoint!("participant::before_prepare");
         let result = conn.simple_query(&batch).await;
@@ -476,7 +556,10 @@ impl Database for Postgres {
         let conn = self.branch_conn().await?;
         let id = Object::id(&conn);
         if !self.pids.lock().unwrap().contains_key(&id) {
-            let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+            let pid: i32 = conn
+                .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
+                .await?
+                .get(0);
             let mut pids = self.pids.lock().unwrap();
             // Connections the pool has closed leave their entries behind; start afresh
             // now and then (the rest are asked again, once each).
@@ -585,39 +668,35 @@ impl Database for Postgres {
     async fn commit_one_phase(
         &self,
         conn: Object,
-        gid: &Gid,
-        forget: &[Gid],
+        _gid: &Gid,
+        secret: &MarkerSecret,
+        forget: &[MarkerSecret],
     ) -> Result<OnePhaseOutcome, Error> {
-        // One round trip. The xid (NULL if the branch wrote nothing, then no marker either);
-        // the session's own role back (the client may have switched to one that cannot write
-        // the markers); the marker; the markers the coordinator is done with; COMMIT. The
-        // statements stop at the first error, and an error before or at COMMIT rolls it all
-        // back.
-        let lit = gid.literal();
-        let forget_sql = if forget.is_empty() {
-            String::new()
-        } else {
-            let gids: Vec<String> = forget.iter().map(Gid::literal).collect();
-            format!(
-                "DELETE FROM twopc.one_phase_outcomes WHERE gid IN ({}); ",
-                gids.join(", ")
-            )
-        };
-        let batch = format!(
-            "SELECT pg_current_xact_id_if_assigned()::text;              SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;              INSERT INTO twopc.one_phase_outcomes (gid, committed)                SELECT {lit}, true WHERE pg_current_xact_id_if_assigned() IS NOT NULL;              {forget_sql}COMMIT"
-        );
+        // One round trip, pipelined: the session's own role and a synchronous commit; the
+        // marker (if the branch wrote anything; the function reads the xid) and the deletion
+        // of the markers the coordinator is done with, the secrets bound as parameters so that
+        // no other session sees them in pg_stat_activity; COMMIT. After an error the rest runs
+        // in a failed transaction, and its COMMIT rolls back.
+        let forget: Vec<&[u8]> = forget.iter().map(MarkerSecret::as_bytes).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [
+            (&secret.as_bytes(), Type::BYTEA),
+            (&forget, Type::BYTEA_ARRAY),
+        ];
         crate::failpoint!("participant::before_one_phase_commit");
-        let result = conn.simple_query(&batch).await;
+        let (before, marked, committed) = tokio::join!(
+            conn.batch_execute(BEFORE_ONE_PHASE_COMMIT),
+            conn.query_typed(marker::COMMIT_MARKER, &params),
+            conn.batch_execute("COMMIT"),
+        );
         crate::failpoint!("participant::after_one_phase_commit");
+        // The first failure is the one that says what happened; the later ones follow from it.
+        let result = before.and(marked).and_then(|rows| committed.map(|()| rows));
         match result {
-            Ok(messages) => {
-                let wrote = messages.iter().find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).is_some()),
-                    _ => None,
-                });
+            Ok(rows) => {
+                let wrote = rows.first().and_then(|r| r.get::<_, Option<String>>(0));
                 Self::release(conn);
                 Ok(OnePhaseOutcome::Committed {
-                    read_only: !wrote.unwrap_or(false),
+                    read_only: wrote.is_none(),
                 })
             }
             // An ERROR (a deferred constraint, a serialization failure at COMMIT, …) ends the
@@ -640,25 +719,41 @@ impl Database for Postgres {
         }
     }
 
-    async fn one_phase_outcome(&self, gid: &Gid, fence: bool) -> Result<Option<bool>, Error> {
+    async fn one_phase_outcome(
+        &self,
+        gid: &Gid,
+        secret: &MarkerSecret,
+        fence: bool,
+    ) -> Result<Option<bool>, Error> {
         let conn = self.pooled().await?;
-        let gid = gid.to_string();
-        if fence {
-            // Waits on the primary key for a commit of this gid still in flight; afterwards
-            // none can follow.
-            conn.execute(
-                "INSERT INTO twopc.one_phase_outcomes (gid, committed) VALUES ($1, false)                  ON CONFLICT (gid) DO NOTHING",
-                &[&gid],
-            )
-            .await?;
-        }
         let row = conn
-            .query_opt(
-                "SELECT committed FROM twopc.one_phase_outcomes WHERE gid = $1",
-                &[&gid],
+            .query_typed(
+                marker::MARKER_OUTCOME,
+                &[(&secret.as_bytes(), Type::BYTEA), (&fence, Type::BOOL)],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        let (committed, xid): (Option<bool>, Option<String>) = match row.first() {
+            Some(r) => (r.get(0), r.get(1)),
+            None => (None, None),
+        };
+        if committed == Some(true) {
+            // A marker is written in the same transaction as the commit it marks, so its xid
+            // committed. If not, someone with the owner's rights changed the markers.
+            let xid = xid.as_deref().and_then(|x| x.parse::<u64>().ok());
+            let status = match xid {
+                Some(xid) => self.xact_status(&conn, xid).await?,
+                None => XactStatus::Unknown,
+            };
+            if matches!(status, XactStatus::Aborted | XactStatus::InProgress) || xid.is_none() {
+                super::ALARMS.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("twopc_atomicity_alarms_total").increment(1);
+                tracing::error!(%gid, ?xid, ?status, "ATOMICITY ALARM: a one-phase marker says committed, but its transaction did not commit: the markers were changed outside the protocol");
+                return Err(Error::FailedPrecondition(format!(
+                    "ATOMICITY ALARM: the one-phase marker of {gid} says committed, but its transaction (xid {xid:?}) is {status:?} in PostgreSQL; the markers were changed outside the protocol, so the outcome must be checked by hand"
+                )));
+            }
+        }
+        Ok(committed)
     }
 
     async fn prune_one_phase_markers(&self, age: Duration) -> Result<u64, Error> {
@@ -666,12 +761,13 @@ impl Database for Postgres {
             return Ok(0);
         }
         let conn = self.pooled().await?;
-        Ok(conn
-            .execute(
-                "DELETE FROM twopc.one_phase_outcomes WHERE at < now() - make_interval(secs => $1)",
-                &[&age.as_secs_f64()],
-            )
-            .await?)
+        let row = conn
+            .query_typed(marker::PRUNE, &[(&age.as_secs_f64(), Type::FLOAT8)])
+            .await?;
+        Ok(row
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map_or(0, |n| n.max(0) as u64))
     }
 
     async fn prepared_older_than(&self, min_age: Duration) -> Result<Vec<PreparedBranch>, Error> {

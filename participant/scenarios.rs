@@ -11,6 +11,7 @@ use super::error::Error;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::gid::Gid;
 use super::sql;
+use crate::proto::marker::MarkerSecret;
 use crate::proto::{Outcome, TxnId};
 use std::future::Future;
 use std::sync::Arc;
@@ -571,9 +572,19 @@ fn an_ended_branch_answers_repeated_requests_as_it_ended() {
 // ---- One-phase commit of a lone branch (docs/PROTOCOL.md) ----
 
 impl Process {
+    /// As the coordinator asks: each transaction's marker under its own secret.
     fn commit_one_phase(&self, txn: TxnId, forget: &[TxnId]) -> Result<OnePhaseOutcome, Error> {
-        self.run(self.core.commit_one_phase(txn, COORDINATOR, forget))
+        let forget: Vec<MarkerSecret> = forget.iter().map(|f| secret(*f)).collect();
+        self.run(
+            self.core
+                .commit_one_phase(txn, COORDINATOR, &secret(txn), &forget),
+        )
     }
+}
+
+/// A marker secret per transaction, the same on every ask (the coordinator's is an HMAC).
+fn secret(txn: TxnId) -> MarkerSecret {
+    MarkerSecret::new(txn.as_bytes().to_vec()).unwrap()
 }
 
 const COMMITTED: OnePhaseOutcome = OnePhaseOutcome::Committed { read_only: false };

@@ -11,6 +11,7 @@ use super::database::Database;
 use super::error::Error;
 use super::link::CoordinatorLink;
 use crate::process::auth::{Caller, Role};
+use crate::proto::marker::MarkerSecret;
 use crate::proto::{self, TxnId, participant_server};
 use std::future::Future;
 use std::sync::Arc;
@@ -176,13 +177,14 @@ async fn commit_one_phase<D: Database, C: CoordinatorLink>(
     span: tracing::Span,
 ) -> Result<proto::CommitOnePhaseResponse, Status> {
     let txn = req.txn_id.parse::<TxnId>()?;
+    let secret = MarkerSecret::new(req.marker_secret)?;
     let forget = req
-        .forget
-        .iter()
-        .map(|f| f.parse::<TxnId>())
+        .forget_secrets
+        .into_iter()
+        .map(MarkerSecret::new)
         .collect::<Result<Vec<_>, _>>()?;
     let outcome = detached(span, async move {
-        core.commit_one_phase(txn, &req.coordinator_id, &forget)
+        core.commit_one_phase(txn, &req.coordinator_id, &secret, &forget)
             .await
     })
     .await?;

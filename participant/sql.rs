@@ -223,7 +223,9 @@ fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
 /// Refuses statements that would end or escape the branch's transaction, or leave state on
 /// the connection for the next branch: a `COMMIT` sent through Execute would commit one
 /// database while the others wait for the coordinator, and a statement prepared in SQL would
-/// outlive the branch on a connection the next branch reuses.
+/// outlive the branch on a connection the next branch reuses. Nor may a branch change what
+/// later sessions start with (`ALTER ROLE … SET`, `ALTER DATABASE … SET`, `ALTER SYSTEM`):
+/// the session reset after each branch returns to exactly those defaults.
 pub fn check_allowed(sql: &str) -> Result<(), SqlError> {
     let words = leading_words(sql, 3);
     let first = words.first().map(String::as_str).unwrap_or("");
@@ -241,6 +243,11 @@ pub fn check_allowed(sql: &str) -> Result<(), SqlError> {
     if ends_transaction {
         return Err(SqlError::Refused(format!(
             "{first} is not allowed through Execute: the coordinator ends the transaction (call Coordinator.Commit or Abort)"
+        )));
+    }
+    if first == "ALTER" && matches!(second, "ROLE" | "USER" | "GROUP" | "DATABASE" | "SYSTEM") {
+        return Err(SqlError::Refused(format!(
+            "ALTER {second} is not allowed through Execute: it outlives the transaction and changes what every later session of this participant starts with (the role's or database's settings, password, limits), the participant's own included. Run it as an administrator, outside twopc"
         )));
     }
     let refused = match first {
@@ -316,6 +323,17 @@ pub async fn execute(
     limits: &Limits,
 ) -> Result<proto::ExecuteResponse, SqlError> {
     let result = execute_prepared(client, sql, params, begin, limits).await;
+    if let Err(SqlError::Failed {
+        message,
+        sqlstate: Some(code),
+    }) = &result
+        && super::marker::is_refused_reach(code, message)
+    {
+        super::ALARMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("twopc_atomicity_alarms_total").increment(1);
+        tracing::error!(sql = %crate::proto::shown(sql), %message,
+            "ATOMICITY ALARM: a client's statement tried to reach the one-phase markers; PostgreSQL refused it and its branch is doomed");
+    }
     if let Err(SqlError::Failed {
         sqlstate: Some(code),
         ..
@@ -716,6 +734,12 @@ mod tests {
             "execute s0",
             "",
             "  -- only a comment",
+            // Persisted for every later session, the participant's own.
+            "ALTER ROLE app SET search_path = pg_temp",
+            "alter user current_user set default_transaction_read_only = on",
+            "/* x */ ALTER DATABASE app SET statement_timeout = 1",
+            "ALTER SYSTEM SET fsync = off",
+            "alter role app password 'x'",
         ] {
             assert!(check_allowed(sql).is_err(), "{sql:?} allowed");
         }
@@ -729,6 +753,7 @@ mod tests {
             "(SELECT 1)",
             " /* c */ ((select 1) union (select 2))",
             "DO $$BEGIN EXECUTE 'SELECT 1'; END$$",
+            "ALTER TABLE t ADD COLUMN y int",
         ] {
             assert!(check_allowed(sql).is_ok(), "{sql:?} refused");
         }

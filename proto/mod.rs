@@ -1,9 +1,11 @@
 //! The wire: the code generated from `proto/twopc/v1/twopc.proto`, its descriptor set (for
 //! server reflection), and what both sides of the protocol read from it: the transaction id,
-//! the names coordinators and participants go by ([`names`]), and a branch's [`vote`].
+//! the names coordinators and participants go by ([`names`]), a branch's [`vote`], and the
+//! secret that addresses a one-phase commit's marker ([`marker`]).
 
 #[cfg(test)]
 pub mod fuzzing;
+pub mod marker;
 pub mod names;
 mod txn_id;
 pub mod vote;

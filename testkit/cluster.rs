@@ -36,7 +36,8 @@ pub const ROLE: &str = "twopc_participant";
 /// In each cluster's dir: the pid of the process that owns it.
 const OWNER_FILE: &str = "owner.pid";
 
-/// Run once as the superuser after `initdb`.
+/// Run once as the superuser after `initdb`, followed by the one-phase markers' setup for
+/// [`ROLE`] (`participant::marker::setup_sql`), as README tells an administrator to.
 const CREATE_ROLE: &str =
     "CREATE ROLE twopc_participant LOGIN; ALTER DATABASE postgres OWNER TO twopc_participant;";
 
@@ -192,6 +193,7 @@ impl PgCluster {
             &self.admin_conn_str(),
         ])
         .args(["-c", CREATE_ROLE])
+        .args(["-c", &crate::participant::marker::setup_sql(ROLE)])
         .current_dir(self.dir.path())
         .stdin(Stdio::null());
         self.run(psql, "create-role")

@@ -82,7 +82,7 @@ struct Node {
     prepared: BTreeMap<TxnId, u64>,
     committed: BTreeSet<TxnId>,
     rolled_back: BTreeSet<TxnId>,
-    /// One-phase commits' markers (`twopc.one_phase_outcomes`), not yet forgotten.
+    /// One-phase commits' markers (`twopc.one_phase_markers`), not yet forgotten.
     markers: BTreeSet<TxnId>,
     /// Open branches this participant lost (it restarted): never committed, fenced if asked.
     lost: BTreeSet<TxnId>,

@@ -4,6 +4,7 @@
 
 use super::phase_stream::{CallError, PhaseStreams};
 use super::{Ending, Participants, PeerError};
+use crate::coordinator::marker_key::MarkerKey;
 use crate::coordinator::registry::Health;
 use crate::process::auth::Bearer;
 use crate::process::leader_channel::{PING_EVERY, PING_TIMEOUT};
@@ -33,6 +34,8 @@ const PARTICIPANT_SERVICE: &str = "twopc.v1.Participant";
 pub struct GrpcParticipants {
     /// Sent with every request: a participant acts only on gids of the coordinator that asks.
     coordinator_id: String,
+    /// One-phase markers' secrets come from it.
+    marker_key: MarkerKey,
     /// One channel per endpoint; tonic channels multiplex every call over one connection.
     channels: Mutex<HashMap<String, Channel>>,
     connect_timeout: Duration,
@@ -48,12 +51,14 @@ pub(super) type Client = ParticipantClient<InterceptedService<Channel, Bearer>>;
 impl GrpcParticipants {
     pub fn new(
         coordinator_id: String,
+        marker_key: MarkerKey,
         connect_timeout: Duration,
         tls: Tls,
         bearer: Bearer,
     ) -> Self {
         GrpcParticipants {
             coordinator_id,
+            marker_key,
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
             tls,
@@ -165,10 +170,16 @@ impl Participants for GrpcParticipants {
         forget: &[TxnId],
         timeout: Duration,
     ) -> Result<OnePhaseOutcome, PeerError> {
+        let secret = |txn| {
+            self.marker_key
+                .secret(&self.coordinator_id, txn)
+                .into_bytes()
+        };
         let req = CommitOnePhaseRequest {
             txn_id: txn.to_string(),
             coordinator_id: self.coordinator_id.clone(),
-            forget: forget.iter().map(TxnId::to_string).collect(),
+            marker_secret: secret(txn),
+            forget_secrets: forget.iter().map(|f| secret(*f)).collect(),
         };
         let call = async {
             let step = Step::CommitOnePhase(req.clone());

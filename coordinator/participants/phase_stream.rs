@@ -317,6 +317,7 @@ mod tests {
     fn coordinator() -> GrpcParticipants {
         GrpcParticipants::new(
             COORDINATOR.into(),
+            crate::coordinator::marker_key::MarkerKey::generate(),
             Duration::from_secs(2),
             Default::default(),
             Default::default(),

@@ -594,3 +594,15 @@ pub async fn scalar(pg: &PgCluster, sql: &str) -> i64 {
         .unwrap()
         .get::<_, i64>(0)
 }
+
+/// As [`scalar`], as the superuser: for what the participant's role may not read (the
+/// one-phase markers).
+pub async fn admin_scalar(pg: &PgCluster, sql: &str) -> i64 {
+    pg.admin_client()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+}
