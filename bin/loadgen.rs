@@ -141,6 +141,8 @@ const ACCOUNTS: i64 = 10_000;
 struct Target {
     coordinator: CoordinatorClient<Authed>,
     participants: Vec<ParticipantClient<Authed>>,
+    /// The coordinator's epoch, learned once: transactions are begun here (docs/PROTOCOL.md §12).
+    epoch: u64,
 }
 
 /// A channel with the client's token (if any) on every call.
@@ -217,29 +219,35 @@ async fn begin_and_update(
     Ok(())
 }
 
+/// One transaction in three calls, as `twopc::client` makes them: the id made here in the
+/// coordinator's epoch (no Begin), one Execute per database, Commit naming the participants.
 async fn one_transaction(t: &Target, branches: usize) -> Result<Outcome> {
-    let mut coordinator = t.coordinator.clone();
-    let txn = coordinator
-        .begin(proto::BeginRequest {
-            timeout_ms: 0,
-            label: String::new(),
-        })
-        .await?
-        .into_inner()
-        .txn_id;
+    let txn = proto::TxnId::generate().to_string();
     // To every database at once, as the hand-rolled client sends its statements.
-    futures::future::try_join_all(t.participants.iter().take(branches).map(|p| {
+    let executed = futures::future::try_join_all(t.participants.iter().take(branches).map(|p| {
         let (mut p, id) = (p.clone(), rand::rng().random_range(1..=ACCOUNTS));
         let req = proto::ExecuteRequest {
             txn_id: txn.clone(),
             sql: "UPDATE acct SET bal = bal + 1 WHERE id = $1".into(),
             params: vec![proto::Value::int(id)],
+            epoch: t.epoch,
+            ..Default::default()
         };
         async move { p.execute(req).await }
     }))
     .await?;
-    let r = coordinator
-        .commit(proto::CommitRequest { txn_id: txn })
+    let names = executed
+        .into_iter()
+        .map(|r| r.into_inner().participant_id)
+        .collect();
+    let r = t
+        .coordinator
+        .clone()
+        .commit(proto::CommitRequest {
+            txn_id: txn,
+            participants: Some(proto::Participants { names }),
+            wait: proto::CommitWait::Applied as i32,
+        })
         .await?
         .into_inner();
     Ok(r.outcome())
@@ -286,13 +294,17 @@ async fn time_types(t: &Target, rounds: usize) -> Result<Vec<(&'static str, Vec<
                     txn_id: txn.clone(),
                     sql: sql.to_string(),
                     params: vec![],
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
             times[k].1.push(started.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(resp.rows.len() == 20_000, "expected 20,000 rows");
             coordinator
-                .commit(proto::CommitRequest { txn_id: txn })
+                .commit(proto::CommitRequest {
+                    txn_id: txn,
+                    ..Default::default()
+                })
                 .await?;
         }
     }
@@ -387,6 +399,7 @@ async fn crossing_transfer(
                 txn_id: txn.clone(),
                 sql: "UPDATE acct SET bal = bal + $1 WHERE id = $2".into(),
                 params: vec![proto::Value::int(delta), proto::Value::int(account)],
+                ..Default::default()
             })
             .await;
         if let Err(status) = done {
@@ -396,7 +409,10 @@ async fn crossing_transfer(
     }
     let Some(status) = failure else {
         let r = coordinator
-            .commit(proto::CommitRequest { txn_id: txn })
+            .commit(proto::CommitRequest {
+                txn_id: txn,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         return Ok((r.outcome() != Outcome::Committed).then_some(false));
@@ -405,6 +421,7 @@ async fn crossing_transfer(
         .abort(proto::AbortRequest {
             txn_id: txn,
             reason: String::new(),
+            ..Default::default()
         })
         .await?;
     let sqlstate = status.metadata().get("x-sqlstate");
@@ -751,6 +768,7 @@ async fn open_txns(n: usize, json: bool) -> Result<()> {
                     endpoint: format!("http://127.0.0.1:{}", 1 + p),
                     instance_id: "loadgen".into(),
                     one_phase: false,
+                    ..Default::default()
                 })
                 .await?;
         }
@@ -896,9 +914,12 @@ fn main() -> Result<()> {
         for p in paddrs {
             participants.push(ParticipantClient::new(dial(p).await?));
         }
+        let mut coordinator = CoordinatorClient::new(dial(caddr).await?);
+        let epoch = coordinator.get_epoch(proto::GetEpochRequest {}).await?;
         Ok::<_, anyhow::Error>(Arc::new(Target {
-            coordinator: CoordinatorClient::new(dial(caddr).await?),
+            coordinator,
             participants,
+            epoch: epoch.into_inner().epoch,
         }))
     };
     let targets = clients.block_on(async {

@@ -112,6 +112,7 @@ where
         let _ = super::abort(
             tx.client(),
             tx.id(),
+            tx.start(),
             &format!("a nested transact failed: {e}"),
         )
         .await;
@@ -130,7 +131,7 @@ where
     match fut.catch_unwind().await {
         Ok(result) => result,
         Err(panic) => {
-            let _ = super::abort(tx.client(), tx.id(), "the work panicked").await;
+            let _ = super::abort(tx.client(), tx.id(), tx.start(), "the work panicked").await;
             std::panic::resume_unwind(panic)
         }
     }

@@ -42,8 +42,9 @@ use crate::process::leader_channel::LeaderChannel;
 use crate::process::tls::Tls;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::participant_client::ParticipantClient;
-use crate::proto::{self, Outcome, TxnId};
-use std::collections::HashMap;
+use crate::proto::{self, EPOCH_METADATA, Outcome, PARTICIPANT_ID_METADATA, Start, TxnId};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
@@ -61,6 +62,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Client {
     coordinator: CoordinatorClient<InterceptedService<LeaderChannel, Bearer>>,
     participants: Arc<Mutex<HashMap<String, ParticipantClient<Authed>>>>,
+    /// The coordinator's epoch, learned at the first transaction (0: not yet) and again when
+    /// an Execute is refused with `stale epoch` (docs/PROTOCOL.md §12).
+    epoch: Arc<AtomicU64>,
     tls: Tls,
     bearer: Bearer,
 }
@@ -82,6 +86,7 @@ impl Client {
         Ok(Client {
             coordinator: CoordinatorClient::new(InterceptedService::new(channel, bearer.clone())),
             participants: Arc::default(),
+            epoch: Arc::default(),
             tls,
             bearer,
         })
@@ -107,9 +112,10 @@ impl Client {
         Ok(p)
     }
 
-    /// Begins a global transaction that aborts if it is still open after `timeout` (`None`:
-    /// the coordinator's default). `label` shows in `twopcctl list`. Not retried: a Begin
-    /// whose answer was lost leaves an empty transaction behind, which its deadline ends.
+    /// Starts a global transaction that aborts if it is still open after `timeout` (`None`:
+    /// the coordinator's default). `label` shows in `twopcctl list`. No call: the id is made
+    /// here (a UUIDv7) and the transaction is created by its first statement's enlistment, in
+    /// the coordinator's epoch, which the first transaction of a client asks for once.
     pub async fn begin(
         &self,
         timeout: Option<Duration>,
@@ -118,27 +124,63 @@ impl Client {
         let timeout_ms = timeout.map_or(0, |t| {
             u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1)
         });
-        let resp = self
-            .coordinator
-            .clone()
-            .begin(proto::BeginRequest {
-                timeout_ms,
-                label: label.to_string(),
-            })
-            .await
-            .map_err(|s| Error::from_status(&s))?
-            .into_inner();
-        let id = resp
-            .txn_id
-            .parse()
-            .map_err(|e| Error::Invalid(format!("the coordinator answered a bad txn id: {e}")))?;
-        Ok(Transaction::new(self.clone(), id, true))
+        let start = Start {
+            epoch: self.epoch().await?,
+            timeout_ms,
+            label: label.to_string(),
+        };
+        Ok(Transaction::new(
+            self.clone(),
+            TxnId::generate(),
+            Some(start),
+            true,
+        ))
+    }
+
+    /// The coordinator's epoch: cached, asked for once (GetEpoch is idempotent: retried).
+    async fn epoch(&self) -> Result<u64, Error> {
+        match self.epoch.load(Ordering::Relaxed) {
+            0 => {
+                let epoch = self
+                    .retried(|| async {
+                        self.coordinator
+                            .clone()
+                            .get_epoch(proto::GetEpochRequest {})
+                            .await
+                            .map(|r| r.into_inner().epoch)
+                            .map_err(|s| Error::from_status(&s))
+                    })
+                    .await?;
+                self.epoch.store(epoch, Ordering::Relaxed);
+                Ok(epoch)
+            }
+            epoch => Ok(epoch),
+        }
     }
 
     /// A transaction begun elsewhere (another service handed its id over): this handle runs
     /// statements in it, but dropping it aborts nothing; its owner commits or aborts it.
-    pub fn join(&self, id: TxnId) -> Transaction {
-        Transaction::new(self.clone(), id, false)
+    /// `start`: what the owner sends with its statements (the epoch it chose the id in), when
+    /// it chose the id itself; `None` for a transaction from Begin.
+    pub fn join(&self, id: TxnId, start: Option<Start>) -> Transaction {
+        Transaction::new(self.clone(), id, start, false)
+    }
+
+    /// A `stale epoch` refusal carries the coordinator's current epoch, and so do Commit's and
+    /// Abort's answers: the next transaction starts in it (a refused one cannot: its first
+    /// branch may have been forgotten).
+    fn learn_epoch(&self, status: &tonic::Status) {
+        self.learn_epoch_from(status.metadata());
+    }
+
+    fn learn_epoch_from(&self, metadata: &tonic::metadata::MetadataMap) {
+        if let Some(epoch) = metadata
+            .get(EPOCH_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            self.epoch.fetch_max(epoch, Ordering::Relaxed);
+        }
     }
 
     /// Retries `call` while it fails transiently, with backoff: only for idempotent calls.
@@ -181,9 +223,15 @@ pub struct Transaction {
 struct Inner {
     id: TxnId,
     client: Client,
+    /// Sent with every statement when the id was chosen by a client (the first enlistment
+    /// creates the transaction); `None` for a transaction from Begin.
+    start: Option<Start>,
     /// Begun here: this process ends it, and aborts it when dropped open.
     owned: bool,
     ended: Mutex<bool>,
+    /// Every participant this handle (and the services it called, `propagation`) sent a
+    /// statement to, whatever the answer: what Commit names.
+    named: Mutex<BTreeSet<String>>,
 }
 
 impl Drop for Inner {
@@ -195,24 +243,43 @@ impl Drop for Inner {
             tracing::warn!(txn_id = %self.id, "a transaction was dropped open outside a runtime: its deadline will abort it");
             return;
         };
-        let (client, id) = (self.client.clone(), self.id);
+        let (client, id, start) = (self.client.clone(), self.id, self.start.clone());
         tracing::debug!(txn_id = %id, "dropped without commit: aborting");
         runtime.spawn(async move {
-            let _ = abort(&client, id, "dropped by the client without commit").await;
+            let why = "dropped by the client without commit";
+            let _ = abort(&client, id, start.as_ref(), why).await;
         });
     }
 }
 
 impl Transaction {
-    fn new(client: Client, id: TxnId, owned: bool) -> Transaction {
+    fn new(client: Client, id: TxnId, start: Option<Start>, owned: bool) -> Transaction {
         Transaction {
             inner: Arc::new(Inner {
                 id,
                 client,
+                start,
                 owned,
                 ended: Mutex::new(false),
+                named: Mutex::default(),
             }),
         }
+    }
+
+    /// What this transaction's statements carry so the first enlistment can create it.
+    pub fn start(&self) -> Option<&Start> {
+        self.inner.start.as_ref()
+    }
+
+    /// The participants sent statements so far (by id, or by URL where no answer came).
+    pub fn participants(&self) -> Vec<String> {
+        self.inner.named.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Adds participants that statements of this transaction went to elsewhere (a service it
+    /// called, `propagation`), so Commit names them too.
+    pub fn add_participants<I: IntoIterator<Item = String>>(&self, names: I) {
+        self.inner.named.lock().unwrap().extend(names);
     }
 
     pub fn id(&self) -> TxnId {
@@ -234,17 +301,11 @@ impl Transaction {
         params: &[&(dyn ToValue + Sync)],
     ) -> Result<Rows, Error> {
         let resp = self
-            .inner
-            .client
-            .participant(participant)?
-            .execute(proto::ExecuteRequest {
-                txn_id: self.inner.id.to_string(),
-                sql: sql.to_string(),
-                params: params.iter().map(|p| p.to_value()).collect(),
+            .send(participant, |req| {
+                req.sql = sql.to_string();
+                req.params = params.iter().map(|p| p.to_value()).collect();
             })
-            .await
-            .map_err(|s| Error::from_status(&s))?
-            .into_inner();
+            .await?;
         Ok(Rows {
             affected: resp.rows_affected,
             columns: resp.columns,
@@ -252,11 +313,95 @@ impl Transaction {
         })
     }
 
+    /// Runs several statements in one call, in order, each with its parameters: their rows,
+    /// one [`Rows`] each. The first that fails stops the rest, and dooms the transaction.
+    pub async fn execute_batch(
+        &self,
+        participant: &str,
+        statements: &[(&str, &[&(dyn ToValue + Sync)])],
+    ) -> Result<Vec<Rows>, Error> {
+        let resp = self
+            .send(participant, |req| {
+                req.statements = statements
+                    .iter()
+                    .map(|(sql, params)| proto::Statement {
+                        sql: sql.to_string(),
+                        params: params.iter().map(|p| p.to_value()).collect(),
+                    })
+                    .collect();
+            })
+            .await?;
+        Ok(resp
+            .results
+            .into_iter()
+            .map(|r| Rows {
+                affected: r.rows_affected,
+                columns: r.columns,
+                rows: r.rows.into_iter().map(|r| r.values).collect(),
+            })
+            .collect())
+    }
+
+    /// One Execute of this transaction on `participant`, its statements filled in by `fill`.
+    async fn send(
+        &self,
+        participant: &str,
+        fill: impl FnOnce(&mut proto::ExecuteRequest),
+    ) -> Result<proto::ExecuteResponse, Error> {
+        let start = self.inner.start.as_ref();
+        let mut req = proto::ExecuteRequest {
+            txn_id: self.inner.id.to_string(),
+            epoch: start.map_or(0, |s| s.epoch),
+            timeout_ms: start.map_or(0, |s| s.timeout_ms),
+            label: start.map(|s| s.label.clone()).unwrap_or_default(),
+            ..Default::default()
+        };
+        fill(&mut req);
+        let answer = self
+            .inner
+            .client
+            .participant(participant)?
+            .execute(req)
+            .await;
+        // Named whatever the answer: a statement that may have enlisted must be accounted for.
+        let named = match &answer {
+            Ok(resp) => Some(resp.get_ref().participant_id.clone()),
+            Err(status) => status
+                .metadata()
+                .get(PARTICIPANT_ID_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        };
+        let named = named
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| participant.to_string());
+        self.add_participants([named]);
+        answer.map(tonic::Response::into_inner).map_err(|s| {
+            self.inner.client.learn_epoch(&s);
+            Error::from_status(&s)
+        })
+    }
+
     /// Commits: `Ok` once the decision is durable, [`Error::Aborted`] if the transaction
     /// aborted instead. Retried while the coordinator cannot be reached (Commit is
     /// idempotent); an [`Error::Rpc`] after that means the outcome is not known here yet.
     pub async fn commit(&self) -> Result<Committed, Error> {
+        self.commit_waiting(proto::CommitWait::Applied).await
+    }
+
+    /// [`Transaction::commit`], answered once the decision is durable: phase 2 goes on, so
+    /// another connection may still read the old rows for a moment (docs/PROTOCOL.md §12).
+    pub async fn commit_decided(&self) -> Result<Committed, Error> {
+        self.commit_waiting(proto::CommitWait::Decided).await
+    }
+
+    async fn commit_waiting(&self, wait: proto::CommitWait) -> Result<Committed, Error> {
         let (client, id) = (&self.inner.client, self.inner.id);
+        // A transaction from Begin may have had statements from clients that do not report
+        // them (an older SDK, a hand-written service): only our own are checked.
+        let participants = self.inner.start.is_some().then(|| proto::Participants {
+            names: self.participants(),
+        });
         let resp = client
             .retried(|| async {
                 client
@@ -264,9 +409,14 @@ impl Transaction {
                     .clone()
                     .commit(proto::CommitRequest {
                         txn_id: id.to_string(),
+                        participants: participants.clone(),
+                        wait: wait as i32,
                     })
                     .await
-                    .map(tonic::Response::into_inner)
+                    .map(|r| {
+                        client.learn_epoch_from(r.metadata());
+                        r.into_inner()
+                    })
                     .map_err(|s| Error::from_status(&s))
             })
             .await?;
@@ -288,13 +438,21 @@ impl Transaction {
 
     /// Aborts (unless it is already decided; then nothing changes). Retried like Commit.
     pub async fn abort(&self, reason: &str) -> Result<(), Error> {
-        abort(&self.inner.client, self.inner.id, reason).await?;
-        *self.inner.ended.lock().unwrap() = true;
+        let inner = &self.inner;
+        abort(&inner.client, inner.id, inner.start.as_ref(), reason).await?;
+        *inner.ended.lock().unwrap() = true;
         Ok(())
     }
 }
 
-async fn abort(client: &Client, id: TxnId, reason: &str) -> Result<Outcome, Error> {
+/// Aborts `id`; with `start`, also one the coordinator has not seen yet, so that no statement
+/// still on its way can create it.
+async fn abort(
+    client: &Client,
+    id: TxnId,
+    start: Option<&Start>,
+    reason: &str,
+) -> Result<Outcome, Error> {
     client
         .retried(|| async {
             client
@@ -303,9 +461,13 @@ async fn abort(client: &Client, id: TxnId, reason: &str) -> Result<Outcome, Erro
                 .abort(proto::AbortRequest {
                     txn_id: id.to_string(),
                     reason: reason.to_string(),
+                    epoch: start.map_or(0, |s| s.epoch),
                 })
                 .await
-                .map(|r| r.into_inner().outcome())
+                .map(|r| {
+                    client.learn_epoch_from(r.metadata());
+                    r.into_inner().outcome()
+                })
                 .map_err(|s| Error::from_status(&s))
         })
         .await

@@ -19,7 +19,7 @@
 
 use super::Client;
 use super::ambient::{current, within};
-use crate::proto::TxnId;
+use crate::proto::{Start, TxnId};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -28,6 +28,13 @@ use tonic::codegen::http::{HeaderValue, Request, Response};
 
 /// The metadata key that carries a global transaction's id between services.
 pub const TXN_ID_HEADER: &str = "twopc-txn-id";
+/// With an id the caller chose: the epoch and timeout its statements carry, so the callee's
+/// statements may be the ones that create the transaction (docs/PROTOCOL.md §12).
+pub const EPOCH_HEADER: &str = "twopc-epoch";
+pub const TIMEOUT_HEADER: &str = "twopc-timeout-ms";
+/// On the callee's response: the participants its handler sent statements to, which the
+/// caller's Commit must name too.
+pub const PARTICIPANTS_HEADER: &str = "twopc-participants";
 
 /// Adds `twopc-txn-id` (and `traceparent`, unless the request has one) to every request made
 /// inside an ambient transaction. Requests made outside one go as they are.
@@ -48,32 +55,59 @@ pub struct Propagate<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for Propagate<S>
+impl<S, B, RB> Service<Request<B>> for Propagate<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(tx) = current() {
-            let headers = req.headers_mut();
-            if let Ok(v) = HeaderValue::from_str(&tx.id().to_string()) {
-                headers.insert(TXN_ID_HEADER, v);
+        let Some(tx) = current() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let headers = req.headers_mut();
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
             }
-            if !headers.contains_key("traceparent")
-                && let Ok(v) = HeaderValue::from_str(&tx.id().traceparent())
-            {
-                headers.insert("traceparent", v);
-            }
+        };
+        put(TXN_ID_HEADER, tx.id().to_string());
+        if let Some(start) = tx.start() {
+            put(EPOCH_HEADER, start.epoch.to_string());
+            put(TIMEOUT_HEADER, start.timeout_ms.to_string());
         }
-        self.inner.call(req)
+        if !headers.contains_key("traceparent")
+            && let Ok(v) = HeaderValue::from_str(&tx.id().traceparent())
+        {
+            headers.insert("traceparent", v);
+        }
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let resp = call.await?;
+            tx.add_participants(participants_in(&resp));
+            Ok(resp)
+        })
     }
+}
+
+/// The participants a callee reported in [`PARTICIPANTS_HEADER`].
+fn participants_in<RB>(resp: &Response<RB>) -> Vec<String> {
+    resp.headers()
+        .get_all(PARTICIPANTS_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Runs each request that carries `twopc-txn-id` inside that transaction (joined through
@@ -127,8 +161,32 @@ where
         let Some(header) = req.headers().get(TXN_ID_HEADER) else {
             return Box::pin(self.inner.call(req));
         };
+        let number = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let start = number(EPOCH_HEADER).and_then(|epoch| {
+            let timeout_ms = number(TIMEOUT_HEADER).unwrap_or(0);
+            Start::from_fields(epoch, u32::try_from(timeout_ms).unwrap_or(u32::MAX), "")
+        });
         match header.to_str().ok().and_then(|v| v.parse::<TxnId>().ok()) {
-            Some(id) => Box::pin(within(self.client.join(id), self.inner.call(req))),
+            Some(id) => {
+                let tx = self.client.join(id, start);
+                let call = within(tx.clone(), self.inner.call(req));
+                Box::pin(async move {
+                    let mut resp = call.await?;
+                    // Also after an error: a statement that failed may have enlisted.
+                    let names = tx.participants().join(",");
+                    if !names.is_empty()
+                        && let Ok(v) = HeaderValue::from_str(&names)
+                    {
+                        resp.headers_mut().insert(PARTICIPANTS_HEADER, v);
+                    }
+                    Ok(resp)
+                })
+            }
             None => {
                 let status = tonic::Status::invalid_argument(format!(
                     "{TXN_ID_HEADER} metadata {:?} is not a transaction id (a UUID as Begin returns it)",
@@ -191,9 +249,15 @@ mod tests {
     #[tokio::test]
     async fn a_call_made_inside_a_transaction_carries_its_id_and_trace() {
         let client = Client::connect("http://127.0.0.1:1").unwrap();
-        let tx = client.join(TxnId::generate());
+        let start = Start::from_fields(41, 9000, "");
+        let tx = client.join(TxnId::generate(), start);
+        // A callee that echoes the request's headers and says it ran statements on p9.
         let echo = tower::service_fn(|req: Request<()>| async move {
-            Ok::<_, std::convert::Infallible>(req.headers().clone())
+            let mut resp = Response::new(());
+            *resp.headers_mut() = req.headers().clone();
+            resp.headers_mut()
+                .insert(PARTICIPANTS_HEADER, HeaderValue::from_static("p9"));
+            Ok::<_, std::convert::Infallible>(resp)
         });
         let mut caller = PropagateLayer.layer(echo);
 
@@ -202,6 +266,18 @@ mod tests {
             .await
             .unwrap();
         let outside = caller.call(request(None)).await.unwrap();
+        let (inside, outside) = (inside.headers(), outside.headers());
+
+        assert_eq!(
+            inside[EPOCH_HEADER], "41",
+            "the callee may create the transaction"
+        );
+        assert_eq!(inside[TIMEOUT_HEADER], "9000");
+        assert_eq!(
+            tx.participants(),
+            ["p9"],
+            "the caller's Commit names the callee's"
+        );
 
         assert_eq!(inside[TXN_ID_HEADER], tx.id().to_string().as_str());
         let trace_id = |v: &str| v.split('-').nth(1).map(str::to_string);

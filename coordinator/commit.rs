@@ -73,11 +73,66 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         self.wait_for_outcome(&live, wait).await
     }
 
+    /// [`Coordinator::commit`] for a client that names the participants it sent statements
+    /// to (`named`, docs/PROTOCOL.md §12): another set than the branches aborts instead, and
+    /// an id the coordinator does not know is presumed aborted (or, naming none, committed:
+    /// nothing ran) instead of NOT_FOUND.
+    pub async fn commit_named(
+        self: &Arc<Self>,
+        id: TxnId,
+        named: Option<&[String]>,
+        wait: Duration,
+    ) -> Result<CommitResult, Error> {
+        let Some(names) = named else {
+            return self.commit(id, wait).await;
+        };
+        let Some(live) = self.live(id) else {
+            return match self.recorded(id) {
+                Err(Error::NotFound(_)) if names.is_empty() => Ok(CommitResult {
+                    outcome: Outcome::Committed,
+                    reason: String::new(),
+                    branches_pending: false,
+                }),
+                Err(Error::NotFound(_)) => Ok(CommitResult {
+                    outcome: Outcome::Aborted,
+                    reason: format!(
+                        "the coordinator has no record of transaction {id}: its enlistments were lost in a coordinator restart (or never arrived), so it is presumed aborted"
+                    ),
+                    branches_pending: false,
+                }),
+                other => other,
+            };
+        };
+        if self.start_abort(&live, |txn| txn.abort_unnamed(names, now_ms())) {
+            tracing::info!(txn_id = %id, "commit named other participants than the branches: aborting");
+            return self.wait_for_outcome(&live, Duration::ZERO).await;
+        }
+        self.commit(id, wait).await
+    }
+
     /// Aborts unless already decided, and returns the outcome.
     pub async fn abort(self: &Arc<Self>, id: TxnId, reason: &str) -> Result<Outcome, Error> {
+        self.abort_in(id, None, reason).await
+    }
+
+    /// [`Coordinator::abort`] for a client that chose the id itself in `epoch`: an id not
+    /// known yet is recorded as aborted, so that no enlistment still on its way can create it
+    /// (`core.rs`, `create`).
+    pub async fn abort_in(
+        self: &Arc<Self>,
+        id: TxnId,
+        epoch: Option<u64>,
+        reason: &str,
+    ) -> Result<Outcome, Error> {
         super::core::bounded("reason", reason, super::core::MAX_TEXT)?;
         let Some(live) = self.live(id) else {
-            return self.recorded(id).map(|r| r.outcome);
+            return match (self.recorded(id), epoch) {
+                (Err(Error::NotFound(_)), Some(epoch)) => {
+                    self.record_aborted(id, epoch, reason)?;
+                    Ok(Outcome::Aborted)
+                }
+                (recorded, _) => recorded.map(|r| r.outcome),
+            };
         };
         let reason = if reason.is_empty() {
             "aborted by the client"
@@ -324,6 +379,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         }
         let outcome = decision.outcome();
         live.announce(outcome);
+        if outcome == Outcome::Committed {
+            crate::failpoint!("coordinator::announced");
+        }
         metrics::counter!("twopc_transactions_total", "outcome" => outcome_label(outcome))
             .increment(1);
         let finishing = std::time::Instant::now();

@@ -17,7 +17,7 @@ use super::txn::{Outcome, State, Txn};
 use super::wire;
 use crate::process::auth::Bearer;
 use crate::process::tls::Tls;
-use crate::proto::{self, TxnId};
+use crate::proto::{self, Start, TxnId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -153,6 +153,8 @@ pub struct Coordinator<L: Log, P: Participants = GrpcParticipants> {
     /// By endpoint: one-phase transactions that retired, whose participants may delete their
     /// markers once the final records are durable (`commit.rs`, `run_one_phase`).
     pub(super) forgettable: Mutex<HashMap<String, Vec<TxnId>>>,
+    /// The log's epoch: a client that chooses its own txn ids sends it (`epoch.rs`).
+    epoch: u64,
 }
 
 pub use crate::process::clock::now_ms;
@@ -203,7 +205,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         limits: Limits,
     ) -> Result<Arc<Self>, Error> {
         let registry = Registry::new(log.participants()?);
+        let epoch = log.epoch();
         Ok(Arc::new(Coordinator {
+            epoch,
             participants,
             id,
             log,
@@ -217,6 +221,15 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The epoch clients that choose their own txn ids must send (`epoch.rs`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Stops new transactions; those in flight carry on.
@@ -268,6 +281,17 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         label: String,
         begun_by: String,
     ) -> Result<(TxnId, i64), Error> {
+        let timeout = self.admit(timeout_ms, &label)?;
+        let id = TxnId::generate();
+        let live = self.live.lock().unwrap();
+        let (_, deadline) = self.make_live(live, id, timeout, label, begun_by);
+        tracing::debug!(txn_id = %id, timeout_ms = timeout.as_millis() as u64, "begin");
+        Ok((id, deadline))
+    }
+
+    /// The checks every new transaction passes, Begin's or a first enlistment's; returns its
+    /// timeout.
+    fn admit(&self, timeout_ms: u32, label: &str) -> Result<Duration, Error> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
@@ -281,7 +305,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 self.limits.max_timeout.as_millis()
             )));
         }
-        bounded("label", &label, MAX_TEXT)?;
+        bounded("label", label, MAX_TEXT)?;
         let live = self.live.lock().unwrap().len();
         if live >= self.limits.max_live {
             return Err(Error::ResourceExhausted(format!(
@@ -289,13 +313,30 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 self.limits.max_live
             )));
         }
-        let id = TxnId::generate();
+        Ok(timeout)
+    }
+
+    /// Makes `id` live (unless it is already: a concurrent first enlistment won), with a timer
+    /// that aborts it at its deadline. Returns it and its deadline.
+    fn make_live(
+        self: &Arc<Self>,
+        mut table: std::sync::MutexGuard<'_, HashMap<TxnId, Arc<Live>>>,
+        id: TxnId,
+        timeout: Duration,
+        label: String,
+        begun_by: String,
+    ) -> (Arc<Live>, i64) {
+        if let Some(existing) = table.get(&id) {
+            let deadline = existing.txn.lock().unwrap().deadline_ms;
+            return (Arc::clone(existing), deadline);
+        }
         let created = now_ms();
         let deadline = created + timeout.as_millis() as i64;
         let mut txn = Txn::begin(id, label, created, deadline);
         txn.begun_by = begun_by;
         let live = Live::new(txn, Outcome::Pending);
-        self.live.lock().unwrap().insert(id, live);
+        table.insert(id, Arc::clone(&live));
+        drop(table);
         // Weak: a pending timer must not keep a stopped coordinator (and its log) alive.
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -304,14 +345,79 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 this.expire(id);
             }
         });
-        tracing::debug!(txn_id = %id, timeout_ms = timeout.as_millis() as u64, "begin");
-        Ok((id, deadline))
+        (live, deadline)
+    }
+
+    /// The first enlistment of a transaction a client started itself creates it, if nothing
+    /// says it existed before (`epoch.rs`).
+    fn create(self: &Arc<Self>, id: TxnId, start: &Start) -> Result<Arc<Live>, Error> {
+        let timeout = self.admit(start.timeout_ms, &start.label)?;
+        let table = self.live.lock().unwrap();
+        // Under the table's lock: a transaction retires by writing its final record and then
+        // leaving the table, so one that is neither in the table nor in the log never was.
+        if !table.contains_key(&id) {
+            if self.log.get(id)?.is_some() {
+                drop(table);
+                return Err(self.not_live(id, "registering a branch"));
+            }
+            self.may_create(id, start.epoch)?;
+        }
+        let (live, _) = self.make_live(table, id, timeout, start.label.clone(), String::new());
+        crate::failpoint!("coordinator::txn_created");
+        tracing::debug!(txn_id = %id, timeout_ms = timeout.as_millis() as u64, "created by its first enlistment");
+        Ok(live)
+    }
+
+    /// Whether an id the log does not hold, named with `epoch`, may become a transaction now.
+    fn may_create(&self, id: TxnId, epoch: u64) -> Result<(), super::epoch::Refusal> {
+        let window = super::epoch::window(self.limits.max_timeout, self.limits.retain_finished);
+        super::epoch::admit(id, epoch, self.epoch, now_ms(), window)
+    }
+
+    /// Abort of a transaction a client started itself before any of it enlisted: a final
+    /// Aborted record (not forced: lost in a crash, the epoch refuses the id anyway) stands in
+    /// the way of an enlistment still on its way. An id of another epoch could not be created
+    /// any more, so nothing is written for it.
+    pub(super) fn record_aborted(&self, id: TxnId, epoch: u64, reason: &str) -> Result<(), Error> {
+        let table = self.live.lock().unwrap();
+        if table.contains_key(&id) || self.log.get(id)?.is_some() {
+            return Ok(());
+        }
+        if self.may_create(id, epoch).is_err() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut txn = Txn::begin(id, String::new(), now, now);
+        let reason = match reason {
+            "" => "aborted by the client before any statement",
+            r => r,
+        };
+        let _ = txn.abort(reason, now);
+        self.put(&txn);
+        drop(table);
+        tracing::debug!(txn_id = %id, "aborted before its first enlistment");
+        Ok(())
     }
 
     /// Enlists a participant in a live, active transaction. Returns its deadline.
     pub async fn register_branch(
-        &self,
+        self: &Arc<Self>,
         id: TxnId,
+        participant_id: &str,
+        endpoint: &str,
+        instance: &str,
+        one_phase: bool,
+    ) -> Result<i64, Error> {
+        self.register(id, None, participant_id, endpoint, instance, one_phase)
+            .await
+    }
+
+    /// [`Coordinator::register_branch`], creating the transaction if this is the first
+    /// enlistment of one a client started itself (`start`).
+    pub async fn register(
+        self: &Arc<Self>,
+        id: TxnId,
+        start: Option<&Start>,
         participant_id: &str,
         endpoint: &str,
         instance: &str,
@@ -340,8 +446,10 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         self.participants
             .check_endpoint(endpoint)
             .map_err(Error::EndpointRefused)?;
-        let Some(live) = self.live(id) else {
-            return Err(self.not_live(id, "registering a branch"));
+        let live = match (self.live(id), start) {
+            (Some(live), _) => live,
+            (None, Some(start)) => self.create(id, start)?,
+            (None, None) => return Err(self.not_live(id, "registering a branch")),
         };
         let deadline = {
             let mut txn = live.txn.lock().unwrap();

@@ -1,5 +1,6 @@
 //! The coordinator's errors, and the one place they become gRPC statuses.
 
+use super::epoch::Refusal;
 use super::log::LogError;
 use super::txn::TxnError;
 use crate::proto::TxnId;
@@ -24,6 +25,9 @@ pub enum Error {
     Txn(#[from] TxnError),
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A first enlistment that may not create its transaction (`epoch.rs`).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("the coordinator is shutting down; retry against a running coordinator")]
     ShuttingDown,
     #[error(
@@ -46,6 +50,15 @@ impl From<Error> for Status {
             Error::NotAllowed(_) => Status::permission_denied(msg),
             Error::Txn(_) | Error::EndpointRefused(_) => Status::failed_precondition(msg),
             Error::Log(_) => Status::internal(msg),
+            Error::Refused(Refusal::Stale { ours, .. }) => {
+                let mut status = Status::failed_precondition(msg);
+                status.metadata_mut().insert(
+                    crate::proto::EPOCH_METADATA,
+                    ours.to_string().parse().expect("digits"),
+                );
+                status
+            }
+            Error::Refused(_) => Status::invalid_argument(msg),
             Error::ShuttingDown | Error::OutcomeAtParticipant { .. } => Status::unavailable(msg),
         }
     }

@@ -78,6 +78,8 @@ pub struct EtcdLog {
     writer: tokio::task::JoinHandle<()>,
     /// Read (or created) at open; it never changes.
     marker_key: MarkerKey,
+    /// The create revision of this term's leader key: etcd makes every later term's larger.
+    epoch: u64,
 }
 
 struct Shared {
@@ -169,6 +171,7 @@ impl EtcdLog {
         };
 
         let marker_key = marker_key(&mut kv, &target).await?;
+        let epoch = target.fence.revision as u64;
 
         let mut mirror = Mirror::default();
         for (key, value) in read_all(&mut kv, &format!("{p}txns/")).await? {
@@ -215,6 +218,7 @@ impl EtcdLog {
                 shared,
                 writer,
                 marker_key,
+                epoch,
             },
             id,
         ))
@@ -519,6 +523,10 @@ impl Log for EtcdLog {
 
     fn marker_key(&self) -> MarkerKey {
         self.marker_key.clone()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn prune(&self, before_ms: i64) -> Result<usize, LogError> {

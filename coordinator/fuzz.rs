@@ -185,6 +185,7 @@ impl fuzzing::Target for Target {
             Call::Commit(id) => s
                 .commit(Request::new(proto::CommitRequest {
                     txn_id: self.id(id),
+                    ..Default::default()
                 }))
                 .await
                 .map(drop),
@@ -192,6 +193,7 @@ impl fuzzing::Target for Target {
                 .abort(Request::new(proto::AbortRequest {
                     txn_id: self.id(id),
                     reason: reason.clone(),
+                    ..Default::default()
                 }))
                 .await
                 .map(drop),
@@ -221,6 +223,7 @@ impl fuzzing::Target for Target {
                     endpoint: endpoint.clone(),
                     instance_id: instance.clone(),
                     one_phase: *one_phase,
+                    ..Default::default()
                 }))
                 .await
                 .map(drop),
@@ -258,6 +261,7 @@ impl fuzzing::Target for Target {
                 .abort(Request::new(proto::AbortRequest {
                     txn_id: id.clone(),
                     reason: "the case is over".into(),
+                    ..Default::default()
                 }))
                 .await;
         }

@@ -94,6 +94,10 @@ pub trait Log: Send + Sync + 'static {
     /// The key one-phase markers' secrets are derived from, created with the log and the same
     /// for as long as it lives (`marker_key.rs`).
     fn marker_key(&self) -> MarkerKey;
+
+    /// This log's epoch: larger than at any earlier start or term of the log, durable before
+    /// the coordinator serves, fixed while it runs (`epoch.rs`).
+    fn epoch(&self) -> u64;
 }
 
 /// sled's "could not acquire lock" (it wraps the OS's WouldBlock in an error of its own kind).
@@ -134,6 +138,8 @@ pub struct SledLog {
     participants: sled::Tree,
     flusher: Flusher,
     marker_key: MarkerKey,
+    /// Read, incremented and flushed at open.
+    epoch: u64,
     _db: sled::Db,
 }
 
@@ -233,8 +239,26 @@ impl SledLog {
                 key
             }
         };
+        let epoch = match meta.get("epoch")? {
+            Some(stored) => {
+                let bytes: [u8; 8] =
+                    stored
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| LogError::Unreadable {
+                            dir: dir_text.clone(),
+                            reason: format!(
+                                "its epoch is {} bytes, not 8: the directory is damaged",
+                                stored.len()
+                            ),
+                        })?;
+                u64::from_be_bytes(bytes) + 1
+            }
+            None => 1,
+        };
+        meta.insert("epoch", &epoch.to_be_bytes())?;
         // The id, format and marker key must survive a crash before any gid carries the id
-        // or any marker a secret.
+        // or any marker a secret; the epoch before any transaction is created in it.
         db.flush()?;
         let txns = db.open_tree("txns")?;
         let participants = db.open_tree("participants")?;
@@ -245,6 +269,7 @@ impl SledLog {
                 participants,
                 flusher,
                 marker_key,
+                epoch,
                 _db: db,
             },
             id,
@@ -325,6 +350,10 @@ impl Log for SledLog {
     fn marker_key(&self) -> MarkerKey {
         self.marker_key.clone()
     }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// An in-memory log for tests. `crash()` returns the log a restarted process would find:
@@ -340,6 +369,8 @@ struct MemInner {
     participants: BTreeMap<String, String>,
     /// Survives `crash`, as the real logs' keys do.
     marker_key: MarkerKey,
+    /// One more at every `crash`, as at every start of a real log.
+    epoch: u64,
     syncs: usize,
     /// Syncs never complete, as on a disk that hangs mid-fsync.
     stalled: bool,
@@ -354,6 +385,7 @@ impl MemLog {
                 durable: inner.durable.clone(),
                 participants: inner.participants.clone(),
                 marker_key: inner.marker_key.clone(),
+                epoch: inner.epoch + 1,
                 syncs: 0,
                 stalled: false,
             })),
@@ -433,6 +465,10 @@ impl Log for MemLog {
     fn marker_key(&self) -> MarkerKey {
         self.inner.lock().unwrap().marker_key.clone()
     }
+
+    fn epoch(&self) -> u64 {
+        self.inner.lock().unwrap().epoch
+    }
 }
 
 impl Default for MemInner {
@@ -442,6 +478,7 @@ impl Default for MemInner {
             durable: BTreeMap::new(),
             participants: BTreeMap::new(),
             marker_key: MarkerKey::generate(),
+            epoch: 1,
             syncs: 0,
             stalled: false,
         }
@@ -516,6 +553,21 @@ mod tests {
             .await
             .expect("a sync waited for a flush that never came");
         }
+    }
+
+    #[test]
+    fn every_open_is_a_new_larger_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let epochs: Vec<u64> = (0..3)
+            .map(|_| SledLog::open(dir.path(), None).unwrap().0.epoch())
+            .collect();
+        assert_eq!(epochs, [1, 2, 3]);
+        let log = MemLog::default();
+        assert_eq!(
+            log.crash().epoch(),
+            log.epoch() + 1,
+            "a restart is a new epoch"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod commit;
 pub mod core;
 pub mod deadlock;
 pub mod detector;
+pub mod epoch;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd_log;

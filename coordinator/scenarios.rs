@@ -329,6 +329,100 @@ fn crash_with_no_record_at_all_is_a_presumed_abort() {
     ));
 }
 
+/// A transaction the client started itself: its first enlistment, on `endpoint`, creates it.
+fn started_on(c: &Process, endpoint: &str, start: &proto::Start) -> Result<TxnId, Error> {
+    let id = TxnId::generate();
+    let participant = endpoint.trim_start_matches("http://");
+    c.run(
+        c.core
+            .register(id, Some(start), participant, endpoint, "instance-1", false),
+    )?;
+    Ok(id)
+}
+
+fn start_in(c: &Process) -> proto::Start {
+    proto::Start {
+        epoch: c.core.epoch(),
+        timeout_ms: 30_000,
+        label: "three calls".into(),
+    }
+}
+
+#[test]
+fn crash_after_a_first_enlistment_leaves_nothing_a_late_branch_can_continue() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    c.begin_with(&[P1, P2]); // both enlisted durably, so their registrations are not forced
+    let start = start_in(&c);
+    let id = started_on(&c, P1, &start).unwrap();
+
+    // The hint was never synced: the restarted coordinator has no trace of the transaction.
+    let c = Process::start(c.crash(), &ps);
+    let late = c.run(
+        c.core
+            .register(id, Some(&start), "p2", P2, "instance-1", false),
+    );
+    let fresh = started_on(&c, P2, &start);
+    let commit = c.run(
+        c.core
+            .commit_named(id, Some(&["p1".into(), "p2".into()]), Duration::ZERO),
+    );
+
+    assert!(c.core.epoch() > start.epoch, "every start is a new epoch");
+    assert!(
+        matches!(
+            late,
+            Err(Error::Refused(super::epoch::Refusal::Stale { .. }))
+        ),
+        "{late:?}"
+    );
+    assert!(matches!(fresh, Err(Error::Refused(_))), "{fresh:?}");
+    let commit = commit.unwrap();
+    assert_eq!(
+        commit.outcome,
+        Outcome::Aborted,
+        "presumed abort, not NOT_FOUND"
+    );
+    assert!(commit.reason.contains("no record"), "{}", commit.reason);
+}
+
+#[test]
+fn crash_after_a_synced_first_enlistment_aborts_it_and_refuses_its_late_branches() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let start = start_in(&c);
+    // A new participant: its registry entry is forced, and with it the Active hint.
+    let id = started_on(&c, P1, &start).unwrap();
+
+    let c = Process::start(c.crash(), &ps);
+    c.until_finished(id);
+    let late = c.run(
+        c.core
+            .register(id, Some(&start), "p2", P2, "instance-1", false),
+    );
+
+    assert_eq!(c.query(id), Outcome::Aborted);
+    assert!(ps.calls(P1).contains(&Call::Rollback(id)));
+    assert!(matches!(late, Err(Error::Txn(_))), "not active: {late:?}");
+    assert_settled(&ps, id, false);
+}
+
+#[test]
+fn commit_naming_a_branch_that_never_enlisted_aborts_the_others() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let start = start_in(&c);
+    let id = started_on(&c, P1, &start).unwrap();
+
+    let named = ["p1".to_string(), "p2".to_string()];
+    let commit = c.run(c.core.commit_named(id, Some(&named), Duration::ZERO));
+
+    assert_eq!(commit.unwrap().outcome, Outcome::Aborted);
+    c.until_finished(id);
+    assert!(!ps.calls(P1).contains(&Call::Prepare(id)), "never prepared");
+    assert_settled(&ps, id, false);
+}
+
 #[test]
 fn crash_while_prepare_is_in_flight_aborts_and_rolls_back_what_prepared() {
     let ps = participants();

@@ -21,6 +21,18 @@ impl<L: Log, P: Participants> Service<L, P> {
     }
 }
 
+impl<L: Log, P: Participants> Service<L, P> {
+    /// A Commit's or Abort's answer, with the current epoch in its metadata: a client whose
+    /// transaction failed somewhere it could not see (a service it called was refused with
+    /// `stale epoch`) starts the next one in the right epoch without asking.
+    fn with_epoch<T>(&self, message: T) -> Response<T> {
+        let mut resp = Response::new(message);
+        let epoch = self.core.epoch().to_string().parse().expect("digits");
+        resp.metadata_mut().insert(proto::EPOCH_METADATA, epoch);
+        resp
+    }
+}
+
 /// Who called, when the server checks tokens (`process::auth`).
 fn caller<T>(req: &Request<T>) -> Option<Caller> {
     req.extensions().get::<Caller>().cloned()
@@ -58,6 +70,7 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         Ok(Response::new(proto::BeginResponse {
             txn_id: id.to_string(),
             deadline_unix_ms: deadline,
+            epoch: self.core.epoch(),
         }))
     }
 
@@ -67,13 +80,23 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         req: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
         // Answer before the client gives up: phase 2 may be cut short, the outcome may not.
-        let mut wait = self.core.limits.commit_wait;
+        let mut wait = match req.get_ref().wait() {
+            proto::CommitWait::Decided => Duration::ZERO,
+            proto::CommitWait::Applied | proto::CommitWait::Unspecified => {
+                self.core.limits.commit_wait
+            }
+        };
         if let Some(d) = client_deadline(&req) {
             wait = wait.min(d.saturating_sub(Duration::from_millis(200)));
         }
         let id = req.get_ref().txn_id.parse::<TxnId>()?;
-        let r = self.core.commit(id, wait).await?;
-        Ok(Response::new(proto::CommitResponse {
+        let named = req
+            .get_ref()
+            .participants
+            .as_ref()
+            .map(|p| p.names.as_slice());
+        let r = self.core.commit_named(id, named, wait).await?;
+        Ok(self.with_epoch(proto::CommitResponse {
             outcome: proto::Outcome::from(r.outcome) as i32,
             reason: r.reason,
             branches_pending: r.branches_pending,
@@ -88,9 +111,13 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         let req = req.into_inner();
         let outcome = self
             .core
-            .abort(req.txn_id.parse::<TxnId>()?, &req.reason)
+            .abort_in(
+                req.txn_id.parse::<TxnId>()?,
+                (req.epoch != 0).then_some(req.epoch),
+                &req.reason,
+            )
             .await?;
-        Ok(Response::new(proto::AbortResponse {
+        Ok(self.with_epoch(proto::AbortResponse {
             outcome: proto::Outcome::from(outcome) as i32,
         }))
     }
@@ -130,10 +157,12 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
     ) -> Result<Response<proto::RegisterBranchResponse>, Status> {
         let req = req.into_inner();
         let id = req.txn_id.parse::<TxnId>()?;
+        let start = proto::Start::from_fields(req.epoch, req.timeout_ms, &req.label);
         let deadline = self
             .core
-            .register_branch(
+            .register(
                 id,
+                start.as_ref(),
                 &req.participant_id,
                 &req.endpoint,
                 &req.instance_id,
@@ -143,6 +172,19 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         Ok(Response::new(proto::RegisterBranchResponse {
             coordinator_id: self.core.id().to_string(),
             deadline_unix_ms: deadline,
+        }))
+    }
+
+    async fn get_epoch(
+        &self,
+        _req: Request<proto::GetEpochRequest>,
+    ) -> Result<Response<proto::GetEpochResponse>, Status> {
+        let limits = self.core.limits();
+        Ok(Response::new(proto::GetEpochResponse {
+            epoch: self.core.epoch(),
+            coordinator_id: self.core.id().to_string(),
+            default_timeout_ms: limits.default_timeout.as_millis() as u32,
+            max_timeout_ms: limits.max_timeout.as_millis() as u32,
         }))
     }
 

@@ -468,6 +468,56 @@ impl Txn {
         })
     }
 
+    /// Commit named the participants the client sent statements to, and they are not the
+    /// enlisted ones: a statement's branch is missing (its enlistment was refused or lost) or
+    /// one is there that the client does not know ran. Only an Active transaction is aborted;
+    /// a repeated Commit finds it decided. `None`: the same set, or no longer Active.
+    pub fn abort_unnamed(&mut self, names: &[String], now_ms: i64) -> Option<OnAbort> {
+        if self.state != State::Active {
+            return None;
+        }
+        let reason = self.unnamed(names)?;
+        Some(self.abort(&reason, now_ms))
+    }
+
+    /// How `names` (participant ids, or the URLs the client called) differ from the branches,
+    /// for a person; `None` if they name exactly the branches.
+    fn unnamed(&self, names: &[String]) -> Option<String> {
+        let url = |s: &str| s.trim_end_matches('/').to_string();
+        let names_branch =
+            |n: &str, b: &BranchRecord| n == b.participant_id || url(n) == url(&b.endpoint);
+        let never_enlisted: Vec<&str> = names
+            .iter()
+            .filter(|n| !self.branches.iter().any(|b| names_branch(n, b)))
+            .map(String::as_str)
+            .collect();
+        let not_named: Vec<&str> = self
+            .branches
+            .iter()
+            .filter(|b| !names.iter().any(|n| names_branch(n, b)))
+            .map(|b| b.participant_id.as_str())
+            .collect();
+        let mut why = Vec::new();
+        if !never_enlisted.is_empty() {
+            why.push(format!(
+                "the client sent statements to {}, which never enlisted (an enlistment refused or lost, or a call that never arrived)",
+                never_enlisted.join(", ")
+            ));
+        }
+        if !not_named.is_empty() {
+            why.push(format!(
+                "{} enlisted, but the client did not name it (an Execute whose answer it never got?)",
+                not_named.join(", ")
+            ));
+        }
+        (!why.is_empty()).then(|| {
+            format!(
+                "the participants named at Commit are not the transaction's branches: {}",
+                why.join("; ")
+            )
+        })
+    }
+
     /// The deadline passed. Only a transaction nobody has called Commit on is aborted: once
     /// phase 1 has begun, the prepare timeout bounds it instead. `None`: nothing to do.
     pub fn expire(&mut self, now_ms: i64) -> Option<OnAbort> {
@@ -640,6 +690,52 @@ impl Txn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_naming_the_branches_by_id_or_url_goes_ahead() {
+        let mut txn = txn_with(&["p1", "p2"]);
+        let names = ["p1".to_string(), "http://p2/".to_string()];
+        assert!(txn.abort_unnamed(&names, 5).is_none());
+        assert_eq!(txn.state, State::Active);
+    }
+
+    #[test]
+    fn commit_naming_a_participant_that_never_enlisted_aborts_and_says_which() {
+        // The half-commit of issue 22: p2's Execute failed before p2 could enlist.
+        let mut txn = txn_with(&["p1"]);
+        let step = txn.abort_unnamed(&["p1".into(), "p2".into()], 5);
+        assert!(matches!(step, Some(OnAbort::RollBack(_))));
+        assert_eq!(txn.state, State::Aborting);
+        assert!(
+            txn.reason
+                .contains("sent statements to p2, which never enlisted"),
+            "{}",
+            txn.reason
+        );
+    }
+
+    #[test]
+    fn commit_leaving_out_an_enlisted_branch_aborts_and_says_which() {
+        let mut txn = txn_with(&["p1", "p3"]);
+        assert!(txn.abort_unnamed(&["p1".into()], 5).is_some());
+        assert!(
+            txn.reason
+                .contains("p3 enlisted, but the client did not name it"),
+            "{}",
+            txn.reason
+        );
+    }
+
+    #[test]
+    fn naming_is_checked_only_while_active() {
+        let mut txn = txn_with(&["p1"]);
+        let _ = txn.commit(false);
+        assert!(
+            txn.abort_unnamed(&[], 5).is_none(),
+            "a repeated Commit joins the run"
+        );
+        assert_eq!(txn.state, State::Preparing);
+    }
 
     fn txn_with(branches: &[&str]) -> Txn {
         let mut txn = Txn::begin(TxnId::generate(), "t".into(), 0, 1000);

@@ -262,12 +262,19 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// driver's own API and no gRPC hop per statement (`embedded.rs`). The branch is locked
     /// while `work` runs, as during an Execute; if `work` fails, the branch is doomed (the
     /// transaction can then only abort), exactly as after a failed statement.
-    pub async fn with_branch<T, E, F>(self: &Arc<Self>, txn: TxnId, work: F) -> Result<T, E>
+    /// `start`: the client chose the txn id itself, so this branch's enlistment may be the one
+    /// that creates the transaction.
+    pub async fn with_branch<T, E, F>(
+        self: &Arc<Self>,
+        txn: TxnId,
+        start: Option<&proto::Start>,
+        work: F,
+    ) -> Result<T, E>
     where
         F: for<'c> FnOnce(&'c D::Conn) -> futures::future::BoxFuture<'c, Result<T, E>>,
         E: From<Error> + std::fmt::Display,
     {
-        let open = self.open_branch(txn).await?;
+        let open = self.open_branch(txn, start).await?;
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute().map_err(Error::from)?;
         if slot.conn.is_none() {
@@ -294,16 +301,53 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         done
     }
 
+    /// Runs one statement in `txn`'s branch, opening the branch on first use.
     pub async fn execute(
         self: &Arc<Self>,
         txn: TxnId,
         sql_text: &str,
         params: &[proto::Value],
     ) -> Result<proto::ExecuteResponse, Error> {
-        sql::check_allowed(sql_text)
-            .and_then(|()| self.db.limits().check_request(sql_text, params.len()))
-            .map_err(|e| Error::statement(txn, e))?;
-        let open = self.open_branch(txn).await?;
+        let statement = proto::Statement {
+            sql: sql_text.to_string(),
+            params: params.to_vec(),
+        };
+        let mut results = self
+            .execute_batch(txn, None, std::slice::from_ref(&statement))
+            .await?;
+        Ok(results.pop().expect("one result per statement"))
+    }
+
+    /// Runs `statements` in order in `txn`'s branch, opening it on first use (enlisted with
+    /// `start` if the client chose the id itself). Every statement is checked before the
+    /// first runs; the first failure dooms the branch, even a refusal once a statement before
+    /// it ran, and stops the batch (docs/PROTOCOL.md §12).
+    pub async fn execute_batch(
+        self: &Arc<Self>,
+        txn: TxnId,
+        start: Option<&proto::Start>,
+        statements: &[proto::Statement],
+    ) -> Result<Vec<proto::ExecuteResponse>, Error> {
+        let count = statements.len();
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "no statement: send `sql`, or one or more `statements`".into(),
+            ));
+        }
+        // The position of a statement, in messages about a batch.
+        let at = |i: usize, message: String| match count {
+            1 => message,
+            n => format!("statement {} of {n}: {message}", i + 1),
+        };
+        for (i, s) in statements.iter().enumerate() {
+            sql::check_allowed(&s.sql)
+                .and_then(|()| self.db.limits().check_request(&s.sql, s.params.len()))
+                .map_err(|e| match Error::statement(txn, e) {
+                    Error::InvalidArgument(m) => Error::InvalidArgument(at(i, m)),
+                    other => other,
+                })?;
+        }
+        let open = self.open_branch(txn, start).await?;
         let mut slot = open.slot.lock().await;
         slot.branch.check_execute()?;
         let begin = slot.conn.is_none();
@@ -314,71 +358,115 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             let backend = self.db.backend_pid(&conn);
             open.attach(&mut slot, conn, backend).await;
         }
-        let conn = slot
-            .conn
-            .as_ref()
-            .expect("an active branch has a connection");
-        *open.running_since.lock().unwrap() = Some(Instant::now());
-        let ran = self.db.execute(conn, sql_text, params, begin).await;
-        *open.running_since.lock().unwrap() = None;
-        match ran {
-            Ok(resp) => Ok(resp),
-            Err(sql::SqlError::Refused(msg)) => Err(Error::InvalidArgument(msg)),
-            Err(e) => {
-                let aborted = open.aborted.lock().unwrap().clone();
-                let err = match (aborted, Error::statement(txn, e)) {
-                    // Cancelled by the rollback of an abort whose cause the coordinator told:
-                    // the cause is the error, with its SQLSTATE if it has one (else the
-                    // cancellation's, 57014).
-                    (
-                        Some(cause),
-                        Error::Statement {
-                            message, sqlstate, ..
-                        },
-                    ) => {
-                        let why = format!(
-                            "the coordinator aborted the transaction while this statement ran: {}",
-                            cause.reason
-                        );
-                        match cause.sqlstate.is_empty() {
-                            true => Error::Statement {
-                                txn,
-                                message: format!("{why} ({message})"),
-                                sqlstate,
-                            },
-                            false => Error::Statement {
-                                txn,
-                                message: why,
-                                sqlstate: Some(cause.sqlstate),
-                            },
-                        }
-                    }
-                    (_, err) => err,
-                };
-                if let Error::Statement { message, .. } | Error::ResourceExhausted(message) = &err {
-                    slot.branch.doom(message.clone());
-                }
-                Err(err)
+        let mut results = Vec::with_capacity(count);
+        for (i, s) in statements.iter().enumerate() {
+            if i > 0 {
+                crate::failpoint!("participant::between_statements");
             }
+            let conn = slot
+                .conn
+                .as_ref()
+                .expect("an active branch has a connection");
+            *open.running_since.lock().unwrap() = Some(Instant::now());
+            let ran = self
+                .db
+                .execute(conn, &s.sql, &s.params, begin && i == 0)
+                .await;
+            *open.running_since.lock().unwrap() = None;
+            let err = match ran {
+                Ok(resp) => {
+                    results.push(resp);
+                    continue;
+                }
+                // Nothing of the branch ran: it stays usable.
+                Err(sql::SqlError::Refused(msg)) if i == 0 => {
+                    return Err(Error::InvalidArgument(at(i, msg)));
+                }
+                Err(sql::SqlError::Refused(msg)) => Error::InvalidArgument(at(i, msg)),
+                Err(e) => match self.statement_failed(&open, txn, e) {
+                    Error::Statement {
+                        txn,
+                        message,
+                        sqlstate,
+                    } => Error::Statement {
+                        txn,
+                        message: at(i, message),
+                        sqlstate,
+                    },
+                    Error::ResourceExhausted(m) => Error::ResourceExhausted(at(i, m)),
+                    other => other,
+                },
+            };
+            if let Error::Statement { message, .. }
+            | Error::ResourceExhausted(message)
+            | Error::InvalidArgument(message) = &err
+            {
+                slot.branch.doom(message.clone());
+            }
+            return Err(err);
+        }
+        Ok(results)
+    }
+
+    /// A statement of `open`'s branch failed: its error, or, if the coordinator aborted the
+    /// transaction while it ran (its rollback cancelled the statement), that cause.
+    fn statement_failed(&self, open: &OpenBranch<D>, txn: TxnId, e: sql::SqlError) -> Error {
+        let aborted = open.aborted.lock().unwrap().clone();
+        match (aborted, Error::statement(txn, e)) {
+            // The cause is the error, with its SQLSTATE if it has one (else the
+            // cancellation's, 57014).
+            (
+                Some(cause),
+                Error::Statement {
+                    message, sqlstate, ..
+                },
+            ) => {
+                let why = format!(
+                    "the coordinator aborted the transaction while this statement ran: {}",
+                    cause.reason
+                );
+                match cause.sqlstate.is_empty() {
+                    true => Error::Statement {
+                        txn,
+                        message: format!("{why} ({message})"),
+                        sqlstate,
+                    },
+                    false => Error::Statement {
+                        txn,
+                        message: why,
+                        sqlstate: Some(cause.sqlstate),
+                    },
+                }
+            }
+            (_, err) => err,
         }
     }
 
     /// The branch of `txn` that statements run in: the open one, or a new one (enlisted);
     /// never one that ended here (FAILED_PRECONDITION: the transaction can only abort).
-    async fn open_branch(self: &Arc<Self>, txn: TxnId) -> Result<Arc<OpenBranch<D>>, Error> {
+    async fn open_branch(
+        self: &Arc<Self>,
+        txn: TxnId,
+        start: Option<&proto::Start>,
+    ) -> Result<Arc<OpenBranch<D>>, Error> {
         match self.find(txn) {
             Found::Open(open) => Ok(open),
             Found::Ended(state) => Err(self.ended(txn, "", state)?.not_active().into()),
-            Found::Unknown => self.open(txn).await,
+            Found::Unknown => self.open(txn, start).await,
         }
     }
 
     /// Enlists this participant with the coordinator and makes the branch's entry.
-    async fn open(self: &Arc<Self>, txn: TxnId) -> Result<Arc<OpenBranch<D>>, Error> {
+    async fn open(
+        self: &Arc<Self>,
+        txn: TxnId,
+        start: Option<&proto::Start>,
+    ) -> Result<Arc<OpenBranch<D>>, Error> {
         let enlisted = self
             .coordinator
             .register(
                 txn,
+                start,
                 &self.id,
                 &self.advertise,
                 &self.instance,

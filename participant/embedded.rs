@@ -120,8 +120,11 @@ impl Embedded {
     {
         match ambient::current() {
             Some(tx) => {
+                // Named whatever the outcome, as a statement sent to a participant is: the
+                // caller's Commit must account for a branch that may have enlisted.
+                tx.add_participants([self.core.id.clone()]);
                 self.core
-                    .with_branch(tx.id(), |conn| work(conn.as_ref()))
+                    .with_branch(tx.id(), tx.start(), |conn| work(conn.as_ref()))
                     .await
             }
             None => self.local(work).await,

@@ -106,8 +106,10 @@ impl From<Error> for Status {
             Error::Postgres(e) if e.as_db_error().is_none() => Status::unavailable(msg),
             Error::Postgres(_) | Error::Internal(_) => Status::internal(msg),
             Error::Coordinator(s) => match s.code() {
+                // With the coordinator's metadata: a `stale epoch` refusal carries the epoch
+                // to start again in (`twopc-epoch`).
                 Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument => {
-                    Status::new(s.code(), msg)
+                    Status::with_metadata(s.code(), msg, s.metadata().clone())
                 }
                 _ => Status::unavailable(format!(
                     "the coordinator is not reachable: {}",

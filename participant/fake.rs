@@ -225,8 +225,7 @@ impl Database for FakeDatabase {
         }
         Ok(proto::ExecuteResponse {
             rows_affected: u64::from(writes),
-            columns: Vec::new(),
-            rows: Vec::new(),
+            ..Default::default()
         })
     }
 
@@ -426,6 +425,7 @@ impl CoordinatorLink for FakeCoordinator {
     async fn register(
         &self,
         txn: TxnId,
+        _start: Option<&crate::proto::Start>,
         _participant_id: &str,
         _endpoint: &str,
         instance: &str,

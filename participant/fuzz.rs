@@ -178,6 +178,7 @@ impl fuzzing::Target for Target {
                     txn_id: self.id(id),
                     sql: sql.clone(),
                     params: params.clone(),
+                    ..Default::default()
                 }))
                 .await
                 .map(drop),

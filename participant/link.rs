@@ -7,7 +7,7 @@
 use crate::process::auth::Bearer;
 use crate::process::leader_channel::LeaderChannel;
 use crate::proto::coordinator_client::CoordinatorClient;
-use crate::proto::{self, Outcome, RegisterBranchRequest, TxnId};
+use crate::proto::{self, Outcome, RegisterBranchRequest, Start, TxnId};
 use std::future::Future;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
@@ -27,9 +27,11 @@ pub trait CoordinatorLink: Send + Sync + 'static {
     /// Enlists this participant's branch of `txn`. `instance` names this process: a restarted
     /// participant has lost its open branches and must not be taken for the old one.
     /// `one_phase`: this participant can commit the branch in one phase if it is the only one.
+    /// `start`: the client chose the txn id itself, and this enlistment may create it.
     fn register(
         &self,
         txn: TxnId,
+        start: Option<&Start>,
         participant_id: &str,
         endpoint: &str,
         instance: &str,
@@ -65,6 +67,7 @@ impl CoordinatorLink for GrpcCoordinator {
     async fn register(
         &self,
         txn: TxnId,
+        start: Option<&Start>,
         participant_id: &str,
         endpoint: &str,
         instance: &str,
@@ -76,6 +79,9 @@ impl CoordinatorLink for GrpcCoordinator {
             endpoint: endpoint.to_string(),
             instance_id: instance.to_string(),
             one_phase,
+            epoch: start.map_or(0, |s| s.epoch),
+            timeout_ms: start.map_or(0, |s| s.timeout_ms),
+            label: start.map(|s| s.label.clone()).unwrap_or_default(),
         });
         if let Ok(v) = txn.traceparent().parse() {
             req.metadata_mut().insert("traceparent", v);

@@ -277,7 +277,7 @@ fn a_services_work_cancelled_halfway_dooms_the_branch() {
 
     // The handler running the work is dropped (its caller cancelled) while the work waits.
     let cancelled = p.run(async {
-        let work = p.core.with_branch(txn, |_conn| {
+        let work = p.core.with_branch(txn, None, |_conn| {
             Box::pin(async {
                 std::future::pending::<()>().await;
                 Ok::<_, Error>(())

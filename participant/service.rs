@@ -244,16 +244,58 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
     ) -> Result<Response<proto::ExecuteResponse>, Status> {
         let span = span(&req, "Execute", &req.get_ref().txn_id, &self.core.id);
         let req = req.into_inner();
+        let me = self.core.id.clone();
         let txn = req.txn_id.parse::<TxnId>()?;
+        let start = proto::Start::from_fields(req.epoch, req.timeout_ms, &req.label);
+        let batch = !req.statements.is_empty();
+        if batch && (!req.sql.is_empty() || !req.params.is_empty()) {
+            return Err(Status::invalid_argument(
+                "send either `sql` (with `params`) or `statements`, not both",
+            ));
+        }
+        let statements = match batch {
+            true => req.statements,
+            false => vec![proto::Statement {
+                sql: req.sql,
+                params: req.params,
+            }],
+        };
+        let count = statements.len() as u64;
         let core = Arc::clone(&self.core);
         let resp = detached(span, async move {
-            core.execute(txn, &req.sql, &req.params).await
+            core.execute_batch(txn, start.as_ref(), &statements).await
         })
         .await;
         let result = if resp.is_ok() { "ok" } else { "error" };
-        metrics::counter!("twopc_participant_statements_total", "result" => result).increment(1);
-        let resp = resp?;
-        Ok(Response::new(resp))
+        metrics::counter!("twopc_participant_statements_total", "result" => result)
+            .increment(count);
+        let mut results = resp.map_err(|mut status| {
+            // So the client can name this participant at Commit, answer or not.
+            if let Ok(v) = me.parse() {
+                status
+                    .metadata_mut()
+                    .insert(proto::PARTICIPANT_ID_METADATA, v);
+            }
+            status
+        })?;
+        Ok(Response::new(match batch {
+            true => proto::ExecuteResponse {
+                participant_id: me,
+                results: results
+                    .into_iter()
+                    .map(|r| proto::StatementResult {
+                        rows_affected: r.rows_affected,
+                        columns: r.columns,
+                        rows: r.rows,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            false => proto::ExecuteResponse {
+                participant_id: me,
+                ..results.pop().expect("one result per statement")
+            },
+        }))
     }
 
     async fn prepare(

@@ -410,6 +410,7 @@ async fn execute_prepared(
         rows_affected,
         columns,
         rows: converted,
+        ..Default::default()
     })
 }
 

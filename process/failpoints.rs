@@ -24,6 +24,10 @@ pub const ALL: &[(&str, &str)] = &[
         "a participant's RegisterBranch is recorded, before the reply",
     ),
     (
+        "coordinator::txn_created",
+        "a transaction a client started itself is created by its first enlistment, before the branch is registered",
+    ),
+    (
         "coordinator::prepare_sent",
         "phase 1: just before a Prepare request goes to a participant",
     ),
@@ -38,6 +42,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         "coordinator::decision_flushed",
         "the commit decision is durable, before any COMMIT PREPARED is sent",
+    ),
+    (
+        "coordinator::announced",
+        "a commit decision is announced (Commit with wait = DECIDED answers now), before any COMMIT PREPARED is sent",
     ),
     (
         "coordinator::first_commit_acked",
@@ -66,6 +74,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         "coordinator::one_phase_answered",
         "the participant answered CommitOnePhase, before the outcome is recorded or announced",
+    ),
+    (
+        "participant::between_statements",
+        "an Execute with several statements: one ran, the next has not",
     ),
     ("participant::before_prepare", "before PREPARE TRANSACTION"),
     (

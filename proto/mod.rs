@@ -7,9 +7,11 @@
 pub mod fuzzing;
 pub mod marker;
 pub mod names;
+mod start;
 mod txn_id;
 pub mod vote;
 
+pub use start::Start;
 pub use txn_id::{InvalidTxnId, TxnId};
 
 tonic::include_proto!("twopc.v1");
@@ -25,6 +27,14 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
 }
+
+/// Metadata on a `stale epoch` refusal: the coordinator's current epoch, so a client learns it
+/// without another call (docs/PROTOCOL.md §12).
+pub const EPOCH_METADATA: &str = "twopc-epoch";
+
+/// Metadata on every failed Execute: the participant's id, which a client names at Commit as
+/// it names `ExecuteResponse.participant_id` after a success.
+pub const PARTICIPANT_ID_METADATA: &str = "twopc-participant-id";
 
 /// The most calls in flight on one client connection (HTTP/2 streams).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;

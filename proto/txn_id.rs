@@ -33,6 +33,11 @@ impl TxnId {
         Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
     }
 
+    /// Made as a UUIDv7, whose time [`TxnId::created_ms`] reads.
+    pub fn is_v7(&self) -> bool {
+        self.0.get_version_num() == 7
+    }
+
     /// The 16 bytes the log uses as key; they sort like the ids.
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()

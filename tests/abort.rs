@@ -98,6 +98,11 @@ async fn explicit_abort_rolls_back_and_later_calls_agree() {
 
     let aborted = sys.abort(&txn).await;
     let commit_after = sys.commit(&txn).await;
+    // Abort answers before its rollbacks land; once they have, the branch is a tombstone.
+    eventually("every rollback is acknowledged", || async {
+        sys.get(&txn).await.state == TxnState::Aborted as i32
+    })
+    .await;
     let exec_after = sys.exec(0, &txn, "SELECT 1", vec![]).await.unwrap_err();
 
     assert_eq!(outcome(aborted.outcome), Outcome::Aborted);
@@ -226,6 +231,7 @@ async fn a_rollback_that_cannot_reach_its_participant_is_left_to_that_participan
     let mut coordinator = sys.coordinator().await;
     let request = proto::CommitRequest {
         txn_id: txn.clone(),
+        ..Default::default()
     };
     let committing = tokio::spawn(async move { coordinator.commit(request).await });
     let s = &sys;
@@ -271,6 +277,7 @@ async fn unknown_and_malformed_ids_get_clear_statuses() {
     let commit_unknown = coord
         .commit(proto::CommitRequest {
             txn_id: unknown.into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -284,6 +291,7 @@ async fn unknown_and_malformed_ids_get_clear_statuses() {
     let commit_bad = coord
         .commit(proto::CommitRequest {
             txn_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -43,11 +43,18 @@ async fn malformed_coordinator_requests_get_invalid_argument_or_not_found() {
     {
         codes.push((
             "Commit",
-            code(c.commit(proto::CommitRequest { txn_id: id.clone() }).await),
+            code(
+                c.commit(proto::CommitRequest {
+                    txn_id: id.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
         ));
         let abort = proto::AbortRequest {
             txn_id: id.clone(),
             reason: String::new(),
+            ..Default::default()
         };
         codes.push(("Abort", code(c.abort(abort).await)));
         let get = proto::GetTransactionRequest { txn_id: id.clone() };
@@ -69,6 +76,7 @@ async fn malformed_coordinator_requests_get_invalid_argument_or_not_found() {
     let long_reason = proto::AbortRequest {
         txn_id: live.clone(),
         reason: "r".repeat(4096),
+        ..Default::default()
     };
     let no_such_state = proto::ListTransactionsRequest {
         states: vec![999],
@@ -81,6 +89,7 @@ async fn malformed_coordinator_requests_get_invalid_argument_or_not_found() {
             endpoint: endpoint.into(),
             instance_id: "i".repeat(instance),
             one_phase: false,
+            ..Default::default()
         };
     let resolve = proto::ResolveTransactionRequest {
         txn_id: live.clone(),
@@ -97,7 +106,13 @@ async fn malformed_coordinator_requests_get_invalid_argument_or_not_found() {
     let path = code(c.register_branch(register("../..", "http://x", 8)).await);
     let instance = code(c.register_branch(register("p9", "http://x", 1000)).await);
     let resolution = code(c.resolve_transaction(resolve).await);
-    let commit_unknown = code(c.commit(proto::CommitRequest { txn_id: unknown }).await);
+    let commit_unknown = code(
+        c.commit(proto::CommitRequest {
+            txn_id: unknown,
+            ..Default::default()
+        })
+        .await,
+    );
 
     for (rpc, got) in codes {
         assert_eq!(got, Code::InvalidArgument, "{rpc} with a malformed id");
@@ -127,6 +142,7 @@ async fn malformed_participant_requests_get_clear_statuses() {
         txn_id: txn.clone(),
         sql: sql.into(),
         params,
+        ..Default::default()
     };
     let branch = |id: &str| proto::BranchRequest {
         txn_id: id.into(),
@@ -139,6 +155,7 @@ async fn malformed_participant_requests_get_clear_statuses() {
             txn_id: id.into(),
             sql: "SELECT 1".into(),
             params: vec![],
+            ..Default::default()
         };
         bad_ids.push(code(p.execute(ex).await));
         let prepare = proto::PrepareRequest {
@@ -199,7 +216,10 @@ async fn a_storm_of_commits_and_aborts_on_one_transaction_agrees_on_one_outcome(
         let (mut c, txn) = (c.clone(), txn.clone());
         tokio::spawn(async move {
             if i % 2 == 0 {
-                let mut req = tonic::Request::new(proto::CommitRequest { txn_id: txn });
+                let mut req = tonic::Request::new(proto::CommitRequest {
+                    txn_id: txn,
+                    ..Default::default()
+                });
                 req.metadata_mut()
                     .insert("grpc-timeout", "99999999999999999H".parse().unwrap());
                 c.commit(req).await.map(|r| r.into_inner().outcome)
@@ -207,6 +227,7 @@ async fn a_storm_of_commits_and_aborts_on_one_transaction_agrees_on_one_outcome(
                 let abort = proto::AbortRequest {
                     txn_id: txn,
                     reason: "storm".into(),
+                    ..Default::default()
                 };
                 c.abort(abort).await.map(|r| r.into_inner().outcome)
             }

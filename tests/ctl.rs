@@ -108,13 +108,15 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
             txn_id: txn.clone(),
             sql: "UPDATE acct SET bal = bal - $1 WHERE id = 1".into(),
             params: vec![int(30)],
+            ..Default::default()
         })
         .await
         .unwrap();
     assert!(
         client
             .commit(proto::CommitRequest {
-                txn_id: txn.clone()
+                txn_id: txn.clone(),
+                ..Default::default()
             })
             .await
             .is_err(),
@@ -203,6 +205,7 @@ async fn a_transaction_stuck_committing_on_a_lost_participant_is_resolved_by_han
                 txn_id: txn.clone(),
                 sql: "UPDATE acct SET bal = bal + 5 WHERE id = 2".into(),
                 params: vec![],
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -210,6 +213,7 @@ async fn a_transaction_stuck_committing_on_a_lost_participant_is_resolved_by_han
     let committed = client
         .commit(proto::CommitRequest {
             txn_id: txn.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

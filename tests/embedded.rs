@@ -168,8 +168,12 @@ async fn a_handler_joined_to_a_callers_transaction_commits_only_with_it() {
         .unwrap();
 
     // What `JoinLayer` does for a request carrying the caller's `twopc-txn-id`.
-    let joined = w.client.join(tx.id());
-    ambient::within(joined, post(&w.ledger, 5)).await.unwrap();
+    let joined = w.client.join(tx.id(), tx.start().cloned());
+    ambient::within(joined.clone(), post(&w.ledger, 5))
+        .await
+        .unwrap();
+    // ... and what its response's `twopc-participants` tells the caller's `PropagateLayer`.
+    tx.add_participants(joined.participants());
     let before_commit = w.ledger_balance().await;
     tx.commit().await.unwrap();
 

@@ -390,3 +390,50 @@ async fn grpcurl_reaches_secured_servers_with_a_client_certificate_and_token() {
         no_token.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_in_three_calls_from_the_shell() {
+    let sys = System::start(2).await;
+    sys.setup_sql("CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL); INSERT INTO acct VALUES (1, 100);")
+        .await;
+    let (c, p1, p2) = (
+        sys.coordinator.addr,
+        sys.participants[0].addr,
+        sys.participants[1].addr,
+    );
+    // A UUIDv7, as README makes one at the shell.
+    let txn = twopc::proto::TxnId::generate().to_string();
+
+    let epoch = grpcurl(c, Some("{}"), &["twopc.v1.Coordinator/GetEpoch"]).await;
+    let epoch = epoch.json()["epoch"].as_str().unwrap().to_string();
+    let debit = format!(
+        r#"{{"txn_id":"{txn}","epoch":"{epoch}","timeout_ms":10000,"label":"by hand","statements":[{{"sql":"UPDATE acct SET bal = bal - 30 WHERE id = 1"}},{{"sql":"SELECT bal FROM acct WHERE id = 1"}}]}}"#
+    );
+    let debit = grpcurl(p1, Some(&debit), &["twopc.v1.Participant/Execute"]).await;
+    let credit = format!(
+        r#"{{"txn_id":"{txn}","epoch":"{epoch}","statements":[{{"sql":"UPDATE acct SET bal = bal + 30 WHERE id = 1"}}]}}"#
+    );
+    let credit = grpcurl(p2, Some(&credit), &["twopc.v1.Participant/Execute"]).await;
+    let commit = format!(
+        r#"{{"txn_id":"{txn}","participants":{{"names":["p1","p2"]}},"wait":"COMMIT_WAIT_DECIDED"}}"#
+    );
+    let commit = grpcurl(c, Some(&commit), &["twopc.v1.Coordinator/Commit"]).await;
+
+    assert!(debit.ok, "{}", debit.stderr);
+    assert_eq!(debit.json()["participantId"], "p1");
+    assert_eq!(
+        debit.json()["results"][1]["rows"][0]["values"][0]["intValue"],
+        "70"
+    );
+    assert!(credit.ok, "{}", credit.stderr);
+    assert!(commit.ok, "{}", commit.stderr);
+    assert_eq!(commit.json()["outcome"], "OUTCOME_COMMITTED");
+    support::eventually("phase 2 lands", || async {
+        sys.scalar(1, "SELECT bal::int8 FROM acct WHERE id = 1")
+            .await
+            == 130
+    })
+    .await;
+    assert_eq!(sys.scalar(0, "SELECT bal FROM acct WHERE id = 1").await, 70);
+    sys.assert_nothing_prepared().await;
+}

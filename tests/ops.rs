@@ -62,10 +62,14 @@ async fn metrics_count_outcomes_and_time_the_phases() {
                 txn_id: txn.clone(),
                 sql: sql.into(),
                 params: vec![],
+                ..Default::default()
             })
             .await;
         let r = c
-            .commit(proto::CommitRequest { txn_id: txn })
+            .commit(proto::CommitRequest {
+                txn_id: txn,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -271,7 +275,10 @@ async fn sigterm_refuses_new_transactions_lets_in_flight_ones_finish_and_exits_c
         }
     }
     let finished = c
-        .commit(proto::CommitRequest { txn_id: in_flight })
+        .commit(proto::CommitRequest {
+            txn_id: in_flight,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -339,11 +346,15 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
             txn_id: txn.clone(),
             sql: "INSERT INTO t VALUES (1)".into(),
             params: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();
     let commit = c
-        .commit(proto::CommitRequest { txn_id: txn })
+        .commit(proto::CommitRequest {
+            txn_id: txn,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -200,11 +200,15 @@ async fn deleting_markers_cannot_make_a_committed_one_phase_transaction_answer_a
             txn_id: a.clone(),
             sql: "UPDATE acct SET bal = bal + 5 WHERE id = 2".into(),
             params: vec![],
+            ..Default::default()
         })
         .await
         .unwrap();
     let first = client
-        .commit(proto::CommitRequest { txn_id: a.clone() })
+        .commit(proto::CommitRequest {
+            txn_id: a.clone(),
+            ..Default::default()
+        })
         .await;
     p1.wait_exit().await;
 
@@ -238,7 +242,10 @@ async fn deleting_markers_cannot_make_a_committed_one_phase_transaction_answer_a
     let mut answer = None;
     for _ in 0..100 {
         let again = client
-            .commit(proto::CommitRequest { txn_id: a.clone() })
+            .commit(proto::CommitRequest {
+                txn_id: a.clone(),
+                ..Default::default()
+            })
             .await;
         if let Ok(resp) = again {
             answer = Some(resp.into_inner());
@@ -316,6 +323,7 @@ async fn settings_for_later_sessions_are_refused_and_persisted_ones_do_not_reach
             txn_id: a.clone(),
             sql: sql.into(),
             params: vec![],
+            ..Default::default()
         };
         let mut c = p1client.clone();
         async move { c.execute(req).await }
@@ -339,7 +347,10 @@ async fn settings_for_later_sessions_are_refused_and_persisted_ones_do_not_reach
         .await
         .unwrap();
     let first = client
-        .commit(proto::CommitRequest { txn_id: a.clone() })
+        .commit(proto::CommitRequest {
+            txn_id: a.clone(),
+            ..Default::default()
+        })
         .await;
     p1.wait_exit().await;
     // p1 died before its COMMIT; back, with the role's new defaults on every new session, it
@@ -348,7 +359,10 @@ async fn settings_for_later_sessions_are_refused_and_persisted_ones_do_not_reach
     let mut answer = None;
     for _ in 0..100 {
         if let Ok(resp) = client
-            .commit(proto::CommitRequest { txn_id: a.clone() })
+            .commit(proto::CommitRequest {
+                txn_id: a.clone(),
+                ..Default::default()
+            })
             .await
         {
             answer = Some(resp.into_inner());
@@ -441,6 +455,7 @@ async fn one_phase_commit_is_on_with_the_readme_grants() {
                 txn_id: txn.clone(),
                 sql: "UPDATE acct SET bal = bal - 1 WHERE id = 1".into(),
                 params: vec![],
+                ..Default::default()
             })
             .await
             .is_ok()
@@ -449,6 +464,7 @@ async fn one_phase_commit_is_on_with_the_readme_grants() {
     let resp = client
         .commit(proto::CommitRequest {
             txn_id: txn.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -93,6 +93,7 @@ async fn only_clients_with_a_certificate_from_the_ca_get_in() {
                 endpoint: "http://127.0.0.1:9".into(),
                 instance_id: "i".into(),
                 one_phase: false,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -244,6 +245,7 @@ async fn a_participant_reaches_postgres_over_verified_tls() {
         txn_id: txn.clone(),
         sql: sql.into(),
         params: vec![],
+        ..Default::default()
     };
 
     let ssl = p
@@ -259,6 +261,7 @@ async fn a_participant_reaches_postgres_over_verified_tls() {
     let commit = c
         .commit(proto::CommitRequest {
             txn_id: txn.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -157,6 +157,8 @@ pub struct Clients {
     pub participants: Vec<ParticipantClient<Authed>>,
     /// With `--embedded`: the ledger services, called as a service's caller calls them.
     services: Option<Services>,
+    /// The coordinator's epoch, for transactions whose id the workload chooses (0: ask).
+    epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -218,7 +220,33 @@ impl Clients {
                 .map(|i| Ok(ParticipantClient::new(channel(sys, Role::Participant(i))?)))
                 .collect::<anyhow::Result<_>>()?,
             services,
+            epoch: Arc::default(),
         })
+    }
+
+    /// The coordinator's epoch: cached; asked for when unknown.
+    async fn epoch(&self) -> Result<u64, Status> {
+        match self.epoch.load(Ordering::Relaxed) {
+            0 => {
+                let mut coordinator = self.coordinator.clone();
+                let get = coordinator.get_epoch(request(proto::GetEpochRequest {}));
+                let epoch = bounded(get).await?.epoch;
+                self.epoch.store(epoch, Ordering::Relaxed);
+                Ok(epoch)
+            }
+            epoch => Ok(epoch),
+        }
+    }
+
+    /// A `stale epoch` refusal says which epoch to start the next transaction in.
+    fn learn_epoch(&self, status: &Status) {
+        if let Some(epoch) = status
+            .metadata()
+            .get(proto::EPOCH_METADATA)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            self.epoch.fetch_max(epoch, Ordering::Relaxed);
+        }
     }
 
     /// Begins a transaction with a branch on database `db` (a read: nothing to check later).
@@ -236,6 +264,7 @@ impl Clients {
                     txn_id: txn.clone(),
                     sql: "SELECT 1".into(),
                     params: vec![],
+                    ..Default::default()
                 })),
         )
         .await?;
@@ -246,6 +275,7 @@ impl Clients {
         bounded(self.coordinator.clone().abort(request(proto::AbortRequest {
             txn_id: txn.into(),
             reason: "crashtest".into(),
+            ..Default::default()
         })))
         .await
         .map(drop)
@@ -353,10 +383,49 @@ impl Client {
             txn_id: txn.into(),
             sql: sql.into(),
             params,
+            ..Default::default()
         })))
         .await
         .map(|_| ())
         .map_err(|s| format!("Execute on p{} ({sql}): {}", db + 1, describe(&s)))
+    }
+
+    /// Several statements in one Execute, for a transaction whose id the workload chose.
+    async fn exec_batch(
+        &self,
+        db: usize,
+        txn: &str,
+        epoch: u64,
+        statements: Vec<(&str, Vec<proto::Value>)>,
+    ) -> Result<(), String> {
+        let mut participant = self.clients.participants[db].clone();
+        let what = statements
+            .iter()
+            .map(|(sql, _)| *sql)
+            .collect::<Vec<_>>()
+            .join("; ");
+        bounded(
+            participant.execute(request(proto::ExecuteRequest {
+                txn_id: txn.into(),
+                epoch,
+                timeout_ms: TXN_TIMEOUT_MS,
+                label: "crashtest: three calls".into(),
+                statements: statements
+                    .into_iter()
+                    .map(|(sql, params)| proto::Statement {
+                        sql: sql.into(),
+                        params,
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|s| {
+            self.clients.learn_epoch(&s);
+            format!("Execute on p{} ({what}): {}", db + 1, describe(&s))
+        })
     }
 
     /// One transfer. Returns false if it hit an error (the caller pauses).
@@ -409,16 +478,32 @@ impl Client {
             poison,
         } = plan;
         let mut coordinator = self.clients.coordinator.clone();
-        let begun = bounded(coordinator.begin(request(proto::BeginRequest {
-            timeout_ms: TXN_TIMEOUT_MS,
-            label: "crashtest".into(),
-        })))
-        .await;
-        let txn = match begun {
-            Ok(r) => r.txn_id,
-            Err(_) => {
-                stats.begin_errors += 1;
-                return false;
+        // Half the transfers in three calls (docs/PROTOCOL.md §12): the id chosen here in the
+        // coordinator's epoch, each participant's statements in one Execute, Commit naming
+        // the participants (and answering at the decision half of the time); the other half
+        // as before: Begin, an Execute per statement, Commit.
+        let three_calls = self.rng.random_bool(0.5);
+        let decided = three_calls && self.rng.random_bool(0.5);
+        let (txn, epoch) = if three_calls {
+            match self.clients.epoch().await {
+                Ok(epoch) => (twopc::proto::TxnId::generate().to_string(), epoch),
+                Err(_) => {
+                    stats.begin_errors += 1;
+                    return false;
+                }
+            }
+        } else {
+            let begun = bounded(coordinator.begin(request(proto::BeginRequest {
+                timeout_ms: TXN_TIMEOUT_MS,
+                label: "crashtest".into(),
+            })))
+            .await;
+            match begun {
+                Ok(r) => (r.txn_id, 0),
+                Err(_) => {
+                    stats.begin_errors += 1;
+                    return false;
+                }
             }
         };
         stats.transfers += 1;
@@ -430,18 +515,44 @@ impl Client {
         };
         self.recorder.began(&txn, plan, expect);
 
+        let debit = "UPDATE acct SET bal = bal - $1 WHERE id = $2";
+        let credit = "UPDATE acct SET bal = bal + $1 WHERE id = $2";
+        let entry = "INSERT INTO ledger VALUES ($1, $2)";
+        let poisoned = "INSERT INTO poison VALUES (-1)";
         let steps = async {
+            if three_calls {
+                let v = proto::Value::int;
+                let memo = || proto::Value::text(&txn);
+                let mut on_a = vec![(debit, vec![v(amount), v(from)])];
+                let mut on_b = vec![(credit, vec![v(amount), v(to)])];
+                if local {
+                    on_a.append(&mut on_b);
+                    on_a.push((entry, vec![memo(), v(0)]));
+                } else {
+                    on_a.push((entry, vec![memo(), v(-amount)]));
+                    on_b.push((entry, vec![memo(), v(amount)]));
+                }
+                let last = if local { &mut on_a } else { &mut on_b };
+                if poison {
+                    last.push((poisoned, vec![]));
+                }
+                self.exec_batch(a, &txn, epoch, on_a).await?;
+                if !local {
+                    self.exec_batch(b, &txn, epoch, on_b).await?;
+                }
+                return Ok::<_, String>(());
+            }
             self.exec(
                 a,
                 &txn,
-                "UPDATE acct SET bal = bal - $1 WHERE id = $2",
+                debit,
                 vec![proto::Value::int(amount), proto::Value::int(from)],
             )
             .await?;
             self.exec(
                 b,
                 &txn,
-                "UPDATE acct SET bal = bal + $1 WHERE id = $2",
+                credit,
                 vec![proto::Value::int(amount), proto::Value::int(to)],
             )
             .await?;
@@ -454,23 +565,34 @@ impl Client {
                 self.exec(
                     db,
                     &txn,
-                    "INSERT INTO ledger VALUES ($1, $2)",
+                    entry,
                     vec![proto::Value::text(&txn), proto::Value::int(delta)],
                 )
                 .await?;
             }
             if poison {
-                self.exec(b, &txn, "INSERT INTO poison VALUES (-1)", vec![])
-                    .await?;
+                self.exec(b, &txn, poisoned, vec![]).await?;
             }
             Ok::<_, String>(())
         }
         .await;
+        let participants = three_calls.then(|| proto::Participants {
+            names: if local { vec![a] } else { vec![a, b] }
+                .into_iter()
+                .map(|db| format!("p{}", db + 1))
+                .collect(),
+        });
+        let wait = match decided {
+            true => proto::CommitWait::Decided,
+            false => proto::CommitWait::Applied,
+        };
 
         let (seen, note, ok) = match steps {
             Ok(()) => {
                 let r = bounded(coordinator.commit(request(proto::CommitRequest {
                     txn_id: txn.clone(),
+                    participants,
+                    wait: wait as i32,
                 })))
                 .await;
                 match r {
@@ -502,6 +624,7 @@ impl Client {
                 let r = bounded(coordinator.abort(request(proto::AbortRequest {
                     txn_id: txn.clone(),
                     reason: failed.chars().take(200).collect(),
+                    epoch,
                 })))
                 .await;
                 match r {
@@ -579,13 +702,12 @@ impl Client {
                 post(plan.a, plan.from, -plan.amount, id.clone()).await?;
                 post(plan.b, plan.to, plan.amount, id).await?;
                 if plan.poison {
-                    tx.execute(
-                        &services.urls[plan.b],
-                        "INSERT INTO poison VALUES (-1)",
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| Failed::Step(format!("poison on p{}: {e}", plan.b + 1)))?;
+                    // Two statements in one Execute: `participant::between_statements` fires.
+                    let statements: [(&str, &[&(dyn sdk::ToValue + Sync)]); 2] =
+                        [("SELECT 1", &[]), ("INSERT INTO poison VALUES (-1)", &[])];
+                    tx.execute_batch(&services.urls[plan.b], &statements)
+                        .await
+                        .map_err(|e| Failed::Step(format!("poison on p{}: {e}", plan.b + 1)))?;
                 }
                 Ok::<_, Failed>(())
             }

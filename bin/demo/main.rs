@@ -94,6 +94,7 @@ impl Bank {
                 txn_id: txn.into(),
                 sql: sql.into(),
                 params,
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
@@ -160,6 +161,7 @@ impl Bank {
                 let r = coordinator
                     .commit(proto::CommitRequest {
                         txn_id: txn.clone(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
@@ -170,6 +172,7 @@ impl Bank {
                     .abort(proto::AbortRequest {
                         txn_id: txn.clone(),
                         reason: status.message().into(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
@@ -489,12 +492,14 @@ async fn a_client_aborts(bank: &Bank, east: &PgCluster, west: &PgCluster) -> Res
         .abort(proto::AbortRequest {
             txn_id: txn.clone(),
             reason: "changed my mind".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
     let again = coordinator
         .commit(proto::CommitRequest {
             txn_id: txn.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -285,6 +285,7 @@ async fn abort(url: &str, txn_id: String, reason: String, json: bool) -> Result<
         .abort(proto::AbortRequest {
             txn_id: txn_id.clone(),
             reason,
+            ..Default::default()
         })
         .await?
         .into_inner();

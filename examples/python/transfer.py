@@ -1,9 +1,12 @@
 """The transfer example (examples/transfer.rs) from Python, with grpcio.
 
-Begin at the coordinator, Post a debit and a credit to two ledger services with the
-transaction's id in `twopc-txn-id` metadata (so each Post joins it), then Commit. If either
-Post fails, Abort: nothing is left anywhere. The stubs are made at run time from the .proto
-files (grpcio-tools), so there is nothing to generate first.
+A transaction in three kinds of call (docs/PROTOCOL.md §12): the coordinator's epoch (asked
+once), the id made here as a UUIDv7, a debit and a credit Posted to two ledger services with
+the id and epoch in `twopc-txn-id` / `twopc-epoch` metadata (so each Post joins the
+transaction, and its first statement creates it), then Commit naming every participant the
+Posts reached (the services say which in `twopc-participants`). If either Post fails, Abort:
+nothing is left anywhere. The stubs are made at run time from the .proto files
+(grpcio-tools), so there is nothing to generate first.
 
     .venv/bin/python examples/python/transfer.py --coordinator http://127.0.0.1:50051 \\
         --from http://127.0.0.1:7001 --to http://127.0.0.1:7002 --account alice --amount 25
@@ -14,6 +17,7 @@ import os
 import sys
 
 import grpc
+import uuid6
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path += [os.path.join(ROOT, "proto"), os.path.join(ROOT, "examples", "proto")]
@@ -24,6 +28,16 @@ ledger, ledger_grpc = grpc.protos_and_services("ledger/v1/ledger.proto")
 def target(url):
     """grpc wants host:port, not a URL."""
     return url.split("://", 1)[-1]
+
+
+def reported(call):
+    """The participants a service's handler sent statements to (`twopc-participants`); an
+    error without a body comes as trailers only, so they are looked for there too."""
+    names = []
+    for key, value in [*(call.initial_metadata() or ()), *(call.trailing_metadata() or ())]:
+        if key == "twopc-participants":
+            names += [n for n in value.split(",") if n]
+    return names
 
 
 def main():
@@ -37,17 +51,28 @@ def main():
     a = p.parse_args()
 
     coordinator = twopc_grpc.CoordinatorStub(grpc.insecure_channel(target(a.coordinator)))
-    txn = coordinator.Begin(twopc.BeginRequest(label="python transfer")).txn_id
-    joined = [("twopc-txn-id", txn)]
+    epoch = coordinator.GetEpoch(twopc.GetEpochRequest()).epoch
+    txn = str(uuid6.uuid7())
+    joined = [("twopc-txn-id", txn), ("twopc-epoch", str(epoch)), ("twopc-timeout-ms", "30000")]
+    named = []
     try:
         for url, amount in [(a.source, -a.amount), (a.to, a.amount)]:
             post = ledger.PostRequest(account=a.account, amount=amount, memo=a.memo)
-            ledger_grpc.LedgerStub(grpc.insecure_channel(target(url))).Post(post, metadata=joined)
+            stub = ledger_grpc.LedgerStub(grpc.insecure_channel(target(url)))
+            try:
+                _, call = stub.Post.with_call(post, metadata=joined)
+                named += reported(call)
+            except grpc.RpcError as e:
+                # Named whatever the answer: its statements may have enlisted.
+                named += reported(e) or [url]
+                raise
     except grpc.RpcError as e:
-        coordinator.Abort(twopc.AbortRequest(txn_id=txn, reason=e.details()))
+        coordinator.Abort(twopc.AbortRequest(txn_id=txn, reason=e.details(), epoch=epoch))
         print(f"aborted everywhere: {e.code().name}: {e.details()}")
         return 1
-    r = coordinator.Commit(twopc.CommitRequest(txn_id=txn))
+    r = coordinator.Commit(
+        twopc.CommitRequest(txn_id=txn, participants=twopc.Participants(names=named))
+    )
     if r.outcome != twopc.OUTCOME_COMMITTED:
         print(f"aborted everywhere: {r.reason}")
         return 1

@@ -233,6 +233,7 @@ impl System {
                 txn_id: txn.into(),
                 sql: sql.into(),
                 params,
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
@@ -241,7 +242,10 @@ impl System {
     pub async fn commit(&self, txn: &str) -> proto::CommitResponse {
         self.coordinator()
             .await
-            .commit(proto::CommitRequest { txn_id: txn.into() })
+            .commit(proto::CommitRequest {
+                txn_id: txn.into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -253,6 +257,7 @@ impl System {
             .abort(proto::AbortRequest {
                 txn_id: txn.into(),
                 reason: "test".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
