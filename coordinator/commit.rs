@@ -86,28 +86,39 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         let Some(names) = named else {
             return self.commit(id, wait).await;
         };
-        let Some(live) = self.live(id) else {
-            return match self.recorded(id) {
-                Err(Error::NotFound(_)) if names.is_empty() => Ok(CommitResult {
-                    outcome: Outcome::Committed,
-                    reason: String::new(),
-                    branches_pending: false,
-                }),
-                Err(Error::NotFound(_)) => Ok(CommitResult {
-                    outcome: Outcome::Aborted,
-                    reason: format!(
-                        "the coordinator has no record of transaction {id}: its enlistments were lost in a coordinator restart (or never arrived), so it is presumed aborted"
-                    ),
-                    branches_pending: false,
-                }),
-                other => other,
-            };
-        };
-        if self.start_abort(&live, |txn| txn.abort_unnamed(names, now_ms())) {
-            tracing::info!(txn_id = %id, "commit named other participants than the branches: aborting");
-            return self.wait_for_outcome(&live, Duration::ZERO).await;
+        loop {
+            if let Some(live) = self.live(id) {
+                if self.start_abort(&live, |txn| txn.abort_unnamed(names, now_ms())) {
+                    tracing::info!(txn_id = %id, "commit named other participants than the branches: aborting");
+                    return self.wait_for_outcome(&live, Duration::ZERO).await;
+                }
+                return self.commit(id, wait).await;
+            }
+            match self.recorded(id) {
+                Err(Error::NotFound(_)) => {
+                    let committed = names.is_empty();
+                    let reason = match committed {
+                        true => String::new(),
+                        false => format!(
+                            "the coordinator has no record of transaction {id}: its enlistments were lost in a coordinator restart (or never arrived), so it is presumed aborted"
+                        ),
+                    };
+                    if self.settle_unknown(id, committed, &reason)? {
+                        return Ok(CommitResult {
+                            outcome: if committed {
+                                Outcome::Committed
+                            } else {
+                                Outcome::Aborted
+                            },
+                            reason,
+                            branches_pending: false,
+                        });
+                    }
+                    // An enlistment got in first: answer from the transaction it made.
+                }
+                recorded => return recorded,
+            }
         }
-        self.commit(id, wait).await
     }
 
     /// Aborts unless already decided, and returns the outcome.
@@ -115,9 +126,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         self.abort_in(id, None, reason).await
     }
 
-    /// [`Coordinator::abort`] for a client that chose the id itself in `epoch`: an id not
+    /// [`Coordinator::abort`] for a client that chose the id itself (`epoch` set): an id not
     /// known yet is recorded as aborted, so that no enlistment still on its way can create it
-    /// (`core.rs`, `create`).
+    /// (`core.rs`, `settle_unknown`).
     pub async fn abort_in(
         self: &Arc<Self>,
         id: TxnId,
@@ -125,19 +136,24 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         reason: &str,
     ) -> Result<Outcome, Error> {
         super::core::bounded("reason", reason, super::core::MAX_TEXT)?;
-        let Some(live) = self.live(id) else {
-            return match (self.recorded(id), epoch) {
-                (Err(Error::NotFound(_)), Some(epoch)) => {
-                    self.record_aborted(id, epoch, reason)?;
-                    Ok(Outcome::Aborted)
-                }
-                (recorded, _) => recorded.map(|r| r.outcome),
-            };
-        };
         let reason = if reason.is_empty() {
             "aborted by the client"
         } else {
             reason
+        };
+        let live = loop {
+            if let Some(live) = self.live(id) {
+                break live;
+            }
+            match (self.recorded(id), epoch) {
+                (Err(Error::NotFound(_)), Some(_)) => {
+                    if self.settle_unknown(id, false, reason)? {
+                        return Ok(Outcome::Aborted);
+                    }
+                    // An enlistment got in first: abort the transaction it made.
+                }
+                (recorded, _) => return recorded.map(|r| r.outcome),
+            }
         };
         let _ = self.start_abort(&live, |txn| Some(txn.abort(reason, now_ms())));
         Ok(self.wait_for_outcome(&live, Duration::ZERO).await?.outcome)

@@ -374,29 +374,27 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         super::epoch::admit(id, epoch, self.epoch, now_ms(), window)
     }
 
-    /// Abort of a transaction a client started itself before any of it enlisted: a final
-    /// Aborted record (not forced: lost in a crash, the epoch refuses the id anyway) stands in
-    /// the way of an enlistment still on its way. An id of another epoch could not be created
-    /// any more, so nothing is written for it.
-    pub(super) fn record_aborted(&self, id: TxnId, epoch: u64, reason: &str) -> Result<(), Error> {
+    /// Records a final outcome for an id nobody has enlisted in (a Commit naming participants,
+    /// or an Abort with its epoch, of a transaction the client started itself), so that an
+    /// enlistment still on its way finds it final instead of creating it: the answer given
+    /// now stays the answer. Not forced: lost in a crash, the new epoch refuses the id anyway,
+    /// and the same call answers the same again. False: it exists after all (an enlistment
+    /// got in first); the caller answers from that.
+    pub(super) fn settle_unknown(
+        &self,
+        id: TxnId,
+        committed: bool,
+        reason: &str,
+    ) -> Result<bool, Error> {
+        // Under the table's lock, as `create` checks: neither live nor logged means unknown.
         let table = self.live.lock().unwrap();
         if table.contains_key(&id) || self.log.get(id)?.is_some() {
-            return Ok(());
+            return Ok(false);
         }
-        if self.may_create(id, epoch).is_err() {
-            return Ok(());
-        }
-        let now = now_ms();
-        let mut txn = Txn::begin(id, String::new(), now, now);
-        let reason = match reason {
-            "" => "aborted by the client before any statement",
-            r => r,
-        };
-        let _ = txn.abort(reason, now);
-        self.put(&txn);
+        self.put(&Txn::settled_unknown(id, committed, reason, now_ms()));
         drop(table);
-        tracing::debug!(txn_id = %id, "aborted before its first enlistment");
-        Ok(())
+        tracing::debug!(txn_id = %id, committed, "settled before its first enlistment");
+        Ok(true)
     }
 
     /// Enlists a participant in a live, active transaction. Returns its deadline.

@@ -408,6 +408,43 @@ fn crash_after_a_synced_first_enlistment_aborts_it_and_refuses_its_late_branches
 }
 
 #[test]
+fn an_answer_to_an_unknown_id_stands_against_a_late_enlistment() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let start = start_in(&c);
+    let (aborted, nothing) = (TxnId::generate(), TxnId::generate());
+
+    // p1's enlistments are still on their way when the client gives up and commits.
+    let named = ["p1".to_string()];
+    let commit = c.run(c.core.commit_named(aborted, Some(&named), Duration::ZERO));
+    let empty = c.run(c.core.commit_named(nothing, Some(&[]), Duration::ZERO));
+    let late = |id| {
+        c.run(
+            c.core
+                .register(id, Some(&start), "p1", P1, "instance-1", false),
+        )
+    };
+    let (late_aborted, late_nothing) = (late(aborted), late(nothing));
+    let again = c.run(c.core.commit_named(aborted, Some(&named), Duration::ZERO));
+
+    assert_eq!(commit.unwrap().outcome, Outcome::Aborted);
+    assert_eq!(empty.unwrap().outcome, Outcome::Committed);
+    assert!(
+        matches!(late_aborted, Err(Error::Txn(_))),
+        "{late_aborted:?}"
+    );
+    assert!(
+        matches!(late_nothing, Err(Error::Txn(_))),
+        "{late_nothing:?}"
+    );
+    assert_eq!(
+        again.unwrap().outcome,
+        Outcome::Aborted,
+        "the answer stands"
+    );
+}
+
+#[test]
 fn commit_naming_a_branch_that_never_enlisted_aborts_the_others() {
     let ps = participants();
     let c = Process::start(MemLog::default(), &ps);

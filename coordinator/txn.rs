@@ -468,6 +468,21 @@ impl Txn {
         })
     }
 
+    /// A transaction that ended before anything enlisted in it (`Coordinator::settle_unknown`):
+    /// final at once, with no branch.
+    pub fn settled_unknown(id: TxnId, committed: bool, reason: &str, now_ms: i64) -> Txn {
+        let mut txn = Txn::begin(id, String::new(), now_ms, now_ms);
+        txn.state = if committed {
+            State::Committed
+        } else {
+            State::Aborted
+        };
+        txn.reason = reason.to_string();
+        txn.decided_ms = now_ms;
+        txn.finished_ms = now_ms;
+        txn
+    }
+
     /// Commit named the participants the client sent statements to, and they are not the
     /// enlisted ones: a statement's branch is missing (its enlistment was refused or lost) or
     /// one is there that the client does not know ran. Only an Active transaction is aborted;
