@@ -199,6 +199,7 @@ async fn serve<L: Log, P: Participants>(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let drain_core = Arc::clone(&core);
+    let (closing, enlist_end) = tokio::sync::watch::channel(false);
     let drained = async move {
         shutdown.await;
         tracing::info!("shutting down: no new transactions; waiting for those in flight");
@@ -209,9 +210,12 @@ async fn serve<L: Log, P: Participants>(
             .set_not_serving::<CoordinatorServer<service::Service<L, P>>>()
             .await;
         drain(&drain_core, drain_timeout).await;
+        let _ = closing.send(true);
     };
     crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
-        .add_service(CoordinatorServer::new(service::Service::new(core)))
+        .add_service(CoordinatorServer::new(
+            service::Service::new(core).with_closing(enlist_end),
+        ))
         .serve_with_incoming_shutdown(crate::proto::incoming(listener), drained)
         .await?;
     Ok(())

@@ -73,6 +73,7 @@ pub async fn run(
     // `shutdown` completes and a term's transactions are drained.
     let (leading_tx, leading) = watch::channel(None);
     let drain_timeout = config.drain_timeout;
+    let (closing, enlist_end) = watch::channel(false);
     let drained = {
         let mut leading = leading.clone();
         let health_reporter = health_reporter.clone();
@@ -85,6 +86,7 @@ pub async fn run(
                 tracing::info!("shutting down: no new transactions; waiting for those in flight");
                 drain(&core, drain_timeout).await;
             }
+            let _ = closing.send(true);
         }
     };
     let server =
@@ -123,7 +125,14 @@ pub async fn run(
     let core = start_core(id, log, &config)?;
     leading_tx.send_replace(Some(Arc::clone(&core)));
     gate.send_replace(Gate::Leading {
-        service: CoordinatorServer::new(service::Service::new(Arc::clone(&core))),
+        service: CoordinatorServer::new(
+            service::Service::new(Arc::clone(&core))
+                .with_closing(enlist_end)
+                .with_lease({
+                    let lease = leadership.check();
+                    move || lease.valid()
+                }),
+        ),
         lease: leadership.check(),
     });
     set_health(&health_reporter, ServingStatus::Serving).await;

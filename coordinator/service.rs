@@ -5,19 +5,100 @@ use super::log::Log;
 use super::participants::Participants;
 use super::wire;
 use crate::process::auth::Caller;
+use crate::process::call_stream;
 use crate::proto::{self, TxnId, coordinator_server};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// The gRPC face of a [`Coordinator`].
 pub struct Service<L: Log, P: Participants> {
     core: Arc<Coordinator<L, P>>,
+    /// Turns true once a shutdown has drained the transactions in flight: every Enlist stream
+    /// ends then (a graceful shutdown waits for them, and participants keep them open).
+    /// `None`: streams end only when their participant ends them.
+    closing: Option<watch::Receiver<bool>>,
+    /// Whether this replica's lease still holds (docs/HA.md): the standby gate checks it at
+    /// every call, and an enlistment on a stream opened earlier is checked here. `None`: not
+    /// replicated.
+    leads: Option<Leads>,
 }
 
 impl<L: Log, P: Participants> Service<L, P> {
     pub fn new(core: Arc<Coordinator<L, P>>) -> Self {
-        Service { core }
+        Service {
+            core,
+            closing: None,
+            leads: None,
+        }
+    }
+
+    /// Ends every Enlist stream when `closing` turns true.
+    pub fn with_closing(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = Some(closing);
+        self
+    }
+
+    /// Refuses enlistments on open streams once `leads` says this replica's lease has run out.
+    pub fn with_lease(mut self, leads: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.leads = Some(Arc::new(leads));
+        self
+    }
+}
+
+/// Whether a replica still leads, by its own count.
+type Leads = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// RegisterBranch, as the unary RPC and each message on Enlist run it.
+async fn register<L: Log, P: Participants>(
+    core: &Arc<Coordinator<L, P>>,
+    req: proto::RegisterBranchRequest,
+) -> Result<proto::RegisterBranchResponse, Status> {
+    let id = req.txn_id.parse::<TxnId>()?;
+    let start = proto::Start::from_fields(req.epoch, req.timeout_ms, &req.label);
+    let deadline = core
+        .register(
+            id,
+            start.as_ref(),
+            &req.participant_id,
+            &req.endpoint,
+            &req.instance_id,
+            req.one_phase,
+        )
+        .await?;
+    Ok(proto::RegisterBranchResponse {
+        coordinator_id: core.id().to_string(),
+        deadline_unix_ms: deadline,
+    })
+}
+
+/// One enlistment that came over Enlist, its status carried in the reply.
+async fn enlist<L: Log, P: Participants>(
+    core: &Arc<Coordinator<L, P>>,
+    leads: Option<&Leads>,
+    req: proto::EnlistRequest,
+) -> proto::EnlistReply {
+    use proto::enlist_reply::Result as Reply;
+    let result = match req.branch {
+        _ if leads.is_some_and(|leads| !leads()) => Err(Status::unavailable(
+            "this coordinator replica's lease has run out; enlist with the next leader",
+        )),
+        None => Err(Status::invalid_argument(
+            "an EnlistRequest needs its branch (a RegisterBranchRequest)",
+        )),
+        Some(branch) => {
+            let span = tracing::info_span!("register_branch", txn_id = %branch.txn_id, trace = %req.traceparent);
+            register(core, branch).instrument(span).await
+        }
+    };
+    proto::EnlistReply {
+        call: req.call,
+        result: Some(match result {
+            Ok(enlisted) => Reply::Enlisted(enlisted),
+            Err(status) => Reply::Error(call_stream::error(&status)),
+        }),
     }
 }
 
@@ -155,24 +236,30 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         &self,
         req: Request<proto::RegisterBranchRequest>,
     ) -> Result<Response<proto::RegisterBranchResponse>, Status> {
-        let req = req.into_inner();
-        let id = req.txn_id.parse::<TxnId>()?;
-        let start = proto::Start::from_fields(req.epoch, req.timeout_ms, &req.label);
-        let deadline = self
-            .core
-            .register(
-                id,
-                start.as_ref(),
-                &req.participant_id,
-                &req.endpoint,
-                &req.instance_id,
-                req.one_phase,
-            )
-            .await?;
-        Ok(Response::new(proto::RegisterBranchResponse {
-            coordinator_id: self.core.id().to_string(),
-            deadline_unix_ms: deadline,
-        }))
+        register(&self.core, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type EnlistStream = call_stream::Replies<proto::EnlistReply>;
+
+    async fn enlist(
+        &self,
+        req: Request<tonic::Streaming<proto::EnlistRequest>>,
+    ) -> Result<Response<Self::EnlistStream>, Status> {
+        let (core, leads) = (Arc::clone(&self.core), self.leads.clone());
+        let closing = self.closing.clone().unwrap_or_else(|| {
+            // Never closes: the sender is dropped at once, which `serve` reads as "never".
+            watch::channel(false).1
+        });
+        Ok(Response::new(call_stream::serve(
+            req.into_inner(),
+            closing,
+            move |request| {
+                let (core, leads) = (Arc::clone(&core), leads.clone());
+                async move { enlist(&core, leads.as_ref(), request).await }
+            },
+        )))
     }
 
     async fn get_epoch(

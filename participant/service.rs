@@ -11,6 +11,7 @@ use super::database::Database;
 use super::error::Error;
 use super::link::CoordinatorLink;
 use crate::process::auth::{Caller, Role};
+use crate::process::call_stream;
 use crate::proto::marker::MarkerSecret;
 use crate::proto::{self, TxnId, participant_server};
 use std::future::Future;
@@ -228,12 +229,7 @@ async fn phase<D: Database, C: CoordinatorLink>(
             "a PhaseRequest needs one step: prepare, commit, rollback or commit_one_phase",
         )),
     };
-    result.unwrap_or_else(|status| {
-        Reply::Error(proto::PhaseError {
-            code: status.code() as i32,
-            message: status.message().to_string(),
-        })
-    })
+    result.unwrap_or_else(|status| Reply::Error(call_stream::error(&status)))
 }
 
 #[tonic::async_trait]
@@ -344,45 +340,34 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
             .map(Response::new)
     }
 
-    type PhasesStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::PhaseReply, Status>> + Send>>;
+    type PhasesStream = call_stream::Replies<proto::PhaseReply>;
 
     async fn phases(
         &self,
         req: Request<tonic::Streaming<proto::PhaseRequest>>,
     ) -> Result<Response<Self::PhasesStream>, Status> {
-        let Some(mut closing) = self.closing.clone() else {
+        let Some(closing) = self.closing.clone() else {
             return Err(Status::unimplemented(
                 "this participant takes the coordinator's calls one RPC at a time (Prepare, \
                  Commit, Rollback, CommitOnePhase), not over Phases",
             ));
         };
-        let mut requests = req.into_inner();
-        let (replies, stream) = futures::channel::mpsc::unbounded();
         let core = Arc::clone(&self.core);
-        tokio::spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    r = requests.message() => r,
-                    // A graceful shutdown waits for every stream to end, and the coordinator
-                    // would keep this one open for ever: stop taking calls; those in flight
-                    // still answer, then the stream ends.
-                    _ = closing.wait_for(|closing| *closing) => break,
-                };
-                let Ok(Some(request)) = request else { break };
-                let (core, replies) = (Arc::clone(&core), replies.clone());
-                tokio::spawn(async move {
+        Ok(Response::new(call_stream::serve(
+            req.into_inner(),
+            closing,
+            move |request: proto::PhaseRequest| {
+                let core = Arc::clone(&core);
+                async move {
                     let call = request.call;
                     let result = phase(core, request).await;
-                    // The coordinator may have gone: nothing to do, the step is done.
-                    let _ = replies.unbounded_send(proto::PhaseReply {
+                    proto::PhaseReply {
                         call,
                         result: Some(result),
-                    });
-                });
-            }
-        });
-        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
+                    }
+                }
+            },
+        )))
     }
 
     async fn waits(

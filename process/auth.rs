@@ -31,8 +31,8 @@ pub enum Role {
     /// QueryOutcome.
     Client,
     /// A twopc server calling another: RegisterBranch, QueryOutcome, and a branch's Prepare,
-    /// Commit, Rollback, CommitOnePhase and Recover. Only a peer opens Phases (those calls
-    /// over one stream): an operator's Commit and Rollback are audited one by one.
+    /// Commit, Rollback, CommitOnePhase and Recover. Only a peer opens Phases or Enlist (those
+    /// calls over one stream): an operator's Commit and Rollback are audited one by one.
     Peer,
     /// A person operating the system: everything, including ListTransactions,
     /// ResolveTransaction and deciding a prepared branch by hand.
@@ -72,7 +72,7 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         | "/twopc.v1.Participant/CommitOnePhase"
         | "/twopc.v1.Participant/Recover"
         | "/twopc.v1.Participant/Waits" => PEER,
-        "/twopc.v1.Participant/Phases" => &[Peer],
+        "/twopc.v1.Participant/Phases" | "/twopc.v1.Coordinator/Enlist" => &[Peer],
         // ListTransactions, ResolveTransaction, ListLockWaits, and whatever a later version
         // adds.
         _ => OPERATOR,

@@ -76,6 +76,10 @@ pub const ALL: &[(&str, &str)] = &[
         "the participant answered CommitOnePhase, before the outcome is recorded or announced",
     ),
     (
+        "participant::enlisted",
+        "the coordinator answered an enlistment (over Enlist, or RegisterBranch), before the branch is opened and its first statement runs",
+    ),
+    (
         "participant::between_statements",
         "an Execute with several statements: one ran, the next has not",
     ),

@@ -76,6 +76,49 @@ impl LeaderChannel {
         Ok(LeaderChannel { inner })
     }
 
+    /// Opens a long-lived stream with `open` on the replica believed to lead. This channel
+    /// cannot carry one itself (it keeps a call's body to send it again, and a stream's body
+    /// never ends), but opening a stream sends nothing the callee acts on, so it follows
+    /// refusals and tries the next replica after a transport failure, for up to
+    /// [`FOLLOW_FOR`], as a unary call could not.
+    pub async fn open_stream<T, Fut>(
+        &self,
+        open: impl Fn(Channel) -> Fut,
+    ) -> Result<T, tonic::Status>
+    where
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let replicas = match &self.inner {
+            Route::One(channel) => return open(channel.clone()).await,
+            Route::Replicas(replicas) => replicas,
+        };
+        let until = Instant::now() + FOLLOW_FOR;
+        loop {
+            let (i, channel) = replicas.current();
+            let status = match open(channel).await {
+                Ok(opened) => return Ok(opened),
+                Err(status) => status,
+            };
+            let leader = status.metadata().get(LEADER_HEADER).cloned();
+            let refused = leader.is_some() || status.code() == tonic::Code::Unavailable;
+            if !refused || Instant::now() >= until {
+                return Err(status);
+            }
+            match leader
+                .as_ref()
+                .and_then(|l| l.to_str().ok())
+                .filter(|l| !l.is_empty())
+            {
+                Some(leader) => replicas.follow(leader),
+                None => {
+                    // Nobody leads yet (an election), or this replica is unreachable.
+                    replicas.advance_from(i);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
     /// Moves on to the next replica: for a caller that learnt by other means (a health check
     /// answering NOT_SERVING, say) that the current one does not lead.
     pub fn next_replica(&self) {

@@ -1,10 +1,12 @@
 //! What every twopc process shares, whatever side of the protocol it runs: the wall clock
 //! ([`clock`]), how it stops ([`signal`]), where it can be made to crash on purpose ([`failpoints`]), how it reports
 //! (logs and metrics, [`telemetry`]), how it is configured beyond its flags ([`config`]), and
-//! how its connections are encrypted ([`tls`]) and who may call what ([`auth`]), and how it
-//! reaches a coordinator that may be several replicas ([`leader_channel`]).
+//! how its connections are encrypted ([`tls`]) and who may call what ([`auth`]), how it
+//! reaches a coordinator that may be several replicas ([`leader_channel`]), and how many calls
+//! share one stream ([`call_stream`]).
 
 pub mod auth;
+pub mod call_stream;
 pub mod clock;
 pub mod config;
 pub mod failpoints;

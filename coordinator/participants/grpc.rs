@@ -117,7 +117,7 @@ impl GrpcParticipants {
         Some(match reply {
             Err(CallError::Unsupported) => return None,
             Err(CallError::Failed(status)) => Err(status),
-            Ok(Reply::Error(e)) => Err(tonic::Status::new(tonic::Code::from(e.code), e.message)),
+            Ok(Reply::Error(e)) => Err(crate::process::call_stream::status(e)),
             Ok(reply) => expect(reply).ok_or_else(|| {
                 tonic::Status::internal(format!(
                     "{endpoint} answered {name} over Phases with the reply of another step"

@@ -1,9 +1,5 @@
-//! The coordinator's phase calls to a participant, many over one long-lived `Phases` stream.
-//!
-//! Why: on this project's 2-core machines a unary gRPC call costs about 85 µs of CPU over its
-//! two ends (a new HTTP/2 stream, HPACK headers, a server task, the token check), and a
-//! two-branch transaction made four of them to participants. A message on a stream that is
-//! already open costs a fraction of that, and messages queued together leave in one frame.
+//! The coordinator's phase calls to a participant, many over one long-lived `Phases` stream
+//! (the mechanism, and why it pays, in [`crate::process::call_stream`]).
 //!
 //! Nothing of the protocol changes. A call's reply is what the unary RPC would have answered
 //! (the participant runs the same step function for both), and a call whose stream breaks
@@ -12,45 +8,24 @@
 //! one, an older version) answers UNIMPLEMENTED once, and from then on gets unary calls.
 
 use super::grpc::Client;
-use crate::proto::{PhaseRequest, phase_reply, phase_request};
-use futures::channel::mpsc;
+use crate::process::call_stream::{Line, LineError};
+use crate::proto::{PhaseReply, PhaseRequest, phase_reply, phase_request};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
 use tonic::{Code, Status};
 
 /// One stream per participant endpoint, opened on first use and again after it breaks.
 #[derive(Default)]
 pub struct PhaseStreams {
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
-    /// Call numbers, unique across every stream of this coordinator.
-    next_call: AtomicU64,
-    /// Streams opened so far: one per participant unless they break.
-    opened: AtomicU64,
 }
 
-#[derive(Default)]
 struct Endpoint {
-    /// The stream in use; behind an async lock so that one caller opens it while the others
-    /// wait for it rather than each opening their own.
-    stream: tokio::sync::Mutex<Option<Arc<Open>>>,
+    line: Line<PhaseRequest, PhaseReply>,
     /// The participant answered Phases with UNIMPLEMENTED (or PERMISSION_DENIED): it gets
     /// unary calls.
     unary_only: AtomicBool,
-}
-
-/// An open stream: where requests go, and who waits for which reply.
-struct Open {
-    requests: mpsc::UnboundedSender<PhaseRequest>,
-    waiting: Arc<Mutex<Waiting>>,
-}
-
-#[derive(Default)]
-struct Waiting {
-    /// The replies stopped (the stream ended or broke): no call may wait on it any more.
-    closed: bool,
-    calls: HashMap<u64, oneshot::Sender<phase_reply::Result>>,
 }
 
 /// Why a call over the stream did not bring a reply.
@@ -65,8 +40,7 @@ pub enum CallError {
 
 impl PhaseStreams {
     /// Sends `step` to the participant at `endpoint` and waits for its reply; `client` dials
-    /// it if no stream is open. Cancel-safe: a caller that gives up (its timeout) leaves no
-    /// entry behind.
+    /// it if no stream is open. Cancel-safe.
     pub async fn call(
         &self,
         endpoint: &str,
@@ -74,50 +48,61 @@ impl PhaseStreams {
         step: phase_request::Step,
         traceparent: String,
     ) -> Result<phase_reply::Result, CallError> {
-        let endpoint_state = self.endpoint(endpoint);
-        if endpoint_state.unary_only.load(Ordering::Relaxed) {
+        let state = self.endpoint(endpoint);
+        if state.unary_only.load(Ordering::Relaxed) {
             return Err(CallError::Unsupported);
         }
-        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-        // A stream found closed as the call is entered was broken by an earlier call's failure,
-        // not this one's: open a fresh one once rather than failing a call nobody sent.
-        for _ in 0..2 {
-            let open = endpoint_state.open(endpoint, &client, &self.opened).await?;
-            let (tx, rx) = oneshot::channel();
-            {
-                let mut waiting = open.waiting.lock().unwrap();
-                if waiting.closed {
-                    continue;
+        let request = |call| PhaseRequest {
+            call,
+            traceparent: traceparent.clone(),
+            step: Some(step.clone()),
+        };
+        let open = || {
+            let client = client();
+            let state = &state;
+            async move {
+                let (requests, outgoing) = futures::channel::mpsc::unbounded();
+                match client.map_err(CallError::Failed)?.phases(outgoing).await {
+                    Ok(replies) => Ok((requests, replies.into_inner())),
+                    // PERMISSION_DENIED: this coordinator's token is not a peer's (an
+                    // operator's may make the unary calls, not open Phases).
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            Code::Unimplemented | Code::PermissionDenied
+                        ) =>
+                    {
+                        tracing::info!(
+                            endpoint,
+                            "participant does not serve Phases to this coordinator ({}); unary calls",
+                            status.message()
+                        );
+                        state.unary_only.store(true, Ordering::Relaxed);
+                        Err(CallError::Unsupported)
+                    }
+                    Err(status) => Err(CallError::Failed(status)),
                 }
-                waiting.calls.insert(call, tx);
             }
-            let _forget = Forget {
-                waiting: &open.waiting,
-                call,
-            };
-            let request = PhaseRequest {
-                call,
-                traceparent: traceparent.clone(),
-                step: Some(step.clone()),
-            };
-            if open.requests.unbounded_send(request).is_err() {
-                continue;
-            }
-            return rx.await.map_err(|_| {
-                CallError::Failed(Status::unavailable(format!(
-                    "the Phases stream to {endpoint} broke before the participant answered"
-                )))
-            });
+        };
+        match state.line.call(request, open).await {
+            // A malformed reply (no result) fails the call as a broken stream does.
+            Ok(PhaseReply {
+                result: Some(result),
+                ..
+            }) => Ok(result),
+            Ok(PhaseReply { result: None, .. }) => Err(CallError::Failed(Status::unavailable(
+                format!("{endpoint} answered a phase call over Phases with no result"),
+            ))),
+            Err(LineError::Open(e)) => Err(e),
+            Err(LineError::Broke(status)) => Err(CallError::Failed(status)),
         }
-        Err(CallError::Failed(Status::unavailable(format!(
-            "the Phases stream to {endpoint} keeps closing"
-        ))))
     }
 
     /// How many streams have been opened (operators see `twopc_phase_streams_opened_total`).
     #[cfg(test)]
     pub fn opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
+        let endpoints = self.endpoints.lock().unwrap();
+        endpoints.values().map(|e| e.line.opened()).sum()
     }
 
     fn endpoint(&self, endpoint: &str) -> Arc<Endpoint> {
@@ -126,92 +111,18 @@ impl PhaseStreams {
         if let Some(known) = endpoints.get(endpoint) {
             return Arc::clone(known);
         }
-        Arc::clone(endpoints.entry(endpoint.to_string()).or_default())
-    }
-}
-
-impl Endpoint {
-    /// The open stream, or a new one.
-    async fn open(
-        &self,
-        endpoint: &str,
-        client: &impl Fn() -> Result<Client, Status>,
-        opened: &AtomicU64,
-    ) -> Result<Arc<Open>, CallError> {
-        let mut stream = self.stream.lock().await;
-        if let Some(open) = stream.as_ref()
-            && !open.waiting.lock().unwrap().closed
-        {
-            return Ok(Arc::clone(open));
-        }
-        // Dropping the old stream's sender ends its requests, which lets the participant end
-        // the stream.
-        *stream = None;
-        let (requests, outgoing) = mpsc::unbounded();
-        let mut replies = match client().map_err(CallError::Failed)?.phases(outgoing).await {
-            Ok(replies) => replies.into_inner(),
-            // PERMISSION_DENIED: this coordinator's token is not a peer's (an operator's may
-            // make the unary calls, not open Phases).
-            Err(status)
-                if matches!(status.code(), Code::Unimplemented | Code::PermissionDenied) =>
-            {
-                tracing::info!(
-                    endpoint,
-                    "participant does not serve Phases to this coordinator ({}); unary calls",
-                    status.message()
-                );
-                self.unary_only.store(true, Ordering::Relaxed);
-                return Err(CallError::Unsupported);
-            }
-            Err(status) => return Err(CallError::Failed(status)),
+        let state = Endpoint {
+            line: Line::new(
+                format!("Phases stream to {endpoint}"),
+                "twopc_phase_streams_opened_total",
+            ),
+            unary_only: AtomicBool::new(false),
         };
-        let waiting = Arc::new(Mutex::new(Waiting::default()));
-        let open = Arc::new(Open {
-            requests,
-            waiting: Arc::clone(&waiting),
-        });
-        let endpoint = endpoint.to_string();
-        tokio::spawn(async move {
-            let end = loop {
-                match replies.message().await {
-                    Ok(Some(reply)) => {
-                        let waiter = waiting.lock().unwrap().calls.remove(&reply.call);
-                        // No waiter: the caller gave up. No result: a malformed reply, which
-                        // fails the call as a broken stream does.
-                        if let (Some(waiter), Some(result)) = (waiter, reply.result) {
-                            let _ = waiter.send(result);
-                        }
-                    }
-                    Ok(None) => break "ended".to_string(),
-                    Err(status) => break format!("broke: {}", status.message()),
-                }
-            };
-            let mut waiting = waiting.lock().unwrap();
-            tracing::debug!(
-                endpoint,
-                open_calls = waiting.calls.len(),
-                "Phases stream {end}"
-            );
-            waiting.closed = true;
-            // Dropping the senders fails every call still waiting, at once.
-            waiting.calls.clear();
-        });
-        *stream = Some(Arc::clone(&open));
-        opened.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("twopc_phase_streams_opened_total").increment(1);
-        Ok(open)
-    }
-}
-
-/// Takes a call's entry out when its caller stops waiting, answered or not.
-struct Forget<'a> {
-    waiting: &'a Mutex<Waiting>,
-    call: u64,
-}
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        self.waiting.lock().unwrap().calls.remove(&self.call);
+        Arc::clone(
+            endpoints
+                .entry(endpoint.to_string())
+                .or_insert_with(|| Arc::new(state)),
+        )
     }
 }
 
