@@ -248,10 +248,13 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         req: Request<tonic::Streaming<proto::EnlistRequest>>,
     ) -> Result<Response<Self::EnlistStream>, Status> {
         let (core, leads) = (Arc::clone(&self.core), self.leads.clone());
-        let closing = self.closing.clone().unwrap_or_else(|| {
-            // Never closes: the sender is dropped at once, which `serve` reads as "never".
-            watch::channel(false).1
-        });
+        let closing = self.closing.clone();
+        let closing = async move {
+            match closing {
+                Some(closing) => call_stream::closed(closing).await,
+                None => std::future::pending().await,
+            }
+        };
         Ok(Response::new(call_stream::serve(
             req.into_inner(),
             closing,

@@ -384,21 +384,30 @@ impl Postgres {
         )))
     }
 
-    /// Phase 1 on the branch's connection. On `Err` the connection's state is unknown, so it
-    /// is detached from the pool.
-    async fn prepare_on(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object), Error> {
+    /// Phase 1 on the branch's connection; answers too whether the connection came out clean
+    /// (see [`Postgres::release`]). On `Err` the connection's state is unknown, so it is
+    /// detached from the pool.
+    async fn prepare_on(&self, conn: Object, gid: &Gid) -> Result<(Prepared, Object, bool), Error> {
         // One round trip: the xid (NULL if the branch wrote nothing), the PREPARE, and the
         // check that it really prepared (after a failed statement PREPARE rolls back without
-        // an error). The statements run in order and stop at the first error.
+        // an error). The statements run in order and stop at the first error. The check reads
+        // `pg_prepared_xact()` itself: the `pg_prepared_xacts` view joins two catalogs, and
+        // planning it cost PostgreSQL about 80 µs a branch (docs/BENCHMARKS.md).
         let gid_literal = gid.literal();
         let batch = format!(
             "SELECT pg_catalog.pg_current_xact_id_if_assigned()::pg_catalog.text; \
              PREPARE TRANSACTION {gid_literal}; \
-             SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_xacts \
-              WHERE gid OPERATOR(pg_catalog.=) {gid_literal}::pg_catalog.text"
+             SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_xact() AS p \
+              WHERE p.gid OPERATOR(pg_catalog.=) {gid_literal}::pg_catalog.text"
         );
         crate::failpoint!("participant::before_prepare");
-        let result = conn.simple_query(&batch).await;
+        // The session's cleaning rides in the same round trip, as a query of its own (its
+        // failure cannot be taken for the PREPARE's): after a PREPARE, failed or not, the
+        // session is outside any transaction and the cleaning runs; if the transaction block
+        // had failed before, the cleaning fails too and the connection is cleaned (or closed)
+        // as any other.
+        let (result, cleaned) =
+            tokio::join!(conn.simple_query(&batch), conn.batch_execute(CLEAN_SESSION));
         crate::failpoint!("participant::after_prepare");
         let outcome = async {
             let messages = match result {
@@ -416,7 +425,7 @@ impl Postgres {
                     _ => None,
                 })
                 .collect();
-            let (Some(xid_row), Some(count_row)) = (rows.first(), rows.last()) else {
+            let (Some(xid_row), Some(count_row)) = (rows.first(), rows.get(1)) else {
                 return Err(Error::Internal("PREPARE returned no rows to check".into()));
             };
             if count_row.get(0) != Some("1") {
@@ -437,7 +446,7 @@ impl Postgres {
         }
         .await;
         match outcome {
-            Ok(p) => Ok((p, conn)),
+            Ok(p) => Ok((p, conn, cleaned.is_ok())),
             Err(e) => {
                 // Its state is unknown: not back to the pool.
                 drop(Object::take(conn));
@@ -640,8 +649,12 @@ impl Database for Postgres {
     }
 
     async fn prepare(&self, conn: Object, gid: &Gid) -> Result<Prepared, Error> {
-        let (prepared, conn) = self.prepare_on(conn, gid).await?;
-        Postgres::release(conn);
+        let (prepared, conn, clean) = self.prepare_on(conn, gid).await?;
+        match clean {
+            // Back to the pool as it is.
+            true => drop(conn),
+            false => Postgres::release(conn),
+        }
         Ok(prepared)
     }
 

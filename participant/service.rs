@@ -355,7 +355,7 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         let core = Arc::clone(&self.core);
         Ok(Response::new(call_stream::serve(
             req.into_inner(),
-            closing,
+            call_stream::closed(closing),
             move |request: proto::PhaseRequest| {
                 let core = Arc::clone(&core);
                 async move {

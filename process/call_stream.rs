@@ -240,12 +240,12 @@ pub type Replies<Rep> = Pin<Box<dyn Stream<Item = Result<Rep, Status>> + Send>>;
 
 /// The server's end: runs each call from `requests` in a task of its own (a slow one holds no
 /// other up) and sends its reply as soon as it is ready, until the caller ends the stream or
-/// `closing` turns true. A graceful shutdown waits for every stream to end, and the caller
-/// keeps its stream open for ever: on `closing` no new call is taken, those in flight still
-/// answer, then the stream ends.
+/// `closing` completes. A graceful shutdown waits for every stream to end, and the caller keeps
+/// its stream open for ever: once `closing` completes no new call is taken, those in flight
+/// still answer, then the stream ends.
 pub fn serve<Req, Rep, Fut>(
     mut requests: tonic::Streaming<Req>,
-    mut closing: watch::Receiver<bool>,
+    closing: impl Future<Output = ()> + Send + 'static,
     handle: impl Fn(Req) -> Fut + Send + 'static,
 ) -> Replies<Rep>
 where
@@ -255,15 +255,11 @@ where
 {
     let (replies, stream) = mpsc::unbounded();
     tokio::spawn(async move {
+        tokio::pin!(closing);
         loop {
             let request = tokio::select! {
                 r = requests.message() => r,
-                // A server whose closing signal is gone never closes this way.
-                _ = async {
-                    if closing.wait_for(|closing| *closing).await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                } => break,
+                () = &mut closing => break,
             };
             let Ok(Some(request)) = request else { break };
             let (reply, replies) = (handle(request), replies.clone());
@@ -274,4 +270,10 @@ where
         }
     });
     Box::pin(stream.map(Ok))
+}
+
+/// `closing` as [`serve`] takes it: complete once it turns true, or once its server is gone
+/// (its sender dropped, as when the server's task is stopped).
+pub async fn closed(mut closing: watch::Receiver<bool>) {
+    let _ = closing.wait_for(|closing| *closing).await;
 }

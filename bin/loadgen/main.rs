@@ -24,6 +24,12 @@
 //! - `coordinator-only`: twopc with participants over an in-memory database that votes at once,
 //!   so only the coordinator's own cost (and gRPC) remains, every commit decision still flushed.
 //!
+//! Three more answer the issue's other questions (docs/PROTOCOL.md §12, `services.rs`):
+//! - `twopc-decided`: `twopc` with Commit answering once the decision is durable (phase 2
+//!   goes on after the answer);
+//! - `services`: two ledger services with their participant embedded, called inside
+//!   `transact`; `services-local`: the same services, each committing on its own.
+//!
 //! On request (`--systems`), `twopc-etcd` and `coordinator-only-etcd`: the same two with the
 //! decision log on a three-member etcd that loadgen starts (docs/HA.md). `--log-throughput`
 //! measures the two logs alone: durable decisions a second under concurrent writers.
@@ -48,6 +54,8 @@ use twopc::testkit::cluster::{PgCluster, Settings};
 use twopc::testkit::{EtcdCluster, TestPki, TestTokens};
 use twopc::{coordinator, participant};
 
+mod services;
+
 /// Measures global transactions per second through twopc.
 #[derive(Parser, Debug)]
 struct Args {
@@ -60,8 +68,9 @@ struct Args {
     /// Databases each transaction updates (1 or 2).
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
     branches: Vec<usize>,
-    /// The systems to measure (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = [System::Twopc, System::HandRolled, System::Plain, System::CoordinatorOnly])]
+    /// The systems to measure (comma-separated), in this order; a ratio (twopc to hand-rolled,
+    /// services to services-local) is shown on the row that completes its pair.
+    #[arg(long, value_delimiter = ',', default_values_t = [System::HandRolled, System::Twopc, System::TwopcDecided, System::Plain, System::CoordinatorOnly, System::ServicesLocal, System::Services])]
     systems: Vec<System>,
     /// One JSON object per result line instead of the table.
     #[arg(long)]
@@ -106,6 +115,12 @@ enum System {
     HandRolled,
     Plain,
     CoordinatorOnly,
+    /// `twopc`, Commit answering at the durable decision (`wait = DECIDED`).
+    TwopcDecided,
+    /// Two ledger services, called inside `transact` (`services.rs`).
+    Services,
+    /// The same services, each committing on its own: no global transaction.
+    ServicesLocal,
     /// `twopc` with the decision log on a three-member etcd (docs/HA.md) instead of sled.
     TwopcEtcd,
     /// `coordinator-only` with the decision log on etcd.
@@ -119,6 +134,9 @@ impl System {
             System::HandRolled => "hand-rolled",
             System::Plain => "plain",
             System::CoordinatorOnly => "coordinator-only",
+            System::TwopcDecided => "twopc-decided",
+            System::Services => "services",
+            System::ServicesLocal => "services-local",
             System::TwopcEtcd => "twopc-etcd",
             System::CoordinatorOnlyEtcd => "coordinator-only-etcd",
         }
@@ -126,6 +144,18 @@ impl System {
 
     fn on_etcd(self) -> bool {
         matches!(self, System::TwopcEtcd | System::CoordinatorOnlyEtcd)
+    }
+
+    /// Each system whose ratio to another is a target, and that other.
+    const PAIRS: [(System, System); 4] = [
+        (System::Twopc, System::HandRolled),
+        (System::TwopcDecided, System::HandRolled),
+        (System::TwopcEtcd, System::HandRolled),
+        (System::Services, System::ServicesLocal),
+    ];
+
+    fn services(self) -> bool {
+        matches!(self, System::Services | System::ServicesLocal)
     }
 }
 
@@ -221,7 +251,7 @@ async fn begin_and_update(
 
 /// One transaction in three calls, as `twopc::client` makes them: the id made here in the
 /// coordinator's epoch (no Begin), one Execute per database, Commit naming the participants.
-async fn one_transaction(t: &Target, branches: usize) -> Result<Outcome> {
+async fn one_transaction(t: &Target, branches: usize, wait: proto::CommitWait) -> Result<Outcome> {
     let txn = proto::TxnId::generate().to_string();
     // To every database at once, as the hand-rolled client sends its statements.
     let executed = futures::future::try_join_all(t.participants.iter().take(branches).map(|p| {
@@ -246,7 +276,7 @@ async fn one_transaction(t: &Target, branches: usize) -> Result<Outcome> {
         .commit(proto::CommitRequest {
             txn_id: txn,
             participants: Some(proto::Participants { names }),
-            wait: proto::CommitWait::Applied as i32,
+            wait: wait as i32,
         })
         .await?
         .into_inner();
@@ -444,6 +474,8 @@ struct Targets {
     coordinator_only_etcd: Option<Arc<Target>>,
     /// Connection strings of the databases, for the systems without twopc.
     databases: Vec<String>,
+    /// The ledger services, when a system asks for them.
+    services: Option<Arc<services::Services>>,
 }
 
 async fn run(
@@ -473,6 +505,7 @@ async fn run(
                 _ => Arc::clone(&targets.twopc),
             };
             let own = direct.next();
+            let ledgers = targets.services.clone();
             tokio::spawn(async move {
                 let mut h =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -486,7 +519,18 @@ async fn run(
                         (System::Plain, Some(d)) => {
                             d.plain(branches).await.map(|()| Outcome::Committed)
                         }
-                        _ => one_transaction(&target, branches).await,
+                        (System::Services | System::ServicesLocal, _) => {
+                            let ledgers = ledgers.as_ref().expect("started");
+                            let global = system == System::Services;
+                            ledgers
+                                .transfer(branches, global)
+                                .await
+                                .map(|()| Outcome::Committed)
+                        }
+                        (System::TwopcDecided, _) => {
+                            one_transaction(&target, branches, proto::CommitWait::Decided).await
+                        }
+                        _ => one_transaction(&target, branches, proto::CommitWait::Applied).await,
                     };
                     match done {
                         Ok(Outcome::Committed) => {
@@ -876,6 +920,18 @@ fn main() -> Result<()> {
         None => None,
     };
 
+    // The services systems: two ledgers enlisting with the twopc system's coordinator.
+    let ledgers = match args.systems.iter().any(|s| s.services()) {
+        true => {
+            anyhow::ensure!(
+                !args.secure,
+                "the services systems run plaintext; leave them out of --systems with --secure"
+            );
+            Some(servers.block_on(services::start(&format!("http://{caddr}"), &pgs))?)
+        }
+        false => None,
+    };
+
     // Coordinator-only: a second coordinator, with participants over an in-memory database.
     let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
     let (fast_caddr, fast_paddrs) = servers.block_on(start_coordinator_only(
@@ -937,6 +993,12 @@ fn main() -> Result<()> {
                 None => None,
             },
             databases: pgs.iter().map(|pg| pg.conn_str()).collect(),
+            services: match &ledgers {
+                Some(urls) => Some(Arc::new(
+                    services::Services::connect(&format!("http://{caddr}"), urls).await?,
+                )),
+                None => None,
+            },
         })
     })?;
 
@@ -1031,7 +1093,7 @@ fn main() -> Result<()> {
             "p99 ms",
             "max ms",
             "failed",
-            "twopc/hand"
+            "ratio"
         );
     }
     for &branches in &args.branches {
@@ -1043,6 +1105,12 @@ fn main() -> Result<()> {
                 let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
                 let txn_per_s = r.committed as f64 / r.elapsed.as_secs_f64();
                 tps.insert(system, txn_per_s);
+                // The ratios the issue is judged by, on the row that completes a pair.
+                let ratio = System::PAIRS
+                    .iter()
+                    .filter(|(top, base)| system == *top || system == *base)
+                    .find_map(|(top, base)| Some(format!("{:.2}", tps.get(top)? / tps.get(base)?)))
+                    .unwrap_or_default();
                 if args.json {
                     println!(
                         "{}",
@@ -1054,22 +1122,11 @@ fn main() -> Result<()> {
                             "p50_ms": ms(0.5),
                             "p99_ms": ms(0.99),
                             "failed": r.failed,
+                            "ratio": ratio.parse::<f64>().ok(),
                         })
                     );
                     continue;
                 }
-                // The ratio the issue is judged by, on the row that completes the pair.
-                let ratio = match (tps.get(&System::Twopc), tps.get(&System::HandRolled)) {
-                    (Some(t), Some(h)) if matches!(system, System::Twopc | System::HandRolled) => {
-                        format!("{:.2}", t / h)
-                    }
-                    _ => match (tps.get(&System::TwopcEtcd), tps.get(&System::HandRolled)) {
-                        (Some(t), Some(h)) if system == System::TwopcEtcd => {
-                            format!("{:.2}", t / h)
-                        }
-                        _ => String::new(),
-                    },
-                };
                 println!(
                     "{:<21} {:<8} {:<9} {:>9.0} {:>9.2} {:>9.2} {:>9.1} {:>7} {:>14}",
                     system.name(),
