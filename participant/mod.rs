@@ -11,7 +11,7 @@
 //!   [`pg_tls`] is how it reaches PostgreSQL over TLS (`sslmode`).
 //! - [`marker`]: one-phase commit's markers in PostgreSQL, owned by a role of their own so
 //!   that no client's SQL can forge, plant or delete one; the SQL that sets them up.
-//! - [`link`]: the line to the coordinator (RegisterBranch, QueryOutcome).
+//! - [`link`]: the line to the coordinator (enlistments on its Enlist stream, QueryOutcome).
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
 //! - [`embedded`]: the same participant inside a service that owns its database, running the
