@@ -179,17 +179,12 @@ async fn run(args: Args) -> Result<()> {
     let mut servers = Vec::new();
     for (i, (l, pg)) in participant_listeners.into_iter().zip(&pgs).enumerate() {
         let config = participant::Config {
-            id: format!("p{}", i + 1),
-            coordinator: format!("http://{coordinator_addr}"),
             advertise: Some(endpoints[i].clone()),
-            postgres: pg.conn_str(),
-            max_connections: 32,
-            resolve_interval: Duration::from_secs(5),
-            one_phase: true,
-            allow_superuser: false,
-            limits: Default::default(),
-            tls: Default::default(),
-            auth: Default::default(),
+            ..participant::Config::new(
+                format!("p{}", i + 1),
+                format!("http://{coordinator_addr}"),
+                pg.conn_str(),
+            )
         };
         servers.push(tokio::spawn(participant::run(
             l,

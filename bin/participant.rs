@@ -37,10 +37,10 @@ struct Args {
     postgres: String,
     /// The most PostgreSQL connections open branches hold: the most branches open at once. The
     /// protocol keeps 4 more of its own, and the health check 1.
-    #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = 32)]
+    #[arg(long, env = "TWOPC_MAX_CONNECTIONS", default_value_t = twopc::participant::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// How often prepared branches are checked with the coordinator, in ms (also at start).
-    #[arg(long, env = "TWOPC_RESOLVE_INTERVAL_MS", default_value_t = 5_000)]
+    #[arg(long, env = "TWOPC_RESOLVE_INTERVAL_MS", default_value_t = twopc::participant::DEFAULT_RESOLVE_INTERVAL.as_millis() as u64)]
     resolve_interval_ms: u64,
     /// Offer one-phase commit for a transaction whose only branch is here. Needs the markers
     /// that --print-setup-sql sets up, out of this role's reach; without them, it is off.

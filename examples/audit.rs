@@ -89,17 +89,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let db = Embedded::start(participant::Config {
-        id: args.id.clone(),
-        coordinator: args.coordinator.clone(),
         advertise: Some(format!("http://{}", listener.local_addr()?)),
-        postgres: args.postgres.clone(),
         max_connections: 16,
         resolve_interval: Duration::from_millis(args.resolve_interval_ms),
-        one_phase: true,
-        allow_superuser: false,
-        limits: Default::default(),
-        tls: Default::default(),
-        auth: Default::default(),
+        ..participant::Config::new(
+            args.id.clone(),
+            args.coordinator.clone(),
+            args.postgres.clone(),
+        )
     })
     .await?;
     db.transaction(|pg| {

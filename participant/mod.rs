@@ -89,6 +89,36 @@ pub struct Config {
     pub auth: Auth,
 }
 
+/// The most PostgreSQL connections a participant holds for branches, unless told otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
+/// How often prepared branches are checked with the coordinator, unless told otherwise.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Config {
+    /// The participant `id` on the database `postgres`, enlisting with `coordinator`, with
+    /// every other setting as the participant binary's flags default to: plaintext, no tokens,
+    /// one-phase commit offered, no superuser.
+    pub fn new(
+        id: impl Into<String>,
+        coordinator: impl Into<String>,
+        postgres: impl Into<String>,
+    ) -> Config {
+        Config {
+            id: id.into(),
+            coordinator: coordinator.into(),
+            advertise: None,
+            postgres: postgres.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            resolve_interval: DEFAULT_RESOLVE_INTERVAL,
+            one_phase: true,
+            allow_superuser: false,
+            limits: Default::default(),
+            tls: Default::default(),
+            auth: Default::default(),
+        }
+    }
+}
+
 /// Connects to PostgreSQL and serves on `listener` until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,

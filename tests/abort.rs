@@ -443,17 +443,8 @@ async fn a_participant_refuses_a_server_without_prepared_transactions() {
     .unwrap();
     let (listener, _) = support::listener().await;
     let config = twopc::participant::Config {
-        id: "p1".into(),
-        coordinator: "http://127.0.0.1:9".into(),
-        advertise: None,
-        postgres: pg.conn_str(),
         max_connections: 2,
-        resolve_interval: Duration::from_secs(5),
-        one_phase: true,
-        allow_superuser: false,
-        limits: Default::default(),
-        tls: Default::default(),
-        auth: Default::default(),
+        ..twopc::participant::Config::new("p1", "http://127.0.0.1:9", pg.conn_str())
     };
 
     let refused = twopc::participant::run(listener, config, std::future::pending())

@@ -47,17 +47,14 @@ async fn world() -> World {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ledger = Embedded::start(participant::Config {
-        id: "ledger".into(),
-        coordinator: sys.url(sys.coordinator.addr),
         advertise: Some(format!("http://{addr}")),
-        postgres: ledger_db.conn_str(),
         max_connections: 8,
         resolve_interval: Duration::from_secs(2),
-        one_phase: true,
-        allow_superuser: false,
-        limits: Default::default(),
-        tls: Default::default(),
-        auth: Default::default(),
+        ..participant::Config::new(
+            "ledger",
+            sys.url(sys.coordinator.addr),
+            ledger_db.conn_str(),
+        )
     })
     .await
     .unwrap();

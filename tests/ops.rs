@@ -302,17 +302,9 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
     let _coordinator = Proc::start("coordinator", caddr, &coordinator_args(&dir, &[]), "").await;
     let (listener, _) = support::listener().await;
     let as_superuser = |allow_superuser| twopc::participant::Config {
-        id: "p1".into(),
-        coordinator: url(caddr),
-        advertise: None,
-        postgres: pg.admin_conn_str(),
         max_connections: 2,
-        resolve_interval: Duration::from_secs(5),
-        one_phase: true,
         allow_superuser,
-        limits: Default::default(),
-        tls: Default::default(),
-        auth: Default::default(),
+        ..twopc::participant::Config::new("p1", url(caddr), pg.admin_conn_str())
     };
 
     let refused = twopc::participant::run(listener, as_superuser(false), std::future::pending())

@@ -268,17 +268,12 @@ async fn a_participant_reaches_postgres_over_verified_tls() {
         .into_inner();
     let (listener, _) = support::listener().await;
     let config = twopc::participant::Config {
-        id: "p2".into(),
-        coordinator: support::url(coordinator.addr),
-        advertise: None,
-        postgres: verified(&stranger.ca_path()),
         max_connections: 2,
-        resolve_interval: std::time::Duration::from_secs(5),
-        one_phase: true,
-        allow_superuser: false,
-        limits: Default::default(),
-        tls: Default::default(),
-        auth: Default::default(),
+        ..twopc::participant::Config::new(
+            "p2",
+            support::url(coordinator.addr),
+            verified(&stranger.ca_path()),
+        )
     };
     let refused = twopc::participant::run(listener, config, std::future::pending())
         .await

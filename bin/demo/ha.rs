@@ -114,17 +114,9 @@ pub async fn run() -> Result<()> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
         let config = participant::Config {
-            id: name.into(),
-            coordinator: urls.clone(),
-            advertise: None,
-            postgres: pg.conn_str(),
             max_connections: 16,
             resolve_interval: Duration::from_secs(1),
-            one_phase: true,
-            allow_superuser: false,
-            limits: Default::default(),
-            tls: Default::default(),
-            auth: Default::default(),
+            ..participant::Config::new(name, urls.clone(), pg.conn_str())
         };
         tokio::spawn(participant::run(l, config, std::future::pending()));
         participants.push(format!("http://{addr}"));

@@ -366,18 +366,11 @@ impl System {
         for (id, pg) in [("east", &east), ("west", &west)] {
             let (l, addr) = listener().await?;
             let (tls, auth) = Secure::of(secure, id)?;
+            let coordinator = format!("{}://{caddr}", tls.scheme());
             let config = participant::Config {
-                id: id.into(),
-                coordinator: format!("{}://{caddr}", tls.scheme()),
-                advertise: None,
-                postgres: pg.conn_str(),
-                max_connections: 32,
-                resolve_interval: Duration::from_secs(5),
-                one_phase: true,
-                allow_superuser: false,
-                limits: Default::default(),
                 tls,
                 auth,
+                ..participant::Config::new(id, coordinator, pg.conn_str())
             };
             participant_tasks.push(tokio::spawn(participant::run(
                 l,

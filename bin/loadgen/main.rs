@@ -633,17 +633,14 @@ async fn start_twopc(
         paddrs.push(l.local_addr()?);
         let (tls, auth) = security(&format!("p{}", i + 1))?;
         let config = participant::Config {
-            id: format!("p{}", i + 1),
-            coordinator: format!("{scheme}://{caddr}"),
-            advertise: None,
-            postgres: pg.conn_str(),
             max_connections: 64,
-            resolve_interval: Duration::from_secs(5),
-            one_phase: true,
-            allow_superuser: false,
-            limits: Default::default(),
             tls,
             auth,
+            ..participant::Config::new(
+                format!("p{}", i + 1),
+                format!("{scheme}://{caddr}"),
+                pg.conn_str(),
+            )
         };
         tokio::spawn(participant::run(l, config, std::future::pending()));
     }

@@ -399,17 +399,11 @@ fn participant_config(
     auth: Auth,
 ) -> participant::Config {
     participant::Config {
-        id: id.into(),
-        coordinator,
-        advertise: None,
-        postgres: postgres.into(),
         max_connections: 40,
         resolve_interval: Duration::from_secs(2),
-        one_phase: true,
-        allow_superuser: false,
-        limits: Default::default(),
         tls,
         auth,
+        ..participant::Config::new(id, coordinator, postgres)
     }
 }
 
