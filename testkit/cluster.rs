@@ -18,11 +18,11 @@
 //! run for ever. Each cluster's dir names its owner's pid, and the first cluster a process
 //! starts stops and deletes the clusters of owners that are gone.
 use std::fs::{self, File};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::free_port;
 use anyhow::{Context, Result, anyhow, bail};
 
 /// Between probing a free port and the postmaster binding it, another test's
@@ -368,11 +368,6 @@ fn tail(path: &Path, skip: u64) -> String {
     let text = String::from_utf8_lossy(bytes.get(skip as usize..).unwrap_or_default());
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(30)..].join("\n")
-}
-
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("probing for a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// No libc dependency for geteuid(); the effective uid is what PostgreSQL checks.

@@ -11,12 +11,12 @@
 //! shortest lease the server grants (1.5 s, rounded up to 2 s).
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::TestPki;
+use super::{TestPki, free_port};
 
 /// How long a member may take to join and report healthy.
 const READY_WITHIN: Duration = Duration::from_secs(20);
@@ -320,9 +320,4 @@ fn which_etcd() -> Result<PathBuf> {
         .map(|d| d.join("etcd"))
         .find(|p| p.is_file())
         .context("no `etcd` on PATH: run `bash scripts/setup` (it installs Debian's etcd-server)")
-}
-
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("probing for a free port")?;
-    Ok(listener.local_addr()?.port())
 }

@@ -14,3 +14,12 @@ pub use certs::TestPki;
 pub use cluster::{PgCluster, Settings};
 pub use etcd::EtcdCluster;
 pub use tokens::TestTokens;
+
+/// A loopback port nobody listens on now, for a server started later (PostgreSQL, etcd, a
+/// crash harness's processes). Another process may take it in between: callers that can,
+/// retry on a clash.
+pub fn free_port() -> anyhow::Result<u16> {
+    use anyhow::Context;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("probing for a free port")?;
+    Ok(listener.local_addr()?.port())
+}

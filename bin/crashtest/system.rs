@@ -21,7 +21,7 @@ use tonic_health::pb::health_client::HealthClient;
 use twopc::process::auth::Bearer;
 use twopc::process::tls::Tls;
 use twopc::testkit::cluster::PgCluster;
-use twopc::testkit::{EtcdCluster, TestPki, TestTokens};
+use twopc::testkit::{EtcdCluster, TestPki, TestTokens, free_port};
 
 /// The coordinator's `--rollback-retry-for-ms` here.
 pub const ROLLBACK_RETRY_FOR_MS: u64 = 1500;
@@ -232,11 +232,6 @@ impl Drop for Proc {
 fn read_from(path: &Path, offset: u64) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()
-}
-
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("probing for a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// Whether a gRPC server at `url` answers its health check with SERVING (for `service`, ""
