@@ -1,7 +1,7 @@
 //! Bank transfers between two databases under 16 concurrent clients: money is conserved and
 //! every transfer is in both databases or in neither.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,16 +4,16 @@
 //! that carry it in metadata; it commits in all three databases, or in none when any of them,
 //! the innermost included, fails.
 
-mod support;
+use crate::support;
 
 #[allow(dead_code)]
-#[path = "../examples/audit.rs"]
+#[path = "../../examples/audit.rs"]
 mod audit;
 #[allow(dead_code)]
-#[path = "../examples/ledger.rs"]
+#[path = "../../examples/ledger.rs"]
 mod ledger;
 #[allow(dead_code)]
-#[path = "../examples/transfer.rs"]
+#[path = "../../examples/transfer.rs"]
 mod transfer;
 
 use serde_json::Value as Json;

@@ -5,7 +5,7 @@
 //! binary run as replica processes (so they can be killed and frozen), and participants that
 //! know every replica's URL.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 #[cfg(feature = "testing")]

@@ -4,7 +4,7 @@
 //! Commit answering at the durable decision. And the half-commit it closes: a Commit after an
 //! Execute that failed because its participant could not reach the coordinator.
 
-mod support;
+use crate::support;
 
 use support::{
     PgCluster, Proc, System, eventually, free_addr, int, outcome, pg_with, scalar,

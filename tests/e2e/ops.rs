@@ -1,7 +1,7 @@
 //! Operating the real binaries: metrics, structured logs, configuration precedence, and a
 //! graceful stop.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};

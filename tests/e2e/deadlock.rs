@@ -2,7 +2,7 @@
 //! single PostgreSQL can see. The coordinator finds the cycle from its participants' waits and
 //! aborts the youngest transaction in it with SQLSTATE 40P01; the others go on and commit.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

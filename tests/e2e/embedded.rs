@@ -3,7 +3,7 @@
 //! committed by the coordinator with the other participants' branches; outside a global
 //! transaction they commit locally.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::{PgCluster, System, pg_with, scalar};

@@ -2,7 +2,7 @@
 //! coordinator, the coordinator's to its participants, the operator's tool), and bearer tokens
 //! whose role decides what a caller may do.
 
-mod support;
+use crate::support;
 
 use support::{System, TestPki, outcome, twopcctl};
 use tonic::Code;

@@ -1,7 +1,7 @@
 //! Bad input, tried: every RPC with malformed, oversized and out-of-order requests. Each gets a
 //! clear status, and afterwards both servers still serve and a transaction still commits.
 
-mod support;
+use crate::support;
 
 use support::{System, int, outcome, text};
 use tonic::Code;

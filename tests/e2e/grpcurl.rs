@@ -1,7 +1,7 @@
 //! A person at a shell with grpcurl: the real grpcurl binary (installed into .venv by
 //! `scripts/setup`) against running servers, with no .proto file, as README shows it.
 
-mod support;
+use crate::support;
 
 use serde_json::Value as Json;
 use std::path::PathBuf;

@@ -8,7 +8,7 @@
 //! `testing` feature.
 #![cfg(feature = "testing")]
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

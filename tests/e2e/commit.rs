@@ -1,6 +1,6 @@
 //! Committing across databases: the happy path, idempotent retries, and values on the wire.
 
-mod support;
+use crate::support;
 
 use support::{System, admin_scalar, int, outcome, text};
 use twopc::proto::{self, Outcome, TxnState, value::Kind};

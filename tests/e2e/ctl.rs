@@ -5,7 +5,7 @@
 //! (docs/FAILPOINTS.md), so this file needs the `testing` feature.
 #![cfg(feature = "testing")]
 
-mod support;
+use crate::support;
 
 use serde_json::Value as Json;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! `Err` and on panic, nested calls share one transaction, and a transaction dropped unfinished
 //! is aborted.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::{System, eventually};

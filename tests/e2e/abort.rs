@@ -1,6 +1,6 @@
 //! Everything that ends in abort, and the errors a client can make.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::{System, eventually, int, outcome, test_limits};

@@ -1,7 +1,7 @@
 //! Limits: what clients can use up, what they are told when they have, and what they can never
 //! take from the protocol.
 
-mod support;
+use crate::support;
 
 use support::{System, outcome, pg_with};
 use tonic::Code;
