@@ -104,18 +104,10 @@ impl LeaderChannel {
             if !refused || Instant::now() >= until {
                 return Err(status);
             }
-            match leader
-                .as_ref()
-                .and_then(|l| l.to_str().ok())
-                .filter(|l| !l.is_empty())
-            {
-                Some(leader) => replicas.follow(leader),
-                None => {
-                    // Nobody leads yet (an election), or this replica is unreachable.
-                    replicas.advance_from(i);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
+            // No leader named: nobody leads yet (an election), or this replica is unreachable.
+            replicas
+                .refused_by(i, leader.as_ref().and_then(|l| l.to_str().ok()))
+                .await;
         }
     }
 
@@ -193,6 +185,18 @@ impl Replicas {
         self.current.store(i, Ordering::Relaxed);
     }
 
+    /// Replica `i` refused a call, naming `leader` (or no one: an election is under way):
+    /// follow the leader named, or try the next replica after a pause.
+    async fn refused_by(&self, i: usize, leader: Option<&str>) {
+        match leader.filter(|l| !l.is_empty()) {
+            Some(leader) => self.follow(leader),
+            None => {
+                self.advance_from(i);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
     async fn call(
         self: Arc<Self>,
         request: http::Request<Body>,
@@ -225,14 +229,7 @@ impl Replicas {
             if Instant::now() >= until {
                 return Ok(response);
             }
-            match leader.to_str().ok().filter(|l| !l.is_empty()) {
-                Some(leader) => self.follow(leader),
-                None => {
-                    // Nobody leads yet: an election is under way.
-                    self.advance_from(i);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
+            self.refused_by(i, leader.to_str().ok()).await;
         }
     }
 }
