@@ -20,6 +20,7 @@ use twopc::coordinator::log::{Log, SledLog};
 use twopc::coordinator::txn::{BranchRecord, BranchState, State, Txn};
 use twopc::proto::TxnId;
 use twopc::testkit::cluster::{PgCluster, Settings};
+use twopc::testkit::system::Server;
 use twopc::{coordinator, participant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -84,10 +85,6 @@ async fn prepare_branches(pg: &PgCluster, ids: &[TxnId]) -> Result<Vec<u64>> {
     Ok(xids)
 }
 
-async fn count(pg: &PgCluster, sql: &str) -> Result<i64> {
-    Ok(pg.client().await?.query_one(sql, &[]).await?.get(0))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -107,25 +104,11 @@ async fn run(args: Args) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let max_prepared = args.count as u32 + 64;
-    let pgs = tokio::task::spawn_blocking(move || {
-        Ok::<_, anyhow::Error>([
-            PgCluster::start_with(Settings {
-                max_prepared,
-                fsync: false,
-            })?,
-            PgCluster::start_with(Settings {
-                max_prepared,
-                fsync: false,
-            })?,
-        ])
-    })
-    .await??;
-    for pg in &pgs {
-        pg.client()
-            .await?
-            .batch_execute("CREATE TABLE t (id int)")
-            .await?;
-    }
+    let settings = Settings {
+        max_prepared,
+        fsync: false,
+    };
+    let pgs = PgCluster::start_many(2, settings, Some("CREATE TABLE t (id int)")).await?;
     let participant_listeners = [
         TcpListener::bind("127.0.0.1:0").await?,
         TcpListener::bind("127.0.0.1:0").await?,
@@ -186,15 +169,10 @@ async fn run(args: Args) -> Result<()> {
                 pg.conn_str(),
             )
         };
-        servers.push(tokio::spawn(participant::run(
-            l,
-            config,
-            std::future::pending(),
-        )));
+        servers.push(Server::participant(l, config)?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let in_doubt = count(&pgs[0], "SELECT count(*) FROM pg_prepared_xacts").await?
-        + count(&pgs[1], "SELECT count(*) FROM pg_prepared_xacts").await?;
+    let in_doubt = pgs[0].prepared().await? + pgs[1].prepared().await?;
     let config = coordinator::Config {
         data_dir: data_dir.path().to_path_buf(),
         etcd: None,
@@ -205,14 +183,12 @@ async fn run(args: Args) -> Result<()> {
         auth: Default::default(),
     };
     let started = Instant::now();
-    servers.push(tokio::spawn(coordinator::run(
+    servers.push(Server::coordinator(
         TcpListener::bind(coordinator_addr).await?,
         config,
-        std::future::pending(),
-    )));
+    )?);
     loop {
-        let left = count(&pgs[0], "SELECT count(*) FROM pg_prepared_xacts").await?
-            + count(&pgs[1], "SELECT count(*) FROM pg_prepared_xacts").await?;
+        let left = pgs[0].prepared().await? + pgs[1].prepared().await?;
         if left == 0 {
             break;
         }
@@ -228,7 +204,7 @@ async fn run(args: Args) -> Result<()> {
         0
     };
     for pg in &pgs {
-        let rows = count(pg, "SELECT count(*) FROM t").await?;
+        let rows = pg.scalar("SELECT count(*) FROM t").await?;
         if rows != expect {
             bail!("{rows} rows committed in a database, expected {expect}");
         }
@@ -246,8 +222,6 @@ async fn run(args: Args) -> Result<()> {
             "rolled back"
         }
     );
-    for s in servers {
-        s.abort();
-    }
+    drop(servers);
     Ok(())
 }

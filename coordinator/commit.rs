@@ -22,10 +22,10 @@
 //! 3. The outcome is announced, the final record written (not forced), and the txn id queued
 //!    so that the participant may forget its marker once that record is durable.
 
-use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
 use super::participants::{Ending, Participants, PeerError};
+use super::transactions::{Coordinator, Live, now_ms};
 use super::txn::{Decision, OnAbort, OnCommit, OnResolve, OnePhaseOutcome, Outcome, State, Txn};
 use crate::proto::TxnId;
 use std::sync::Arc;
@@ -128,14 +128,14 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     /// [`Coordinator::abort`] for a client that chose the id itself (`epoch` set): an id not
     /// known yet is recorded as aborted, so that no enlistment still on its way can create it
-    /// (`core.rs`, `settle_unknown`).
+    /// (`transactions.rs`, `settle_unknown`).
     pub async fn abort_in(
         self: &Arc<Self>,
         id: TxnId,
         epoch: Option<u64>,
         reason: &str,
     ) -> Result<Outcome, Error> {
-        super::core::bounded("reason", reason, super::core::MAX_TEXT)?;
+        super::transactions::bounded("reason", reason, super::transactions::MAX_TEXT)?;
         let reason = if reason.is_empty() {
             "aborted by the client"
         } else {
@@ -540,8 +540,8 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         operator: &str,
         reason: &str,
     ) -> Result<(), Error> {
-        super::core::bounded("operator", operator, super::core::MAX_TEXT)?;
-        super::core::bounded("reason", reason, super::core::MAX_TEXT)?;
+        super::transactions::bounded("operator", operator, super::transactions::MAX_TEXT)?;
+        super::transactions::bounded("reason", reason, super::transactions::MAX_TEXT)?;
         let Some(live) = self.live(id) else {
             // Not live: finished, or a previous run's. Either way only a repeat of how it
             // ended is accepted (nothing is left to force).

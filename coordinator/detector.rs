@@ -9,10 +9,10 @@
 //! and the survivors' statements go on. A crash anywhere here loses nothing: the victim is
 //! still Active, which a restart aborts anyway (presumed abort), and the cycle is found again.
 
-use super::core::{Coordinator, Live, now_ms};
 use super::deadlock::{self, Edge, Victim};
 use super::log::Log;
 use super::participants::Participants;
+use super::transactions::{Coordinator, Live, now_ms};
 use super::txn::State;
 use crate::proto::{self, TxnId};
 use std::collections::BTreeMap;

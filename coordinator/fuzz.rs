@@ -9,10 +9,10 @@
 //! transaction is aborted the coordinator holds nothing live and no participant holds anything
 //! prepared: nothing leaks.
 
-use super::core::{Coordinator, Limits};
 use super::log::MemLog;
 use super::participants::fake::FakeParticipants;
 use super::service::Service;
+use super::transactions::{Coordinator, Limits};
 use crate::proto::fuzzing::{self, run_case, text};
 use crate::proto::{self, TxnId, coordinator_server::Coordinator as _};
 use proptest::prelude::*;

@@ -2,7 +2,7 @@
 //! commit or abort, and drives every branch to that decision.
 //!
 //! - [`txn`]: one transaction's state machine: every transition and rule, no I/O.
-//! - [`core`]: the [`Coordinator`]: the log, the table of live transactions, Begin and
+//! - [`transactions`]: the [`Coordinator`]: the log, the table of live transactions, Begin and
 //!   enlistment, and the queries on them.
 //! - [`commit`]: the driver of one protocol run: phase 1, the decision, phase 2 with retries.
 //! - [`deadlock`]: cycles in the global wait-for graph and the victim that breaks each, no
@@ -20,7 +20,6 @@
 //!   types; [`error`] maps errors to statuses. `fuzz.rs` sends it arbitrary requests.
 
 pub mod commit;
-pub mod core;
 pub mod deadlock;
 pub mod detector;
 pub mod epoch;
@@ -45,13 +44,13 @@ mod scenarios;
 pub mod service;
 #[cfg(feature = "etcd")]
 pub mod standby;
+pub mod transactions;
 pub mod txn;
 pub mod wire;
 
 use crate::process::auth::Auth;
 use crate::process::tls::Tls;
 use crate::proto::coordinator_server::CoordinatorServer;
-pub use core::{Coordinator, Limits};
 use log::{Log, SledLog};
 use participants::Participants;
 use std::future::Future;
@@ -59,6 +58,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+pub use transactions::{Coordinator, Limits};
 
 /// Everything a coordinator process needs, whatever the source (flags, env, tests).
 #[derive(Clone, Debug)]

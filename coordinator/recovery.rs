@@ -15,10 +15,10 @@
 //! record: abort). Acting on ids read before the live check can never roll back a transaction
 //! that is being committed right now.
 
-use super::core::{Coordinator, Live, now_ms};
 use super::error::Error;
 use super::log::Log;
 use super::participants::{Ending, Participants, PeerError};
+use super::transactions::{Coordinator, Live, now_ms};
 use super::txn::{Decision, State};
 use crate::proto::TxnId;
 use futures::StreamExt;

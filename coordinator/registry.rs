@@ -8,9 +8,9 @@
 //! `RegisterBranch` skip the forced log write for a participant already enlisted at that
 //! endpoint.
 
-use super::core::{Coordinator, now_ms};
 use super::log::Log;
 use super::participants::Participants;
+use super::transactions::{Coordinator, now_ms};
 use super::txn::BranchState;
 use crate::proto::{self, ParticipantHealth};
 use std::collections::{BTreeMap, HashMap};

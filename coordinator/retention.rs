@@ -6,9 +6,9 @@
 //! finished transaction is still prepared. The one exception, a transaction an operator
 //! forced, is never pruned (see `Log::prune`).
 
-use super::core::{Coordinator, now_ms};
 use super::log::Log;
 use super::participants::Participants;
+use super::transactions::{Coordinator, now_ms};
 use std::sync::Arc;
 use std::time::Duration;
 

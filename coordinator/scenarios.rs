@@ -8,12 +8,12 @@
 //! coordinator answers, and what every participant's database ends up holding. The fake
 //! participants outlive the crash, as real ones (and their prepared transactions) would.
 
-use super::core::{Coordinator, Limits};
 use super::error::Error;
 use super::log::{Log, MemLog};
 use super::participants::fake::{
     Behaviour, Call, FakeParticipants, OnFinish, OnOnePhase, OnPrepare,
 };
+use super::transactions::{Coordinator, Limits};
 use super::txn::{Outcome, State};
 use crate::proto::{self, TxnId};
 use std::future::Future;

@@ -1,8 +1,8 @@
 //! The `twopc.v1.Coordinator` gRPC service: parses requests, calls the core, maps errors.
 
-use super::core::Coordinator;
 use super::log::Log;
 use super::participants::Participants;
+use super::transactions::Coordinator;
 use super::wire;
 use crate::process::auth::Caller;
 use crate::process::call_stream;

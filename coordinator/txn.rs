@@ -55,7 +55,7 @@ impl State {
     }
 
     /// The decision is commit. (Whether it may be *announced* yet is the log's business: only
-    /// once it is durable, see `Live` in `core.rs`.)
+    /// once it is durable, see `Live` in `transactions.rs`.)
     pub fn is_commit(self) -> bool {
         matches!(self, State::Committing | State::Committed)
     }

@@ -21,7 +21,7 @@
 //! Every request the coordinator may repeat (after a lost reply) lands on a step that answers
 //! the same way again, and a request that contradicts how the branch really ended is refused.
 //!
-//! The driver (`core.rs`) asks a `*_step` what to do, does the PostgreSQL work, and reports what
+//! The driver (`branches.rs`) asks a `*_step` what to do, does the PostgreSQL work, and reports what
 //! happened through a transition (`prepared`, `prepare_failed`, `committed`, …), which also says
 //! how to answer. It never assigns a state itself.
 

@@ -1,4 +1,4 @@
-//! The participant's database, as the branch table (`core.rs`) needs it.
+//! The participant's database, as the branch table (`branches.rs`) needs it.
 //!
 //! The table is generic over [`Database`], as the coordinator is over its log:
 //! [`Postgres`](super::postgres::Postgres) in the binary, and in tests an in-memory fake that

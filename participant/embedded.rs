@@ -23,7 +23,7 @@
 //! # }
 //! ```
 
-use super::core::Participant;
+use super::branches::Participant;
 use super::database::Database;
 use super::error::Error;
 use super::postgres::Postgres;

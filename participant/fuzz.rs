@@ -8,7 +8,7 @@
 //! or a status a client can act on; and once every branch is rolled back, the database holds
 //! no open and no prepared transaction: nothing leaks.
 
-use super::core::Participant;
+use super::branches::Participant;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::service::Service;
 use crate::proto::fuzzing::{self, run_case, text};

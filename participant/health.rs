@@ -5,7 +5,7 @@
 //! too. A service embedding the participant keeps "" for itself: it may well serve its own
 //! calls while twopc cannot.
 
-use super::core::Participant;
+use super::branches::Participant;
 use super::link::GrpcCoordinator;
 use super::postgres::Postgres;
 use super::service::Service;

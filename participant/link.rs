@@ -199,10 +199,10 @@ impl CoordinatorLink for GrpcCoordinator {
 #[cfg(test)]
 mod tests {
     use super::{CoordinatorLink, GrpcCoordinator};
-    use crate::coordinator::core::{Coordinator, Limits};
     use crate::coordinator::log::MemLog;
     use crate::coordinator::participants::fake::FakeParticipants;
     use crate::coordinator::service::Service;
+    use crate::coordinator::transactions::{Coordinator, Limits};
     use crate::process::leader_channel::LeaderChannel;
     use crate::process::tls::Tls;
     use crate::proto::coordinator_server::CoordinatorServer;

@@ -2,7 +2,7 @@
 //! a global transaction; the coordinator prepares, commits and rolls the branch back through it.
 //!
 //! - [`branch`]: one branch's state machine: every transition, no I/O.
-//! - [`core`]: the [`Participant`]: the table of open branches and the protocol steps on them.
+//! - [`branches`]: the [`Participant`]: the table of open branches and the protocol steps on them.
 //! - [`tombstone`]: how branches that ended are remembered, so none is ever reopened.
 //! - [`database`]: what the core needs of its database, and the rule for a gid that is gone;
 //!   [`postgres`] is the real one (pool, two-phase-commit statements), [`sql`] runs a client's
@@ -22,7 +22,7 @@
 //!   `fuzz.rs` sends the service arbitrary requests over them.
 
 pub mod branch;
-pub mod core;
+pub mod branches;
 pub mod database;
 pub mod embedded;
 pub mod error;
@@ -48,7 +48,7 @@ use crate::process::auth::{Auth, Gate};
 use crate::process::leader_channel::LeaderChannel;
 use crate::process::tls::Tls;
 use crate::proto::participant_server::ParticipantServer;
-pub use core::Participant;
+pub use branches::Participant;
 use database::Database;
 use health::Scope;
 use link::{CoordinatorLink, GrpcCoordinator};

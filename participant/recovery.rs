@@ -13,7 +13,7 @@
 //! same pass asks about those open longer than a pass interval, and rolls back the ones whose
 //! transaction the coordinator says aborted.
 
-use super::core::{MARKER_RETENTION, Participant};
+use super::branches::{MARKER_RETENTION, Participant};
 use super::database::{Database, PreparedBranch};
 use super::gid::Gid;
 use super::link::CoordinatorLink;

@@ -5,7 +5,7 @@
 //! same database, as docs/RECOVERY.md's participant rows describe.
 
 use super::branch::{OnePhaseOutcome, Vote};
-use super::core::{AbortCause, Participant};
+use super::branches::{AbortCause, Participant};
 use super::database::{LockWait, XactStatus};
 use super::error::Error;
 use super::fake::{FakeCoordinator, FakeDatabase};

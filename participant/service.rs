@@ -6,7 +6,7 @@
 //! CommitOnePhase) or many over one Phases stream; both run the same step functions below, so
 //! the rules, the failpoints and the metrics cannot differ between the two.
 
-use super::core::{AbortCause, Participant};
+use super::branches::{AbortCause, Participant};
 use super::database::Database;
 use super::error::Error;
 use super::link::CoordinatorLink;

@@ -21,6 +21,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use super::free_port;
 use anyhow::{Context, Result, anyhow, bail};
@@ -199,6 +200,32 @@ impl PgCluster {
         self.run(psql, "create-role")
     }
 
+    /// Starts `n` clusters at once (each on a blocking thread: `initdb` takes a second or
+    /// two) and runs `schema` on each.
+    pub async fn start_many(
+        n: usize,
+        settings: Settings,
+        schema: Option<&str>,
+    ) -> Result<Vec<Arc<PgCluster>>> {
+        let starts: Vec<_> = (0..n)
+            .map(|_| tokio::task::spawn_blocking(move || PgCluster::start_with(settings)))
+            .collect();
+        let mut pgs = Vec::new();
+        for start in starts {
+            pgs.push(Arc::new(start.await??));
+        }
+        if let Some(schema) = schema {
+            for pg in &pgs {
+                pg.client()
+                    .await?
+                    .batch_execute(schema)
+                    .await
+                    .context("creating the schema")?;
+            }
+        }
+        Ok(pgs)
+    }
+
     /// Kills the server without a checkpoint, like a crash: prepared
     /// transactions must come back from the WAL on `restart`.
     pub fn stop_immediate(&self) {
@@ -220,6 +247,29 @@ impl PgCluster {
     /// A client as the superuser, for set-up only a superuser may do (`CREATE ROLE`).
     pub async fn admin_client(&self) -> Result<tokio_postgres::Client> {
         Self::connect(&self.admin_conn_str()).await
+    }
+
+    /// The first column of the first row of `sql`, run directly (outside twopc) as [`ROLE`],
+    /// as an integer.
+    pub async fn scalar(&self, sql: &str) -> Result<i64> {
+        let row = self.client().await?.query_one(sql, &[]).await;
+        Ok(row
+            .with_context(|| format!("running {sql}"))?
+            .get::<_, i64>(0))
+    }
+
+    /// As [`PgCluster::scalar`], as the superuser: for what [`ROLE`] may not read (the
+    /// one-phase markers).
+    pub async fn admin_scalar(&self, sql: &str) -> Result<i64> {
+        let row = self.admin_client().await?.query_one(sql, &[]).await;
+        Ok(row
+            .with_context(|| format!("running {sql}"))?
+            .get::<_, i64>(0))
+    }
+
+    /// How many transactions are prepared in it now.
+    pub async fn prepared(&self) -> Result<i64> {
+        self.scalar("SELECT count(*) FROM pg_prepared_xacts").await
     }
 
     async fn connect(conn_str: &str) -> Result<tokio_postgres::Client> {

@@ -3,24 +3,24 @@
 //! the participant inside it, all on loopback, on ports fixed at start so a restarted process
 //! comes back where the others expect it.
 //!
-//! Every process appends its stdout and stderr to `<dir>/<name>.log`, under a header line per
-//! start. A process handle kills its child (SIGKILL) when dropped, also while a panic unwinds;
-//! the clusters stop on their own drop.
+//! The processes are the test kit's (`twopc::testkit::system::{Proc, Replicas}`): each appends
+//! its stdout and stderr to `<dir>/<name>.log` under a header line per start, and is killed
+//! (SIGKILL) when dropped, also while a panic unwinds; the clusters stop on their own drop.
 
 use anyhow::{Context, Result, anyhow, bail};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use twopc::process::auth::Bearer;
 use twopc::process::tls::Tls;
-use twopc::testkit::cluster::PgCluster;
+use twopc::testkit::cluster::{PgCluster, Settings};
+pub use twopc::testkit::system::{Proc, Started, is_abort, listen};
+use twopc::testkit::system::{ReplicaSet, Replicas};
+use twopc::testkit::wait::{self, Health};
 use twopc::testkit::{EtcdCluster, TestPki, TestTokens, free_port};
 
 /// The coordinator's `--rollback-retry-for-ms` here.
@@ -29,7 +29,7 @@ pub const ROLLBACK_RETRY_FOR_MS: u64 = 1500;
 pub const DATABASES: usize = 3;
 
 /// How long a starting process may take to answer its health check.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = twopc::testkit::system::process::READY_TIMEOUT;
 /// Attempts to start a process that exits during startup (e.g. its port is briefly taken).
 const START_ATTEMPTS: u32 = 3;
 /// How long a SIGTERM'd process may take before it gets SIGKILL.
@@ -83,24 +83,6 @@ impl Role {
             Role::Participant(0)
         }
     }
-
-    fn index(self) -> usize {
-        match self {
-            Role::Coordinator => 0,
-            Role::Participant(i) => i + 1,
-            Role::Replica(r) => DATABASES + r,
-        }
-    }
-}
-
-/// How a start went.
-#[derive(Debug)]
-pub enum Started {
-    /// Up and answering its health check.
-    Ready,
-    /// It was started with failpoints and died before it was ready (a failpoint on its
-    /// startup path fired).
-    Died(ExitStatus),
 }
 
 /// A harness-side timeline of what was done to the system, in `<dir>/timeline.log`.
@@ -121,148 +103,14 @@ impl Timeline {
         let t = self.t0.elapsed().as_secs_f64();
         let _ = writeln!(self.file, "t={t:9.3}s {what}");
     }
-
-    pub fn now(&self) -> f64 {
-        self.t0.elapsed().as_secs_f64()
-    }
 }
 
-/// One server process, restartable with the same command line.
-pub struct Proc {
-    name: String,
-    program: PathBuf,
-    args: Vec<String>,
-    log_path: PathBuf,
-    port: u16,
-    child: Option<Child>,
-    /// Where the log stood when the current run started.
-    run_offset: u64,
-    /// How far `scan_log` has read.
-    scan_offset: u64,
-}
+/// The coordinator's id (with `--ha`, every replica's).
+const COORDINATOR_ID: &str = "crash";
 
-impl Proc {
-    fn spawn(&mut self, failpoints: Option<&str>, t: f64) -> Result<()> {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .with_context(|| format!("opening {}", self.log_path.display()))?;
-        self.run_offset = log.metadata()?.len();
-        writeln!(
-            log,
-            "===== crashtest t={t:.3}s: starting {} FAILPOINTS={}",
-            self.name,
-            failpoints.unwrap_or("(none)")
-        )?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        match failpoints {
-            Some(spec) => cmd.env("FAILPOINTS", spec),
-            None => cmd.env_remove("FAILPOINTS"),
-        };
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", self.program.display()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// The exit status if the process has ended (it is reaped then); None while it runs or
-    /// when it is not started.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                self.child = None;
-                Some(status)
-            }
-            Ok(None) => None,
-            Err(_) => {
-                // Cannot tell: treat it as gone (exit code 1 if even that fails) so the
-                // harness restarts it.
-                let _ = child.kill();
-                let status = child.wait().unwrap_or(ExitStatus::from_raw(1 << 8));
-                self.child = None;
-                Some(status)
-            }
-        }
-    }
-
-    /// SIGKILL and reap. Returns whether it was running.
-    fn kill(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return false;
-        };
-        let running = matches!(child.try_wait(), Ok(None));
-        let _ = child.kill();
-        let _ = child.wait();
-        running
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// The log written since the current run started.
-    pub fn run_log(&self) -> String {
-        read_from(&self.log_path, self.run_offset)
-    }
-
-    /// The last `n` lines of the current run's log.
-    pub fn run_log_tail(&self, n: usize) -> String {
-        let text = self.run_log();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn read_from(path: &Path, offset: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default()).into_owned()
-}
-
-/// Whether a gRPC server at `url` answers its health check with SERVING (for `service`, ""
-/// being the whole server); `standby`: with any status at all, as a replica that does not lead
-/// answers NOT_SERVING.
-async fn serving(tls: &Tls, url: &str, service: &str, standby: bool) -> bool {
-    let Ok(endpoint) = tls.endpoint(url) else {
-        return false;
-    };
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(1));
-    let Ok(Ok(channel)) = tokio::time::timeout(Duration::from_secs(2), endpoint.connect()).await
-    else {
-        return false;
-    };
-    let mut client = HealthClient::new(channel);
-    let check = client.check(HealthCheckRequest {
-        service: service.into(),
-    });
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), check).await,
-        Ok(Ok(resp)) if standby || resp.get_ref().status() == ServingStatus::Serving
-    )
-}
-
-/// Every coordinator's flags besides where it listens and logs.
+/// Every coordinator's flags besides where it listens, its id and its log.
 fn coordinator_flags() -> Vec<String> {
     [
-        "--id",
-        "crash",
         "--default-timeout-ms",
         "5000",
         "--prepare-timeout-ms",
@@ -284,15 +132,12 @@ fn coordinator_flags() -> Vec<String> {
 /// The etcd root user's password with `--ha --secure` (a throwaway cluster's).
 const ETCD_PASSWORD: &str = "crashtest-etcd";
 
-/// Whether an exit status is the SIGABRT a fired failpoint ends a process with.
-pub fn is_abort(status: &ExitStatus) -> bool {
-    status.signal() == Some(6)
-}
-
 pub struct System {
-    /// Index 0: the coordinator; 1..: the participants. Declared before the clusters so they
-    /// are killed before the clusters stop.
-    procs: Vec<Proc>,
+    /// The coordinator, or with `--ha` its replicas (`Role::Coordinator` is replica 0).
+    /// Declared before the clusters so they are killed before the clusters stop.
+    coordinators: Coordinators,
+    /// Participant (or ledger service) `i` of database `i`.
+    participants: Vec<Proc>,
     pub pgs: Vec<Arc<PgCluster>>,
     pub timeline: Timeline,
     /// How the harness dials the processes (TLS with `--secure`).
@@ -302,10 +147,32 @@ pub struct System {
     pub bearer: Bearer,
     pub deployment: Deployment,
     /// With `--ha`: the etcd cluster the coordinator replicas keep their log on. After
-    /// `procs`, so the replicas die before it does.
+    /// the processes, so the replicas die before it does.
     pub etcd: Option<EtcdCluster>,
     /// With `--secure`: the certificates and token files the processes read.
     _secure: Option<(TestPki, TestTokens)>,
+}
+
+/// The coordinator process, or its replicas.
+enum Coordinators {
+    One(Proc),
+    Replicated(Replicas),
+}
+
+impl Coordinators {
+    fn procs(&self) -> &[Proc] {
+        match self {
+            Coordinators::One(p) => std::slice::from_ref(p),
+            Coordinators::Replicated(r) => &r.procs,
+        }
+    }
+
+    fn procs_mut(&mut self) -> &mut [Proc] {
+        match self {
+            Coordinators::One(p) => std::slice::from_mut(p),
+            Coordinators::Replicated(r) => &mut r.procs,
+        }
+    }
 }
 
 impl System {
@@ -331,7 +198,10 @@ impl System {
                 None => Vec::new(),
             })
         };
-        let scheme = if secure.is_some() { "https" } else { "http" };
+        let (tls, bearer) = match &secure {
+            Some((pki, tokens)) => (pki.tls("crashtest")?, Bearer::new(Some(&tokens.operator))),
+            None => Default::default(),
+        };
         let exe = std::env::current_exe().context("locating the crashtest executable")?;
         let bin_dir = exe
             .parent()
@@ -354,24 +224,14 @@ impl System {
             }
         }
 
-        let starts: Vec<_> = (0..DATABASES)
-            .map(|_| tokio::task::spawn_blocking(PgCluster::start))
-            .collect();
-        let mut pgs = Vec::new();
-        for s in starts {
-            pgs.push(Arc::new(s.await?.context("starting PostgreSQL")?));
-        }
-        for pg in &pgs {
-            pg.client()
-                .await?
-                .batch_execute(match deployment {
-                    Deployment::Standalone => crate::workload::SCHEMA,
-                    // The ledger creates its own tables; the harness adds the poison table.
-                    Deployment::Embedded => crate::workload::POISON_SCHEMA,
-                })
-                .await
-                .context("creating the schema")?;
-        }
+        let schema = match deployment {
+            Deployment::Standalone => crate::workload::SCHEMA,
+            // The ledger creates its own tables; the harness adds the poison table.
+            Deployment::Embedded => crate::workload::POISON_SCHEMA,
+        };
+        let pgs = PgCluster::start_many(DATABASES, Settings::default(), Some(schema))
+            .await
+            .context("starting PostgreSQL")?;
 
         // With --secure, etcd as production runs it too: clients over mutual TLS, with a user.
         let etcd = match (ha, &secure) {
@@ -383,126 +243,108 @@ impl System {
                 Some(etcd)
             }
         };
-        let replicas: Vec<Role> = match ha {
-            true => std::iter::once(Role::Coordinator)
-                .chain((1..REPLICAS).map(Role::Replica))
-                .collect(),
-            false => vec![Role::Coordinator],
+        let coordinator_args: Vec<String> = coordinator_flags()
+            .into_iter()
+            .chain(security_args("coordinator")?)
+            .collect();
+        let coordinators = match &etcd {
+            // Every replica on the same etcd prefix and id: one coordinator.
+            Some(etcd) => {
+                let etcd_security_args: Vec<String> = match &secure {
+                    Some((pki, _)) => {
+                        let (cert, key) = pki.issue("coordinator-etcd")?;
+                        let password = dir.join("etcd-password");
+                        std::fs::write(&password, ETCD_PASSWORD)?;
+                        let path = |p: &Path| p.display().to_string();
+                        vec![
+                            "--etcd-ca".into(),
+                            path(&pki.ca_path()),
+                            "--etcd-cert".into(),
+                            path(&cert),
+                            "--etcd-key".into(),
+                            path(&key),
+                            "--etcd-user".into(),
+                            "root".into(),
+                            "--etcd-password-file".into(),
+                            path(&password),
+                        ]
+                    }
+                    None => Vec::new(),
+                };
+                let replicas = ReplicaSet {
+                    program: coordinator_bin,
+                    etcd,
+                    replicas: REPLICAS,
+                    id: COORDINATOR_ID,
+                    dir,
+                    args: etcd_security_args
+                        .into_iter()
+                        .chain(coordinator_args)
+                        .collect(),
+                    tls: tls.clone(),
+                    logs: true,
+                }
+                .build()?;
+                Coordinators::Replicated(replicas)
+            }
+            None => {
+                let name = Role::Coordinator.name();
+                let data_dir = dir.join(format!("{name}-data")).display().to_string();
+                let addr = loopback(free_port()?);
+                let args = listen(addr)
+                    .into_iter()
+                    .chain(["--data-dir".to_string(), data_dir])
+                    .chain(["--id".to_string(), COORDINATOR_ID.into()])
+                    .chain(coordinator_args)
+                    .collect();
+                let proc = Proc::new(&name, coordinator_bin, addr, args);
+                Coordinators::One(
+                    proc.log_to(&dir.join(format!("{name}.log")))
+                        .tls(tls.clone()),
+                )
+            }
         };
-        let coordinator_ports = replicas
+        let coordinator_url = coordinators
+            .procs()
             .iter()
-            .map(|_| free_port())
-            .collect::<Result<Vec<u16>>>()?;
-        let coordinator_url = coordinator_ports
-            .iter()
-            .map(|port| format!("{scheme}://127.0.0.1:{port}"))
+            .map(Proc::url)
             .collect::<Vec<_>>()
             .join(",");
-        // With --ha, every replica on the same etcd prefix and id: one coordinator.
-        let log_args: Vec<String> = match &etcd {
-            Some(etcd) => [
-                "--log",
-                "etcd",
-                "--etcd-endpoints",
-                &etcd.endpoints_flag(),
-                "--etcd-prefix",
-                "/twopc/crash/",
-                "--lease-ms",
-                "2000",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect(),
-            None => Vec::new(),
-        };
-        let etcd_security_args: Vec<String> = match (&etcd, &secure) {
-            (Some(_), Some((pki, _))) => {
-                let (cert, key) = pki.issue("coordinator-etcd")?;
-                let password = dir.join("etcd-password");
-                std::fs::write(&password, ETCD_PASSWORD)?;
-                let path = |p: &Path| p.display().to_string();
-                vec![
-                    "--etcd-ca".into(),
-                    path(&pki.ca_path()),
-                    "--etcd-cert".into(),
-                    path(&cert),
-                    "--etcd-key".into(),
-                    path(&key),
-                    "--etcd-user".into(),
-                    "root".into(),
-                    "--etcd-password-file".into(),
-                    path(&password),
-                ]
-            }
-            _ => Vec::new(),
-        };
-        let mut coordinators = Vec::new();
-        for (role, port) in replicas.iter().zip(&coordinator_ports) {
-            coordinators.push(Proc {
-                name: role.name(),
-                program: coordinator_bin.clone(),
-                args: [
-                    "--listen".into(),
-                    format!("127.0.0.1:{port}"),
-                    "--data-dir".into(),
-                    dir.join(format!("{}-data", role.name()))
-                        .display()
-                        .to_string(),
-                ]
-                .into_iter()
-                .chain(log_args.iter().cloned())
-                .chain(etcd_security_args.iter().cloned())
-                .chain(coordinator_flags())
-                .chain(security_args("coordinator")?)
-                .collect(),
-                log_path: dir.join(format!("{}.log", role.name())),
-                port: *port,
-                child: None,
-                run_offset: 0,
-                scan_offset: 0,
-            });
-        }
-        let mut coordinators = coordinators.into_iter();
-        let mut procs = vec![coordinators.next().expect("replica 0")];
+        let mut participants = Vec::new();
         for (i, pg) in pgs.iter().enumerate() {
-            let role = Role::Participant(i);
-            let port = free_port()?;
-            procs.push(Proc {
-                name: role.name(),
-                program: participant_bin.clone(),
-                // (The ledger example takes the same flags.)
-                args: first_arg
-                    .clone()
-                    .into_iter()
-                    .chain([
-                        "--listen".into(),
-                        format!("127.0.0.1:{port}"),
-                        "--id".into(),
-                        role.name(),
-                        "--coordinator".into(),
-                        coordinator_url.clone(),
-                        "--postgres".into(),
-                        pg.conn_str(),
-                        "--resolve-interval-ms".into(),
-                        "1000".into(),
-                    ])
-                    .chain(security_args(&role.name())?)
-                    .collect(),
-                log_path: dir.join(format!("{}.log", role.name())),
-                port,
-                child: None,
-                run_offset: 0,
-                scan_offset: 0,
-            });
+            let name = Role::Participant(i).name();
+            // (The ledger example takes the same flags.)
+            let addr = loopback(free_port()?);
+            let args = first_arg
+                .clone()
+                .into_iter()
+                .chain(listen(addr))
+                .chain([
+                    "--id".into(),
+                    name.clone(),
+                    "--coordinator".into(),
+                    coordinator_url.clone(),
+                    "--postgres".into(),
+                    pg.conn_str(),
+                    "--resolve-interval-ms".into(),
+                    "1000".into(),
+                ])
+                .chain(security_args(&name)?)
+                .collect();
+            let proc = Proc::new(&name, &participant_bin, addr, args);
+            participants.push(
+                proc.log_to(&dir.join(format!("{name}.log")))
+                    .tls(tls.clone())
+                    .env("RUST_LOG", "info"),
+            );
         }
-        // Replicas 1.. after the participants, at `Role::index`.
-        procs.extend(coordinators);
-        let (tls, bearer) = match &secure {
-            Some((pki, tokens)) => (pki.tls("crashtest")?, Bearer::new(Some(&tokens.operator))),
-            None => Default::default(),
-        };
+        let mut coordinators = coordinators;
+        for proc in coordinators.procs_mut() {
+            proc.set_env("RUST_LOG", "info");
+        }
         let mut sys = System {
-            procs,
+            coordinators,
+            participants,
             pgs,
             timeline: Timeline::new(dir)?,
             tls,
@@ -522,13 +364,10 @@ impl System {
     }
 
     pub fn roles(&self) -> Vec<Role> {
-        let replicas = match self.etcd {
-            Some(_) => 1..REPLICAS,
-            None => 1..1,
-        };
+        let replicas = self.coordinators.procs().len();
         std::iter::once(Role::Coordinator)
             .chain((0..DATABASES).map(Role::Participant))
-            .chain(replicas.map(Role::Replica))
+            .chain((1..replicas).map(Role::Replica))
             .collect()
     }
 
@@ -552,8 +391,7 @@ impl System {
     /// The replica that leads, if one does (without `--ha`: the coordinator, if it serves).
     pub async fn leader(&self) -> Option<Role> {
         for role in self.coordinator_roles() {
-            if self.running(role)
-                && serving(&self.tls, &self.url(role), "twopc.v1.Coordinator", false).await
+            if self.running(role) && wait::serving(&self.tls, &self.url(role), Health::Leads).await
             {
                 return Some(role);
             }
@@ -594,66 +432,60 @@ impl System {
     }
 
     pub fn url(&self, role: Role) -> String {
-        let port = self.procs[role.index()].port;
-        format!("{}://127.0.0.1:{port}", self.tls.scheme())
+        self.proc(role).url()
     }
 
     pub fn proc(&self, role: Role) -> &Proc {
-        &self.procs[role.index()]
+        match role {
+            Role::Coordinator => &self.coordinators.procs()[0],
+            Role::Replica(r) => &self.coordinators.procs()[r],
+            Role::Participant(i) => &self.participants[i],
+        }
     }
 
-    /// Starts the process (it must not be running) and waits until it serves.
+    fn proc_mut(&mut self, role: Role) -> &mut Proc {
+        match role {
+            Role::Coordinator => &mut self.coordinators.procs_mut()[0],
+            Role::Replica(r) => &mut self.coordinators.procs_mut()[r],
+            Role::Participant(i) => &mut self.participants[i],
+        }
+    }
+
+    /// Starts the process (it must not be running) and waits until it serves; a process that
+    /// exits during startup for another reason than a failpoint (e.g. its port was briefly
+    /// taken) is tried again.
     pub async fn start(&mut self, role: Role, failpoints: Option<&str>) -> Result<Started> {
-        let mut last_error = String::new();
+        let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS {
-            let t = self.timeline.now();
             self.timeline.note(&format!(
                 "start {} (attempt {attempt}) FAILPOINTS={}",
                 role.name(),
                 failpoints.unwrap_or("(none)")
             ));
-            let proc = &mut self.procs[role.index()];
-            proc.spawn(failpoints, t)?;
-            let until = Instant::now() + READY_TIMEOUT;
-            loop {
-                if let Some(status) = proc.exited() {
-                    self.timeline
-                        .note(&format!("{} exited during startup: {status}", role.name()));
-                    if failpoints.is_some() && is_abort(&status) {
-                        return Ok(Started::Died(status));
-                    }
-                    last_error = format!(
-                        "{} exited during startup ({status}); its log ends:\n{}",
-                        role.name(),
-                        proc.run_log_tail(15)
-                    );
-                    break;
-                }
-                let url = format!("{}://127.0.0.1:{}", self.tls.scheme(), proc.port);
-                // A replica is ready once it answers, leading or standing by.
-                let standby = role.is_coordinator() && self.etcd.is_some();
-                if serving(&self.tls, &url, "", standby).await {
+            match self.proc_mut(role).start(failpoints).await {
+                Ok(Started::Ready) => {
                     self.timeline.note(&format!("{} ready", role.name()));
                     return Ok(Started::Ready);
                 }
-                if Instant::now() > until {
-                    proc.kill();
-                    bail!(
-                        "{} did not become ready within {READY_TIMEOUT:?}; its log ends:\n{}",
-                        role.name(),
-                        proc.run_log_tail(15)
-                    );
+                Ok(Started::Died(status)) => {
+                    self.timeline
+                        .note(&format!("{} exited during startup: {status}", role.name()));
+                    return Ok(Started::Died(status));
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e) => {
+                    self.timeline
+                        .note(&format!("{} failed to start: {e:#}", role.name()));
+                    last_error = Some(e);
+                }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        bail!("{last_error}")
+        Err(last_error.unwrap_or_else(|| anyhow!("{} did not start", role.name())))
     }
 
     /// SIGKILL. Returns whether it was running.
     pub fn kill(&mut self, role: Role) -> bool {
-        let running = self.procs[role.index()].kill();
+        let running = self.proc_mut(role).kill();
         self.timeline
             .note(&format!("SIGKILL {} (was running: {running})", role.name()));
         running
@@ -661,29 +493,19 @@ impl System {
 
     /// SIGTERM, then SIGKILL after a grace period. Returns whether SIGKILL was needed.
     pub async fn stop(&mut self, role: Role) -> bool {
-        let proc = &mut self.procs[role.index()];
-        let Some(pid) = proc.pid() else { return false };
-        self.timeline.note(&format!("SIGTERM {}", role.name()));
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let until = Instant::now() + TERM_GRACE;
-        while Instant::now() < until {
-            if proc.exited().is_some() {
-                self.timeline.note(&format!("{} stopped", role.name()));
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !self.running(role) {
+            return false;
         }
-        self.kill(role);
-        true
+        self.timeline.note(&format!("SIGTERM {}", role.name()));
+        let killed = self.proc_mut(role).stop(TERM_GRACE).await;
+        let what = if killed { "needed SIGKILL" } else { "stopped" };
+        self.timeline.note(&format!("{} {what}", role.name()));
+        killed
     }
 
     /// The exit status if the process ended by itself since it was started.
     pub fn exited(&mut self, role: Role) -> Option<ExitStatus> {
-        let status = self.procs[role.index()].exited();
+        let status = self.proc_mut(role).exited();
         if let Some(status) = &status {
             self.timeline
                 .note(&format!("{} exited by itself: {status}", role.name()));
@@ -693,7 +515,7 @@ impl System {
 
     /// Whether it is started (and not yet seen to have exited).
     pub fn running(&self, role: Role) -> bool {
-        self.procs[role.index()].child.is_some()
+        self.proc(role).running()
     }
 
     /// `pg_ctl stop -m immediate` on database `i`: a crash, no checkpoint.
@@ -715,15 +537,19 @@ impl System {
         Ok(())
     }
 
+    fn all_procs_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
+        self.coordinators
+            .procs_mut()
+            .iter_mut()
+            .chain(self.participants.iter_mut())
+    }
+
     /// Lines added to the processes' logs since the last scan that say something went badly
     /// wrong: an atomicity alarm or a panic.
     pub fn scan_logs(&mut self) -> Vec<(String, String)> {
         let mut found = Vec::new();
-        for proc in &mut self.procs {
-            let len = std::fs::metadata(&proc.log_path).map_or(0, |m| m.len());
-            let text = read_from(&proc.log_path, proc.scan_offset);
-            proc.scan_offset = len.max(proc.scan_offset);
-            for line in text.lines() {
+        for proc in self.all_procs_mut() {
+            for line in proc.scan_log().lines() {
                 if line.contains("ATOMICITY ALARM") || line.contains("panicked at") {
                     found.push((proc.name.clone(), line.to_string()));
                 }
@@ -734,10 +560,12 @@ impl System {
 
     /// Per process: how many ERROR lines its log has, and up to `n` distinct messages.
     pub fn error_digest(&self, n: usize) -> Vec<(String, usize, Vec<String>)> {
-        self.procs
+        self.coordinators
+            .procs()
             .iter()
+            .chain(&self.participants)
             .map(|p| {
-                let text = read_from(&p.log_path, 0);
+                let text = p.whole_log();
                 // tracing's format: `<timestamp> <LEVEL> <target>: <message> <fields>`.
                 let errors: Vec<&str> = text
                     .lines()
@@ -757,4 +585,8 @@ impl System {
             })
             .collect()
     }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }

@@ -42,6 +42,8 @@ use twopc::process::leader_channel::LeaderChannel;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
+use twopc::testkit::bank::{self, ACCOUNTS, INITIAL_BALANCE};
+pub use twopc::testkit::bank::{Seen, Transfer};
 
 mod ledger_pb {
     tonic::include_proto!("ledger.v1");
@@ -49,18 +51,11 @@ mod ledger_pb {
 
 use ledger_pb::ledger_client::LedgerClient;
 
-pub const ACCOUNTS: i64 = 20;
-pub const INITIAL_BALANCE: i64 = 1000;
 /// The memo of the ledger service's opening entries; every other entry's memo is a txn id.
 pub const OPENING_MEMO: &str = "opening";
 
 /// Every database's tables, created directly, outside twopc.
-pub const SCHEMA: &str = "
-    CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL);
-    INSERT INTO acct SELECT g, 1000 FROM generate_series(1, 20) AS g;
-    CREATE TABLE ledger (txn_id text NOT NULL, delta bigint NOT NULL);
-    CREATE TABLE poison (ref int REFERENCES acct (id) DEFERRABLE INITIALLY DEFERRED);
-";
+pub const SCHEMA: &str = bank::SCHEMA;
 
 /// With `--embedded`: the ledger service creates its own tables; the harness adds the poison.
 pub const POISON_SCHEMA: &str = "
@@ -82,37 +77,10 @@ const ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// How long stopping the workload may take (each transfer is a bounded number of RPCs).
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What the client was told about a transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
-    /// Begun; Commit or Abort not answered yet.
-    InFlight,
-    Committed,
-    Aborted,
-    /// Commit or Abort failed (RPC error), or answered something other than an outcome.
-    Unknown,
-}
-
-#[derive(Clone, Debug)]
-pub struct TxnRecord {
-    pub id: String,
-    /// Debited database a, credited database b.
-    pub dbs: [usize; 2],
-    pub amount: i64,
-    pub poison: bool,
-    /// What a commit leaves behind, per database: (database, ledger rows, their sum).
-    pub expect: Vec<(usize, i64, i64)>,
-    pub seen: Seen,
-    /// The scenario (or soak round) it began in.
-    pub round: usize,
-    /// What happened on the client side: the failed step, the abort reason, the RPC error.
-    pub note: String,
-}
-
 /// Every transaction any client began, by id.
 #[derive(Default)]
 pub struct Recorder {
-    txns: Mutex<HashMap<String, TxnRecord>>,
+    txns: Mutex<HashMap<String, Transfer>>,
     round: AtomicUsize,
 }
 
@@ -122,7 +90,7 @@ impl Recorder {
     }
 
     fn began(&self, id: &str, plan: &Plan, expect: Vec<(usize, i64, i64)>) {
-        let record = TxnRecord {
+        let record = Transfer {
             id: id.to_string(),
             dbs: [plan.a, plan.b],
             amount: plan.amount,
@@ -142,8 +110,8 @@ impl Recorder {
         }
     }
 
-    pub fn snapshot(&self) -> Vec<TxnRecord> {
-        let mut all: Vec<TxnRecord> = self.txns.lock().unwrap().values().cloned().collect();
+    pub fn snapshot(&self) -> Vec<Transfer> {
+        let mut all: Vec<Transfer> = self.txns.lock().unwrap().values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
     }

@@ -6,122 +6,73 @@
 //! the transfers go through `twopc::client`, which follows the leader. The demo plays the
 //! replicas' supervisor too: the killed replica is started again, and comes back as a standby.
 
-use super::{prepared, start_databases, total};
+use super::{ACCOUNTS, SCHEMA, total};
 use anyhow::{Context, Result};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
 use twopc::client::Client;
 use twopc::participant;
-use twopc::testkit::EtcdCluster;
+use twopc::testkit::system::{ReplicaSet, Server, listener};
+use twopc::testkit::{EtcdCluster, PgCluster, Settings};
 
 const REPLICAS: usize = 3;
-
-/// One coordinator replica process; killed on drop.
-struct Replica {
-    addr: SocketAddr,
-    child: tokio::process::Child,
-}
-
-async fn start_replica(
-    etcd: &EtcdCluster,
-    addr: SocketAddr,
-    dir: &std::path::Path,
-) -> Result<Replica> {
-    let bin = std::env::current_exe()?.with_file_name("coordinator");
-    let child = tokio::process::Command::new(&bin)
-        .args(["--listen", &addr.to_string()])
-        .args(["--log", "etcd", "--etcd-endpoints", &etcd.endpoints_flag()])
-        .args([
-            "--etcd-prefix",
-            "/twopc/bank/",
-            "--id",
-            "bank",
-            "--lease-ms",
-            "2000",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join(addr.port().to_string()))
-        .env("RUST_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} (scripts/demo builds it)", bin.display()))?;
-    Ok(Replica { addr, child })
-}
-
-/// Whether the replica at `addr` leads (its Coordinator service is SERVING).
-async fn leads(addr: SocketAddr) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_millis(300))
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "twopc.v1.Coordinator".into(),
-        })
-        .await
-        .is_ok_and(|r| r.into_inner().status == tonic_health::ServingStatus::Serving as i32)
-}
-
-async fn leader(replicas: &[Replica]) -> Option<usize> {
-    for (i, r) in replicas.iter().enumerate() {
-        if leads(r.addr).await {
-            return Some(i);
-        }
-    }
-    None
-}
 
 pub async fn run() -> Result<()> {
     println!("== Starting a three-member etcd cluster (Debian's etcd-server) on loopback");
     let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await??;
     println!("   members: {}", etcd.endpoints_flag());
-    let (east, west) = start_databases().await?;
+    let pgs = PgCluster::start_many(2, Settings::default(), Some(SCHEMA)).await?;
+    for (pg, accounts) in pgs.iter().zip(ACCOUNTS) {
+        pg.client().await?.batch_execute(accounts).await?;
+    }
+    let (east, west) = (&*pgs[0], &*pgs[1]);
     let dir = tempfile::Builder::new()
         .prefix("twopc-demo-ha-")
         .tempdir()?;
 
-    let addrs: Vec<SocketAddr> = (0..REPLICAS)
-        .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?))
-        .collect::<Result<_>>()?;
-    let urls = addrs
-        .iter()
-        .map(|a| format!("http://{a}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    println!("== Starting {REPLICAS} coordinator replicas (--log etcd, 2 s lease): {urls}");
-    let mut replicas = Vec::new();
-    for addr in &addrs {
-        replicas.push(start_replica(&etcd, *addr, dir.path()).await?);
+    let program = std::env::current_exe()?.with_file_name("coordinator");
+    anyhow::ensure!(
+        program.is_file(),
+        "{} not found (scripts/demo builds it)",
+        program.display()
+    );
+    let mut replicas = ReplicaSet {
+        program,
+        etcd: &etcd,
+        replicas: REPLICAS,
+        id: "bank",
+        dir: dir.path(),
+        args: Vec::new(),
+        tls: Default::default(),
+        logs: true,
     }
-    let first = wait_for_leader(&replicas, Duration::from_secs(20)).await?;
+    .build()?;
+    let urls = replicas.urls();
+    println!("== Starting {REPLICAS} coordinator replicas (--log etcd, 2 s lease): {urls}");
+    for i in 0..REPLICAS {
+        replicas.start(i, None).await?;
+    }
+    let first = replicas.wait_for_leader(Duration::from_secs(20)).await?;
     println!(
-        "   replica {} ({}) leads; the others stand by",
-        first, replicas[first].addr
+        "   replica {first} ({}) leads; the others stand by",
+        replicas.url(first)
     );
 
     println!("== Starting one participant per database; each knows every replica");
     let mut participants = Vec::new();
-    for (name, pg) in [("bank-east", &east), ("bank-west", &west)] {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = l.local_addr()?;
+    let mut servers = Vec::new();
+    for (name, pg) in [("bank-east", east), ("bank-west", west)] {
+        let (l, addr) = listener().await?;
         let config = participant::Config {
             max_connections: 16,
             resolve_interval: Duration::from_secs(1),
             ..participant::Config::new(name, urls.clone(), pg.conn_str())
         };
-        tokio::spawn(participant::run(l, config, std::future::pending()));
+        servers.push(Server::participant(l, config)?);
         participants.push(format!("http://{addr}"));
     }
-    let before = total(&east).await? + total(&west).await?;
+    let before = total(east).await? + total(west).await?;
 
     println!("== Four clients move money east -> west and back, through whichever replica leads");
     let client = Client::connect(&urls)?;
@@ -155,19 +106,18 @@ pub async fn run() -> Result<()> {
     }
 
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let leader_now = leader(&replicas).await.context("no replica leads")?;
+    let leader_now = replicas.leader().await.context("no replica leads")?;
     let at_kill = committed.load(Ordering::Relaxed);
     println!(
         "   {at_kill} transfers committed; now SIGKILL replica {leader_now} ({}), the leader",
-        replicas[leader_now].addr
+        replicas.url(leader_now)
     );
-    replicas[leader_now].child.start_kill()?;
-    let _ = replicas[leader_now].child.wait().await;
+    replicas.procs[leader_now].kill();
     let killed = Instant::now();
-    let new_leader = wait_for_leader(&replicas, Duration::from_secs(20)).await?;
+    let new_leader = replicas.wait_for_leader(Duration::from_secs(20)).await?;
     println!(
         "   replica {new_leader} ({}) took over {:.1} s after the kill",
-        replicas[new_leader].addr,
+        replicas.url(new_leader),
         killed.elapsed().as_secs_f64()
     );
     loop {
@@ -187,18 +137,18 @@ pub async fn run() -> Result<()> {
     println!(
         "   the supervisor (this demo) restarts replica {leader_now}: it comes back as a standby"
     );
-    replicas[leader_now] = start_replica(&etcd, addrs[leader_now], dir.path()).await?;
+    replicas.start(leader_now, None).await?;
 
     let mut failed = 0;
     for w in workers {
         failed += w.await?;
     }
-    let after = total(&east).await? + total(&west).await?;
+    let after = total(east).await? + total(west).await?;
     println!(
         "== {} transfers committed in 12 s ({failed} attempts failed during the failover and were retried)",
         committed.load(Ordering::Relaxed)
     );
-    let standby = !leads(addrs[leader_now]).await;
+    let standby = !replicas.leads(leader_now).await;
     println!(
         "   money before {before}, after {after}: {}; prepared transactions left: east {}, west {}; restarted replica is a standby: {standby}",
         if before == after {
@@ -206,22 +156,11 @@ pub async fn run() -> Result<()> {
         } else {
             "NOT CONSERVED"
         },
-        prepared(&east).await?,
-        prepared(&west).await?,
+        east.prepared().await?,
+        west.prepared().await?,
     );
     anyhow::ensure!(before == after, "money was not conserved");
     Ok(())
-}
-
-async fn wait_for_leader(replicas: &[Replica], within: Duration) -> Result<usize> {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(i) = leader(replicas).await {
-            return Ok(i);
-        }
-        anyhow::ensure!(Instant::now() < until, "no replica leads after {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Moves 1 from `from` (in database `from_db`) to `to` (in `to_db`), atomically.

@@ -14,21 +14,17 @@ mod example_services;
 mod ha;
 mod services;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use twopc::process::auth::{Auth, Bearer};
-use twopc::process::tls::Tls;
+use twopc::coordinator;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
+use twopc::testkit::bank::{self, Tables};
 use twopc::testkit::cluster::PgCluster;
-use twopc::testkit::{TestPki, TestTokens};
-use twopc::{coordinator, participant};
+use twopc::testkit::system::{Client, System};
 
 /// Runs a local twopc system and a bank-transfer demo on it.
 #[derive(Parser, Debug)]
@@ -58,28 +54,12 @@ struct Args {
 }
 
 /// A channel with the demo client's token (if any) on every call.
-type Authed = InterceptedService<Channel, Bearer>;
+type Authed = Client;
 
 struct Bank {
     coordinator: CoordinatorClient<Authed>,
     east: ParticipantClient<Authed>,
     west: ParticipantClient<Authed>,
-}
-
-/// With --secure: the CA and tokens every process uses.
-struct Secure {
-    pki: TestPki,
-    tokens: TestTokens,
-}
-
-impl Secure {
-    /// The TLS and token settings of the process `name`; plaintext without --secure.
-    fn of(secure: &Option<Secure>, name: &str) -> Result<(Tls, Auth)> {
-        Ok(match secure {
-            Some(s) => (s.pki.tls(name)?, s.tokens.auth()?),
-            None => Default::default(),
-        })
-    }
 }
 
 impl Bank {
@@ -199,28 +179,9 @@ async fn balances(east: &PgCluster, west: &PgCluster) -> Result<String> {
     Ok(parts.join(" | "))
 }
 
+/// The money in `pg` (`testkit::bank`'s reading of the balances).
 async fn total(pg: &PgCluster) -> Result<i64> {
-    Ok(pg
-        .client()
-        .await?
-        .query_one("SELECT sum(bal)::int8 FROM acct", &[])
-        .await?
-        .get(0))
-}
-
-async fn prepared(pg: &PgCluster) -> Result<i64> {
-    Ok(pg
-        .client()
-        .await?
-        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
-        .await?
-        .get(0))
-}
-
-async fn listener() -> Result<(TcpListener, std::net::SocketAddr)> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    Ok((l, addr))
+    Ok(bank::read(pg, Tables::STANDARD).await?.balance)
 }
 
 #[tokio::main]
@@ -254,156 +215,67 @@ async fn run(args: Args) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let (east, west) = start_databases().await?;
-    let secure = match args.secure {
-        true => Some(Secure {
-            pki: TestPki::new()?,
-            tokens: TestTokens::new()?,
-        }),
-        false => None,
-    };
-    let system = System::start(&east, &west, &secure).await?;
-    let (tls, _) = Secure::of(&secure, "demo-client")?;
-    let bearer = Bearer::new(secure.as_ref().map(|s| s.tokens.client.as_str()));
-    let dial = |addr: std::net::SocketAddr| {
-        let (tls, bearer) = (tls.clone(), bearer.clone());
-        async move {
-            let url = format!("{}://{addr}", tls.scheme());
-            let channel = tls.endpoint(&url)?.connect().await.context(url)?;
-            Ok::<_, anyhow::Error>(InterceptedService::new(channel, bearer))
-        }
-    };
+    let system = start_system(args.secure).await?;
+    let (east, west) = (&*system.pgs[0], &*system.pgs[1]);
     let bank = Arc::new(Bank {
-        coordinator: CoordinatorClient::new(dial(system.coordinator).await?),
-        east: ParticipantClient::new(dial(system.participants[0]).await?),
-        west: ParticipantClient::new(dial(system.participants[1]).await?),
+        coordinator: system.coordinator().await,
+        east: system.participant(0).await,
+        west: system.participant(1).await,
     });
-    println!("   balances: {}", balances(&east, &west).await?);
+    println!("   balances: {}", balances(east, west).await?);
 
-    commit_across_databases(&bank, &east, &west).await?;
-    a_failed_check_moves_nothing(&bank, &east, &west).await?;
-    a_client_aborts(&bank, &east, &west).await?;
-    concurrent_transfers(&bank, &east, &west, &args).await?;
+    commit_across_databases(&bank, east, west).await?;
+    a_failed_check_moves_nothing(&bank, east, west).await?;
+    a_client_aborts(&bank, east, west).await?;
+    concurrent_transfers(&bank, east, west, &args).await?;
     if args.keep {
-        print_how_to_reach(&system, &east, &secure)?;
+        print_how_to_reach(&system)?;
         std::future::pending::<()>().await;
     }
     drop(bank);
-    system.stop().await
+    println!("\n== Done: stopping the servers and removing the clusters");
+    system.shutdown().await
 }
 
-/// The two bank databases, with their tables and first balances.
-async fn start_databases() -> Result<(PgCluster, PgCluster)> {
+/// The bank's tables in each database; its accounts have names, so the scenes read as a story.
+pub const SCHEMA: &str = "
+    CREATE TABLE acct (name text PRIMARY KEY, bal bigint NOT NULL CHECK (bal >= 0));
+    CREATE TABLE ledger (txn_id text NOT NULL, delta bigint NOT NULL);";
+
+/// Each database's accounts and their first balances.
+pub const ACCOUNTS: [&str; 2] = [
+    "INSERT INTO acct VALUES ('alice', 100), ('carol', 1000)",
+    "INSERT INTO acct VALUES ('bob', 100), ('dave', 1000)",
+];
+
+/// The two bank databases (`east` and `west`), a coordinator, and a participant for each,
+/// served in this process (`twopc::testkit::system`).
+async fn start_system(secure: bool) -> Result<System> {
     println!(
-        "== Starting two throwaway PostgreSQL clusters (initdb + pg_ctl, max_prepared_transactions=64)"
+        "== Starting two throwaway PostgreSQL clusters (initdb + pg_ctl, max_prepared_transactions=64), a coordinator and a participant for each"
     );
-    let (east, west) = tokio::task::spawn_blocking(|| {
-        Ok::<_, anyhow::Error>((PgCluster::start()?, PgCluster::start()?))
-    })
-    .await??;
+    let system = System::builder()
+        .databases(2)
+        .names(&["east", "west"])
+        .schema(SCHEMA)
+        .secure(secure)
+        .id("demo")
+        .limits(coordinator::Limits::default())
+        .start()
+        .await?;
+    for (pg, accounts) in system.pgs.iter().zip(ACCOUNTS) {
+        pg.client().await?.batch_execute(accounts).await?;
+    }
     println!(
-        "   bank-east on 127.0.0.1:{}, bank-west on 127.0.0.1:{}",
-        east.port(),
-        west.port()
+        "== twopc is up: coordinator {} (decision log in {}), participants east {} and west {}; bank-east on 127.0.0.1:{}, bank-west on 127.0.0.1:{}",
+        system.coordinator.addr,
+        system.data_dir().display(),
+        system.participants[0].addr,
+        system.participants[1].addr,
+        system.pgs[0].port(),
+        system.pgs[1].port(),
     );
-    for pg in [&east, &west] {
-        pg.client()
-            .await?
-            .batch_execute(
-                "CREATE TABLE acct (name text PRIMARY KEY, bal bigint NOT NULL CHECK (bal >= 0));
-                 CREATE TABLE ledger (txn_id text NOT NULL, delta bigint NOT NULL);",
-            )
-            .await?;
-    }
-    east.client()
-        .await?
-        .batch_execute("INSERT INTO acct VALUES ('alice', 100), ('carol', 1000)")
-        .await?;
-    west.client()
-        .await?
-        .batch_execute("INSERT INTO acct VALUES ('bob', 100), ('dave', 1000)")
-        .await?;
-
-    Ok((east, west))
-}
-
-/// A coordinator and one participant per database, served in this process.
-struct System {
-    coordinator: std::net::SocketAddr,
-    participants: Vec<std::net::SocketAddr>,
-    stop: tokio::sync::watch::Sender<bool>,
-    coordinator_task: tokio::task::JoinHandle<Result<()>>,
-    participant_tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
-    /// The decision log's directory, removed on drop.
-    _data_dir: tempfile::TempDir,
-}
-
-impl System {
-    async fn start(east: &PgCluster, west: &PgCluster, secure: &Option<Secure>) -> Result<System> {
-        let data_dir = tempfile::Builder::new().prefix("twopc-demo-").tempdir()?;
-        let (cl, caddr) = listener().await?;
-        let (tls, auth) = Secure::of(secure, "coordinator")?;
-        let coordinator_config = coordinator::Config {
-            data_dir: data_dir.path().to_path_buf(),
-            etcd: None,
-            id: Some("demo".into()),
-            limits: coordinator::Limits::default(),
-            drain_timeout: Duration::from_secs(5),
-            tls,
-            auth,
-        };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let coord_task = tokio::spawn(coordinator::run(
-            cl,
-            coordinator_config,
-            stopped(stop_rx.clone()),
-        ));
-        let mut participant_tasks = Vec::new();
-        let mut participant_addrs = Vec::new();
-        for (id, pg) in [("east", &east), ("west", &west)] {
-            let (l, addr) = listener().await?;
-            let (tls, auth) = Secure::of(secure, id)?;
-            let coordinator = format!("{}://{caddr}", tls.scheme());
-            let config = participant::Config {
-                tls,
-                auth,
-                ..participant::Config::new(id, coordinator, pg.conn_str())
-            };
-            participant_tasks.push(tokio::spawn(participant::run(
-                l,
-                config,
-                stopped(stop_rx.clone()),
-            )));
-            participant_addrs.push(addr);
-        }
-        println!(
-            "== twopc is up: coordinator {caddr} (decision log in {}), participants east {} and west {}",
-            data_dir.path().display(),
-            participant_addrs[0],
-            participant_addrs[1]
-        );
-        Ok(System {
-            coordinator: caddr,
-            participants: participant_addrs,
-            stop: stop_tx,
-            coordinator_task: coord_task,
-            participant_tasks,
-            _data_dir: data_dir,
-        })
-    }
-
-    async fn stop(self) -> Result<()> {
-        println!("\n== Done: stopping the servers and removing the clusters");
-        let _ = self.stop.send(true);
-        self.coordinator_task.await??;
-        for t in self.participant_tasks {
-            t.await??;
-        }
-        Ok(())
-    }
+    Ok(system)
 }
 
 /// Scene 1: a transfer that commits in both databases.
@@ -580,7 +452,7 @@ async fn concurrent_transfers(
             "NOT CONSERVED"
         }
     );
-    let left = prepared(east).await? + prepared(west).await?;
+    let left = east.prepared().await? + west.prepared().await?;
     println!("   prepared transactions left in PostgreSQL: {left}");
     println!("   balances: {}", balances(east, west).await?);
     if before != after || left != 0 {
@@ -591,25 +463,25 @@ async fn concurrent_transfers(
 }
 
 /// With --keep: the commands to try on the running system.
-fn print_how_to_reach(system: &System, east: &PgCluster, secure: &Option<Secure>) -> Result<()> {
-    let caddr = system.coordinator;
-    let p = system.participants[0];
+fn print_how_to_reach(system: &System) -> Result<()> {
+    let caddr = system.coordinator.addr;
+    let p = system.participants[0].addr;
+    let east = &system.pgs[0];
     // grpcurl's and twopcctl's flags for this system: plaintext, or a client certificate and a
     // token (the client's for grpcurl, the operator's for twopcctl).
-    let (grpcurl, twopcctl, scheme) = match secure {
-        None => ("-plaintext".to_string(), String::new(), "http"),
-        Some(s) => {
-            let (cert, key) = s.pki.issue("you")?;
-            let ca = s.pki.ca_path();
-            let operator_file = s.pki.ca_path().with_file_name("operator-token");
-            std::fs::write(&operator_file, &s.tokens.operator)?;
+    let (grpcurl, twopcctl, scheme) = match (&system.pki, &system.tokens) {
+        (Some(pki), Some(tokens)) => {
+            let (cert, key) = pki.issue("you")?;
+            let ca = pki.ca_path();
+            let operator_file = pki.ca_path().with_file_name("operator-token");
+            std::fs::write(&operator_file, &tokens.operator)?;
             (
                 format!(
                     "-cacert {} -cert {} -key {} -H 'authorization: Bearer {}'",
                     ca.display(),
                     cert.display(),
                     key.display(),
-                    s.tokens.client
+                    tokens.client
                 ),
                 format!(
                     " --tls-ca {} --tls-cert {} --tls-key {} --token-file {}",
@@ -621,6 +493,7 @@ fn print_how_to_reach(system: &System, east: &PgCluster, secure: &Option<Secure>
                 "https",
             )
         }
+        _ => ("-plaintext".to_string(), String::new(), "http"),
     };
     println!("\n== Still running. From another shell in this directory (grpcurl needs no .proto):");
     println!("   .venv/bin/grpcurl {grpcurl} {caddr} list");

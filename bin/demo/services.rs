@@ -10,10 +10,9 @@
 //! this binary (`example_services.rs`) and run as `demo ledger …` and `demo audit …`; built
 //! with the `testing` feature so that the failpoint exists (scripts/demo does).
 
-use crate::listener;
 use anyhow::{Context, Result, bail};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tower_layer::Layer;
@@ -23,30 +22,21 @@ use twopc::coordinator;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::{self, ParticipantHealth};
 use twopc::testkit::cluster::PgCluster;
+use twopc::testkit::free_port;
+use twopc::testkit::system::{Proc, Started, System, listen};
 
 use crate::example_services::{AUDIT, LEDGER, ledger::pb};
 
 type Ledger = pb::ledger_client::LedgerClient<Propagate<Channel>>;
 
-/// How long a service may take to start serving.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The failpoint scene 3 arms in ledger-b.
 const CRASH_POINT: &str = "participant::before_commit_prepared";
 
 /// One example service, run as a process of its own and restartable on its port.
 struct Service {
-    /// Its participant id, and its log's name.
-    name: &'static str,
-    /// This binary, which runs the examples' code (`example_services.rs`).
-    program: PathBuf,
-    /// `ledger` or `audit`, then the example's flags.
-    args: Vec<String>,
-    /// Where it serves: its own API, its participant, health and reflection.
-    url: String,
-    /// Every run's stdout and stderr, appended.
-    log: PathBuf,
-    /// The running process, if any.
-    child: Option<tokio::process::Child>,
+    /// This binary in `ledger` or `audit` mode (`example_services.rs`), logging to
+    /// `<dir>/<name>.log`.
+    proc: Proc,
 }
 
 impl Service {
@@ -59,99 +49,48 @@ impl Service {
         pg: &PgCluster,
         extra: &[String],
     ) -> Result<Service> {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let mut args: Vec<String> = [
-            kind,
-            "--listen",
-            &addr.to_string(),
-            "--id",
-            name,
-            "--coordinator",
-            coordinator,
-            "--postgres",
-            &pg.conn_str(),
-            "--resolve-interval-ms",
-            "1000",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend_from_slice(extra);
-        Ok(Service {
-            name,
-            program: std::env::current_exe()?,
-            args,
-            url: format!("http://{addr}"),
-            log: dir.join(format!("{name}.log")),
-            child: None,
-        })
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let args: Vec<String> = [kind.to_string()]
+            .into_iter()
+            .chain(listen(addr))
+            .chain(
+                [
+                    "--id",
+                    name,
+                    "--coordinator",
+                    coordinator,
+                    "--postgres",
+                    &pg.conn_str(),
+                    "--resolve-interval-ms",
+                    "1000",
+                ]
+                .map(String::from),
+            )
+            .chain(extra.iter().cloned())
+            .collect();
+        let proc = Proc::new(name, std::env::current_exe()?, addr, args)
+            .log_to(&dir.join(format!("{name}.log")));
+        Ok(Service { proc })
+    }
+
+    fn url(&self) -> String {
+        self.proc.url()
     }
 
     /// Starts it (with `failpoints` armed, if any) and waits until it serves.
     async fn start(&mut self, failpoints: Option<&str>) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(&self.args)
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        match failpoints {
-            Some(spec) => cmd.env("FAILPOINTS", spec),
-            None => cmd.env_remove("FAILPOINTS"),
-        };
-        self.child = Some(
-            cmd.spawn()
-                .with_context(|| format!("starting {}", self.program.display()))?,
-        );
-        let until = Instant::now() + READY_TIMEOUT;
-        loop {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(
-                tonic::transport::Endpoint::from_shared(self.url.clone())?.connect_lazy(),
-            );
-            let check = health.check(tonic_health::pb::HealthCheckRequest {
-                service: "twopc.v1.Participant".into(),
-            });
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), check).await
-                && r.into_inner().status()
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving
-            {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "{} exited at start ({status}); see {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            if Instant::now() > until {
-                bail!(
-                    "{} did not serve within {READY_TIMEOUT:?}; see {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        match self.proc.start(failpoints).await? {
+            Started::Ready => Ok(()),
+            Started::Died(status) => bail!("{} died as it started: {status}", self.proc.name),
         }
     }
 
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+    fn kill(&mut self) {
+        self.proc.kill();
     }
 
     fn client(&self) -> Result<Ledger> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())?.connect_lazy();
+        let channel = tonic::transport::Endpoint::from_shared(self.url())?.connect_lazy();
         Ok(pb::ledger_client::LedgerClient::new(
             PropagateLayer.layer(channel),
         ))
@@ -159,26 +98,26 @@ impl Service {
 }
 
 /// What a scene looks at: alice's balance in each ledger and the audit service's records.
-struct Databases {
+struct Databases<'a> {
     /// ledger-a's.
-    a: PgCluster,
+    a: &'a PgCluster,
     /// ledger-b's.
-    b: PgCluster,
+    b: &'a PgCluster,
     /// The audit service's.
-    audit: PgCluster,
+    audit: &'a PgCluster,
 }
 
-impl Databases {
+impl Databases<'_> {
     async fn scalar(pg: &PgCluster, sql: &str) -> Result<i64> {
-        Ok(pg.client().await?.query_one(sql, &[]).await?.get(0))
+        pg.scalar(sql).await
     }
 
     async fn state(&self) -> Result<(i64, i64, i64)> {
         let alice = "SELECT coalesce(sum(balance), 0)::int8 FROM balances WHERE account = 'alice'";
         Ok((
-            Self::scalar(&self.a, alice).await?,
-            Self::scalar(&self.b, alice).await?,
-            Self::scalar(&self.audit, "SELECT count(*) FROM records").await?,
+            Self::scalar(self.a, alice).await?,
+            Self::scalar(self.b, alice).await?,
+            Self::scalar(self.audit, "SELECT count(*) FROM records").await?,
         ))
     }
 
@@ -190,8 +129,8 @@ impl Databases {
 
     async fn prepared(&self) -> Result<i64> {
         let mut n = 0;
-        for pg in [&self.a, &self.b, &self.audit] {
-            n += Self::scalar(pg, "SELECT count(*) FROM pg_prepared_xacts").await?;
+        for pg in [self.a, self.b, self.audit] {
+            n += pg.prepared().await?;
         }
         Ok(n)
     }
@@ -238,17 +177,9 @@ async fn transfer(
 }
 
 pub async fn run(keep: bool) -> Result<()> {
-    println!("== Starting three throwaway PostgreSQL clusters: ledger-a, ledger-b and audit");
-    let (a, b, audit) = tokio::task::spawn_blocking(|| {
-        Ok::<_, anyhow::Error>((
-            PgCluster::start()?,
-            PgCluster::start()?,
-            PgCluster::start()?,
-        ))
-    })
-    .await??;
-    let dbs = Databases { a, b, audit };
-
+    println!(
+        "== Starting three throwaway PostgreSQL clusters (ledger-a, ledger-b and audit) and a coordinator"
+    );
     let dir = tempfile::Builder::new()
         .prefix("twopc-services-demo-")
         .tempdir()?;
@@ -261,61 +192,43 @@ pub async fn run(keep: bool) -> Result<()> {
         .with_ansi(false)
         .with_writer(std::sync::Mutex::new(log))
         .init();
-    let (cl, caddr) = listener().await?;
-    let coordinator_url = format!("http://{caddr}");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let coordinator_task = tokio::spawn(coordinator::run(
-        cl,
-        coordinator::Config {
-            data_dir: dir.path().join("coordinator"),
-            etcd: None,
-            id: Some("demo".into()),
-            limits: coordinator::Limits {
-                health_check_interval: Some(Duration::from_millis(500)),
-                // How long Commit waits for phase 2 before it answers with branches pending.
-                commit_wait: Duration::from_secs(1),
-                ..coordinator::Limits::default()
-            },
-            drain_timeout: Duration::from_secs(5),
-            tls: Default::default(),
-            auth: Default::default(),
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let mut audit = Service::new(
-        "audit",
-        AUDIT,
-        dir.path(),
-        &coordinator_url,
-        &dbs.audit,
-        &[],
-    )?;
+    let system = System::builder()
+        .databases(3)
+        .no_participants()
+        .id("demo")
+        .limits(coordinator::Limits {
+            health_check_interval: Some(Duration::from_millis(500)),
+            // How long Commit waits for phase 2 before it answers with branches pending.
+            commit_wait: Duration::from_secs(1),
+            ..coordinator::Limits::default()
+        })
+        .start()
+        .await?;
+    let dbs = Databases {
+        a: &system.pgs[0],
+        b: &system.pgs[1],
+        audit: &system.pgs[2],
+    };
+    let caddr = system.coordinator.addr;
+    let coordinator_url = system.coordinator_url();
+    let mut audit = Service::new("audit", AUDIT, dir.path(), &coordinator_url, dbs.audit, &[])?;
     audit.start(None).await?;
     let mut ledger_a = Service::new(
         "ledger-a",
         LEDGER,
         dir.path(),
         &coordinator_url,
-        &dbs.a,
-        &["--audit".into(), audit.url.clone()],
+        dbs.a,
+        &["--audit".into(), audit.url()],
     )?;
     ledger_a.start(None).await?;
-    let mut ledger_b = Service::new(
-        "ledger-b",
-        LEDGER,
-        dir.path(),
-        &coordinator_url,
-        &dbs.b,
-        &[],
-    )?;
+    let mut ledger_b = Service::new("ledger-b", LEDGER, dir.path(), &coordinator_url, dbs.b, &[])?;
     ledger_b.start(None).await?;
     println!(
         "== Up: coordinator {coordinator_url}; ledger-a {} (records every Post with audit), ledger-b {}, audit {}; each a process with its participant embedded (logs in {})",
-        ledger_a.url,
-        ledger_b.url,
-        audit.url,
+        ledger_a.url(),
+        ledger_b.url(),
+        audit.url(),
         dir.path().display()
     );
     let twopc = client::Client::connect(&coordinator_url)?;
@@ -369,7 +282,7 @@ pub async fn run(keep: bool) -> Result<()> {
     println!(
         "\n== 3. ledger-b restarts with the failpoint {CRASH_POINT} armed, and dies between its\n   yes vote and its COMMIT PREPARED; the commit decision is durable at the coordinator"
     );
-    ledger_b.kill().await;
+    ledger_b.kill();
     ledger_b
         .start(Some(&format!("{CRASH_POINT}=abort")))
         .await?;
@@ -378,16 +291,14 @@ pub async fn run(keep: bool) -> Result<()> {
         "   txn {txn}: {} (the decision is durable; after waiting 1 s for phase 2, Commit answers\n   with ledger-b's acknowledgement still owed, which the coordinator keeps asking for)",
         describe(&outcome)
     );
-    let died = tokio::time::timeout(
-        Duration::from_secs(10),
-        ledger_b.child.as_mut().context("ledger-b runs")?.wait(),
-    )
-    .await
-    .context("ledger-b should have died at the failpoint")??;
-    ledger_b.child = None;
+    let died = ledger_b
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .context("ledger-b should have died at the failpoint")?;
     println!(
         "   ledger-b died ({died}); its database holds {} prepared transaction(s), alice's 20 not visible there yet:",
-        Databases::scalar(&dbs.b, "SELECT count(*) FROM pg_prepared_xacts").await?
+        dbs.b.prepared().await?
     );
     dbs.show().await?;
     let restarted = Instant::now();
@@ -448,7 +359,7 @@ pub async fn run(keep: bool) -> Result<()> {
         );
         println!(
             "   .venv/bin/grpcurl -plaintext -H \"twopc-txn-id: $TXN\" -d '{{\"account\": \"alice\", \"amount\": 5, \"memo\": \"by hand\"}}' {} ledger.v1.Ledger/Post",
-            ledger_b.url.trim_start_matches("http://")
+            ledger_b.url().trim_start_matches("http://")
         );
         println!(
             "   .venv/bin/grpcurl -plaintext -d \"{{\\\"txn_id\\\": \\\"$TXN\\\"}}\" {caddr} twopc.v1.Coordinator/Commit"
@@ -463,11 +374,9 @@ pub async fn run(keep: bool) -> Result<()> {
         dir.path().display()
     );
     for s in [&mut ledger_a, &mut ledger_b, &mut audit] {
-        s.kill().await;
+        s.kill();
     }
-    let _ = stop.send(());
-    coordinator_task.await??;
-    Ok(())
+    system.shutdown().await
 }
 
 fn describe(outcome: &Result<(), Failed>) -> String {

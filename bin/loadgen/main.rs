@@ -45,13 +45,14 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use twopc::participant::fake::FakeDatabase;
 use twopc::participant::link::GrpcCoordinator;
-use twopc::process::auth::{Auth, Bearer};
+use twopc::process::auth::Bearer;
 use twopc::process::tls::Tls;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
 use twopc::proto::{self, Outcome};
+use twopc::testkit::EtcdCluster;
 use twopc::testkit::cluster::{PgCluster, Settings};
-use twopc::testkit::{EtcdCluster, TestPki, TestTokens};
+use twopc::testkit::system::System as Twopc;
 use twopc::{coordinator, participant};
 
 mod services;
@@ -560,104 +561,52 @@ async fn run(
     })
 }
 
-/// A coordinator served on this runtime, on a loopback port, with its log in `dir`.
-async fn start_coordinator(
-    dir: &std::path::Path,
-    id: &str,
-    args: &Args,
-    (tls, auth): (Tls, Auth),
-    etcd: Option<&EtcdCluster>,
-) -> Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let etcd = etcd.map(|cluster| coordinator::EtcdConfig {
-        endpoints: cluster.endpoints(),
-        prefix: format!("/twopc/{id}/"),
-        lease_ttl: Duration::from_secs(2),
-        advertise: format!("{}://{addr}", tls.scheme()),
-        tls: Tls::default(),
-        user: None,
-    });
-    let on_etcd = etcd.is_some();
-    let config = coordinator::Config {
-        data_dir: dir.to_path_buf(),
-        etcd,
-        id: Some(id.into()),
-        limits: coordinator::Limits {
-            one_phase: args.one_phase,
-            deadlock_interval: (args.deadlock_interval_ms > 0)
-                .then(|| Duration::from_millis(args.deadlock_interval_ms)),
-            ..coordinator::Limits::default()
-        },
-        drain_timeout: Duration::from_secs(1),
-        tls,
-        auth,
-    };
-    tokio::spawn(coordinator::run(listener, config, std::future::pending()));
-    if on_etcd {
-        // A replica serves at once, as a standby; measure only once it leads.
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        let serving = tonic_health::ServingStatus::Serving as i32;
-        for _ in 0..200 {
-            let asked = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: "twopc.v1.Coordinator".into(),
-                })
-                .await;
-            if asked.is_ok_and(|r| r.into_inner().status == serving) {
-                return Ok(addr);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("the coordinator on etcd did not lead within 20 s");
+/// The coordinator's limits in every system: the defaults, and what the flags change.
+fn limits(args: &Args) -> coordinator::Limits {
+    coordinator::Limits {
+        one_phase: args.one_phase,
+        deadlock_interval: (args.deadlock_interval_ms > 0)
+            .then(|| Duration::from_millis(args.deadlock_interval_ms)),
+        ..coordinator::Limits::default()
     }
-    Ok(addr)
 }
 
-/// The `twopc` system: a coordinator (on sled, or on `etcd`) and a participant per database.
+/// The `twopc` system on `pgs` (`testkit::system`): a coordinator (on sled, or on `etcd`)
+/// and a participant per database, served on this runtime.
 async fn start_twopc(
-    dir: &std::path::Path,
     id: &str,
     args: &Args,
-    pgs: &[PgCluster; 2],
-    security: &dyn Fn(&str) -> Result<(Tls, Auth)>,
+    pgs: &[Arc<PgCluster>],
     etcd: Option<&EtcdCluster>,
-) -> Result<(std::net::SocketAddr, Vec<std::net::SocketAddr>)> {
-    let scheme = if args.secure { "https" } else { "http" };
-    let caddr = start_coordinator(&dir.join(id), id, args, security("coordinator")?, etcd).await?;
-    let mut paddrs = Vec::new();
-    for (i, pg) in pgs.iter().enumerate() {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        paddrs.push(l.local_addr()?);
-        let (tls, auth) = security(&format!("p{}", i + 1))?;
-        let config = participant::Config {
+) -> Result<Twopc> {
+    let builder = Twopc::builder()
+        .on(pgs.to_vec())
+        .id(id)
+        .limits(limits(args))
+        .secure(args.secure)
+        .participant(|c| participant::Config {
             max_connections: 64,
-            tls,
-            auth,
-            ..participant::Config::new(
-                format!("p{}", i + 1),
-                format!("{scheme}://{caddr}"),
-                pg.conn_str(),
-            )
-        };
-        tokio::spawn(participant::run(l, config, std::future::pending()));
+            ..c
+        });
+    match etcd {
+        Some(etcd) => builder.etcd(etcd).start().await,
+        None => builder.start().await,
     }
-    Ok((caddr, paddrs))
 }
 
 /// The `coordinator-only` system: a coordinator whose participants vote at once, over an
-/// in-memory database.
+/// in-memory database. Its participants' addresses beside it.
 async fn start_coordinator_only(
-    dir: &std::path::Path,
     id: &str,
     args: &Args,
     etcd: Option<&EtcdCluster>,
-) -> Result<(std::net::SocketAddr, Vec<std::net::SocketAddr>)> {
-    let plaintext = Default::default();
-    let caddr = start_coordinator(&dir.join(id), id, args, plaintext, etcd).await?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{caddr}"))?
+) -> Result<(Twopc, Vec<std::net::SocketAddr>)> {
+    let builder = Twopc::builder().on(Vec::new()).id(id).limits(limits(args));
+    let system = match etcd {
+        Some(etcd) => builder.etcd(etcd).start().await?,
+        None => builder.start().await?,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(system.coordinator_url())?
         .tcp_nodelay(true)
         .connect_lazy();
     let mut paddrs = Vec::new();
@@ -673,7 +622,7 @@ async fn start_coordinator_only(
         );
         tokio::spawn(participant::serve(l, core, std::future::pending()));
     }
-    Ok((caddr, paddrs))
+    Ok((system, paddrs))
 }
 
 /// `--log-throughput`: each backend of the decision log under `--clients` concurrent writers.
@@ -864,56 +813,19 @@ fn main() -> Result<()> {
         max_prepared: 200,
         fsync: true,
     };
-    let pgs = [
-        PgCluster::start_with(settings)?,
-        PgCluster::start_with(settings)?,
-    ];
-    let data_dir = tempfile::Builder::new().prefix("twopc-load-").tempdir()?;
-    let secure = match args.secure {
-        true => Some((TestPki::new()?, TestTokens::new()?)),
-        false => None,
-    };
-    // The TLS and token settings of the process `name`.
-    let security = |name: &str| -> Result<(Tls, Auth)> {
-        Ok(match &secure {
-            Some((pki, tokens)) => (pki.tls(name)?, tokens.auth()?),
-            None => Default::default(),
-        })
-    };
-    servers.block_on(async {
-        for pg in &pgs {
-            pg.client()
-                .await?
-                .batch_execute(&format!(
-                    "CREATE TABLE acct (id int PRIMARY KEY, bal bigint); \
-                     INSERT INTO acct SELECT g, 0 FROM generate_series(1, {ACCOUNTS}) g;"
-                ))
-                .await?;
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
+    let schema = format!(
+        "CREATE TABLE acct (id int PRIMARY KEY, bal bigint); \
+         INSERT INTO acct SELECT g, 0 FROM generate_series(1, {ACCOUNTS}) g;"
+    );
+    let pgs = servers.block_on(PgCluster::start_many(2, settings, Some(&schema)))?;
     // The etcd systems' log: three members on this machine, fsync on, as the issue's HA setup.
     let etcd = match args.systems.iter().any(|s| s.on_etcd()) {
         true => Some(EtcdCluster::start(3)?),
         false => None,
     };
-    let (caddr, paddrs) = servers.block_on(start_twopc(
-        data_dir.path(),
-        "load",
-        &args,
-        &pgs,
-        &security,
-        None,
-    ))?;
+    let twopc = servers.block_on(start_twopc("load", &args, &pgs, None))?;
     let twopc_etcd = match &etcd {
-        Some(etcd) => Some(servers.block_on(start_twopc(
-            data_dir.path(),
-            "load-e",
-            &args,
-            &pgs,
-            &security,
-            Some(etcd),
-        ))?),
+        Some(etcd) => Some(servers.block_on(start_twopc("load-e", &args, &pgs, Some(etcd)))?),
         None => None,
     };
 
@@ -924,37 +836,35 @@ fn main() -> Result<()> {
                 !args.secure,
                 "the services systems run plaintext; leave them out of --systems with --secure"
             );
-            Some(servers.block_on(services::start(&format!("http://{caddr}"), &pgs))?)
+            Some(servers.block_on(services::start(&twopc.coordinator_url(), &pgs))?)
         }
         false => None,
     };
 
     // Coordinator-only: a second coordinator, with participants over an in-memory database.
-    let fast_dir = tempfile::Builder::new().prefix("twopc-load-c-").tempdir()?;
-    let (fast_caddr, fast_paddrs) = servers.block_on(start_coordinator_only(
-        fast_dir.path(),
-        "load-c",
-        &args,
-        None,
-    ))?;
+    let fast = servers.block_on(start_coordinator_only("load-c", &args, None))?;
     let fast_etcd = match &etcd {
-        Some(etcd) => Some(servers.block_on(start_coordinator_only(
-            fast_dir.path(),
-            "load-ce",
-            &args,
-            Some(etcd),
-        ))?),
+        Some(etcd) => {
+            Some(servers.block_on(start_coordinator_only("load-ce", &args, Some(etcd)))?)
+        }
         None => None,
     };
 
-    let (client_tls, client_bearer) = match &secure {
-        Some((pki, tokens)) => (pki.tls("loadgen")?, Bearer::new(Some(&tokens.client))),
-        None => Default::default(),
+    // How the clients reach a system's servers: its coordinator, its participants (or
+    // fakes), with its client certificate and token.
+    let at = |system: &Twopc, paddrs: Option<&[std::net::SocketAddr]>| {
+        let paddrs = match paddrs {
+            Some(addrs) => addrs.to_vec(),
+            None => system.participants.iter().map(|p| p.addr).collect(),
+        };
+        let security = (system.client_tls.clone(), system.client_bearer.clone());
+        (system.coordinator.addr, paddrs, security)
     };
-    let plain = (Tls::default(), Bearer::default());
-    let connect = |caddr: std::net::SocketAddr,
-                   paddrs: Vec<std::net::SocketAddr>,
-                   (tls, bearer): (Tls, Bearer)| async move {
+    let connect = |(caddr, paddrs, (tls, bearer)): (
+        std::net::SocketAddr,
+        Vec<std::net::SocketAddr>,
+        (Tls, Bearer),
+    )| async move {
         let dial = |addr: std::net::SocketAddr| {
             let (tls, bearer) = (tls.clone(), bearer.clone());
             async move {
@@ -977,22 +887,20 @@ fn main() -> Result<()> {
     };
     let targets = clients.block_on(async {
         Ok::<_, anyhow::Error>(Targets {
-            twopc: connect(caddr, paddrs, (client_tls.clone(), client_bearer.clone())).await?,
-            coordinator_only: connect(fast_caddr, fast_paddrs, plain.clone()).await?,
-            twopc_etcd: match twopc_etcd {
-                Some((c, p)) => {
-                    Some(connect(c, p, (client_tls.clone(), client_bearer.clone())).await?)
-                }
+            twopc: connect(at(&twopc, None)).await?,
+            coordinator_only: connect(at(&fast.0, Some(&fast.1))).await?,
+            twopc_etcd: match &twopc_etcd {
+                Some(system) => Some(connect(at(system, None)).await?),
                 None => None,
             },
-            coordinator_only_etcd: match fast_etcd {
-                Some((c, p)) => Some(connect(c, p, plain.clone()).await?),
+            coordinator_only_etcd: match &fast_etcd {
+                Some((system, paddrs)) => Some(connect(at(system, Some(paddrs))).await?),
                 None => None,
             },
             databases: pgs.iter().map(|pg| pg.conn_str()).collect(),
             services: match &ledgers {
                 Some(urls) => Some(Arc::new(
-                    services::Services::connect(&format!("http://{caddr}"), urls).await?,
+                    services::Services::connect(&twopc.coordinator_url(), urls).await?,
                 )),
                 None => None,
             },
@@ -1001,16 +909,11 @@ fn main() -> Result<()> {
 
     if let Some(transfers) = args.crossing {
         let clients_n = args.clients.first().copied().unwrap_or(8);
-        let total = |pgs: &[PgCluster; 2]| {
+        let total = |pgs: &[Arc<PgCluster>]| {
             servers.block_on(async {
                 let mut sum = 0i64;
                 for pg in pgs {
-                    let row = pg
-                        .client()
-                        .await?
-                        .query_one("SELECT sum(bal)::int8 FROM acct", &[])
-                        .await?;
-                    sum += row.get::<_, i64>(0);
+                    sum += pg.scalar("SELECT sum(bal)::int8 FROM acct").await?;
                 }
                 Ok::<_, anyhow::Error>(sum)
             })

@@ -18,13 +18,19 @@ use super::ACCOUNTS;
 use anyhow::{Context, Result};
 use ledger::pb::ledger_client::LedgerClient;
 use rand::Rng;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tower_layer::Layer;
 use twopc::client::propagation::{Propagate, PropagateLayer};
 use twopc::client::{Client, transact};
+use twopc::process::tls::Tls;
 use twopc::testkit::cluster::PgCluster;
+use twopc::testkit::wait::{self, Health};
+
+/// How long a ledger may take to serve.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The two ledgers, as a client service calls them.
 pub struct Services {
@@ -35,7 +41,7 @@ pub struct Services {
 /// Starts a ledger on each database, enlisting with the coordinator at `coordinator`, and
 /// gives each the accounts the workload credits. Runs on the server runtime; answers with the
 /// ledgers' URLs once they serve.
-pub async fn start(coordinator: &str, pgs: &[PgCluster; 2]) -> Result<Vec<String>> {
+pub async fn start(coordinator: &str, pgs: &[Arc<PgCluster>]) -> Result<Vec<String>> {
     let mut urls = Vec::new();
     for (i, pg) in pgs.iter().enumerate() {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -49,7 +55,7 @@ pub async fn start(coordinator: &str, pgs: &[PgCluster; 2]) -> Result<Vec<String
             resolve_interval_ms: 5_000,
         };
         tokio::spawn(ledger::run(listener, args, std::future::pending()));
-        serving(&url).await?;
+        wait::until_serving(&Tls::default(), &url, Health::Serving, READY_TIMEOUT).await?;
         // The ledger made its tables as it started; the balances exist, so a credit updates.
         pg.client()
             .await?
@@ -61,25 +67,6 @@ pub async fn start(coordinator: &str, pgs: &[PgCluster; 2]) -> Result<Vec<String
         urls.push(url);
     }
     Ok(urls)
-}
-
-/// Waits until the ledger at `url` answers.
-async fn serving(url: &str) -> Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?.connect_lazy();
-    let mut ledger = LedgerClient::new(channel);
-    for _ in 0..300 {
-        let asked = ledger
-            .balance(ledger::pb::BalanceRequest {
-                account: "a1".into(),
-            })
-            .await;
-        // NOT_FOUND: it serves, and the account is not there yet.
-        if asked.is_ok() || asked.is_err_and(|s| s.code() == tonic::Code::NotFound) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("the ledger at {url} did not serve within 30 s")
 }
 
 impl Services {

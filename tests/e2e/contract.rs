@@ -7,8 +7,7 @@
 use crate::support;
 
 use support::{
-    PgCluster, Proc, System, eventually, free_addr, int, outcome, pg_with, scalar,
-    start_participant, url,
+    PgCluster, System, eventually, free_addr, int, outcome, pg_with, scalar, start_participant, url,
 };
 use tonic::Code;
 use twopc::proto::coordinator_client::CoordinatorClient;
@@ -216,7 +215,7 @@ async fn a_transaction_forgotten_in_a_restart_cannot_be_continued_in_the_new_epo
         "--id".into(),
         "epochs".into(),
     ];
-    let coordinator = Proc::start("coordinator", caddr, &args, "").await;
+    let coordinator = support::process("coordinator", caddr, &args, "").await;
     let p1 = start_participant("p1", caddr, &pg1.conn_str(), None).await;
     let p2 = start_participant("p2", caddr, &pg2.conn_str(), None).await;
     let coordinator_client = || async { CoordinatorClient::connect(url(caddr)).await.unwrap() };
@@ -234,9 +233,9 @@ async fn a_transaction_forgotten_in_a_restart_cannot_be_continued_in_the_new_epo
     to_p1.execute(started(&txn, before, debit)).await.unwrap();
 
     // The coordinator dies right after, its Active hint perhaps never on disk, and comes back.
-    coordinator.signal("KILL");
+    coordinator.signal("KILL").unwrap();
     drop(coordinator);
-    let _coordinator = Proc::start("coordinator", caddr, &args, "").await;
+    let _coordinator = support::process("coordinator", caddr, &args, "").await;
     let after = epoch(coordinator_client().await).await;
     let credit = vec![statement(
         "UPDATE acct SET bal = bal + 5 WHERE id = 1",

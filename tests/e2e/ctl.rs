@@ -10,8 +10,8 @@ use crate::support;
 use serde_json::Value as Json;
 use std::time::Duration;
 use support::{
-    PgCluster, Proc, System, eventually, free_addr, int, outcome, pg_with, scalar,
-    start_coordinator, start_participant, twopcctl, url,
+    PgCluster, System, eventually, free_addr, int, outcome, pg_with, scalar, start_coordinator,
+    start_participant, twopcctl, url,
 };
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
@@ -85,7 +85,7 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
         "--one-phase".into(),
         "false".into(),
     ];
-    let mut coordinator = Proc::start(
+    let mut coordinator = support::process(
         "coordinator",
         caddr,
         &args,
@@ -122,7 +122,7 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
             .is_err(),
         "the coordinator died"
     );
-    coordinator.wait_exit().await;
+    coordinator.wait_exit(support::EXIT_WAIT).await.unwrap();
 
     let (listed, json, err) = twopcctl(&["--json", "in-doubt", "--participant", &purl]).await;
     let (resolved, said, err2) = twopcctl(&[
@@ -146,7 +146,7 @@ async fn an_in_doubt_branch_whose_coordinator_is_gone_is_listed_and_resolved_by_
     assert_eq!(scalar(&pg, "SELECT bal FROM acct WHERE id = 1").await, 70);
 
     // The coordinator comes back and finds the operator agreed with its durable decision.
-    let _coordinator = Proc::start("coordinator", caddr, &args, "").await;
+    let _coordinator = support::process("coordinator", caddr, &args, "").await;
     eventually("the restarted coordinator finishes the transaction", || {
         let txn = txn.clone();
         async move {
@@ -183,7 +183,7 @@ async fn a_transaction_stuck_committing_on_a_lost_participant_is_resolved_by_han
         "--postgres".into(),
         pg2.conn_str(),
     ];
-    let mut p2 = Proc::start(
+    let mut p2 = support::process(
         "participant",
         p2addr,
         &p2args,
@@ -218,7 +218,7 @@ async fn a_transaction_stuck_committing_on_a_lost_participant_is_resolved_by_han
         .await
         .unwrap()
         .into_inner();
-    p2.wait_exit().await;
+    p2.wait_exit(support::EXIT_WAIT).await.unwrap();
     assert_eq!(committed.outcome(), Outcome::Committed);
     assert!(committed.branches_pending, "p2 never acknowledged");
 
@@ -250,7 +250,7 @@ async fn a_transaction_stuck_committing_on_a_lost_participant_is_resolved_by_han
     assert_eq!(scalar(&pg1, "SELECT bal FROM acct WHERE id = 2").await, 105);
 
     // p2 did come back after all: its own resolver asks the coordinator and commits too.
-    let _p2 = Proc::start("participant", p2addr, &p2args, "").await;
+    let _p2 = support::process("participant", p2addr, &p2args, "").await;
     eventually("p2 resolves its in-doubt branch", || async {
         prepared(&pg2).await == 0
     })

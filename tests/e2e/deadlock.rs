@@ -6,7 +6,7 @@ use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{System, outcome, twopcctl};
+use support::{System, eventually, outcome, twopcctl};
 use tonic::Code;
 use twopc::proto::{self, Outcome};
 
@@ -132,15 +132,16 @@ async fn a_wait_that_is_no_cycle_is_shown_and_left_alone() {
     let waiting = in_background(&sys, 0, &waiter, DEBIT);
 
     let coordinator = sys.url(sys.coordinator.addr);
-    let shown = loop {
+    let wait = std::sync::Mutex::new(serde_json::Value::Null);
+    eventually("twopcctl locks shows the wait", || async {
         let (ok, out, err) = twopcctl(&["--coordinator", &coordinator, "--json", "locks"]).await;
         assert!(ok, "{err}");
         let graph: serde_json::Value = serde_json::from_str(&out).unwrap();
-        if graph["waits"].as_array().is_some_and(|w| !w.is_empty()) {
-            break graph["waits"][0].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        *wait.lock().unwrap() = graph["waits"][0].clone();
+        !graph["waits"][0].is_null()
+    })
+    .await;
+    let shown = wait.into_inner().unwrap();
     // Several detector passes see this wait; none may take it for a deadlock.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

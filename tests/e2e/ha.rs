@@ -7,109 +7,93 @@
 
 use crate::support;
 
-use std::net::SocketAddr;
 #[cfg(feature = "testing")]
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 use support::*;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 use twopc::client::{Client, Error};
 use twopc::process::leader_channel::LEADER_HEADER;
 use twopc::proto::coordinator_client::CoordinatorClient;
+use twopc::testkit::system::{ReplicaSet, Replicas, Started};
 use twopc::testkit::{EtcdCluster, TestPki};
 
 const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, note text NOT NULL)";
 
-/// Three etcd members, two databases with a participant each, and room for replicas.
+/// Three etcd members, two databases with a participant each, and replicas (not started)
+/// that the participants all know.
 struct Cluster {
-    etcd: EtcdCluster,
-    pgs: Vec<PgCluster>,
+    replicas: Replicas,
     participants: Vec<Server>,
-    addrs: Vec<SocketAddr>,
-    data: tempfile::TempDir,
+    pgs: Vec<PgCluster>,
+    etcd: EtcdCluster,
+    _data: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// `replicas` addresses are reserved; the participants know them all.
     async fn start(replicas: usize) -> Cluster {
         let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
             .await
             .unwrap()
             .unwrap();
-        Cluster::start_on(replicas, etcd).await
+        Cluster::start_on(replicas, etcd, Vec::new()).await
     }
 
-    async fn start_on(replicas: usize, etcd: EtcdCluster) -> Cluster {
-        let addrs: Vec<SocketAddr> = (0..replicas).map(|_| free_addr()).collect();
-        let urls: Vec<String> = addrs.iter().map(|a| url(*a)).collect();
-        let mut pgs = Vec::new();
-        let mut participants = Vec::new();
-        for i in 0..2 {
-            let pg = pg_with(SCHEMA).await;
-            participants.push(
-                start_participant_of(&format!("p{}", i + 1), &urls.join(","), &pg.conn_str()).await,
-            );
-            pgs.push(pg);
-        }
-        Cluster {
-            etcd,
-            pgs,
-            participants,
-            addrs,
-            data: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    /// Starts replica `i` of the coordinator, as its own process.
-    async fn replica(&self, i: usize, env: &[(&str, &str)]) -> Proc {
-        Proc::start_with_env(
-            "coordinator",
-            self.addrs[i],
-            &self.replica_args(i, &[]),
-            env,
-        )
-        .await
-    }
-
-    /// A replica's flags, then `extra`.
-    fn replica_args(&self, i: usize, extra: &[String]) -> Vec<String> {
-        let args: Vec<String> = [
-            "--log",
-            "etcd",
-            "--etcd-endpoints",
-            &self.etcd.endpoints_flag(),
-            "--etcd-prefix",
-            "/twopc/ha-test/",
-            "--id",
-            "ha-test",
-            "--lease-ms",
-            "2000",
-            "--data-dir",
-            &self
-                .data
-                .path()
-                .join(format!("unused-{i}"))
-                .display()
-                .to_string(),
+    /// Replicas on `etcd`, with `args` after their usual flags, each logging to a file.
+    async fn start_on(replicas: usize, etcd: EtcdCluster, args: Vec<String>) -> Cluster {
+        let data = tempfile::tempdir().unwrap();
+        let args = [
             "--orphan-scan-interval-ms",
             "1000",
             "--commit-wait-ms",
             "2000",
         ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(extra.iter().cloned())
+        .map(String::from)
+        .into_iter()
+        .chain(args)
         .collect();
-        args
+        let replicas = ReplicaSet {
+            program: env!("CARGO_BIN_EXE_coordinator").into(),
+            etcd: &etcd,
+            replicas,
+            id: "ha-test",
+            dir: data.path(),
+            args,
+            tls: Default::default(),
+            logs: true,
+        }
+        .build()
+        .unwrap();
+        let mut pgs = Vec::new();
+        let mut participants = Vec::new();
+        for i in 0..2 {
+            let pg = pg_with(SCHEMA).await;
+            let id = format!("p{}", i + 1);
+            participants.push(start_participant_of(&id, &replicas.urls(), &pg.conn_str()).await);
+            pgs.push(pg);
+        }
+        Cluster {
+            replicas,
+            participants,
+            pgs,
+            etcd,
+            _data: data,
+        }
+    }
+
+    /// Starts replica `i` of the coordinator, as its own process, and waits until it answers.
+    async fn replica(&mut self, i: usize, failpoints: Option<&str>) -> &mut Proc {
+        match self.replicas.start(i, failpoints).await {
+            Ok(Started::Ready) => &mut self.replicas.procs[i],
+            other => panic!("replica {i} did not start: {other:?}"),
+        }
     }
 
     fn urls(&self) -> String {
-        self.addrs
-            .iter()
-            .map(|a| url(*a))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.replicas.urls()
+    }
+
+    async fn leads(&self, i: usize) -> bool {
+        self.replicas.leads(i).await
     }
 
     fn participant_url(&self, i: usize) -> String {
@@ -158,33 +142,16 @@ impl Cluster {
     }
 }
 
-/// Whether the replica at `addr` says it serves (it leads).
-async fn leads(addr: SocketAddr) -> bool {
-    let Ok(channel) = tonic::transport::Endpoint::from_shared(url(addr))
-        .unwrap()
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "twopc.v1.Coordinator".into(),
-        })
-        .await
-        .is_ok_and(|r| r.into_inner().status == tonic_health::ServingStatus::Serving as i32)
-}
-
 #[tokio::test]
 async fn a_standby_sends_callers_to_the_leader_and_takes_over_when_it_dies() {
-    let cluster = Cluster::start(2).await;
-    let first = cluster.replica(0, &[]).await;
-    eventually("the first replica leads", || leads(cluster.addrs[0])).await;
-    let _second = cluster.replica(1, &[]).await;
+    let mut cluster = Cluster::start(2).await;
+    cluster.replica(0, None).await;
+    eventually("the first replica leads", || cluster.leads(0)).await;
+    cluster.replica(1, None).await;
 
     // A caller that reached the standby is told where the leader is (once the standby has
     // looked: until then the header is there, empty).
-    let mut standby = CoordinatorClient::connect(url(cluster.addrs[1]))
+    let mut standby = CoordinatorClient::connect(cluster.replicas.url(1))
         .await
         .unwrap();
     let mut named = String::new();
@@ -205,16 +172,16 @@ async fn a_standby_sends_callers_to_the_leader_and_takes_over_when_it_dies() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(named, url(cluster.addrs[0]));
+    assert_eq!(named, cluster.replicas.url(0));
 
     // A client that knows every replica (standby first) commits through the leader.
-    let standby_first = format!("{},{}", url(cluster.addrs[1]), url(cluster.addrs[0]));
+    let standby_first = format!("{},{}", cluster.replicas.url(1), cluster.replicas.url(0));
     let client = Client::connect(&standby_first).unwrap();
     cluster.write(&client, 1).await.unwrap();
     assert_eq!(cluster.rows(1).await, vec![1, 1]);
 
     // The leader's machine dies; the standby takes over and commits.
-    first.signal("KILL");
+    cluster.replicas.procs[0].signal("KILL").unwrap();
     let killed = Instant::now();
     let mut id = 2;
     loop {
@@ -235,7 +202,7 @@ async fn a_standby_sends_callers_to_the_leader_and_takes_over_when_it_dies() {
         killed.elapsed()
     );
     assert_eq!(cluster.rows(id).await, vec![1, 1]);
-    assert!(leads(cluster.addrs[1]).await);
+    assert!(cluster.leads(1).await);
     cluster.assert_nothing_prepared().await;
 }
 
@@ -243,21 +210,16 @@ async fn a_standby_sends_callers_to_the_leader_and_takes_over_when_it_dies() {
 #[cfg(feature = "testing")]
 #[tokio::test]
 async fn a_leader_frozen_past_its_lease_records_no_decision_and_steps_down() {
-    let cluster = Cluster::start(2).await;
+    let mut cluster = Cluster::start(2).await;
     // One runtime thread, so the failpoint's sleep freezes the whole process, as SIGSTOP
     // would, at the worst moment: the commit decision is written in memory, not yet in etcd.
-    let mut first = cluster
-        .replica(
-            0,
-            &[
-                ("FAILPOINTS", "coordinator::decision_written=sleep(4000)"),
-                ("TOKIO_WORKER_THREADS", "1"),
-            ],
-        )
+    cluster.replicas.procs[0].set_env("TOKIO_WORKER_THREADS", "1");
+    cluster
+        .replica(0, Some("coordinator::decision_written=sleep(4000)"))
         .await;
-    eventually("the first replica leads", || leads(cluster.addrs[0])).await;
-    let _second = cluster.replica(1, &[]).await;
-    let client = Client::connect(&url(cluster.addrs[0])).unwrap();
+    eventually("the first replica leads", || cluster.leads(0)).await;
+    cluster.replica(1, None).await;
+    let client = Client::connect(&cluster.replicas.url(0)).unwrap();
     let txn = client
         .begin(Some(Duration::from_secs(30)), "frozen")
         .await
@@ -275,10 +237,13 @@ async fn a_leader_frozen_past_its_lease_records_no_decision_and_steps_down() {
     let id = txn.id();
     let committing = tokio::spawn(async move { txn.commit().await });
     eventually("the standby takes over from the frozen leader", || {
-        leads(cluster.addrs[1])
+        cluster.leads(1)
     })
     .await;
-    let exited = first.wait_exit().await;
+    let exited = cluster.replicas.procs[0]
+        .wait_exit(support::EXIT_WAIT)
+        .await
+        .unwrap();
 
     // The frozen leader woke to a fence: it announced nothing and stopped by itself.
     assert!(
@@ -300,8 +265,8 @@ async fn a_leader_frozen_past_its_lease_records_no_decision_and_steps_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_rides_out_a_lost_etcd_member_and_announces_nothing_without_a_quorum() {
     let mut cluster = Cluster::start(1).await;
-    let leader = cluster.replica(0, &[]).await;
-    eventually("the replica leads", || leads(cluster.addrs[0])).await;
+    cluster.replica(0, None).await;
+    eventually("the replica leads", || cluster.leads(0)).await;
     let client = Client::connect(&cluster.urls()).unwrap();
     cluster.write(&client, 1).await.unwrap();
 
@@ -329,16 +294,30 @@ async fn the_leader_rides_out_a_lost_etcd_member_and_announces_nothing_without_a
         Ok::<_, Error>((txn.id(), txn.commit().await))
     }
     .await;
-    if let Ok((_, commit)) = &undecided {
-        assert!(commit.is_err(), "announced a commit without an etcd quorum");
-    }
-    let mut leader = leader;
-    let exited = leader.wait_exit().await;
+    let failure = match &undecided {
+        Ok((_, Ok(committed))) => {
+            panic!("announced a commit without an etcd quorum: {committed:?}")
+        }
+        Ok((_, Err(e))) | Err(e) => e,
+    };
+    assert!(
+        matches!(
+            failure,
+            Error::Rpc {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+        ),
+        "without an etcd quorum a call fails UNAVAILABLE: {failure:?}"
+    );
+    let exited = cluster.replicas.procs[0]
+        .wait_exit(support::EXIT_WAIT)
+        .await
+        .unwrap();
     assert!(!exited.success(), "{exited:?}");
 
     // Its supervisor starts it again: it stands by, refusing calls, while etcd has no quorum.
-    drop(leader);
-    let _restarted = cluster.replica(0, &[]).await;
+    cluster.replica(0, None).await;
     let refused = async {
         let txn = client.begin(None, "no quorum").await?;
         txn.execute(&cluster.participant_url(0), "SELECT 1", &[])
@@ -359,7 +338,7 @@ async fn the_leader_rides_out_a_lost_etcd_member_and_announces_nothing_without_a
 
     // The quorum comes back: the replica leads again and commits.
     tokio::task::block_in_place(|| cluster.etcd.restart(second)).unwrap();
-    eventually("the replica leads again", || leads(cluster.addrs[0])).await;
+    eventually("the replica leads again", || cluster.leads(0)).await;
     cluster.write(&client, 200).await.unwrap();
     assert_eq!(cluster.rows(200).await, vec![1, 1]);
     // The unannounced commit's etcd write may have reached the surviving member's raft log and
@@ -379,16 +358,16 @@ async fn the_leader_rides_out_a_lost_etcd_member_and_announces_nothing_without_a
 
 #[tokio::test]
 async fn a_leader_stopped_past_its_lease_steps_down_when_it_continues() {
-    let cluster = Cluster::start(2).await;
-    let mut first = cluster.replica(0, &[]).await;
-    eventually("the first replica leads", || leads(cluster.addrs[0])).await;
-    let _second = cluster.replica(1, &[]).await;
+    let mut cluster = Cluster::start(2).await;
+    cluster.replica(0, None).await;
+    eventually("the first replica leads", || cluster.leads(0)).await;
+    cluster.replica(1, None).await;
     let client = Client::connect(&cluster.urls()).unwrap();
     cluster.write(&client, 1).await.unwrap();
 
     // SIGSTOP: the whole process frozen (a GC pause, a suspended VM) past its 2 s lease.
-    first.signal("STOP");
-    eventually("the standby takes over", || leads(cluster.addrs[1])).await;
+    cluster.replicas.procs[0].signal("STOP").unwrap();
+    eventually("the standby takes over", || cluster.leads(1)).await;
     // The client's call to the frozen replica fails once its pings go unanswered; the next
     // goes to the next replica.
     let mut failed = 0;
@@ -399,10 +378,13 @@ async fn a_leader_stopped_past_its_lease_steps_down_when_it_continues() {
             "the client does not get past the frozen replica: {e}"
         );
     }
-    first.signal("CONT");
+    cluster.replicas.procs[0].signal("CONT").unwrap();
 
     // It wakes to find its lease gone by its own count, and stops without serving again.
-    let exited = first.wait_exit().await;
+    let exited = cluster.replicas.procs[0]
+        .wait_exit(support::EXIT_WAIT)
+        .await
+        .unwrap();
     assert_eq!(exited.code(), Some(75), "{exited:?}");
     cluster.write(&client, 3).await.unwrap();
     for id in 1..=3 {
@@ -424,10 +406,10 @@ async fn replicas_reach_an_etcd_that_wants_mutual_tls_and_a_password() {
             .unwrap()
     };
     etcd.enable_auth(&pki, "root", "s3cret").await.unwrap();
-    let cluster = Cluster::start_on(1, etcd).await;
     let (cert, key) = pki.issue("replica").unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let password = |name: &str, secret: &str| {
-        let path = cluster.data.path().join(name);
+        let path = dir.path().join(name);
         std::fs::write(&path, format!("{secret}\n")).unwrap();
         path.display().to_string()
     };
@@ -449,32 +431,30 @@ async fn replicas_reach_an_etcd_that_wants_mutual_tls_and_a_password() {
         .map(String::from)
         .to_vec()
     };
-
-    let refused = tokio::task::spawn_blocking({
-        let args = cluster.replica_args(0, &flags(password("wrong", "guess")));
-        let addr = cluster.addrs[0].to_string();
-        move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
-                .args(["--listen", &addr])
-                .args(&args)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
+    let (wrong, right) = (
+        flags(password("wrong", "guess")),
+        flags(password("right", "s3cret")),
+    );
+    // Two replica slots: the one with the wrong password, the one with the right one.
+    let mut cluster = Cluster::start_on(1, etcd, right).await;
+    let mut refused = ReplicaSet {
+        program: env!("CARGO_BIN_EXE_coordinator").into(),
+        etcd: &cluster.etcd,
+        replicas: 1,
+        id: "ha-test",
+        dir: dir.path(),
+        args: wrong,
+        tls: Default::default(),
+        logs: true,
+    }
+    .build()
     .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(stderr.contains("authentication failed"), "{stderr}");
+    let err = refused.start(0, None).await.unwrap_err();
+    let said = refused.procs[0].run_log();
+    assert!(said.contains("authentication failed"), "{err:#}\n{said}");
 
-    let _replica = Proc::start_with_env(
-        "coordinator",
-        cluster.addrs[0],
-        &cluster.replica_args(0, &flags(password("right", "s3cret"))),
-        &[],
-    )
-    .await;
-    eventually("the replica leads", || leads(cluster.addrs[0])).await;
+    cluster.replica(0, None).await;
+    eventually("the replica leads", || cluster.leads(0)).await;
     let client = Client::connect(&cluster.urls()).unwrap();
     cluster.write(&client, 1).await.unwrap();
     assert_eq!(cluster.rows(1).await, vec![1, 1]);

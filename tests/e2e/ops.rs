@@ -6,7 +6,7 @@ use crate::support;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::{Proc, eventually, free_addr, pg_with, start_participant, url};
+use support::{eventually, free_addr, pg_with, start_participant, url};
 use tonic::Code;
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
@@ -35,7 +35,7 @@ async fn metrics_count_outcomes_and_time_the_phases() {
     let metrics = free_addr();
     let metrics_flag = metrics.to_string();
     let caddr = free_addr();
-    let _coordinator = Proc::start(
+    let _coordinator = support::process(
         "coordinator",
         caddr,
         &coordinator_args(&dir, &["--metrics-listen", &metrics_flag]),
@@ -177,7 +177,7 @@ async fn the_flag_beats_the_environment_at_run_time() {
     let data = tempfile::tempdir().unwrap();
     let caddr = free_addr();
     let file_flag = file.display().to_string();
-    let _c = Proc::start(
+    let _c = support::process(
         "coordinator",
         caddr,
         &coordinator_args(&data, &["--config", &file_flag, "--max-timeout-ms", "3000"]),
@@ -248,7 +248,7 @@ async fn json_logs_are_one_object_per_line() {
 async fn sigterm_refuses_new_transactions_lets_in_flight_ones_finish_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let caddr = free_addr();
-    let mut coordinator = Proc::start(
+    let mut coordinator = support::process(
         "coordinator",
         caddr,
         &coordinator_args(&dir, &["--drain-timeout-ms", "20000"]),
@@ -263,7 +263,7 @@ async fn sigterm_refuses_new_transactions_lets_in_flight_ones_finish_and_exits_c
         .into_inner()
         .txn_id;
 
-    coordinator.signal("TERM");
+    coordinator.signal("TERM").unwrap();
     let mut refused = None;
     for _ in 0..50 {
         match c.begin(proto::BeginRequest::default()).await {
@@ -282,7 +282,7 @@ async fn sigterm_refuses_new_transactions_lets_in_flight_ones_finish_and_exits_c
         .await
         .unwrap()
         .into_inner();
-    let status = coordinator.wait_exit().await;
+    let status = coordinator.wait_exit(support::EXIT_WAIT).await.unwrap();
 
     assert_eq!(
         refused.expect("Begin refused while draining").code(),
@@ -299,7 +299,8 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
     let pg = pg_with("CREATE TABLE t (x int)").await;
     let dir = tempfile::tempdir().unwrap();
     let caddr = free_addr();
-    let _coordinator = Proc::start("coordinator", caddr, &coordinator_args(&dir, &[]), "").await;
+    let _coordinator =
+        support::process("coordinator", caddr, &coordinator_args(&dir, &[]), "").await;
     let (listener, _) = support::listener().await;
     let as_superuser = |allow_superuser| twopc::participant::Config {
         max_connections: 2,
@@ -323,7 +324,7 @@ async fn a_participant_refuses_a_superuser_role_unless_allowed() {
     ]
     .map(String::from)
     .into();
-    let _allowed = Proc::start("participant", paddr, &args, "").await;
+    let _allowed = support::process("participant", paddr, &args, "").await;
     let mut c = CoordinatorClient::connect(url(caddr)).await.unwrap();
     let txn = c
         .begin(proto::BeginRequest::default())

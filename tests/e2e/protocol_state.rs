@@ -13,7 +13,7 @@ use crate::support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::{
-    PgCluster, Proc, System, admin_scalar, eventually, free_addr, outcome, pg_with, scalar,
+    PgCluster, System, admin_scalar, eventually, free_addr, outcome, pg_with, scalar,
     start_coordinator, start_participant, url,
 };
 use twopc::proto::coordinator_client::CoordinatorClient;
@@ -179,7 +179,7 @@ async fn deleting_markers_cannot_make_a_committed_one_phase_transaction_answer_a
         "--postgres".into(),
         pg.conn_str(),
     ];
-    let mut p1 = Proc::start(
+    let mut p1 = support::process(
         "participant",
         p1addr,
         &p1args,
@@ -210,7 +210,7 @@ async fn deleting_markers_cannot_make_a_committed_one_phase_transaction_answer_a
             ..Default::default()
         })
         .await;
-    p1.wait_exit().await;
+    p1.wait_exit(support::EXIT_WAIT).await.unwrap();
 
     // While p1 is down, every way the role has to make the marker go.
     let attacker = pg.client().await.unwrap();
@@ -238,7 +238,7 @@ async fn deleting_markers_cannot_make_a_committed_one_phase_transaction_answer_a
         .await
         .unwrap();
     let marked_while_down = markers(&pg, true).await;
-    let _p1 = Proc::start("participant", p1addr, &p1args, "").await;
+    let _p1 = support::process("participant", p1addr, &p1args, "").await;
     let mut answer = None;
     for _ in 0..100 {
         let again = client
@@ -303,7 +303,7 @@ async fn settings_for_later_sessions_are_refused_and_persisted_ones_do_not_reach
         "--postgres".into(),
         pg.conn_str(),
     ];
-    let mut p1 = Proc::start(
+    let mut p1 = support::process(
         "participant",
         p1addr,
         &p1args,
@@ -352,10 +352,10 @@ async fn settings_for_later_sessions_are_refused_and_persisted_ones_do_not_reach
             ..Default::default()
         })
         .await;
-    p1.wait_exit().await;
+    p1.wait_exit(support::EXIT_WAIT).await.unwrap();
     // p1 died before its COMMIT; back, with the role's new defaults on every new session, it
     // must fence the branch on a protocol connection to answer.
-    let _p1 = Proc::start("participant", p1addr, &p1args, "").await;
+    let _p1 = support::process("participant", p1addr, &p1args, "").await;
     let mut answer = None;
     for _ in 0..100 {
         if let Ok(resp) = client

@@ -1,4 +1,4 @@
-//! The coordinator's core: the decision log, the table of live transactions, and the
+//! The coordinator's table of transactions: the decision log, the table of live transactions, and the
 //! participants it drives. Live transactions are in memory, finished ones in the log.
 //!
 //! A transaction is *live* from Begin until every branch has acknowledged phase 2; its [`Txn`]

@@ -1,4 +1,4 @@
-//! The participant's core: the table of open branches, and the protocol steps on them.
+//! The participant's table of open branches, and the protocol steps on them.
 //!
 //! A branch appears on a transaction's first Execute here (after the coordinator accepts its
 //! registration). Each open branch sits behind an async mutex, held across its database work,
