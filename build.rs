@@ -1,6 +1,8 @@
-//! Compiles `proto/twopc/v1/*.proto` (and the example services' protos) without a system `protoc`: `protox` parses the files into a
-//! descriptor set, tonic generates the code from it, and the encoded set is written to `OUT_DIR`
-//! so the servers can offer gRPC reflection.
+//! Compiles `proto/twopc/v1/*.proto` without a system `protoc`: `protox` parses the files into
+//! a descriptor set, tonic generates the code from it, and the encoded set is written to
+//! `OUT_DIR` so the servers can offer gRPC reflection. With the `tools` feature, the example
+//! services' protos too (the demo, the crash harness and loadgen run those services); a
+//! service that depends on the library alone builds only the contract.
 
 use prost::Message;
 use std::path::PathBuf;
@@ -23,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The example services' own contracts (examples/proto), each with its descriptor set for
     // reflection.
+    if std::env::var_os("CARGO_FEATURE_TOOLS").is_none() {
+        return Ok(());
+    }
     println!("cargo:rerun-if-changed=examples/proto");
     for (name, file) in [
         ("ledger", "examples/proto/ledger/v1/ledger.proto"),

@@ -38,6 +38,7 @@ pub use error::Error;
 pub use value::{FromValue, Rows, ToValue};
 
 use crate::process::auth::Bearer;
+use crate::process::backoff::Backoff;
 use crate::process::leader_channel::LeaderChannel;
 use crate::process::tls::Tls;
 use crate::proto::coordinator_client::CoordinatorClient;
@@ -189,15 +190,12 @@ impl Client {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, FIRST_BACKOFF * 2u32.pow(RETRIES));
         loop {
             match call().await {
-                Err(e) if e.is_transient() && attempt < RETRIES => {
-                    tracing::debug!(error = %e, attempt, "retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                    attempt += 1;
+                Err(e) if e.is_transient() && backoff.waits() + 1 < RETRIES => {
+                    tracing::debug!(error = %e, attempt = backoff.waits() + 1, "retrying");
+                    backoff.wait().await;
                 }
                 result => return result,
             }

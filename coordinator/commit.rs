@@ -27,6 +27,7 @@ use super::log::Log;
 use super::participants::{Ending, Participants, PeerError};
 use super::transactions::{Coordinator, Live, now_ms};
 use super::txn::{Decision, OnAbort, OnCommit, OnResolve, OnePhaseOutcome, Outcome, State, Txn};
+use crate::process::backoff::Backoff;
 use crate::proto::TxnId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -278,8 +279,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         crate::failpoint!("coordinator::one_phase_flushed");
 
         let started = std::time::Instant::now();
-        let mut backoff = self.limits.retry_min;
-        let mut attempts = 0u32;
+        let mut backoff = Backoff::new(self.limits.retry_min, self.limits.retry_max);
         let answer = loop {
             match self
                 .participants
@@ -288,15 +288,14 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             {
                 Ok(answer) => break answer,
                 Err(e) => {
-                    attempts += 1;
+                    let attempts = backoff.waits() + 1;
                     if attempts == 1 || attempts.is_power_of_two() {
                         tracing::warn!(txn_id = %id, endpoint, attempts, error = %e, "CommitOnePhase got no answer; asking again");
                     }
                     live.txn.lock().unwrap().unanswered = e.to_string();
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.limits.retry_max);
+            backoff.wait().await;
         };
         metrics::histogram!("twopc_phase_duration_seconds", "phase" => "one_phase")
             .record(started.elapsed());
@@ -481,8 +480,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 sqlstate: txn.sqlstate.clone(),
             }
         };
-        let mut backoff = self.limits.retry_min;
-        let mut attempts = 0u32;
+        let mut backoff = Backoff::new(self.limits.retry_min, self.limits.retry_max);
         loop {
             if live.txn.lock().unwrap().state.is_final() {
                 return Delivery::Resolved;
@@ -501,12 +499,12 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                         .may_abandon(now_ms(), self.limits.rollback_retry_for) =>
                 {
                     metrics::counter!("twopc_rollbacks_abandoned_total").increment(1);
-                    tracing::warn!(txn_id = %id, endpoint, attempts = attempts + 1, error,
+                    tracing::warn!(txn_id = %id, endpoint, attempts = backoff.waits() + 1, error,
                         "rollback abandoned: the participant stayed unreachable past --rollback-retry-for-ms; if it still holds the branch prepared, its resolver will roll it back (presumed abort)");
                     return Delivery::GivenUp;
                 }
                 Err(e) => {
-                    attempts += 1;
+                    let attempts = backoff.waits() + 1;
                     let what = if commit {
                         "COMMIT PREPARED"
                     } else {
@@ -525,8 +523,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                     }
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.limits.retry_max);
+            backoff.wait().await;
         }
     }
 

@@ -14,6 +14,7 @@ use super::log::Log;
 use super::participants::Participants;
 use super::transactions::{Coordinator, Live, now_ms};
 use super::txn::State;
+use crate::process::background::{self, First, Next};
 use crate::proto::{self, TxnId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -102,13 +103,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     /// Runs a pass every `interval`, until the coordinator is dropped.
     pub fn spawn_deadlock_detector(self: &Arc<Self>, interval: Duration) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(core) = this.upgrade() else { return };
-                core.break_deadlocks().await;
-            }
+        background::every(self, First::AfterInterval, interval, |core| async move {
+            core.break_deadlocks().await;
+            Next::Again
         });
     }
 }

@@ -28,6 +28,14 @@ pub enum Error {
     /// A first enlistment that may not create its transaction (`epoch.rs`).
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// A question about a transaction of another coordinator: presuming abort for it here
+    /// could undo its commit.
+    #[error("this is coordinator {ours:?}; transaction {id} belongs to coordinator {owner:?}")]
+    NotOurs {
+        id: TxnId,
+        ours: String,
+        owner: String,
+    },
     #[error("the coordinator is shutting down; retry against a running coordinator")]
     ShuttingDown,
     #[error(
@@ -48,7 +56,9 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::NotAllowed(_) => Status::permission_denied(msg),
-            Error::Txn(_) | Error::EndpointRefused(_) => Status::failed_precondition(msg),
+            Error::Txn(_) | Error::EndpointRefused(_) | Error::NotOurs { .. } => {
+                Status::failed_precondition(msg)
+            }
             Error::Log(_) => Status::internal(msg),
             Error::Refused(Refusal::Stale { ours, .. }) => {
                 let mut status = Status::failed_precondition(msg);

@@ -13,7 +13,7 @@ use super::log::MemLog;
 use super::participants::fake::FakeParticipants;
 use super::service::Service;
 use super::transactions::{Coordinator, Limits};
-use crate::proto::fuzzing::{self, run_case, text};
+use crate::process::fuzzing::{self, run_case, text};
 use crate::proto::{self, TxnId, coordinator_server::Coordinator as _};
 use proptest::prelude::*;
 use prost::Message;

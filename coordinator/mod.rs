@@ -9,11 +9,11 @@
 //!   I/O; [`detector`] gathers the participants' lock waits and aborts the victims.
 //! - [`recovery`]: finishing what a previous run left, and orphaned prepared branches;
 //!   `retention.rs`: pruning finished transactions from the log.
-//! - [`log`] and `flusher.rs`: the durable decision log on sled (group commit), and in memory;
-//!   [`marker_key`]: the key in it that one-phase markers' secrets come from;
-//!   `etcd_log.rs`: the log on etcd, for replicas (docs/HA.md).
-//! - `replica.rs`: a coordinator replica on etcd: `leader.rs` elects the one that serves,
-//!   `standby.rs` sends callers of the others to it.
+//! - [`log`]: the durable decision log, a backend a file: on sled (group commit), on etcd for
+//!   replicas (docs/HA.md), in memory for tests; [`marker_key`]: the key in it that one-phase
+//!   markers' secrets come from.
+//! - `ha/`: a coordinator replica on etcd: `replica.rs` runs one, `leader.rs` elects the one
+//!   that serves, `standby.rs` sends callers of the others to it.
 //! - [`participants`]: how the drivers reach participants: gRPC, and a fake for tests;
 //!   [`registry`]: every enlisted participant as an operator sees it, health checked.
 //! - [`service`]: the `twopc.v1.Coordinator` gRPC service; [`wire`] converts to and from its
@@ -24,26 +24,19 @@ pub mod deadlock;
 pub mod detector;
 pub mod epoch;
 pub mod error;
-#[cfg(feature = "etcd")]
-pub mod etcd_log;
-mod flusher;
 #[cfg(test)]
 mod fuzz;
 #[cfg(feature = "etcd")]
-pub mod leader;
+pub mod ha;
 pub mod log;
 pub mod marker_key;
 pub mod participants;
 pub mod recovery;
 pub mod registry;
-#[cfg(feature = "etcd")]
-mod replica;
 mod retention;
 #[cfg(test)]
 mod scenarios;
 pub mod service;
-#[cfg(feature = "etcd")]
-pub mod standby;
 pub mod transactions;
 pub mod txn;
 pub mod wire;
@@ -126,7 +119,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     if let Some(etcd) = config.etcd.clone() {
         #[cfg(feature = "etcd")]
-        return replica::run(listener, config, etcd, shutdown).await;
+        return ha::replica::run(listener, config, etcd, shutdown).await;
         #[cfg(not(feature = "etcd"))]
         anyhow::bail!(
             "the decision log on etcd ({:?}) needs a coordinator built with the `etcd` feature",
@@ -212,11 +205,11 @@ async fn serve<L: Log, P: Participants>(
         drain(&drain_core, drain_timeout).await;
         let _ = closing.send(true);
     };
-    crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
+    crate::process::server::server_with(health_service, config.tls.server(), config.auth.gate())?
         .add_service(CoordinatorServer::new(
             service::Service::new(core).with_closing(enlist_end),
         ))
-        .serve_with_incoming_shutdown(crate::proto::incoming(listener), drained)
+        .serve_with_incoming_shutdown(crate::process::server::incoming(listener), drained)
         .await?;
     Ok(())
 }

@@ -20,10 +20,14 @@ use super::log::Log;
 use super::participants::{Ending, Participants, PeerError};
 use super::transactions::{Coordinator, Live, now_ms};
 use super::txn::{Decision, State};
+use crate::process::background::{self, First, Next};
 use crate::proto::TxnId;
 use futures::StreamExt;
 use std::sync::Arc;
 use tracing::Instrument;
+
+/// How often recovery's progress and the gauges are published.
+const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one orphan scan did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -76,29 +80,24 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     /// a log line and the `twopc_recovery_pending_transactions` gauge. The recovered ones are
     /// the live transactions created before this start.
     fn spawn_recovery_progress(self: &Arc<Self>, total: usize) {
-        let this = Arc::downgrade(self);
         let started_ms = now_ms();
-        tokio::spawn(async move {
-            loop {
-                let Some(core) = this.upgrade() else { return };
-                let live: Vec<Arc<Live>> = core.live.lock().unwrap().values().cloned().collect();
-                drop(core);
-                let pending = live
-                    .iter()
-                    .filter(|l| l.txn.lock().unwrap().created_ms < started_ms)
-                    .count();
-                metrics::gauge!("twopc_recovery_pending_transactions").set(pending as f64);
-                if pending == 0 {
-                    tracing::info!(total, "recovery finished");
-                    return;
-                }
-                tracing::info!(
-                    finished = total.saturating_sub(pending),
-                    total,
-                    "recovery in progress"
-                );
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        background::every(self, First::Now, SECOND, move |core| async move {
+            let live: Vec<Arc<Live>> = core.live.lock().unwrap().values().cloned().collect();
+            let pending = live
+                .iter()
+                .filter(|l| l.txn.lock().unwrap().created_ms < started_ms)
+                .count();
+            metrics::gauge!("twopc_recovery_pending_transactions").set(pending as f64);
+            if pending == 0 {
+                tracing::info!(total, "recovery finished");
+                return Next::Done;
             }
+            tracing::info!(
+                finished = total.saturating_sub(pending),
+                total,
+                "recovery in progress"
+            );
+            Next::Again
         });
     }
 
@@ -179,20 +178,15 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     /// Scans for orphans now and then every `interval`, until the coordinator is dropped.
     pub fn spawn_orphan_scanner(self: &Arc<Self>, interval: std::time::Duration) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(core) = this.upgrade() else { return };
-                match core.resolve_orphans().await {
-                    Ok(scan) if scan.committed + scan.rolled_back + scan.failed > 0 => {
-                        tracing::info!(?scan, "orphan scan")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "orphan scan failed"),
+        background::every(self, First::Now, interval, |core| async move {
+            match core.resolve_orphans().await {
+                Ok(scan) if scan.committed + scan.rolled_back + scan.failed > 0 => {
+                    tracing::info!(?scan, "orphan scan")
                 }
-                drop(core);
-                tokio::time::sleep(interval).await;
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "orphan scan failed"),
             }
+            Next::Again
         });
     }
 
@@ -200,29 +194,24 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     /// not yet finished (in doubt: some branch still holds a prepared transaction, or may),
     /// and how old the oldest of those is. Every second, until the coordinator is dropped.
     pub fn spawn_gauges(self: &Arc<Self>) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(core) = this.upgrade() else { return };
-                let live: Vec<Arc<Live>> = core.live.lock().unwrap().values().cloned().collect();
-                drop(core);
-                let now = now_ms();
-                let (mut in_doubt, mut oldest_ms) = (0usize, 0i64);
-                for l in &live {
-                    let txn = l.txn.lock().unwrap();
-                    if matches!(
-                        txn.state,
-                        State::Committing | State::Aborting | State::OnePhase
-                    ) {
-                        in_doubt += 1;
-                        oldest_ms = oldest_ms.max(now - txn.decided_ms);
-                    }
+        background::every(self, First::Now, SECOND, |core| async move {
+            let live: Vec<Arc<Live>> = core.live.lock().unwrap().values().cloned().collect();
+            let now = now_ms();
+            let (mut in_doubt, mut oldest_ms) = (0usize, 0i64);
+            for l in &live {
+                let txn = l.txn.lock().unwrap();
+                if matches!(
+                    txn.state,
+                    State::Committing | State::Aborting | State::OnePhase
+                ) {
+                    in_doubt += 1;
+                    oldest_ms = oldest_ms.max(now - txn.decided_ms);
                 }
-                metrics::gauge!("twopc_live_transactions").set(live.len() as f64);
-                metrics::gauge!("twopc_in_doubt_transactions").set(in_doubt as f64);
-                metrics::gauge!("twopc_oldest_in_doubt_seconds").set(oldest_ms as f64 / 1000.0);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
+            metrics::gauge!("twopc_live_transactions").set(live.len() as f64);
+            metrics::gauge!("twopc_in_doubt_transactions").set(in_doubt as f64);
+            metrics::gauge!("twopc_oldest_in_doubt_seconds").set(oldest_ms as f64 / 1000.0);
+            Next::Again
         });
     }
 }

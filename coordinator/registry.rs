@@ -12,6 +12,7 @@ use super::log::Log;
 use super::participants::Participants;
 use super::transactions::{Coordinator, now_ms};
 use super::txn::BranchState;
+use crate::process::background::{self, First, Next};
 use crate::proto::{self, ParticipantHealth};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -179,14 +180,9 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     /// Checks the participants' health every `interval`, until the coordinator is dropped.
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration) {
-        let core = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(core) = core.upgrade() else { return };
-                core.check_participants().await;
-                drop(core);
-                tokio::time::sleep(interval).await;
-            }
+        background::every(self, First::Now, interval, |core| async move {
+            core.check_participants().await;
+            Next::Again
         });
     }
 

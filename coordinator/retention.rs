@@ -9,6 +9,7 @@
 use super::log::Log;
 use super::participants::Participants;
 use super::transactions::{Coordinator, now_ms};
+use crate::process::background::{self, First, Next};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,21 +20,14 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Prunes records finished more than `retain` ago, now and every hour, until the
     /// coordinator is dropped.
     pub fn spawn_pruner(self: &Arc<Self>, retain: Duration) {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(core) = this.upgrade() else { return };
-                let before = now_ms() - retain.as_millis() as i64;
-                match core.log.prune(before) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(records = n, "pruned finished transactions from the log")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "pruning the log failed; will retry"),
-                }
-                drop(core);
-                tokio::time::sleep(EVERY).await;
+        background::every(self, First::Now, EVERY, move |core| async move {
+            let before = now_ms() - retain.as_millis() as i64;
+            match core.log.prune(before) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(records = n, "pruned finished transactions from the log"),
+                Err(e) => tracing::warn!(error = %e, "pruning the log failed; will retry"),
             }
+            Next::Again
         });
     }
 }

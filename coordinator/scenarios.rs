@@ -122,7 +122,7 @@ impl Process {
     }
 
     fn query(&self, id: TxnId) -> Outcome {
-        self.core.query_outcome(id).unwrap()
+        self.core.query_outcome(id, "").unwrap()
     }
 
     fn shown_state(&self, id: TxnId) -> proto::TxnState {
@@ -311,6 +311,24 @@ fn crash_after_branch_registered_aborts_and_rolls_back() {
         "a retried Commit hears the truth"
     );
     assert_settled(&ps, id, false);
+}
+
+/// A participant whose branch names another coordinator (two coordinators sharing a
+/// database) asks this one by mistake: it must not hear the presumed abort that would undo the
+/// other's commit.
+#[test]
+fn another_coordinators_transaction_is_not_presumed_aborted() {
+    let ps = participants();
+    let c = Process::start(MemLog::default(), &ps);
+    let id = TxnId::generate();
+
+    let refused = c.core.query_outcome(id, "c2");
+
+    assert!(
+        matches!(&refused, Err(super::error::Error::NotOurs { owner, .. }) if owner == "c2"),
+        "{refused:?}"
+    );
+    assert_eq!(c.core.query_outcome(id, "c1").unwrap(), Outcome::Aborted);
 }
 
 #[test]

@@ -284,15 +284,7 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         req: Request<proto::QueryOutcomeRequest>,
     ) -> Result<Response<proto::QueryOutcomeResponse>, Status> {
         let id = req.get_ref().txn_id.parse::<TxnId>()?;
-        let owner = &req.get_ref().coordinator_id;
-        if !owner.is_empty() && owner != self.core.id() {
-            // Presuming abort for someone else's transaction could undo its commit.
-            return Err(Status::failed_precondition(format!(
-                "this is coordinator {:?}; transaction {id} belongs to coordinator {owner:?}",
-                self.core.id()
-            )));
-        }
-        let outcome = self.core.query_outcome(id)?;
+        let outcome = self.core.query_outcome(id, &req.get_ref().coordinator_id)?;
         Ok(Response::new(proto::QueryOutcomeResponse {
             outcome: proto::Outcome::from(outcome) as i32,
         }))

@@ -552,7 +552,16 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
 
     /// A participant holding a prepared branch asks what became of it. Presumed abort: a
     /// transaction with no commit record was aborted.
-    pub fn query_outcome(&self, id: TxnId) -> Result<Outcome, Error> {
+    pub fn query_outcome(&self, id: TxnId, owner: &str) -> Result<Outcome, Error> {
+        // Presuming abort for another coordinator's transaction could undo its commit. (An
+        // owner left empty: the caller vouches that the transaction is ours, as the contract says.)
+        if !owner.is_empty() && owner != self.id() {
+            return Err(Error::NotOurs {
+                id,
+                ours: self.id().to_string(),
+                owner: owner.to_string(),
+            });
+        }
         if let Some(live) = self.live(id) {
             return Ok(live.announced());
         }

@@ -111,7 +111,7 @@ pub async fn run(
     let client = Client::connect(&args.coordinator)?;
     db.router(client, &[pb::FILE_DESCRIPTOR_SET])?
         .add_service(pb::audit_server::AuditServer::new(Audit { db: db.clone() }))
-        .serve_with_incoming_shutdown(twopc::proto::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(twopc::process::server::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -219,7 +219,7 @@ pub async fn run(
     };
     db.router(client, &[pb::FILE_DESCRIPTOR_SET])?
         .add_service(LedgerServer::new(ledger))
-        .serve_with_incoming_shutdown(twopc::proto::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(twopc::process::server::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -22,7 +22,7 @@ use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, GrpcCoordinator};
 use super::postgres::Postgres;
-use super::sql;
+use super::statement::{self, SqlError};
 use super::tombstone::Tombstones;
 use crate::proto::marker::MarkerSecret;
 use crate::proto::{self, TxnId};
@@ -340,7 +340,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             n => format!("statement {} of {n}: {message}", i + 1),
         };
         for (i, s) in statements.iter().enumerate() {
-            sql::check_allowed(&s.sql)
+            statement::check_allowed(&s.sql)
                 .and_then(|()| self.db.limits().check_request(&s.sql, s.params.len()))
                 .map_err(|e| match Error::statement(txn, e) {
                     Error::InvalidArgument(m) => Error::InvalidArgument(at(i, m)),
@@ -379,10 +379,10 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                     continue;
                 }
                 // Nothing of the branch ran: it stays usable.
-                Err(sql::SqlError::Refused(msg)) if i == 0 => {
+                Err(SqlError::Refused(msg)) if i == 0 => {
                     return Err(Error::InvalidArgument(at(i, msg)));
                 }
-                Err(sql::SqlError::Refused(msg)) => Error::InvalidArgument(at(i, msg)),
+                Err(SqlError::Refused(msg)) => Error::InvalidArgument(at(i, msg)),
                 Err(e) => match self.statement_failed(&open, txn, e) {
                     Error::Statement {
                         txn,
@@ -410,7 +410,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
 
     /// A statement of `open`'s branch failed: its error, or, if the coordinator aborted the
     /// transaction while it ran (its rollback cancelled the statement), that cause.
-    fn statement_failed(&self, open: &OpenBranch<D>, txn: TxnId, e: sql::SqlError) -> Error {
+    fn statement_failed(&self, open: &OpenBranch<D>, txn: TxnId, e: SqlError) -> Error {
         let aborted = open.aborted.lock().unwrap().clone();
         match (aborted, Error::statement(txn, e)) {
             // The cause is the error, with its SQLSTATE if it has one (else the

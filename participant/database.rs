@@ -11,7 +11,7 @@
 
 use super::error::Error;
 use super::gid::Gid;
-use super::sql::{self, SqlError};
+use super::statement::{Limits, SqlError};
 use crate::proto;
 use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
@@ -96,8 +96,8 @@ pub trait Database: Send + Sync + 'static {
     /// What one Execute may carry and return. The participant checks a request against it
     /// before it opens a branch or takes a connection, so a refused request leaves nothing
     /// behind: in particular no connection on which BEGIN was never sent.
-    fn limits(&self) -> sql::Limits {
-        sql::Limits::default()
+    fn limits(&self) -> Limits {
+        Limits::default()
     }
 
     /// Opens the branch's transaction on `conn` (for work that runs its own statements on it:

@@ -11,7 +11,7 @@
 use super::branches::Participant;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::service::Service;
-use crate::proto::fuzzing::{self, run_case, text};
+use crate::process::fuzzing::{self, run_case, text};
 use crate::proto::{self, TxnId, participant_server::Participant as _, value::Kind};
 use proptest::prelude::*;
 use prost::Message;

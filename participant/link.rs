@@ -240,10 +240,13 @@ mod tests {
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(CoordinatorServer::new(service))
-                .serve_with_incoming_shutdown(crate::proto::incoming(listener), async move {
-                    let _ = stopped.await;
-                    let _ = closing.send(true);
-                })
+                .serve_with_incoming_shutdown(
+                    crate::process::server::incoming(listener),
+                    async move {
+                        let _ = stopped.await;
+                        let _ = closing.send(true);
+                    },
+                )
                 .await
                 .unwrap();
         });

@@ -4,9 +4,11 @@
 //! - [`branch`]: one branch's state machine: every transition, no I/O.
 //! - [`branches`]: the [`Participant`]: the table of open branches and the protocol steps on them.
 //! - [`tombstone`]: how branches that ended are remembered, so none is ever reopened.
-//! - [`database`]: what the core needs of its database, and the rule for a gid that is gone;
-//!   [`postgres`] is the real one (pool, two-phase-commit statements), [`sql`] runs a client's
-//!   statement (parameters, result rows, the statements Execute refuses).
+//! - [`statement`]: what a branch accepts: the statements Execute refuses (only the coordinator
+//!   ends a branch's transaction), a request's limits, how a statement fails.
+//! - [`database`]: what the branch table needs of its database, and the rule for a gid that is
+//!   gone; [`postgres`] is the real one (pool, two-phase-commit statements), [`sql`] runs a
+//!   client's statement (parameters, result rows).
 //!   [`record`] prints anonymous records, which the server cannot print for us.
 //!   [`pg_tls`] is how it reaches PostgreSQL over TLS (`sslmode`).
 //! - [`marker`]: one-phase commit's markers in PostgreSQL, owned by a role of their own so
@@ -42,6 +44,7 @@ pub mod recovery;
 mod scenarios;
 pub mod service;
 pub mod sql;
+pub mod statement;
 pub mod tombstone;
 
 use crate::process::auth::{Auth, Gate};
@@ -82,7 +85,7 @@ pub struct Config {
     /// Serve even when the PostgreSQL role is a superuser (refused otherwise).
     pub allow_superuser: bool,
     /// What one Execute may carry and return.
-    pub limits: sql::Limits,
+    pub limits: statement::Limits,
     /// Served, and used to dial the coordinator.
     pub tls: Tls,
     /// Who may call; the secret sent to the coordinator.
@@ -212,11 +215,11 @@ async fn serve_with<D: Database, C: CoordinatorLink>(
         shutdown.await;
         let _ = closing.send(true);
     };
-    crate::proto::server_with(health, tls, gate)?
+    crate::process::server::server_with(health, tls, gate)?
         .add_service(ParticipantServer::new(
             service::Service::new(core).with_phases(phases_end),
         ))
-        .serve_with_incoming_shutdown(crate::proto::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::process::server::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

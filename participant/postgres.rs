@@ -26,7 +26,8 @@ use super::error::Error;
 use super::gid::Gid;
 use super::marker;
 use super::pg_tls::{self, PgTls};
-use super::sql::{self, SqlError};
+use super::sql;
+use super::statement::{self, SqlError};
 use crate::proto;
 use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
@@ -124,7 +125,7 @@ pub struct Postgres {
     /// TLS to PostgreSQL (`sslmode`), for the connections outside the pools too.
     tls: PgTls,
     /// What one Execute may carry and return (`--max-sql-bytes`, `--max-result-rows`, …).
-    limits: sql::Limits,
+    limits: statement::Limits,
     /// The server process of each branch connection, asked once per connection: the lock
     /// tables name sessions by it (`Database::lock_waits`).
     pids: std::sync::Mutex<HashMap<ObjectId, i32>>,
@@ -185,7 +186,7 @@ impl Postgres {
             target,
             one_phase: AtomicBool::new(false),
             tls,
-            limits: sql::Limits::default(),
+            limits: statement::Limits::default(),
             pids: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -244,7 +245,7 @@ impl Postgres {
 
     /// Says at WARN which settings the role and the database have persisted: each reaches every
     /// branch's session (the protocol's own sessions override them). A client's SQL cannot set
-    /// them through Execute (`sql::check_allowed`), but could through a function or a `DO`
+    /// them through Execute (`statement::check_allowed`), but could through a function or a `DO`
     /// block, so they are named at every start.
     pub async fn report_persisted_settings(&self) -> Result<(), Error> {
         let conn = self.pooled().await?;
@@ -259,8 +260,8 @@ impl Postgres {
         Ok(())
     }
 
-    /// Limits other than [`sql::Limits::default`] (`--max-sql-bytes`, `--max-result-rows`, …).
-    pub fn with_limits(mut self, limits: sql::Limits) -> Self {
+    /// Limits other than [`statement::Limits::default`] (`--max-sql-bytes`, `--max-result-rows`, …).
+    pub fn with_limits(mut self, limits: statement::Limits) -> Self {
         self.limits = limits;
         self
     }
@@ -630,7 +631,7 @@ impl Database for Postgres {
         }
     }
 
-    fn limits(&self) -> sql::Limits {
+    fn limits(&self) -> statement::Limits {
         self.limits
     }
 

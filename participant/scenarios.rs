@@ -10,7 +10,7 @@ use super::database::{LockWait, XactStatus};
 use super::error::Error;
 use super::fake::{FakeCoordinator, FakeDatabase};
 use super::gid::Gid;
-use super::sql;
+use super::statement;
 use crate::proto::marker::MarkerSecret;
 use crate::proto::{Outcome, TxnId};
 use std::future::Future;
@@ -150,7 +150,7 @@ fn a_request_over_a_limit_is_refused_before_a_branch_opens() {
     let (db, coordinator) = world();
     let p = Process::start(&db, &coordinator);
     let txn = TxnId::generate();
-    let too_long = format!("SELECT 1 {}", " ".repeat(sql::MAX_SQL_BYTES));
+    let too_long = format!("SELECT 1 {}", " ".repeat(statement::MAX_SQL_BYTES));
 
     let refused = p.exec(txn, &too_long).unwrap_err();
 

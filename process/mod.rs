@@ -2,15 +2,22 @@
 //! ([`clock`]), how it stops ([`signal`]), where it can be made to crash on purpose ([`failpoints`]), how it reports
 //! (logs and metrics, [`telemetry`]), how it is configured beyond its flags ([`config`]), and
 //! how its connections are encrypted ([`tls`]) and who may call what ([`auth`]), how it
-//! reaches a coordinator that may be several replicas ([`leader_channel`]), and how many calls
-//! share one stream ([`call_stream`]).
+//! reaches a coordinator that may be several replicas ([`leader_channel`]), how many calls
+//! share one stream ([`call_stream`]), and the gRPC server every process serves on
+//! ([`server`]), how its background passes live and die with their owner ([`background`]) and
+//! how long a retry waits ([`backoff`]). `fuzzing.rs` (tests only) is what both services' fuzz-style tests share.
 
 pub mod auth;
+pub mod background;
+pub mod backoff;
 pub mod call_stream;
 pub mod clock;
 pub mod config;
 pub mod failpoints;
+#[cfg(test)]
+pub mod fuzzing;
 pub mod leader_channel;
+pub mod server;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;

@@ -627,9 +627,9 @@ async fn start_coordinator_only(
 
 /// `--log-throughput`: each backend of the decision log under `--clients` concurrent writers.
 async fn log_throughput(args: &Args) -> Result<()> {
-    use twopc::coordinator::etcd_log::{EtcdLog, EtcdTarget};
-    use twopc::coordinator::leader::Election;
+    use twopc::coordinator::ha::leader::Election;
     use twopc::coordinator::log::SledLog;
+    use twopc::coordinator::log::{EtcdLog, EtcdTarget};
 
     let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await??;
     let client = etcd_client::Client::connect(etcd.endpoints(), None).await?;

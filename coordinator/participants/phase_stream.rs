@@ -210,7 +210,10 @@ mod tests {
             } else {
                 tonic::transport::Server::builder()
                     .add_service(ParticipantServer::new(Service::new(served)))
-                    .serve_with_incoming_shutdown(crate::proto::incoming(listener), shutdown)
+                    .serve_with_incoming_shutdown(
+                        crate::process::server::incoming(listener),
+                        shutdown,
+                    )
                     .await
                     .unwrap();
             }

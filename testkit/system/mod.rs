@@ -62,6 +62,18 @@ fn participant_id(names: &[String], i: usize) -> String {
         .unwrap_or_else(|| format!("p{}", i + 1))
 }
 
+/// The TLS and token settings of the process `name`: plaintext, everyone admitted, without a
+/// PKI and tokens.
+fn security(pki: &Option<TestPki>, tokens: &Option<TestTokens>, name: &str) -> Result<(Tls, Auth)> {
+    Ok(match (pki, tokens) {
+        (Some(pki), Some(tokens)) => (pki.tls(name)?, tokens.auth()?),
+        _ => Default::default(),
+    })
+}
+
+/// A change to a participant's configuration after the defaults.
+type ParticipantChange = Box<dyn Fn(participant::Config) -> participant::Config + Send + Sync>;
+
 /// What to start; [`System::builder`].
 pub struct Builder {
     /// Clusters to start, when none are given.
@@ -82,7 +94,7 @@ pub struct Builder {
     /// until it leads.
     etcd: Option<Vec<String>>,
     /// Changes every participant's configuration after the defaults.
-    participant: Option<Box<dyn Fn(participant::Config) -> participant::Config + Send>>,
+    participant: Option<ParticipantChange>,
     /// Starts a participant per database (not when services that embed one front them).
     participants: bool,
 }
@@ -145,7 +157,7 @@ impl Builder {
     /// Changes every participant's configuration (its pool, its resolver, ...).
     pub fn participant(
         mut self,
-        change: impl Fn(participant::Config) -> participant::Config + Send + 'static,
+        change: impl Fn(participant::Config) -> participant::Config + Send + Sync + 'static,
     ) -> Builder {
         self.participant = Some(Box::new(change));
         self
@@ -177,17 +189,11 @@ impl Builder {
             true => (Some(TestPki::new()?), Some(TestTokens::new()?)),
             false => (None, None),
         };
-        let security = |name: &str| -> Result<(Tls, Auth)> {
-            Ok(match (&pki, &tokens) {
-                (Some(pki), Some(tokens)) => (pki.tls(name)?, tokens.auth()?),
-                _ => Default::default(),
-            })
-        };
         let data_dir = tempfile::Builder::new()
             .prefix("twopc-coord-")
             .tempdir()
             .context("making the coordinator's data dir")?;
-        let (tls, auth) = security("coordinator")?;
+        let (tls, auth) = security(&pki, &tokens, "coordinator")?;
         let scheme = tls.scheme();
         let (l, caddr) = listener().await?;
         let etcd = self.etcd.map(|endpoints| coordinator::EtcdConfig {
@@ -216,41 +222,30 @@ impl Builder {
             let url = format!("{scheme}://{caddr}");
             wait::until_serving(&tls, &url, Health::Leads, Duration::from_secs(20)).await?;
         }
-        let mut participants = Vec::new();
-        for (i, pg) in pgs.iter().enumerate().filter(|_| self.participants) {
-            let id = participant_id(&self.names, i);
-            let (tls, auth) = security(&id)?;
-            let config = participant::Config {
-                max_connections: 40,
-                resolve_interval: Duration::from_secs(2),
-                tls,
-                auth,
-                ..participant::Config::new(&id, format!("{scheme}://{caddr}"), pg.conn_str())
-            };
-            let config = match &self.participant {
-                Some(change) => change(config),
-                None => config,
-            };
-            let (l, _) = listener().await?;
-            participants.push(Server::participant(l, config)?);
-        }
-        let client_tls = match &pki {
-            Some(pki) => pki.tls("client")?,
-            None => Tls::default(),
-        };
-        let client_bearer = Bearer::new(tokens.as_ref().map(|t| t.client.as_str()));
-        Ok(System {
-            participants,
+        let mut system = System {
+            participants: Vec::new(),
             coordinator,
             pgs,
             limits: self.limits,
             names: self.names,
+            participant_change: self.participant,
             data_dir,
+            client_tls: match &pki {
+                Some(pki) => pki.tls("client")?,
+                None => Tls::default(),
+            },
+            client_bearer: Bearer::new(tokens.as_ref().map(|t| t.client.as_str())),
             pki,
             tokens,
-            client_tls,
-            client_bearer,
-        })
+        };
+        if self.participants {
+            for i in 0..system.pgs.len() {
+                let (l, _) = listener().await?;
+                let config = system.participant_config(i)?;
+                system.participants.push(Server::participant(l, config)?);
+            }
+        }
+        Ok(system)
     }
 }
 
@@ -264,6 +259,8 @@ pub struct System {
     pub limits: Limits,
     /// The participants' ids given to the builder.
     names: Vec<String>,
+    /// The builder's change to every participant's configuration.
+    participant_change: Option<ParticipantChange>,
     /// The coordinator's decision log, removed on drop.
     data_dir: tempfile::TempDir,
     /// Secure: the CA every process's certificate comes from.
@@ -377,19 +374,21 @@ impl System {
         ParticipantClient::with_interceptor(channel, self.client_bearer.clone())
     }
 
-    /// A configuration for participant `i` as the builder made it (before its change).
+    /// Participant `i`'s configuration: the scenario defaults (a pool of 40, the resolver every
+    /// 2 s), this system's TLS and tokens, and the builder's change.
     fn participant_config(&self, i: usize) -> Result<participant::Config> {
         let id = self.participant_id(i);
-        let (tls, auth) = match (&self.pki, &self.tokens) {
-            (Some(pki), Some(tokens)) => (pki.tls(&id)?, tokens.auth()?),
-            _ => Default::default(),
-        };
-        Ok(participant::Config {
+        let (tls, auth) = security(&self.pki, &self.tokens, &id)?;
+        let config = participant::Config {
             max_connections: 40,
             resolve_interval: Duration::from_secs(2),
             tls,
             auth,
             ..participant::Config::new(&id, self.coordinator_url(), self.pgs[i].conn_str())
+        };
+        Ok(match &self.participant_change {
+            Some(change) => change(config),
+            None => config,
         })
     }
 

@@ -55,3 +55,17 @@ async fn concurrent_transfers_keep_the_total_and_are_all_or_nothing() {
         "most transfers commit: {committed}"
     );
 }
+
+/// The scenario docs/ARCHITECTURE.md shows: the builder and the bank are all a scenario needs.
+#[tokio::test]
+async fn a_transfer_commits_in_both_databases() {
+    let sys = System::builder()
+        .databases(2)
+        .schema(bank::SCHEMA)
+        .start()
+        .await
+        .unwrap();
+    let moved = bank::transfer(&sys, (0, 1), (1, 1), 10).await;
+    assert_eq!(moved.seen, bank::Seen::Committed);
+    assert!(bank::check(&sys, &[moved]).await.is_empty());
+}

@@ -63,7 +63,7 @@ async fn world() -> World {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(twopc::proto::incoming(listener))
+            .serve_with_incoming(twopc::process::server::incoming(listener))
             .await
     });
     World {

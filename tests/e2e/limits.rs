@@ -8,7 +8,7 @@ use tonic::Code;
 use twopc::participant::database::Database;
 use twopc::participant::gid::Gid;
 use twopc::participant::postgres::Postgres;
-use twopc::participant::sql::Limits;
+use twopc::participant::statement::Limits;
 use twopc::proto::Outcome;
 use twopc::proto::TxnId;
 

@@ -8,11 +8,12 @@
 //! and a fresh start (the supervisor restarts it, as a standby) is the one state nobody has to
 //! reason about. Its writes could not have landed anyway: they are fenced.
 
-use super::etcd_log::{EtcdLog, EtcdTarget};
 use super::leader::{Candidacy, Election};
-use super::log::LogError;
 use super::standby::{Gate, Standby};
-use super::{Config, Coordinator, EXIT_DEPOSED, EtcdConfig, drain, service, start_core};
+use crate::coordinator::log::{EtcdLog, EtcdTarget, LogError};
+use crate::coordinator::{
+    Config, Coordinator, EXIT_DEPOSED, EtcdConfig, drain, service, start_core,
+};
 use crate::proto::coordinator_server::CoordinatorServer;
 use std::future::Future;
 use std::sync::Arc;
@@ -89,10 +90,13 @@ pub async fn run(
             let _ = closing.send(true);
         }
     };
-    let server =
-        crate::proto::server_with(health_service, config.tls.server(), config.auth.gate())?
-            .add_service(Standby::new(gated))
-            .serve_with_incoming_shutdown(crate::proto::incoming(listener), drained);
+    let server = crate::process::server::server_with(
+        health_service,
+        config.tls.server(),
+        config.auth.gate(),
+    )?
+    .add_service(Standby::new(gated))
+    .serve_with_incoming_shutdown(crate::process::server::incoming(listener), drained);
     tokio::pin!(server);
 
     let mut leadership = tokio::select! {

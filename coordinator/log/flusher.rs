@@ -9,7 +9,7 @@
 //! when the flushed ticket reaches its own. The thread reads the highest ticket before it
 //! flushes, so that flush covers every record written before that ticket was taken.
 
-use super::log::LogError;
+use super::LogError;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;

@@ -24,9 +24,9 @@
 //! `meta/write_sequence`, `leader` (see `leader.rs`), `txns/<txn id>` (JSON of the [`Txn`];
 //! hyphenated UUIDv7s sort by creation) and `participants/<id>` (its endpoint).
 
-use super::log::{Log, LogError};
-use super::marker_key::MarkerKey;
-use super::txn::Txn;
+use super::{FORMAT_VERSION, Log, LogError};
+use crate::coordinator::marker_key::MarkerKey;
+use crate::coordinator::txn::Txn;
 use crate::proto::TxnId;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse};
 use std::collections::BTreeMap;
@@ -34,8 +34,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
-
-const FORMAT_VERSION: &str = "twopc-log-1";
 
 /// etcd refuses a transaction of more than 128 operations (`--max-txn-ops`); a batch larger
 /// than this (plus the write sequence's put) goes as several.
@@ -259,7 +257,7 @@ async fn marker_key(
         LogError::Etcd(format!(
             "{key} holds {} bytes, not a marker key of {}",
             stored.len(),
-            super::marker_key::KEY_BYTES
+            crate::coordinator::marker_key::KEY_BYTES
         ))
     })
 }
@@ -490,7 +488,7 @@ impl Log for EtcdLog {
     }
 
     fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
-        Ok(super::log::newest_in(
+        Ok(super::newest_in(
             &self.shared.mirror.lock().unwrap().txns,
             limit,
             keep,
@@ -534,7 +532,7 @@ impl Log for EtcdLog {
         let gone: Vec<TxnId> = mirror
             .txns
             .values()
-            .filter(|t| super::log::prunable(t, before_ms))
+            .filter(|t| super::prunable(t, before_ms))
             .map(|t| t.id)
             .collect();
         for id in &gone {
@@ -552,7 +550,7 @@ mod tests {
     //! Against a real single-member etcd (`testkit::EtcdCluster`): what matters here is what
     //! etcd does with a fenced transaction, which no fake would tell.
     use super::*;
-    use crate::coordinator::leader::{Election, Leadership};
+    use crate::coordinator::ha::leader::{Election, Leadership};
     use crate::coordinator::txn::State;
     use crate::testkit::EtcdCluster;
 

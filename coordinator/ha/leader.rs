@@ -12,7 +12,7 @@
 //!   is never later than etcd counts it, and stops answering the moment that runs out
 //!   ([`LeaseCheck`]), then stops altogether ([`Leadership::deposed`]).
 
-use super::etcd_log::Fence;
+use crate::coordinator::log::Fence;
 use etcd_client::{
     Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
