@@ -17,12 +17,13 @@
 use super::branch::{
     Branch, OnCommit, OnOnePhase, OnPrepare, OnRollback, OnePhaseOutcome, State, Vote,
 };
+use super::database::PreparedBranch;
 use super::database::{Database, Prepared};
 use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, GrpcCoordinator};
 use super::postgres::Postgres;
-use super::statement::{self, SqlError};
+use super::statement::{self, Datum, Rows, SqlError, Statement};
 use super::tombstone::Tombstones;
 use crate::proto::marker::MarkerSecret;
 use crate::proto::{self, TxnId};
@@ -146,6 +147,20 @@ enum Found<D: Database> {
     Ended(State),
     /// Never here, or so long ago that only the database remembers.
     Unknown,
+}
+
+/// A statement of one of this participant's branches waiting for a lock, and who holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchWait {
+    /// The waiting branch's transaction.
+    pub waiter: TxnId,
+    /// The holder's transaction, when the holder is a branch open here or a prepared one.
+    pub holder_txn: Option<TxnId>,
+    /// The holder for a person: a branch's txn id and pid, a gid, or another session.
+    pub holder: String,
+    pub waited_ms: u32,
+    /// What is waited for, as pg_locks names it.
+    pub lock: String,
 }
 
 /// One participant: its database, its coordinator, and its branches.
@@ -306,9 +321,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         self: &Arc<Self>,
         txn: TxnId,
         sql_text: &str,
-        params: &[proto::Value],
-    ) -> Result<proto::ExecuteResponse, Error> {
-        let statement = proto::Statement {
+        params: &[Datum],
+    ) -> Result<Rows, Error> {
+        let statement = Statement {
             sql: sql_text.to_string(),
             params: params.to_vec(),
         };
@@ -326,8 +341,8 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
         self: &Arc<Self>,
         txn: TxnId,
         start: Option<&proto::Start>,
-        statements: &[proto::Statement],
-    ) -> Result<Vec<proto::ExecuteResponse>, Error> {
+        statements: &[Statement],
+    ) -> Result<Vec<Rows>, Error> {
         let count = statements.len();
         if count == 0 {
             return Err(Error::InvalidArgument(
@@ -673,7 +688,7 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     /// holds each lock: a branch (by its txn), a prepared transaction, or another session.
     /// Without a statement running that long, PostgreSQL is not asked at all: an idle or
     /// quick participant costs the deadlock detector nothing but the call.
-    pub async fn waits(&self, min_wait: Duration) -> Result<Vec<proto::LockWait>, Error> {
+    pub async fn waits(&self, min_wait: Duration) -> Result<Vec<BranchWait>, Error> {
         let (long_running, by_pid) = {
             let table = self.branches.lock().unwrap();
             let mut long_running = Vec::new();
@@ -703,10 +718,9 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
                     0 => w.holder_gid.as_deref().and_then(Gid::parse).map(|g| g.txn),
                     pid => by_pid.get(&pid).copied(),
                 };
-                Some(proto::LockWait {
-                    participant_id: self.id.clone(),
-                    waiter_txn_id: waiter.to_string(),
-                    holder_txn_id: holder_txn.map(|t| t.to_string()).unwrap_or_default(),
+                Some(BranchWait {
+                    waiter: *waiter,
+                    holder_txn,
                     holder: match (holder_txn, w.holder) {
                         (Some(t), pid) if pid != 0 => format!("transaction {t} (pid {pid})"),
                         _ => w.holder_text,
@@ -818,18 +832,11 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
     }
 
     /// Our prepared branches in this database (of `coordinator_id`, or all).
-    pub async fn recover(&self, coordinator_id: &str) -> Result<Vec<proto::PreparedBranch>, Error> {
+    pub async fn recover(&self, coordinator_id: &str) -> Result<Vec<PreparedBranch>, Error> {
         let prepared = self.db.prepared_older_than(Duration::ZERO).await?;
         Ok(prepared
             .into_iter()
             .filter(|p| coordinator_id.is_empty() || p.gid.coordinator_id == coordinator_id)
-            .map(|p| proto::PreparedBranch {
-                txn_id: p.gid.txn.to_string(),
-                coordinator_id: p.gid.coordinator_id.clone(),
-                gid: p.gid.to_string(),
-                xid: p.xid,
-                age_ms: (p.age_s * 1000.0) as i64,
-            })
             .collect())
     }
 }

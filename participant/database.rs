@@ -11,8 +11,7 @@
 
 use super::error::Error;
 use super::gid::Gid;
-use super::statement::{Limits, SqlError};
-use crate::proto;
+use super::statement::{Datum, Limits, Rows, SqlError};
 use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
 use std::future::Future;
@@ -109,9 +108,9 @@ pub trait Database: Send + Sync + 'static {
         &self,
         conn: &Self::Conn,
         sql: &str,
-        params: &[proto::Value],
+        params: &[Datum],
         begin: bool,
-    ) -> impl Future<Output = Result<proto::ExecuteResponse, SqlError>> + Send;
+    ) -> impl Future<Output = Result<Rows, SqlError>> + Send;
 
     /// Phase 1 on the branch's connection, which is then released (or, if its state is
     /// unknown after an error, closed).

@@ -15,10 +15,10 @@ use super::database::{Database, LockWait, Prepared, PreparedBranch, XactStatus, 
 use super::error::Error;
 use super::gid::Gid;
 use super::link::{CoordinatorLink, Enlisted};
-use super::sql::SqlError;
+use super::statement::{Datum, Rows, SqlError};
 use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
-use crate::proto::{self, Outcome, TxnId};
+use crate::proto::{Outcome, TxnId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -190,9 +190,9 @@ impl Database for FakeDatabase {
         &self,
         conn: &FakeConn,
         sql: &str,
-        _params: &[proto::Value],
+        _params: &[Datum],
         begin: bool,
-    ) -> Result<proto::ExecuteResponse, SqlError> {
+    ) -> Result<Rows, SqlError> {
         let lower = sql.to_ascii_lowercase();
         if begin {
             self.inner.lock().unwrap().open.insert(conn.id, None);
@@ -223,7 +223,7 @@ impl Database for FakeDatabase {
                 db.next_xid = next;
             }
         }
-        Ok(proto::ExecuteResponse {
+        Ok(Rows {
             rows_affected: u64::from(writes),
             ..Default::default()
         })

@@ -19,7 +19,8 @@
 //! - [`embedded`]: the same participant inside a service that owns its database, running the
 //!   service's own statements in the ambient global transaction.
 //! - [`health`]: `grpc.health.v1` status from PostgreSQL's and the coordinator's reachability.
-//! - [`service`]: the `twopc.v1.Participant` gRPC service; [`error`] maps errors to statuses.
+//! - [`service`]: the `twopc.v1.Participant` gRPC service; [`wire`] converts to and from its
+//!   types; [`error`] maps errors to statuses.
 //! - `fake` (tests and the `testkit` feature): an in-memory database and coordinator;
 //!   `fuzz.rs` sends the service arbitrary requests over them.
 
@@ -46,6 +47,7 @@ pub mod service;
 pub mod sql;
 pub mod statement;
 pub mod tombstone;
+pub mod wire;
 
 use crate::process::auth::{Auth, Gate};
 use crate::process::leader_channel::LeaderChannel;

@@ -27,8 +27,7 @@ use super::gid::Gid;
 use super::marker;
 use super::pg_tls::{self, PgTls};
 use super::sql;
-use super::statement::{self, SqlError};
-use crate::proto;
+use super::statement::{self, Datum, Rows, SqlError};
 use crate::proto::marker::MarkerSecret;
 use crate::proto::vote::OnePhaseOutcome;
 use deadpool_postgres::{
@@ -643,9 +642,9 @@ impl Database for Postgres {
         &self,
         conn: &Object,
         sql: &str,
-        params: &[proto::Value],
+        params: &[Datum],
         begin: bool,
-    ) -> Result<proto::ExecuteResponse, SqlError> {
+    ) -> Result<Rows, SqlError> {
         sql::execute(conn, sql, params, begin, &self.limits).await
     }
 

@@ -258,9 +258,8 @@ fn waits_name_both_branches_and_a_deadlock_victims_statement_fails_with_its_caus
         .unwrap();
 
     assert_eq!(waits.len(), 1);
-    assert_eq!(waits[0].waiter_txn_id, waiter.to_string());
-    assert_eq!(waits[0].holder_txn_id, holder.to_string());
-    assert_eq!(waits[0].participant_id, "p1");
+    assert_eq!(waits[0].waiter, waiter);
+    assert_eq!(waits[0].holder_txn, Some(holder));
     let stuck = p.run(stuck).unwrap().unwrap_err();
     assert!(
         matches!(&stuck, Error::Statement { sqlstate: Some(s), message, .. }

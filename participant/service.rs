@@ -10,6 +10,7 @@ use super::branches::{AbortCause, Participant};
 use super::database::Database;
 use super::error::Error;
 use super::link::CoordinatorLink;
+use super::wire;
 use crate::process::auth::{Caller, Role};
 use crate::process::call_stream;
 use crate::proto::marker::MarkerSecret;
@@ -239,23 +240,12 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         req: Request<proto::ExecuteRequest>,
     ) -> Result<Response<proto::ExecuteResponse>, Status> {
         let span = span(&req, "Execute", &req.get_ref().txn_id, &self.core.id);
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         let me = self.core.id.clone();
         let txn = req.txn_id.parse::<TxnId>()?;
         let start = proto::Start::from_fields(req.epoch, req.timeout_ms, &req.label);
         let batch = !req.statements.is_empty();
-        if batch && (!req.sql.is_empty() || !req.params.is_empty()) {
-            return Err(Status::invalid_argument(
-                "send either `sql` (with `params`) or `statements`, not both",
-            ));
-        }
-        let statements = match batch {
-            true => req.statements,
-            false => vec![proto::Statement {
-                sql: req.sql,
-                params: req.params,
-            }],
-        };
+        let statements = wire::statements(&mut req)?;
         let count = statements.len() as u64;
         let core = Arc::clone(&self.core);
         let resp = detached(span, async move {
@@ -265,7 +255,7 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         let result = if resp.is_ok() { "ok" } else { "error" };
         metrics::counter!("twopc_participant_statements_total", "result" => result)
             .increment(count);
-        let mut results = resp.map_err(|mut status| {
+        let results = resp.map_err(|mut status| {
             // So the client can name this participant at Commit, answer or not.
             if let Ok(v) = me.parse() {
                 status
@@ -274,24 +264,7 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
             }
             status
         })?;
-        Ok(Response::new(match batch {
-            true => proto::ExecuteResponse {
-                participant_id: me,
-                results: results
-                    .into_iter()
-                    .map(|r| proto::StatementResult {
-                        rows_affected: r.rows_affected,
-                        columns: r.columns,
-                        rows: r.rows,
-                    })
-                    .collect(),
-                ..Default::default()
-            },
-            false => proto::ExecuteResponse {
-                participant_id: me,
-                ..results.pop().expect("one result per statement")
-            },
-        }))
+        Ok(Response::new(wire::execute_response(me, batch, results)))
     }
 
     async fn prepare(
@@ -376,6 +349,10 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
     ) -> Result<Response<proto::WaitsResponse>, Status> {
         let min_wait = std::time::Duration::from_millis(req.get_ref().min_wait_ms.into());
         let waits = self.core.waits(min_wait).await?;
+        let waits = waits
+            .into_iter()
+            .map(|w| wire::lock_wait(&self.core.id, w))
+            .collect();
         Ok(Response::new(proto::WaitsResponse { waits }))
     }
 
@@ -384,6 +361,8 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
         req: Request<proto::RecoverRequest>,
     ) -> Result<Response<proto::RecoverResponse>, Status> {
         let branches = self.core.recover(&req.get_ref().coordinator_id).await?;
+        let branches: Vec<proto::PreparedBranch> =
+            branches.into_iter().map(wire::prepared_branch).collect();
         Ok(Response::new(proto::RecoverResponse {
             txn_ids: branches.iter().map(|b| b.txn_id.clone()).collect(),
             branches,

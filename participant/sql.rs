@@ -20,8 +20,8 @@
 
 use super::record;
 use super::statement::leading_words;
+use super::statement::{Datum, Rows};
 pub use super::statement::{Limits, SqlError};
-use crate::proto::{self, value::Kind};
 use bytes::BytesMut;
 use deadpool_postgres::ClientWrapper;
 use futures::StreamExt;
@@ -112,29 +112,23 @@ impl ToSql for RawParam<'_> {
     to_sql_checked!();
 }
 
-fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
-    let text = match &v.kind {
-        None => {
-            return Err(SqlError::Refused(format!(
-                "parameter ${n} has no value: set one of its fields (null_value: true for NULL)"
-            )));
-        }
-        Some(Kind::NullValue(_)) => None,
-        Some(Kind::BoolValue(b)) => Some(b.to_string()),
-        Some(Kind::IntValue(i)) => Some(i.to_string()),
-        Some(Kind::DoubleValue(d)) if d.is_nan() => Some("NaN".into()),
-        Some(Kind::DoubleValue(d)) if d.is_infinite() => {
+fn param(v: &Datum) -> TextParam {
+    TextParam(match v {
+        Datum::Null => None,
+        Datum::Bool(b) => Some(b.to_string()),
+        Datum::Int(i) => Some(i.to_string()),
+        Datum::Double(d) if d.is_nan() => Some("NaN".into()),
+        Datum::Double(d) if d.is_infinite() => {
             Some(if *d > 0.0 { "Infinity" } else { "-Infinity" }.into())
         }
-        Some(Kind::DoubleValue(d)) => Some(format!("{d:?}")),
-        Some(Kind::TextValue(s)) => Some(s.clone()),
+        Datum::Double(d) => Some(format!("{d:?}")),
+        Datum::Text(s) => Some(s.clone()),
         // bytea's text input form.
-        Some(Kind::BytesValue(b)) => Some(format!(
+        Datum::Bytes(b) => Some(format!(
             "\\x{}",
             b.iter().map(|x| format!("{x:02x}")).collect::<String>()
         )),
-    };
-    Ok(TextParam(text))
+    })
 }
 
 /// Runs one statement on the branch's connection.
@@ -145,10 +139,10 @@ fn param(n: usize, v: &proto::Value) -> Result<TextParam, SqlError> {
 pub async fn execute(
     client: &ClientWrapper,
     sql: &str,
-    params: &[proto::Value],
+    params: &[Datum],
     begin: bool,
     limits: &Limits,
-) -> Result<proto::ExecuteResponse, SqlError> {
+) -> Result<Rows, SqlError> {
     let result = execute_prepared(client, sql, params, begin, limits).await;
     if let Err(SqlError::Failed {
         message,
@@ -188,10 +182,10 @@ async fn prepared(
 async fn execute_prepared(
     client: &ClientWrapper,
     sql: &str,
-    params: &[proto::Value],
+    params: &[Datum],
     begin: bool,
     limits: &Limits,
-) -> Result<proto::ExecuteResponse, SqlError> {
+) -> Result<Rows, SqlError> {
     let stmt = if begin {
         let (began, stmt) = tokio::join!(client.batch_execute("BEGIN"), prepared(client, sql));
         began?;
@@ -206,11 +200,7 @@ async fn execute_prepared(
             params.len()
         )));
     }
-    let bound = params
-        .iter()
-        .enumerate()
-        .map(|(i, v)| param(i + 1, v))
-        .collect::<Result<Vec<_>, _>>()?;
+    let bound: Vec<TextParam> = params.iter().map(param).collect();
     let printing = match stmt.columns().iter().any(|c| !decoded_here(c.type_())) {
         true => printing_statement(client, sql, &stmt).await?,
         false => None,
@@ -233,11 +223,10 @@ async fn execute_prepared(
         .map(|c| c.name().to_string())
         .collect();
     let converted = convert_rows(client, &rows).await?;
-    Ok(proto::ExecuteResponse {
+    Ok(Rows {
         rows_affected,
         columns,
         rows: converted,
-        ..Default::default()
     })
 }
 
@@ -345,7 +334,7 @@ const PRINT_BATCH: usize = 4096;
 /// The rows for the wire: cells of the types it has a field for are decoded here; every other
 /// column is printed by the server, many cells per round trip (never one per cell: 20,000 rows
 /// of a numeric would be 20,000 round trips).
-async fn convert_rows(client: &Client, rows: &[Row]) -> Result<Vec<proto::Row>, SqlError> {
+async fn convert_rows(client: &Client, rows: &[Row]) -> Result<Vec<Vec<Datum>>, SqlError> {
     let Some(first) = rows.first() else {
         return Ok(Vec::new());
     };
@@ -369,18 +358,16 @@ async fn convert_rows(client: &Client, rows: &[Row]) -> Result<Vec<proto::Row>, 
     for row in rows {
         let mut values = Vec::with_capacity(row.len());
         for (i, col) in row.columns().iter().enumerate() {
-            let kind = if decoded_here(col.type_()) {
+            let cell = if decoded_here(col.type_()) {
                 decode_cell(row, i, col.type_())?
             } else if record::is_anonymous(col.type_()) {
-                anonymous.next().flatten().map(Kind::TextValue)
+                anonymous.next().flatten().map(Datum::Text)
             } else {
-                printed.next().flatten().map(Kind::TextValue)
+                printed.next().flatten().map(Datum::Text)
             };
-            values.push(proto::Value {
-                kind: Some(kind.unwrap_or(Kind::NullValue(true))),
-            });
+            values.push(cell.unwrap_or(Datum::Null));
         }
-        converted.push(proto::Row { values });
+        converted.push(values);
     }
     Ok(converted)
 }
@@ -457,25 +444,25 @@ fn decoded_here(ty: &Type) -> bool {
 
 /// A cell of a type [`decoded_here`]. The column's declared type is checked by try_get, so
 /// these cannot fail on a mismatch.
-fn decode_cell(row: &Row, i: usize, ty: &Type) -> Result<Option<Kind>, tokio_postgres::Error> {
+fn decode_cell(row: &Row, i: usize, ty: &Type) -> Result<Option<Datum>, tokio_postgres::Error> {
     Ok(match *ty {
-        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Kind::BoolValue),
+        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Datum::Bool),
         Type::INT2 => row
             .try_get::<_, Option<i16>>(i)?
-            .map(|v| Kind::IntValue(v.into())),
+            .map(|v| Datum::Int(v.into())),
         Type::INT4 => row
             .try_get::<_, Option<i32>>(i)?
-            .map(|v| Kind::IntValue(v.into())),
-        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Kind::IntValue),
+            .map(|v| Datum::Int(v.into())),
+        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Datum::Int),
         Type::OID => row
             .try_get::<_, Option<u32>>(i)?
-            .map(|v| Kind::IntValue(v.into())),
+            .map(|v| Datum::Int(v.into())),
         Type::FLOAT4 => row
             .try_get::<_, Option<f32>>(i)?
-            .map(|v| Kind::DoubleValue(v.into())),
-        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Kind::DoubleValue),
-        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(Kind::BytesValue),
-        _ => row.try_get::<_, Option<String>>(i)?.map(Kind::TextValue),
+            .map(|v| Datum::Double(v.into())),
+        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Datum::Double),
+        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(Datum::Bytes),
+        _ => row.try_get::<_, Option<String>>(i)?.map(Datum::Text),
     })
 }
 
@@ -529,23 +516,12 @@ mod tests {
 
     #[test]
     fn parameters_travel_as_text() {
-        let v = |k| proto::Value { kind: Some(k) };
+        assert_eq!(param(&Datum::Int(-5)).0.as_deref(), Some("-5"));
+        assert_eq!(param(&Datum::Double(0.1)).0.as_deref(), Some("0.1"));
         assert_eq!(
-            param(1, &v(Kind::IntValue(-5))).unwrap().0.as_deref(),
-            Some("-5")
-        );
-        assert_eq!(
-            param(1, &v(Kind::DoubleValue(0.1))).unwrap().0.as_deref(),
-            Some("0.1")
-        );
-        assert_eq!(
-            param(1, &v(Kind::BytesValue(vec![0, 255])))
-                .unwrap()
-                .0
-                .as_deref(),
+            param(&Datum::Bytes(vec![0, 255])).0.as_deref(),
             Some("\\x00ff")
         );
-        assert_eq!(param(1, &v(Kind::NullValue(true))).unwrap().0, None);
-        assert!(param(3, &proto::Value { kind: None }).is_err());
+        assert_eq!(param(&Datum::Null).0, None);
     }
 }

@@ -1,6 +1,47 @@
-//! What a branch accepts, whatever database it runs on: the statements that would end or
-//! escape the branch's transaction (a protocol rule: only the coordinator ends it), the size of
-//! a request, and how a statement can fail. The PostgreSQL code (`sql.rs`) runs what passes.
+//! A statement as a branch runs it, whatever database it runs on: its text and parameters
+//! ([`Statement`], [`Datum`]), what it returns ([`Rows`]), what a branch accepts (the
+//! statements that would end or escape the branch's transaction are refused: only the
+//! coordinator ends it; a request's size limits), and how a statement can fail. The wire types
+//! become these in `wire.rs`; the PostgreSQL code (`sql.rs`) runs what passes.
+
+/// A value a statement binds to `$n`, or one cell of its result: the types the wire has a
+/// field for. Any other PostgreSQL type travels as `Text`, in PostgreSQL's own text form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Datum {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// One statement of an Execute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    /// Bound to `$1..$n`, never spliced into the text.
+    pub params: Vec<Datum>,
+}
+
+impl Statement {
+    /// A statement without parameters.
+    pub fn new(sql: impl Into<String>) -> Statement {
+        Statement {
+            sql: sql.into(),
+            params: Vec::new(),
+        }
+    }
+}
+
+/// What one statement returned.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rows {
+    /// Rows written by an INSERT, UPDATE or DELETE (or returned by a query).
+    pub rows_affected: u64,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Datum>>,
+}
 
 /// The most SQL text one Execute carries by default (`--max-sql-bytes`).
 pub const MAX_SQL_BYTES: usize = 1 << 20;
