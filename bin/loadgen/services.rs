@@ -14,7 +14,7 @@
 #[path = "../../examples/ledger.rs"]
 mod ledger;
 
-use super::ACCOUNTS;
+use crate::systems::ACCOUNTS;
 use anyhow::{Context, Result};
 use ledger::pb::ledger_client::LedgerClient;
 use rand::Rng;

@@ -164,14 +164,14 @@ async fn a_wait_that_is_no_cycle_is_shown_and_left_alone() {
     sys.assert_nothing_prepared().await;
 }
 
-/// The workload of the issue, as the benchmark runs it (`loadgen --crossing`, in its own
+/// The workload of the issue, as the benchmark runs it (`loadgen crossing`, in its own
 /// system): 8 clients moving money both ways between two databases over 4 hot accounts, 120
 /// transfers, every deadlock victim retried. Every abort must be a victim's (none waited for
 /// its deadline), and the money must be conserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crossing_transfers_over_hot_accounts_all_commit_and_conserve_money() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["--crossing", "120", "--clients", "8", "--json"])
+        .args(["crossing", "120", "--clients", "8", "--json"])
         .output()
         .await
         .unwrap();
