@@ -15,6 +15,7 @@ use super::participants::fake::{
 };
 use super::transactions::{Coordinator, Limits};
 use super::txn::{Outcome, State};
+use super::wire;
 use crate::proto::{self, TxnId};
 use std::future::Future;
 use std::sync::Arc;
@@ -126,7 +127,7 @@ impl Process {
     }
 
     fn shown_state(&self, id: TxnId) -> proto::TxnState {
-        self.core.get(id).unwrap().state()
+        wire::transaction(&self.core.get(id).unwrap()).state()
     }
 
     /// Waits until the transaction has left the live table, finished.
@@ -233,7 +234,7 @@ fn a_no_vote_aborts_and_rolls_back_the_prepared_branch() {
     c.until_finished(id);
     assert_settled(&ps, id, false);
     assert!(ps.rolled_back(P1, id));
-    let reason = c.core.get(id).unwrap().reason;
+    let reason = wire::transaction(&c.core.get(id).unwrap()).reason;
     assert!(
         reason.contains("p2") && reason.contains("23503"),
         "{reason}"
@@ -675,7 +676,7 @@ fn a_rollback_whose_participant_stays_unreachable_is_left_to_presumed_abort() {
     assert_eq!(c.commit(id), Outcome::Aborted);
 
     c.until_finished(id);
-    let record = c.core.get(id).unwrap();
+    let record = wire::transaction(&c.core.get(id).unwrap());
     assert_eq!(record.state(), proto::TxnState::Aborted);
     assert_eq!(
         record.branches[0].state(),
@@ -715,7 +716,10 @@ fn a_restart_does_not_renew_the_rollback_retry_window() {
     let c = Process::start_with(log, &ps, limits);
 
     c.until_finished(id);
-    assert_eq!(c.core.get(id).unwrap().state(), proto::TxnState::Aborted);
+    assert_eq!(
+        wire::transaction(&c.core.get(id).unwrap()).state(),
+        proto::TxnState::Aborted
+    );
     assert_eq!(
         rollbacks(&ps, P1, id),
         rollbacks_before + 1,
@@ -873,7 +877,7 @@ fn one_phase_refused_by_the_participant_aborts_with_its_reason() {
 
     assert_eq!(c.commit(id), Outcome::Aborted);
 
-    let reason = c.core.get(id).unwrap().reason;
+    let reason = wire::transaction(&c.core.get(id).unwrap()).reason;
     assert!(
         reason.contains("p1") && reason.contains("23503"),
         "{reason}"
@@ -1107,7 +1111,7 @@ fn a_cycle_across_participants_aborts_its_youngest_transaction_with_40p01() {
         vec![younger]
     );
     c.until_finished(younger);
-    let record = c.core.get(younger).unwrap();
+    let record = wire::transaction(&c.core.get(younger).unwrap());
     assert_eq!(record.state(), proto::TxnState::Aborted);
     assert!(
         record.reason.contains("distributed deadlock"),
@@ -1144,7 +1148,11 @@ fn a_transaction_already_committing_is_never_a_deadlock_victim() {
         victims.iter().map(|v| v.txn).collect::<Vec<_>>(),
         vec![older]
     );
-    assert!(!c.core.get(younger).unwrap().reason.contains("deadlock"));
+    assert!(
+        !wire::transaction(&c.core.get(younger).unwrap())
+            .reason
+            .contains("deadlock")
+    );
 }
 
 #[test]
@@ -1205,7 +1213,10 @@ fn begin_and_enlistment_beyond_their_limits_are_resource_exhausted() {
     assert!(again.is_ok(), "a repeat of an enlistment is no new branch");
     assert_eq!(second.code(), tonic::Code::ResourceExhausted);
     assert!(second.message().contains("--max-branches 1"), "{second:?}");
-    assert_eq!(core.get(first).unwrap().branches.len(), 1);
+    assert_eq!(
+        wire::transaction(&core.get(first).unwrap()).branches.len(),
+        1
+    );
 }
 
 #[test]

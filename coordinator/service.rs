@@ -208,7 +208,7 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         req: Request<proto::GetTransactionRequest>,
     ) -> Result<Response<proto::Transaction>, Status> {
         let id = req.get_ref().txn_id.parse::<TxnId>()?;
-        Ok(Response::new(self.core.get(id)?))
+        Ok(Response::new(wire::transaction(&self.core.get(id)?)))
     }
 
     async fn list_transactions(
@@ -227,7 +227,7 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         };
         let transactions = self.core.list(&states, limit)?;
         Ok(Response::new(proto::ListTransactionsResponse {
-            transactions,
+            transactions: transactions.iter().map(wire::transaction).collect(),
         }))
     }
 
@@ -320,7 +320,7 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         self.core
             .resolve(id, commit, &operator, &req.reason)
             .await?;
-        Ok(Response::new(self.core.get(id)?))
+        Ok(Response::new(wire::transaction(&self.core.get(id)?)))
     }
 
     async fn list_lock_waits(

@@ -14,10 +14,9 @@ use super::log::Log;
 use super::participants::{GrpcParticipants, Participants};
 use super::registry::Registry;
 use super::txn::{Outcome, State, Txn};
-use super::wire;
 use crate::process::auth::Bearer;
 use crate::process::tls::Tls;
-use crate::proto::{self, Start, TxnId};
+use crate::proto::{Start, TxnId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -130,6 +129,38 @@ impl Live {
 
     pub fn announced(&self) -> Outcome {
         self.progress.borrow().announced
+    }
+}
+
+/// A transaction as a caller may be shown it: its record, and what has been announced of it
+/// (a commit decision is not shown before it is durable; see [`Txn::shown_state`]).
+#[derive(Clone, Debug)]
+pub struct Shown {
+    pub txn: Txn,
+    pub announced: Outcome,
+}
+
+impl Shown {
+    fn live(live: &Live) -> Shown {
+        let announced = live.announced();
+        Shown {
+            txn: live.txn.lock().unwrap().clone(),
+            announced,
+        }
+    }
+
+    /// A logged transaction that is no longer live, as it stands for good.
+    fn recorded(txn: Txn) -> Shown {
+        let txn = txn.settle();
+        Shown {
+            announced: txn.state.outcome(),
+            txn,
+        }
+    }
+
+    /// The state a caller sees.
+    pub fn state(&self) -> State {
+        self.txn.shown_state(self.announced)
     }
 }
 
@@ -515,38 +546,34 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         }
     }
 
-    pub fn get(&self, id: TxnId) -> Result<proto::Transaction, Error> {
+    pub fn get(&self, id: TxnId) -> Result<Shown, Error> {
         if let Some(live) = self.live(id) {
-            let announced = live.announced();
-            return Ok(wire::transaction(&live.txn.lock().unwrap(), announced));
+            return Ok(Shown::live(&live));
         }
         match self.log.get(id)? {
-            Some(txn) => Ok(wire::recorded_transaction(&txn)),
+            Some(txn) => Ok(Shown::recorded(txn)),
             None => Err(Error::NotFound(id)),
         }
     }
 
     /// Newest first: live transactions, then finished ones from the log.
-    pub fn list(&self, states: &[State], limit: usize) -> Result<Vec<proto::Transaction>, Error> {
+    pub fn list(&self, states: &[State], limit: usize) -> Result<Vec<Shown>, Error> {
         let wanted = |s: State| states.is_empty() || states.contains(&s);
         let live: Vec<Arc<Live>> = self.live.lock().unwrap().values().cloned().collect();
-        let mut out: Vec<proto::Transaction> = live
+        // Filtered on the state as shown: a commit being flushed shows as preparing.
+        let mut out: Vec<Shown> = live
             .iter()
-            .filter_map(|l| {
-                let txn = l.txn.lock().unwrap();
-                // Filter on the state as shown: a commit being flushed shows as preparing.
-                wanted(txn.shown_state(l.announced()))
-                    .then(|| wire::transaction(&txn, l.announced()))
-            })
+            .map(|l| Shown::live(l))
+            .filter(|s| wanted(s.state()))
             .collect();
-        out.sort_by(|a, b| b.txn_id.cmp(&a.txn_id));
+        out.sort_by_key(|s| std::cmp::Reverse(s.txn.id));
         out.truncate(limit);
         let live_ids: std::collections::HashSet<TxnId> =
             live.iter().map(|l| l.txn.lock().unwrap().id).collect();
         let logged = self.log.newest(limit - out.len(), &|t: &Txn| {
             !live_ids.contains(&t.id) && wanted(t.state.settled())
         })?;
-        out.extend(logged.iter().map(wire::recorded_transaction));
+        out.extend(logged.into_iter().map(Shown::recorded));
         Ok(out)
     }
 

@@ -3,7 +3,8 @@
 //! drifting (an unspecified state, say, is refused here and nowhere else).
 
 use super::error::Error;
-use super::txn::{BranchState, Outcome, State, Txn};
+use super::transactions::Shown;
+use super::txn::{BranchState, Outcome, State};
 use crate::proto;
 
 impl From<State> for proto::TxnState {
@@ -62,9 +63,9 @@ impl From<Outcome> for proto::Outcome {
     }
 }
 
-/// A transaction as clients see it, given what has been announced of it (see
-/// [`Txn::shown_state`]).
-pub fn transaction(txn: &Txn, announced: Outcome) -> proto::Transaction {
+/// A transaction as clients see it.
+pub fn transaction(shown: &Shown) -> proto::Transaction {
+    let (txn, announced) = (&shown.txn, shown.announced);
     proto::Transaction {
         txn_id: txn.id.to_string(),
         state: proto::TxnState::from(txn.shown_state(announced)) as i32,
@@ -87,10 +88,4 @@ pub fn transaction(txn: &Txn, announced: Outcome) -> proto::Transaction {
         finished_unix_ms: txn.finished_ms,
         reason: txn.reason.clone(),
     }
-}
-
-/// A logged transaction that is no longer live, as it stands for good.
-pub fn recorded_transaction(txn: &Txn) -> proto::Transaction {
-    let settled = txn.clone().settle();
-    transaction(&settled, settled.state.outcome())
 }

@@ -299,7 +299,7 @@ mod tests {
         );
         for txn in begun.iter().chain(&started) {
             assert_eq!(
-                core.get(*txn).unwrap().branches.len(),
+                core.get(*txn).unwrap().txn.branches.len(),
                 1,
                 "{txn} has its branch"
             );
