@@ -2,6 +2,7 @@
 //! commit or abort, and drives every branch to that decision.
 //!
 //! - [`txn`]: one transaction's state machine: every transition and rule, no I/O.
+//! - [`saga`]: one saga's state machine (docs/SAGAS.md), no I/O; its driver is not built yet.
 //! - [`transactions`]: the [`Coordinator`]: the log, the table of live transactions, Begin and
 //!   enlistment, and the queries on them.
 //! - [`commit`]: the driver of one protocol run: phase 1, the decision, phase 2 with retries.
@@ -34,6 +35,7 @@ pub mod participants;
 pub mod recovery;
 pub mod registry;
 mod retention;
+pub mod saga;
 #[cfg(test)]
 mod scenarios;
 pub mod service;
