@@ -185,7 +185,9 @@ async fn crossing_transfer(
             })
             .await?
             .into_inner();
-        return Ok((r.outcome() != Outcome::Committed).then_some(false));
+        // A victim whose blocked statement got through just before the detector's abort hears
+        // of it here, from Commit: still a deadlock's victim (the reason names its SQLSTATE).
+        return Ok((r.outcome() != Outcome::Committed).then(|| r.reason.contains("40P01")));
     };
     coordinator
         .abort(proto::AbortRequest {
