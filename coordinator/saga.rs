@@ -460,8 +460,19 @@ impl Saga {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A two-step saga, for tests of where sagas are kept.
+    pub(crate) fn saga(id: &str) -> Saga {
+        Saga::new(
+            id,
+            &[("a", vec![]), ("b", vec![])],
+            3,
+            OnExhausted::Compensate,
+        )
+        .unwrap()
+    }
 
     fn in_order(n: usize) -> Saga {
         let names = ["a", "b", "c", "d", "e"];

@@ -26,6 +26,7 @@
 
 use super::{FORMAT_VERSION, Log, LogError};
 use crate::coordinator::marker_key::MarkerKey;
+use crate::coordinator::saga::Saga;
 use crate::coordinator::txn::Txn;
 use crate::proto::TxnId;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse};
@@ -91,6 +92,7 @@ struct Shared {
 #[derive(Default)]
 struct Mirror {
     txns: BTreeMap<TxnId, Txn>,
+    sagas: BTreeMap<String, Saga>,
     participants: BTreeMap<String, String>,
     /// Changes not yet sent, by key (a later change of a key replaces an earlier one): a value
     /// to put, or `None` to delete.
@@ -178,6 +180,14 @@ impl EtcdLog {
                 source,
             })?;
             mirror.txns.insert(txn.id, txn);
+        }
+        for (key, value) in read_all(&mut kv, &format!("{p}sagas/")).await? {
+            let saga: Saga =
+                serde_json::from_slice(&value).map_err(|source| LogError::Corrupt {
+                    key: key.clone(),
+                    source,
+                })?;
+            mirror.sagas.insert(saga.id.clone(), saga);
         }
         let participants_prefix = format!("{p}participants/");
         for (key, value) in read_all(&mut kv, &participants_prefix).await? {
@@ -495,6 +505,24 @@ impl Log for EtcdLog {
         ))
     }
 
+    fn put_saga(&self, saga: &Saga) -> Result<(), LogError> {
+        let value = serde_json::to_vec(saga).expect("a Saga always serialises");
+        let mut mirror = self.shared.mirror.lock().unwrap();
+        mirror.sagas.insert(saga.id.clone(), saga.clone());
+        mirror.queue(format!("sagas/{}", saga.id), Some(value));
+        Ok(())
+    }
+
+    fn get_saga(&self, id: &str) -> Result<Option<Saga>, LogError> {
+        Ok(self.shared.mirror.lock().unwrap().sagas.get(id).cloned())
+    }
+
+    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
+        Ok(super::unfinished(
+            self.shared.mirror.lock().unwrap().sagas.values(),
+        ))
+    }
+
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
         let mut mirror = self.shared.mirror.lock().unwrap();
         let old = mirror
@@ -613,6 +641,8 @@ mod tests {
             log.put(t).unwrap();
         }
         assert!(log.enlist("p1", "http://p1").unwrap());
+        let saga = crate::coordinator::saga::tests::saga("order-1");
+        log.put_saga(&saga).unwrap();
         log.sync().await.unwrap();
         drop(log);
         first.resign().await;
@@ -635,6 +665,8 @@ mod tests {
             log.participants().unwrap(),
             vec![("p1".to_string(), "http://p1".to_string())]
         );
+        assert_eq!(log.get_saga("order-1").unwrap(), Some(saga.clone()));
+        assert_eq!(log.unfinished_sagas().unwrap(), vec![saga]);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The decision log in memory, for tests: it tells written from durable, so a scenario can
 //! crash the coordinator and see only what a power cut would have left.
 
-use super::{Log, LogError, newest_in, prunable};
+use super::{Log, LogError, newest_in, prunable, unfinished};
 use crate::coordinator::marker_key::MarkerKey;
+use crate::coordinator::saga::Saga;
 use crate::coordinator::txn::Txn;
 use crate::proto::TxnId;
 use std::collections::BTreeMap;
@@ -19,6 +20,8 @@ pub struct MemLog {
 struct MemInner {
     written: BTreeMap<TxnId, Txn>,
     durable: BTreeMap<TxnId, Txn>,
+    sagas_written: BTreeMap<String, Saga>,
+    sagas_durable: BTreeMap<String, Saga>,
     participants: BTreeMap<String, String>,
     /// Survives `crash`, as the real logs' keys do.
     marker_key: MarkerKey,
@@ -36,6 +39,8 @@ impl MemLog {
             inner: Arc::new(Mutex::new(MemInner {
                 written: inner.durable.clone(),
                 durable: inner.durable.clone(),
+                sagas_written: inner.sagas_durable.clone(),
+                sagas_durable: inner.sagas_durable.clone(),
                 participants: inner.participants.clone(),
                 marker_key: inner.marker_key.clone(),
                 epoch: inner.epoch + 1,
@@ -72,6 +77,7 @@ impl Log for MemLog {
         let stalled = inner.stalled;
         if !stalled {
             inner.durable = inner.written.clone();
+            inner.sagas_durable = inner.sagas_written.clone();
             inner.syncs += 1;
         }
         async move {
@@ -88,6 +94,21 @@ impl Log for MemLog {
 
     fn newest(&self, limit: usize, keep: &dyn Fn(&Txn) -> bool) -> Result<Vec<Txn>, LogError> {
         Ok(newest_in(&self.inner.lock().unwrap().written, limit, keep))
+    }
+
+    fn put_saga(&self, saga: &Saga) -> Result<(), LogError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.sagas_written.insert(saga.id.clone(), saga.clone());
+        Ok(())
+    }
+
+    fn get_saga(&self, id: &str) -> Result<Option<Saga>, LogError> {
+        Ok(self.inner.lock().unwrap().sagas_written.get(id).cloned())
+    }
+
+    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
+        let inner = self.inner.lock().unwrap();
+        Ok(unfinished(inner.sagas_written.values()))
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
@@ -129,6 +150,8 @@ impl Default for MemInner {
         MemInner {
             written: BTreeMap::new(),
             durable: BTreeMap::new(),
+            sagas_written: BTreeMap::new(),
+            sagas_durable: BTreeMap::new(),
             participants: BTreeMap::new(),
             marker_key: MarkerKey::generate(),
             epoch: 1,

@@ -26,6 +26,7 @@ pub use mem_log::MemLog;
 pub use sled_log::SledLog;
 
 use super::marker_key::MarkerKey;
+use super::saga::Saga;
 use super::txn::Txn;
 use crate::proto::TxnId;
 use std::future::Future;
@@ -90,6 +91,14 @@ pub trait Log: Send + Sync + 'static {
         self.newest(usize::MAX, &|t| !t.state.is_final())
     }
 
+    /// Writes (or overwrites) a saga's record (docs/SAGAS.md §3). Durable only after `sync`.
+    fn put_saga(&self, saga: &Saga) -> Result<(), LogError>;
+
+    fn get_saga(&self, id: &str) -> Result<Option<Saga>, LogError>;
+
+    /// Every saga not in a final state: what recovery must resume.
+    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError>;
+
     /// Remembers a participant, so recovery can ask it for branches nobody else knows of.
     /// Returns true if it is new (or moved), in which case the caller must `sync`.
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError>;
@@ -126,6 +135,11 @@ fn newest_in(
         .collect()
 }
 
+/// The sagas of `sagas` that are not final, for `Log::unfinished_sagas`.
+fn unfinished<'a>(sagas: impl Iterator<Item = &'a Saga>) -> Vec<Saga> {
+    sagas.filter(|s| !s.state.is_final()).cloned().collect()
+}
+
 /// Whether a record may go: see `Log::prune`.
 fn prunable(txn: &Txn, before_ms: i64) -> bool {
     txn.state.is_final() && !txn.forced && txn.finished_ms < before_ms
@@ -154,6 +168,39 @@ mod tests {
         let (log, id) = SledLog::open(dir.path(), None).unwrap();
         assert_eq!(id, "coord-a", "the id is stable across restarts");
         assert_eq!(log.get(t.id).unwrap(), Some(t));
+    }
+
+    /// A saga's record is kept as a transaction's is (docs/SAGAS.md §3): what was synced
+    /// survives a restart, and a final saga is no longer unfinished.
+    #[tokio::test]
+    async fn a_synced_saga_survives_reopening_and_a_final_one_is_not_resumed() {
+        use crate::coordinator::saga::{SagaState, tests::saga};
+        let dir = tempfile::tempdir().unwrap();
+        let (running, mut done) = (saga("running"), saga("done"));
+        done.state = SagaState::Completed;
+        {
+            let (log, _) = SledLog::open(dir.path(), Some("coord-a")).unwrap();
+            log.put_saga(&running).unwrap();
+            log.put_saga(&done).unwrap();
+            log.sync().await.unwrap();
+        }
+        let (log, _) = SledLog::open(dir.path(), None).unwrap();
+        assert_eq!(log.get_saga("running").unwrap(), Some(running.clone()));
+        assert_eq!(log.get_saga("done").unwrap(), Some(done));
+        assert_eq!(log.unfinished_sagas().unwrap(), vec![running]);
+        assert_eq!(log.get_saga("never").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_saga_written_but_not_synced_is_lost_in_a_crash() {
+        use crate::coordinator::saga::tests::saga;
+        let log = MemLog::default();
+        log.put_saga(&saga("synced")).unwrap();
+        log.sync().await.unwrap();
+        log.put_saga(&saga("unsynced")).unwrap();
+        let after = log.crash();
+        assert!(after.get_saga("synced").unwrap().is_some());
+        assert_eq!(after.get_saga("unsynced").unwrap(), None);
     }
 
     #[tokio::test]

@@ -2,8 +2,9 @@
 //! concurrent commit decisions share one fsync.
 
 use super::flusher::Flusher;
-use super::{FORMAT_VERSION, Log, LogError, prunable};
+use super::{FORMAT_VERSION, Log, LogError, prunable, unfinished};
 use crate::coordinator::marker_key::MarkerKey;
+use crate::coordinator::saga::Saga;
 use crate::coordinator::txn::Txn;
 use crate::proto::TxnId;
 use std::future::Future;
@@ -13,6 +14,13 @@ use std::path::Path;
 fn is_locked(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
         || io.to_string().contains("could not acquire lock"))
+}
+
+fn decode_saga(id: &str, value: &[u8]) -> Result<Saga, LogError> {
+    serde_json::from_slice(value).map_err(|source| LogError::Corrupt {
+        key: format!("saga {id}"),
+        source,
+    })
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<Txn, LogError> {
@@ -25,6 +33,8 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Txn, LogError> {
 /// The log on sled, with group commit: concurrent `sync` calls share one `flush`.
 pub struct SledLog {
     txns: sled::Tree,
+    /// Saga records by saga id (docs/SAGAS.md §3).
+    sagas: sled::Tree,
     participants: sled::Tree,
     flusher: Flusher,
     marker_key: MarkerKey,
@@ -151,11 +161,13 @@ impl SledLog {
         // or any marker a secret; the epoch before any transaction is created in it.
         db.flush()?;
         let txns = db.open_tree("txns")?;
+        let sagas = db.open_tree("sagas")?;
         let participants = db.open_tree("participants")?;
         let flusher = Flusher::start(db.clone());
         Ok((
             SledLog {
                 txns,
+                sagas,
                 participants,
                 flusher,
                 marker_key,
@@ -198,6 +210,28 @@ impl Log for SledLog {
             }
         }
         Ok(out)
+    }
+
+    fn put_saga(&self, saga: &Saga) -> Result<(), LogError> {
+        let value = serde_json::to_vec(saga).expect("a Saga always serializes");
+        self.sagas.insert(saga.id.as_bytes(), value)?;
+        Ok(())
+    }
+
+    fn get_saga(&self, id: &str) -> Result<Option<Saga>, LogError> {
+        match self.sagas.get(id.as_bytes())? {
+            Some(v) => decode_saga(id, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
+        let mut sagas = Vec::new();
+        for entry in self.sagas.iter() {
+            let (k, v) = entry?;
+            sagas.push(decode_saga(&String::from_utf8_lossy(&k), &v)?);
+        }
+        Ok(unfinished(sagas.iter()))
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {
