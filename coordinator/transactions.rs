@@ -560,11 +560,18 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     pub fn list(&self, states: &[State], limit: usize) -> Result<Vec<Shown>, Error> {
         let wanted = |s: State| states.is_empty() || states.contains(&s);
         let live: Vec<Arc<Live>> = self.live.lock().unwrap().values().cloned().collect();
-        // Filtered on the state as shown: a commit being flushed shows as preparing.
+        // Filtered on the state as shown (a commit being flushed shows as preparing), before
+        // anything is copied.
         let mut out: Vec<Shown> = live
             .iter()
-            .map(|l| Shown::live(l))
-            .filter(|s| wanted(s.state()))
+            .filter_map(|l| {
+                let announced = l.announced();
+                let txn = l.txn.lock().unwrap();
+                wanted(txn.shown_state(announced)).then(|| Shown {
+                    txn: txn.clone(),
+                    announced,
+                })
+            })
             .collect();
         out.sort_by_key(|s| std::cmp::Reverse(s.txn.id));
         out.truncate(limit);

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use super::PgCluster;
 use super::system::System;
+use super::wait;
 use crate::proto::{self, TxnState};
 
 /// Accounts per database.
@@ -252,15 +253,9 @@ pub async fn check(sys: &System, transfers: &[Transfer]) -> Vec<Violation> {
     }
     let mut violations = check_states(&dbs, ACCOUNTS * INITIAL_BALANCE, transfers, &told);
     for (i, pg) in sys.pgs.iter().enumerate() {
-        let mut left = -1;
-        for _ in 0..100 {
-            left = pg.prepared().await.unwrap_or(-1);
-            if left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if left != 0 {
+        let none = || async { pg.prepared().await.is_ok_and(|n| n == 0) };
+        if !wait::holds_within(Duration::from_secs(10), none).await {
+            let left = pg.prepared().await.unwrap_or(-1);
             violations.push(Violation::new(
                 "settled",
                 None,

@@ -19,20 +19,34 @@ const POLL: Duration = Duration::from_millis(100);
 /// The health service name a coordinator reports SERVING under only while it leads.
 pub const COORDINATOR_SERVICE: &str = "twopc.v1.Coordinator";
 
-/// Polls `check` until it holds; panics after `within`, naming `what` (for tests).
-pub async fn eventually_within<F, Fut>(what: &str, within: Duration, mut check: F)
+/// Polls `check` until it holds or `within` has passed; whether it held.
+pub async fn holds_within<F, Fut>(within: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let until = Instant::now() + within;
-    while !check().await {
-        assert!(
-            Instant::now() < until,
-            "timed out after {within:?} waiting until {what}"
-        );
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Polls `check` until it holds; panics after `within`, naming `what` (for tests).
+pub async fn eventually_within<F, Fut>(what: &str, within: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(
+        holds_within(within, check).await,
+        "timed out after {within:?} waiting until {what}"
+    );
 }
 
 /// [`eventually_within`] 30 s: long enough for recovery and a lease to expire, short enough
@@ -85,12 +99,8 @@ pub async fn serving(tls: &Tls, url: &str, health: Health) -> bool {
 
 /// Waits until [`serving`] holds, up to `within`.
 pub async fn until_serving(tls: &Tls, url: &str, health: Health, within: Duration) -> Result<()> {
-    let until = Instant::now() + within;
-    while !serving(tls, url, health).await {
-        if Instant::now() > until {
-            bail!("{url} did not answer its health check ({health:?}) within {within:?}");
-        }
-        tokio::time::sleep(POLL).await;
+    if !holds_within(within, || serving(tls, url, health)).await {
+        bail!("{url} did not answer its health check ({health:?}) within {within:?}");
     }
     Ok(())
 }
