@@ -36,6 +36,14 @@ pub enum Error {
         ours: String,
         owner: String,
     },
+    /// A saga plan that cannot run (INVALID_ARGUMENT), with what is wrong.
+    #[error("{0}")]
+    Plan(String),
+    #[error("unknown saga {0:?}: it was never submitted here, or it finished long ago")]
+    SagaNotFound(String),
+    /// A saga id submitted again with another plan.
+    #[error("{0}")]
+    SagaConflict(String),
     #[error("the coordinator is shutting down; retry against a running coordinator")]
     ShuttingDown,
     #[error(
@@ -52,8 +60,9 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument(_) => Status::invalid_argument(msg),
-            Error::NotFound(_) => Status::not_found(msg),
+            Error::InvalidArgument(_) | Error::Plan(_) => Status::invalid_argument(msg),
+            Error::NotFound(_) | Error::SagaNotFound(_) => Status::not_found(msg),
+            Error::SagaConflict(_) => Status::failed_precondition(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::NotAllowed(_) => Status::permission_denied(msg),
             Error::Txn(_) | Error::EndpointRefused(_) | Error::NotOurs { .. } => {

@@ -49,6 +49,14 @@ enum Call {
     Query(Id, String),
     Resolve(Id, i32, String),
     LockWaits(u32),
+    /// A saga of steps (name, depends_on, endpoint, sql), options drawn at random.
+    Saga {
+        id: String,
+        steps: Vec<(String, Vec<String>, String, String)>,
+        attempts: u32,
+        on_exhausted: i32,
+    },
+    GetSaga(String, u32),
     /// Arbitrary bytes decoded as the request of method `n` (modulo the methods); called if
     /// they decode.
     Raw(u8, Vec<u8>),
@@ -59,6 +67,14 @@ fn id() -> impl Strategy<Value = Id> {
         4 => any::<usize>().prop_map(Id::Begun),
         1 => Just(Id::Unknown),
         1 => text().prop_map(Id::Text),
+    ]
+}
+
+/// Mostly a few names, so that steps depend on each other and submits repeat.
+fn saga_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(str::to_string),
+        1 => text(),
     ]
 }
 
@@ -88,6 +104,15 @@ fn call() -> impl Strategy<Value = Call> {
         1 => (id(), text()).prop_map(|(i, c)| Call::Query(i, c)),
         1 => (id(), any::<i32>(), text()).prop_map(|(i, r, why)| Call::Resolve(i, r, why)),
         1 => any::<u32>().prop_map(Call::LockWaits),
+        2 => (saga_name(), proptest::collection::vec(
+                (saga_name(), proptest::collection::vec(saga_name(), 0..2), endpoint(),
+                 prop_oneof![Just("UPDATE t SET n = 1".to_string()), text()]),
+                0..4),
+              0..2000u32, any::<i32>())
+            .prop_map(|(id, steps, attempts, on_exhausted)| Call::Saga {
+                id, steps, attempts, on_exhausted,
+            }),
+        1 => (saga_name(), 0..200u32).prop_map(|(id, w)| Call::GetSaga(id, w)),
         2 => (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(m, b)| Call::Raw(m, b)),
     ]
@@ -148,7 +173,7 @@ impl Target {
                 }
             };
         }
-        match method % 10 {
+        match method % 13 {
             0 => match proto::BeginRequest::decode(bytes) {
                 Ok(req) => s
                     .begin(Request::new(req))
@@ -164,6 +189,9 @@ impl Target {
             6 => call!(proto::QueryOutcomeRequest, query_outcome),
             7 => call!(proto::ListLockWaitsRequest, list_lock_waits),
             8 => call!(proto::ListParticipantsRequest, list_participants),
+            9 => call!(proto::SubmitSagaRequest, submit_saga),
+            10 => call!(proto::GetSagaRequest, get_saga),
+            11 => call!(proto::ListSagasRequest, list_sagas),
             _ => call!(proto::ResolveTransactionRequest, resolve_transaction),
         }
     }
@@ -249,6 +277,52 @@ impl fuzzing::Target for Target {
                 }))
                 .await
                 .map(drop),
+            Call::Saga {
+                id,
+                steps,
+                attempts,
+                on_exhausted,
+            } => {
+                let sql = |endpoint: &str, text: &str| proto::SagaCall {
+                    call: Some(proto::saga_call::Call::Sql(proto::SqlCall {
+                        participant: endpoint.into(),
+                        statements: vec![proto::Statement {
+                            sql: text.into(),
+                            params: vec![],
+                        }],
+                        bind_outputs: true,
+                    })),
+                };
+                let steps = steps
+                    .iter()
+                    .map(|(name, deps, endpoint, text)| proto::SagaStepPlan {
+                        name: name.clone(),
+                        action: Some(sql(endpoint, text)),
+                        compensation: Some(sql(endpoint, text)),
+                        depends_on: deps.clone(),
+                    })
+                    .collect();
+                s.submit_saga(Request::new(proto::SubmitSagaRequest {
+                    saga_id: id.clone(),
+                    steps,
+                    options: Some(proto::SagaOptions {
+                        attempts: *attempts,
+                        on_exhausted: *on_exhausted,
+                        step_timeout_ms: 100,
+                        initial_backoff_ms: 1,
+                        max_backoff_ms: 5,
+                    }),
+                }))
+                .await
+                .map(drop)
+            }
+            Call::GetSaga(id, wait_ms) => s
+                .get_saga(Request::new(proto::GetSagaRequest {
+                    saga_id: id.clone(),
+                    wait_ms: *wait_ms,
+                }))
+                .await
+                .map(drop),
             Call::Raw(method, bytes) => self.raw(*method, bytes).await,
         }
     }
@@ -270,14 +344,21 @@ impl fuzzing::Target for Target {
                 .iter()
                 .flat_map(|ep| self.participants.prepared(ep))
                 .collect();
-            if self.core.live_count() == 0 && prepared.is_empty() {
+            let sagas_running = self
+                .core
+                .sagas
+                .lock()
+                .unwrap()
+                .values()
+                .any(|s| s.snapshot().state != super::saga::SagaState::Stuck);
+            if self.core.live_count() == 0 && prepared.is_empty() && !sagas_running {
                 return (self.participants.alarms() > 0)
                     .then(|| "a branch ended against its decision".to_string());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Some(format!(
-            "{} transactions still live after every one was aborted",
+            "{} transactions still live after every one was aborted, or a saga still running",
             self.core.live_count()
         ))
     }

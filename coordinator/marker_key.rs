@@ -63,6 +63,22 @@ impl MarkerKey {
     }
 }
 
+impl MarkerKey {
+    /// The barrier secret of one half (`op`: `action` or `compensate`) of a saga's step
+    /// (docs/SAGAS.md §4): the same on every send of it, by any replica, and out of reach of
+    /// anyone without the key, who could otherwise fence a step off or make it a no-op.
+    pub fn barrier_secret(&self, saga_id: &str, step: &str, op: &str) -> MarkerSecret {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(b"twopc saga barrier\0");
+        for part in [saga_id, step, op] {
+            ctx.update(part.as_bytes());
+            ctx.update(b"\0");
+        }
+        MarkerSecret::new(ctx.sign().as_ref().to_vec())
+            .expect("an HMAC-SHA256 tag is 32 bytes, a valid secret length")
+    }
+}
+
 /// Never printed.
 impl std::fmt::Debug for MarkerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,5 +102,16 @@ mod tests {
             MarkerKey::generate().secret("c1", txn)
         );
         assert!(MarkerKey::from_bytes(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn each_half_of_each_step_has_a_secret_of_its_own() {
+        let key = MarkerKey::generate();
+        let s = |saga, step, op| key.barrier_secret(saga, step, op);
+        assert_eq!(s("o-1", "pay", "action"), s("o-1", "pay", "action"));
+        assert_ne!(s("o-1", "pay", "action"), s("o-1", "pay", "compensate"));
+        assert_ne!(s("o-1", "pay", "action"), s("o-2", "pay", "action"));
+        // The separator keeps ("o-1", "pay") apart from ("o-1p", "ay").
+        assert_ne!(s("o-1", "pay", "action"), s("o-1p", "ay", "action"));
     }
 }

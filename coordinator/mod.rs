@@ -2,7 +2,9 @@
 //! commit or abort, and drives every branch to that decision.
 //!
 //! - [`txn`]: one transaction's state machine: every transition and rule, no I/O.
-//! - [`saga`]: one saga's state machine (docs/SAGAS.md), no I/O; its driver is not built yet.
+//! - [`saga`]: one saga's state machine (docs/SAGAS.md), no I/O; [`saga_plan`]: a submitted
+//!   plan, checked; [`sagas`]: SubmitSaga and the queries, the driver of each saga, and their
+//!   resumption after a restart.
 //! - [`transactions`]: the [`Coordinator`]: the log, the table of live transactions, Begin and
 //!   enlistment, and the queries on them.
 //! - [`commit`]: the driver of one protocol run: phase 1, the decision, phase 2 with retries.
@@ -36,6 +38,10 @@ pub mod recovery;
 pub mod registry;
 mod retention;
 pub mod saga;
+pub mod saga_plan;
+#[cfg(test)]
+mod saga_scenarios;
+pub mod sagas;
 #[cfg(test)]
 mod scenarios;
 pub mod service;

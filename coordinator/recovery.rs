@@ -47,6 +47,7 @@ pub struct OrphanScan {
 impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Loads every unfinished record and restarts its phase 2. Returns how many there were.
     pub fn recover(self: &Arc<Self>) -> Result<usize, Error> {
+        self.recover_sagas()?;
         let unfinished = self.log.unfinished()?;
         let n = unfinished.len();
         for mut txn in unfinished {

@@ -148,6 +148,15 @@ pub struct Saga {
     completions: u64,
     /// Why it compensates or is stuck.
     pub reason: String,
+    /// The plan as submitted (`twopc.v1.SubmitSagaRequest`, encoded): what each step sends,
+    /// which the machine never reads; a repeated submit is compared with it.
+    #[serde(default)]
+    pub plan: Vec<u8>,
+    #[serde(default)]
+    pub created_ms: i64,
+    /// When it became final; 0 until then.
+    #[serde(default)]
+    pub finished_ms: i64,
 }
 
 impl Saga {
@@ -211,6 +220,9 @@ impl Saga {
             on_exhausted,
             completions: 0,
             reason: String::new(),
+            plan: Vec::new(),
+            created_ms: 0,
+            finished_ms: 0,
         };
         saga.check_acyclic()?;
         Ok(saga)

@@ -24,18 +24,18 @@ use std::time::{Duration, Instant};
 const P1: &str = "http://p1";
 const P2: &str = "http://p2";
 
-type Core = Arc<Coordinator<MemLog, FakeParticipants>>;
+pub(super) type Core = Arc<Coordinator<MemLog, FakeParticipants>>;
 
 /// One coordinator process: its runtime (whose end is the process's end) and its core.
-struct Process {
+pub(super) struct Process {
     runtime: tokio::runtime::Runtime,
-    core: Core,
-    log: MemLog,
+    pub(super) core: Core,
+    pub(super) log: MemLog,
 }
 
 impl Process {
     /// Starts a coordinator on `log`, recovering what it holds, as the binary does.
-    fn start(log: MemLog, participants: &FakeParticipants) -> Process {
+    pub(super) fn start(log: MemLog, participants: &FakeParticipants) -> Process {
         Process::start_with(log, participants, scenario_limits())
     }
 
@@ -52,7 +52,7 @@ impl Process {
     }
 
     /// Runs `f` on this process's runtime; its background tasks make progress meanwhile.
-    fn run<T>(&self, f: impl Future<Output = T>) -> T {
+    pub(super) fn run<T>(&self, f: impl Future<Output = T>) -> T {
         self.runtime.block_on(f)
     }
 
@@ -62,7 +62,7 @@ impl Process {
     }
 
     /// Lets the process run until `done` holds (at most 5 s, then the test fails).
-    fn until(&self, what: &str, done: impl Fn() -> bool) {
+    pub(super) fn until(&self, what: &str, done: impl Fn() -> bool) {
         let started = Instant::now();
         self.run(async {
             while !done() {
@@ -76,7 +76,7 @@ impl Process {
     }
 
     /// The process dies: every task stops where it is, and only what was synced survives.
-    fn crash(self) -> MemLog {
+    pub(super) fn crash(self) -> MemLog {
         let survivors = self.log.crash();
         self.runtime.shutdown_background();
         survivors
@@ -137,7 +137,7 @@ impl Process {
 }
 
 /// Short waits, so that a scenario's retries happen within its few seconds.
-fn scenario_limits() -> Limits {
+pub(super) fn scenario_limits() -> Limits {
     Limits {
         prepare_timeout: Duration::from_millis(300),
         commit_wait: Duration::from_millis(200),

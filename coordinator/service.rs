@@ -203,6 +203,44 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         }))
     }
 
+    async fn submit_saga(
+        &self,
+        req: Request<proto::SubmitSagaRequest>,
+    ) -> Result<Response<proto::Saga>, Status> {
+        let saga = self.core.submit_saga(req.get_ref()).await?;
+        Ok(Response::new(wire::saga(&saga)))
+    }
+
+    async fn get_saga(
+        &self,
+        req: Request<proto::GetSagaRequest>,
+    ) -> Result<Response<proto::Saga>, Status> {
+        let req = req.into_inner();
+        let wait = Duration::from_millis(req.wait_ms.into());
+        let saga = self.core.get_saga(&req.saga_id, wait).await?;
+        Ok(Response::new(wire::saga(&saga)))
+    }
+
+    async fn list_sagas(
+        &self,
+        req: Request<proto::ListSagasRequest>,
+    ) -> Result<Response<proto::ListSagasResponse>, Status> {
+        let req = req.into_inner();
+        let states = req
+            .states
+            .iter()
+            .map(|&s| wire::saga_state_from_proto(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let sagas = self.core.list_sagas(&states, limit)?;
+        Ok(Response::new(proto::ListSagasResponse {
+            sagas: sagas.iter().map(wire::saga).collect(),
+        }))
+    }
+
     async fn get_transaction(
         &self,
         req: Request<proto::GetTransactionRequest>,

@@ -186,6 +186,8 @@ pub struct Coordinator<L: Log, P: Participants = GrpcParticipants> {
     pub(super) forgettable: Mutex<HashMap<String, Vec<TxnId>>>,
     /// The log's epoch: a client that chooses its own txn ids sends it (`epoch.rs`).
     epoch: u64,
+    /// Sagas from submission until they are final (`sagas.rs`).
+    pub(super) sagas: Mutex<HashMap<String, Arc<super::sagas::LiveSaga>>>,
 }
 
 pub use crate::process::clock::now_ms;
@@ -247,6 +249,7 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             registry,
             draining: AtomicBool::new(false),
             forgettable: Mutex::new(HashMap::new()),
+            sagas: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -266,6 +269,10 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
     /// Stops new transactions; those in flight carry on.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// How many transactions are still in flight.

@@ -1,8 +1,9 @@
-//! The one place the coordinator's state machine meets the `twopc.v1` types: states, outcomes
-//! and transactions out, state filters in. Keeping it in one place keeps the two from
+//! The one place the coordinator's state machines meet the `twopc.v1` types: states, outcomes,
+//! transactions and sagas out, state filters in. Keeping it in one place keeps the two from
 //! drifting (an unspecified state, say, is refused here and nowhere else).
 
 use super::error::Error;
+use super::saga::{Saga, SagaState, StepState};
 use super::transactions::Shown;
 use super::txn::{BranchState, Outcome, State};
 use crate::proto;
@@ -87,5 +88,75 @@ pub fn transaction(shown: &Shown) -> proto::Transaction {
         decided_unix_ms: txn.decided_ms,
         finished_unix_ms: txn.finished_ms,
         reason: txn.reason.clone(),
+    }
+}
+
+impl From<SagaState> for proto::SagaState {
+    fn from(s: SagaState) -> Self {
+        match s {
+            SagaState::Running => proto::SagaState::Running,
+            SagaState::Completed => proto::SagaState::Completed,
+            SagaState::Compensating => proto::SagaState::Compensating,
+            SagaState::Compensated => proto::SagaState::Compensated,
+            SagaState::Stuck => proto::SagaState::Stuck,
+        }
+    }
+}
+
+impl From<&StepState> for proto::SagaStepState {
+    fn from(s: &StepState) -> Self {
+        match s {
+            StepState::Pending => proto::SagaStepState::Pending,
+            StepState::Running => proto::SagaStepState::Running,
+            StepState::Unknown => proto::SagaStepState::Unknown,
+            StepState::Succeeded => proto::SagaStepState::Succeeded,
+            StepState::Failed => proto::SagaStepState::Failed,
+            StepState::Exhausted => proto::SagaStepState::Exhausted,
+            StepState::Compensating => proto::SagaStepState::Compensating,
+            StepState::Uncompensated => proto::SagaStepState::Uncompensated,
+            StepState::Compensated => proto::SagaStepState::Compensated,
+        }
+    }
+}
+
+/// A saga state a client asks to filter on.
+pub fn saga_state_from_proto(n: i32) -> Result<SagaState, Error> {
+    Ok(match proto::SagaState::try_from(n) {
+        Ok(proto::SagaState::Running) => SagaState::Running,
+        Ok(proto::SagaState::Completed) => SagaState::Completed,
+        Ok(proto::SagaState::Compensating) => SagaState::Compensating,
+        Ok(proto::SagaState::Compensated) => SagaState::Compensated,
+        Ok(proto::SagaState::Stuck) => SagaState::Stuck,
+        Ok(proto::SagaState::Unspecified) | Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown saga state {n} in states"
+            )));
+        }
+    })
+}
+
+/// A saga for GetSaga, ListSagas and SubmitSaga's answer.
+pub fn saga(s: &Saga) -> proto::Saga {
+    proto::Saga {
+        saga_id: s.id.clone(),
+        state: proto::SagaState::from(s.state) as i32,
+        reason: s.reason.clone(),
+        steps: s
+            .steps
+            .iter()
+            .map(|step| proto::SagaStep {
+                name: step.name.clone(),
+                state: proto::SagaStepState::from(&step.state) as i32,
+                attempts: step.attempts,
+                compensations: step.compensations,
+                last_error: step.last_error.clone(),
+                output: step
+                    .output
+                    .as_deref()
+                    .and_then(|o| prost::Message::decode(o).ok()),
+            })
+            .collect(),
+        created_unix_ms: s.created_ms,
+        finished_unix_ms: s.finished_ms,
     }
 }

@@ -732,6 +732,15 @@ impl<D: Database, C: CoordinatorLink> Participant<D, C> {
             .collect())
     }
 
+    /// One saga step (docs/SAGAS.md §4): no branch and no coordinator registration, a local
+    /// transaction of its own with the step's barrier row.
+    pub async fn saga_step(
+        &self,
+        call: &super::barrier::StepCall,
+    ) -> Result<super::barrier::StepAnswer, Error> {
+        self.db.saga_step(call).await
+    }
+
     /// Commits the transaction's lone branch in one phase: its COMMIT is the transaction's
     /// outcome. A repeat is answered from the branch's state, or from the database when the
     /// branch is no longer here (docs/PROTOCOL.md, "One-phase commit of a lone branch").

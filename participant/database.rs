@@ -9,6 +9,7 @@
 //! One rule every implementation shares lives here, not in an implementation: what a phase-2
 //! request means when its gid is already gone ([`settle_gone`]).
 
+use super::barrier::{StepAnswer, StepCall};
 use super::error::Error;
 use super::gid::Gid;
 use super::statement::{Datum, Limits, Rows, SqlError};
@@ -175,6 +176,20 @@ pub trait Database: Send + Sync + 'static {
         &self,
         age: Duration,
     ) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// One saga step in a local transaction of its own, with its barrier row (`barrier.rs`).
+    /// `Err`: it did not run to an answer (the database is down, a transient failure): safe to
+    /// send again.
+    fn saga_step(
+        &self,
+        _call: &StepCall,
+    ) -> impl Future<Output = Result<StepAnswer, Error>> + Send {
+        async {
+            Err(Error::FailedPrecondition(
+                "this participant's database runs no saga steps".into(),
+            ))
+        }
+    }
 }
 
 /// A phase-2 request found its gid gone: it finished earlier (a repeat after a lost reply), or

@@ -155,13 +155,14 @@ impl Target {
                 }
             };
         }
-        match method % 7 {
+        match method % 8 {
             0 => call!(proto::ExecuteRequest, execute),
             1 => call!(proto::PrepareRequest, prepare),
             2 => call!(proto::BranchRequest, commit),
             3 => call!(proto::BranchRequest, rollback),
             4 => call!(proto::CommitOnePhaseRequest, commit_one_phase),
             5 => call!(proto::WaitsRequest, waits),
+            6 => call!(proto::SagaStepRequest, run_saga_step),
             _ => call!(proto::RecoverRequest, recover),
         }
     }

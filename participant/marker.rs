@@ -45,11 +45,11 @@ pub const MARKER_OUTCOME: &str = "SELECT marked_committed, marked_xid::pg_catalo
 pub const PRUNE: &str = "SELECT twopc.prune_markers($1::pg_catalog.float8)";
 
 /// What a superuser runs once in the participant's database so that one-phase commit is on
-/// for `role`, the participant's role. Idempotent: run again after an upgrade, it replaces the
+/// for `role`, the participant's role, and saga steps have their barrier (`barrier.rs`). Idempotent: run again after an upgrade, it replaces the
 /// functions and moves an earlier version's marker table (owned by `role`) out of its reach.
 pub fn setup_sql(role: &str) -> String {
     let role = quote_ident(role);
-    format!(
+    let markers = format!(
         r#"-- twopc: one-phase commit's markers, out of the reach of the SQL clients run through the
 -- participant. Run once per database as a superuser, e.g.
 --   participant --print-setup-sql --postgres "user=<role> dbname=<db>" | psql -d <db>
@@ -150,7 +150,8 @@ GRANT EXECUTE ON FUNCTION twopc.commit_marker(bytea, bytea[]),
     twopc.marker_outcome(bytea, boolean), twopc.prune_markers(float8) TO {role};
 "#,
         floor = RETENTION_FLOOR_S,
-    )
+    );
+    markers + &super::barrier::setup_sql(&role, OWNER)
 }
 
 /// What the participant's role can do to the markers, as [`CHECK`] reads it.

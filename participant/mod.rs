@@ -13,6 +13,8 @@
 //!   [`pg_tls`] is how it reaches PostgreSQL over TLS (`sslmode`).
 //! - [`marker`]: one-phase commit's markers in PostgreSQL, owned by a role of their own so
 //!   that no client's SQL can forge, plant or delete one; the SQL that sets them up.
+//! - [`barrier`]: a saga step's barrier row, in the same schema and out of the same reach:
+//!   a repeated action runs nothing, a compensation without its action fences it off.
 //! - [`link`]: the line to the coordinator (enlistments on its Enlist stream, QueryOutcome).
 //! - [`gid`]: the PostgreSQL gid that names a branch and its owner.
 //! - [`recovery`]: resolving in-doubt prepared branches with the coordinator.
@@ -24,6 +26,7 @@
 //! - `fake` (tests and the `testkit` feature): an in-memory database and coordinator;
 //!   `fuzz.rs` sends the service arbitrary requests over them.
 
+pub mod barrier;
 pub mod branch;
 pub mod branches;
 pub mod database;

@@ -21,6 +21,7 @@
 //! `pg_catalog` in `search_path`), its own connections start with the settings it needs
 //! ([`PROTOCOL_SETTINGS`]), and a one-phase COMMIT is never asynchronous.
 
+use super::barrier::{self, Op, StepAnswer, StepCall};
 use super::database::{Database, LockWait, Prepared, PreparedBranch, XactStatus, settle_gone};
 use super::error::Error;
 use super::gid::Gid;
@@ -555,6 +556,136 @@ impl Postgres {
             _ => XactStatus::Unknown,
         })
     }
+
+    /// A saga step's local transaction on `conn` (docs/SAGAS.md §4): the barrier row first,
+    /// then the statements, then COMMIT. `Err` leaves the transaction to be rolled back by the
+    /// caller (or by the connection's end): nothing of the step applied, unless the error came
+    /// at COMMIT itself, when the barrier makes the coordinator's retry find out.
+    async fn run_step(&self, conn: &Object, call: &StepCall) -> Result<StepAnswer, StepError> {
+        conn.batch_execute("BEGIN").await?;
+        let action = call.action_secret.as_bytes();
+        let extra = match call.op {
+            Op::Action => {
+                let row = conn
+                    .query_typed(barrier::ACTION, &[(&action, Type::BYTEA)])
+                    .await
+                    .map_err(StepError::barrier)?;
+                let row = row.first().ok_or(StepError::NoBarrierRow)?;
+                let (fresh, fenced, output): (bool, bool, Option<Vec<u8>>) =
+                    (row.get(0), row.get(1), row.get(2));
+                if fenced {
+                    return Ok(StepAnswer::Fenced);
+                }
+                if !fresh {
+                    return Ok(StepAnswer::Repeated(barrier::from_stored(
+                        output.as_deref().unwrap_or_default(),
+                    )));
+                }
+                call.inputs.concat()
+            }
+            Op::Compensate => {
+                let own = call
+                    .compensation_secret
+                    .as_ref()
+                    .ok_or(StepError::NoCompensationSecret)?;
+                let row = conn
+                    .query_typed(
+                        barrier::COMPENSATE,
+                        &[(&action, Type::BYTEA), (&own.as_bytes(), Type::BYTEA)],
+                    )
+                    .await
+                    .map_err(StepError::barrier)?;
+                let row = row.first().ok_or(StepError::NoBarrierRow)?;
+                let (repeat, null, output): (bool, bool, Option<Vec<u8>>) =
+                    (row.get(0), row.get(1), row.get(2));
+                if repeat {
+                    return Ok(StepAnswer::Repeated(Rows::default()));
+                }
+                if null {
+                    conn.batch_execute("COMMIT").await?;
+                    return Ok(StepAnswer::Null);
+                }
+                barrier::from_stored(output.as_deref().unwrap_or_default())
+                    .rows
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default()
+            }
+        };
+        let mut last = Rows::default();
+        for statement in &call.statements {
+            let statement = match call.bind_outputs {
+                true => barrier::bound(statement, &extra),
+                false => statement.clone(),
+            };
+            self.limits
+                .check_request(&statement.sql, statement.params.len())?;
+            statement::check_allowed(&statement.sql)?;
+            last =
+                sql::execute(conn, &statement.sql, &statement.params, false, &self.limits).await?;
+        }
+        // The client's statements may have switched role or made commits asynchronous.
+        conn.batch_execute(BEFORE_ONE_PHASE_COMMIT).await?;
+        if call.op == Op::Action {
+            let stored = barrier::stored(&last);
+            conn.query_typed(
+                barrier::RECORD_OUTPUT,
+                &[(&action, Type::BYTEA), (&stored, Type::BYTEA)],
+            )
+            .await
+            .map_err(StepError::barrier)?;
+        }
+        match call.op {
+            Op::Action => {
+                crate::failpoint!("participant::before_saga_step_commit");
+            }
+            Op::Compensate => {
+                crate::failpoint!("participant::before_saga_compensation_commit");
+            }
+        }
+        conn.batch_execute("COMMIT")
+            .await
+            .map_err(StepError::Commit)?;
+        Ok(StepAnswer::Applied(last))
+    }
+}
+
+/// Why a saga step's local transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// A statement of the step failed: nothing applied.
+    #[error(transparent)]
+    Statement(#[from] SqlError),
+    /// The barrier's functions are missing or refused this role.
+    #[error("{0}")]
+    Barrier(String),
+    #[error("the saga barrier function returned no row")]
+    NoBarrierRow,
+    #[error("a compensation needs its own barrier secret (compensation_secret)")]
+    NoCompensationSecret,
+    /// COMMIT failed: whether it committed is for the barrier to tell on a retry.
+    #[error("COMMIT of the saga step: {}", describe(.0))]
+    Commit(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for StepError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StepError::Statement(e.into())
+    }
+}
+
+impl StepError {
+    fn barrier(e: tokio_postgres::Error) -> StepError {
+        match e.code() {
+            Some(&SqlState::UNDEFINED_FUNCTION) | Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                StepError::Barrier(format!(
+                    "this database has no saga barrier this role may use ({}); run as a superuser: participant --print-setup-sql --postgres \"user=<role> dbname=<db>\" | psql -d <db>",
+                    describe(&e)
+                ))
+            }
+            _ => StepError::Statement(e.into()),
+        }
+    }
 }
 
 impl Database for Postgres {
@@ -785,6 +916,44 @@ impl Database for Postgres {
 
     async fn prepared_older_than(&self, min_age: Duration) -> Result<Vec<PreparedBranch>, Error> {
         self.prepared_list(min_age).await
+    }
+
+    async fn saga_step(&self, call: &StepCall) -> Result<StepAnswer, Error> {
+        let conn = self.branch_conn().await?;
+        let result = self.run_step(&conn, call).await;
+        let answer = match result {
+            Ok(answer) => {
+                if !matches!(answer, StepAnswer::Applied(_) | StepAnswer::Null) {
+                    // A repeat or a fence: nothing to keep.
+                    let _ = conn.batch_execute("ROLLBACK").await;
+                }
+                Postgres::release(conn);
+                return Ok(answer);
+            }
+            Err(e) => e,
+        };
+        let rolled_back = conn.batch_execute("ROLLBACK").await.is_ok();
+        match rolled_back {
+            true => Postgres::release(conn),
+            false => drop(Object::take(conn)),
+        }
+        match answer {
+            StepError::Statement(e) if !barrier::is_transient(&e) => {
+                let (error, sqlstate) = match e {
+                    SqlError::Failed { message, sqlstate } => (message, sqlstate),
+                    other => (other.to_string(), None),
+                };
+                Ok(StepAnswer::Failed { error, sqlstate })
+            }
+            StepError::Barrier(why) => Err(Error::FailedPrecondition(why)),
+            StepError::NoCompensationSecret => Err(Error::InvalidArgument(
+                StepError::NoCompensationSecret.to_string(),
+            )),
+            e => Err(Error::Unavailable(format!(
+                "saga {:?} step {:?} ({:?}) on PostgreSQL at {}: {e}; safe to send again",
+                call.saga_id, call.step, call.op, self.target
+            ))),
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! CommitOnePhase) or many over one Phases stream; both run the same step functions below, so
 //! the rules, the failpoints and the metrics cannot differ between the two.
 
+use super::barrier::{Op, StepAnswer};
 use super::branches::{AbortCause, Participant};
 use super::database::Database;
 use super::error::Error;
@@ -354,6 +355,35 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
             .map(|w| wire::lock_wait(&self.core.id, w))
             .collect();
         Ok(Response::new(proto::WaitsResponse { waits }))
+    }
+
+    async fn run_saga_step(
+        &self,
+        req: Request<proto::SagaStepRequest>,
+    ) -> Result<Response<proto::SagaStepResponse>, Status> {
+        let span = tracing::info_span!("saga_step", saga_id = %req.get_ref().saga_id,
+            step = %req.get_ref().step, participant = %self.core.id);
+        let call = wire::saga_step(req.into_inner())?;
+        let core = Arc::clone(&self.core);
+        let (call, answer) = detached(span, async move {
+            let answer = core.saga_step(&call).await?;
+            Ok((call, answer))
+        })
+        .await?;
+        if matches!(answer, StepAnswer::Applied(_) | StepAnswer::Null) {
+            match call.op {
+                Op::Action => {
+                    crate::failpoint!("participant::saga_step_committed");
+                }
+                Op::Compensate => {
+                    crate::failpoint!("participant::saga_compensation_committed");
+                }
+            }
+        }
+        let resp = wire::saga_step_response(answer);
+        metrics::counter!("twopc_participant_saga_steps_total", "outcome" => resp.outcome().as_str_name())
+            .increment(1);
+        Ok(Response::new(resp))
     }
 
     async fn recover(

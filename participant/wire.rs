@@ -2,10 +2,12 @@
 //! parameters in, results, lock waits and prepared branches out. Below it, the branch table and
 //! the database speak the participant's own types (`statement.rs`, `database.rs`).
 
+use super::barrier::{Op, StepAnswer, StepCall};
 use super::branches::BranchWait;
 use super::database;
 use super::error::Error;
 use super::statement::{Datum, Rows, Statement};
+use crate::proto::marker::MarkerSecret;
 use crate::proto::{self, value::Kind};
 
 /// A parameter from the wire; a value with no field set is the caller's error, `$n` named.
@@ -73,6 +75,105 @@ pub fn statements(req: &mut proto::ExecuteRequest) -> Result<Vec<Statement>, Err
         .collect()
 }
 
+/// A statement's result for the wire, whole.
+pub fn statement_result(r: Rows) -> proto::StatementResult {
+    let (rows_affected, columns, rows) = rows(r);
+    proto::StatementResult {
+        rows_affected,
+        columns,
+        rows,
+    }
+}
+
+/// A result from the wire (a stored one: every cell has a value; one without reads as NULL).
+pub fn rows_of(r: proto::StatementResult) -> Rows {
+    Rows {
+        rows_affected: r.rows_affected,
+        columns: r.columns,
+        rows: r.rows.into_iter().map(row_of).collect(),
+    }
+}
+
+fn row_of(row: proto::Row) -> Vec<Datum> {
+    row.values
+        .into_iter()
+        .map(|v| datum(0, v).unwrap_or(Datum::Null))
+        .collect()
+}
+
+/// A saga step as the coordinator sent it. Secrets and parameters are checked here, before
+/// anything runs.
+pub fn saga_step(req: proto::SagaStepRequest) -> Result<StepCall, Error> {
+    let op = match req.op() {
+        proto::SagaOp::Action => Op::Action,
+        proto::SagaOp::Compensate => Op::Compensate,
+        proto::SagaOp::Unspecified => {
+            return Err(Error::InvalidArgument(
+                "op must be SAGA_OP_ACTION or SAGA_OP_COMPENSATE".into(),
+            ));
+        }
+    };
+    let secret = |bytes: Vec<u8>, which: &str| {
+        MarkerSecret::new(bytes).map_err(|e| Error::InvalidArgument(format!("{which}: {e}")))
+    };
+    let action_secret = secret(req.action_secret, "action_secret")?;
+    let compensation_secret = match op {
+        Op::Action => None,
+        Op::Compensate => Some(secret(req.compensation_secret, "compensation_secret")?),
+    };
+    let count = req.statements.len();
+    let statements = req
+        .statements
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let params = s
+                .params
+                .into_iter()
+                .enumerate()
+                .map(|(n, v)| datum(n + 1, v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| {
+                    Error::InvalidArgument(format!("statement {} of {count}: {m}", i + 1))
+                })?;
+            Ok(Statement { sql: s.sql, params })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(StepCall {
+        saga_id: req.saga_id,
+        step: req.step,
+        op,
+        action_secret,
+        compensation_secret,
+        statements,
+        bind_outputs: req.bind_outputs,
+        inputs: req.inputs.into_iter().map(row_of).collect(),
+    })
+}
+
+/// RunSagaStep's answer.
+pub fn saga_step_response(answer: StepAnswer) -> proto::SagaStepResponse {
+    use proto::SagaStepOutcome as Outcome;
+    let (outcome, output, error, sqlstate) = match answer {
+        StepAnswer::Applied(r) => (Outcome::Applied, Some(statement_result(r)), "".into(), None),
+        StepAnswer::Repeated(r) => (
+            Outcome::Repeated,
+            Some(statement_result(r)),
+            "".into(),
+            None,
+        ),
+        StepAnswer::Failed { error, sqlstate } => (Outcome::Failed, None, error, sqlstate),
+        StepAnswer::Fenced => (Outcome::Fenced, None, "".into(), None),
+        StepAnswer::Null => (Outcome::Null, None, "".into(), None),
+    };
+    proto::SagaStepResponse {
+        outcome: outcome as i32,
+        output,
+        error,
+        sqlstate: sqlstate.unwrap_or_default(),
+    }
+}
+
 /// A statement's result for the wire.
 fn rows(r: Rows) -> (u64, Vec<String>, Vec<proto::Row>) {
     let rows = r
@@ -95,17 +196,7 @@ pub fn execute_response(
     match batch {
         true => proto::ExecuteResponse {
             participant_id,
-            results: results
-                .into_iter()
-                .map(|r| {
-                    let (rows_affected, columns, rows) = rows(r);
-                    proto::StatementResult {
-                        rows_affected,
-                        columns,
-                        rows,
-                    }
-                })
-                .collect(),
+            results: results.into_iter().map(statement_result).collect(),
             ..Default::default()
         },
         false => {

@@ -28,10 +28,10 @@ use tonic::codegen::http;
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A service running transactions: Begin, Execute, Commit, Abort, GetTransaction,
-    /// QueryOutcome.
+    /// QueryOutcome; and sagas: SubmitSaga, GetSaga.
     Client,
     /// A twopc server calling another: RegisterBranch, QueryOutcome, and a branch's Prepare,
-    /// Commit, Rollback, CommitOnePhase and Recover. Only a peer opens Phases or Enlist (those
+    /// Commit, Rollback, CommitOnePhase and Recover, and a saga's steps (RunSagaStep). Only a peer opens Phases or Enlist (those
     /// calls over one stream): an operator's Commit and Rollback are audited one by one.
     Peer,
     /// A person operating the system: everything, including ListTransactions,
@@ -63,6 +63,8 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         | "/twopc.v1.Coordinator/Commit"
         | "/twopc.v1.Coordinator/Abort"
         | "/twopc.v1.Coordinator/GetTransaction"
+        | "/twopc.v1.Coordinator/SubmitSaga"
+        | "/twopc.v1.Coordinator/GetSaga"
         | "/twopc.v1.Participant/Execute" => CLIENT,
         "/twopc.v1.Coordinator/QueryOutcome" => ANY,
         "/twopc.v1.Coordinator/RegisterBranch"
@@ -71,7 +73,8 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         | "/twopc.v1.Participant/Rollback"
         | "/twopc.v1.Participant/CommitOnePhase"
         | "/twopc.v1.Participant/Recover"
-        | "/twopc.v1.Participant/Waits" => PEER,
+        | "/twopc.v1.Participant/Waits"
+        | "/twopc.v1.Participant/RunSagaStep" => PEER,
         "/twopc.v1.Participant/Phases" | "/twopc.v1.Coordinator/Enlist" => &[Peer],
         // ListTransactions, ResolveTransaction, ListLockWaits, and whatever a later version
         // adds.

@@ -122,6 +122,47 @@ pub const ALL: &[(&str, &str)] = &[
     ),
 ];
 
+/// The crash points of sagas (docs/SAGAS.md §5): apart from [`ALL`], whose every point a bank
+/// transfer workload reaches, because only a saga workload reaches these.
+pub const SAGA: &[(&str, &str)] = &[
+    (
+        "coordinator::saga_submitted",
+        "SubmitSaga: the plan is written, not yet flushed; no step sent",
+    ),
+    (
+        "coordinator::saga_written",
+        "SubmitSaga: the plan is durable, before the answer and before the first step",
+    ),
+    (
+        "coordinator::saga_step_sent",
+        "a saga action was sent and answered, before the answer is recorded",
+    ),
+    (
+        "coordinator::saga_failed_written",
+        "a saga step's failure (or exhaustion) is durable, before the first compensation",
+    ),
+    (
+        "coordinator::saga_compensation_sent",
+        "a saga compensation was sent and answered, before the answer is recorded",
+    ),
+    (
+        "participant::before_saga_step_commit",
+        "a saga action's statements and barrier row ran, before its local COMMIT",
+    ),
+    (
+        "participant::saga_step_committed",
+        "a saga action committed with its barrier row, before the reply",
+    ),
+    (
+        "participant::before_saga_compensation_commit",
+        "a saga compensation's statements and barrier rows ran, before its local COMMIT",
+    ),
+    (
+        "participant::saga_compensation_committed",
+        "a saga compensation (or a null one, with its fence) committed, before the reply",
+    ),
+];
+
 /// Reads `FAILPOINTS` and arms each point. Call once at process start; without the
 /// `testing` feature a set `FAILPOINTS` is an error, so a harness never tests a build
 /// that cannot crash where it asked.
@@ -144,7 +185,7 @@ pub fn setup_from_env() -> Result<(), String> {
             let (name, action) = entry
                 .split_once('=')
                 .ok_or_else(|| format!("bad FAILPOINTS entry {entry:?}: expected name=action"))?;
-            if !ALL.iter().any(|(n, _)| *n == name) {
+            if !ALL.iter().chain(SAGA).any(|(n, _)| *n == name) {
                 return Err(format!(
                     "unknown failpoint {name:?}; see docs/FAILPOINTS.md"
                 ));

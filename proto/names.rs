@@ -1,4 +1,5 @@
-//! The names processes give themselves: coordinator ids and participant ids.
+//! The names processes give themselves (coordinator ids and participant ids), and the names
+//! clients give sagas and their steps.
 //!
 //! One rule, checked where a name enters (a flag, a request, a data dir), because both kinds
 //! travel further than the request that carries them: a coordinator id is spliced into every
@@ -27,6 +28,13 @@ pub fn check_coordinator_id(id: &str) -> Result<(), InvalidName> {
 /// Checks a participant id (the coordinator's registry key, and a label in logs and metrics).
 pub fn check_participant_id(id: &str) -> Result<(), InvalidName> {
     check("participant_id", "A-Z a-z 0-9 _ - .", id, |c| c == b'.')
+}
+
+/// Checks a saga id or a step name (a key of the log, and shown in every tool).
+pub fn check_saga_name(kind: &'static str, name: &str) -> Result<(), InvalidName> {
+    check(kind, "A-Z a-z 0-9 _ - . :", name, |c| {
+        c == b'.' || c == b':'
+    })
 }
 
 fn check(

@@ -517,10 +517,16 @@ impl Log for EtcdLog {
         Ok(self.shared.mirror.lock().unwrap().sagas.get(id).cloned())
     }
 
-    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
-        Ok(super::unfinished(
-            self.shared.mirror.lock().unwrap().sagas.values(),
-        ))
+    fn sagas(&self) -> Result<Vec<Saga>, LogError> {
+        Ok(self
+            .shared
+            .mirror
+            .lock()
+            .unwrap()
+            .sagas
+            .values()
+            .cloned()
+            .collect())
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {

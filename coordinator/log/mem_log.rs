@@ -1,7 +1,7 @@
 //! The decision log in memory, for tests: it tells written from durable, so a scenario can
 //! crash the coordinator and see only what a power cut would have left.
 
-use super::{Log, LogError, newest_in, prunable, unfinished};
+use super::{Log, LogError, newest_in, prunable};
 use crate::coordinator::marker_key::MarkerKey;
 use crate::coordinator::saga::Saga;
 use crate::coordinator::txn::Txn;
@@ -106,9 +106,9 @@ impl Log for MemLog {
         Ok(self.inner.lock().unwrap().sagas_written.get(id).cloned())
     }
 
-    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
+    fn sagas(&self) -> Result<Vec<Saga>, LogError> {
         let inner = self.inner.lock().unwrap();
-        Ok(unfinished(inner.sagas_written.values()))
+        Ok(inner.sagas_written.values().cloned().collect())
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {

@@ -97,7 +97,11 @@ pub trait Log: Send + Sync + 'static {
     fn get_saga(&self, id: &str) -> Result<Option<Saga>, LogError>;
 
     /// Every saga not in a final state: what recovery must resume.
-    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError>;
+    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
+        Ok(unfinished(self.sagas()?.iter()))
+    }
+    /// Every saga the log keeps (ListSagas).
+    fn sagas(&self) -> Result<Vec<Saga>, LogError>;
 
     /// Remembers a participant, so recovery can ask it for branches nobody else knows of.
     /// Returns true if it is new (or moved), in which case the caller must `sync`.

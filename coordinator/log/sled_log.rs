@@ -2,7 +2,7 @@
 //! concurrent commit decisions share one fsync.
 
 use super::flusher::Flusher;
-use super::{FORMAT_VERSION, Log, LogError, prunable, unfinished};
+use super::{FORMAT_VERSION, Log, LogError, prunable};
 use crate::coordinator::marker_key::MarkerKey;
 use crate::coordinator::saga::Saga;
 use crate::coordinator::txn::Txn;
@@ -225,13 +225,13 @@ impl Log for SledLog {
         }
     }
 
-    fn unfinished_sagas(&self) -> Result<Vec<Saga>, LogError> {
+    fn sagas(&self) -> Result<Vec<Saga>, LogError> {
         let mut sagas = Vec::new();
         for entry in self.sagas.iter() {
             let (k, v) = entry?;
             sagas.push(decode_saga(&String::from_utf8_lossy(&k), &v)?);
         }
-        Ok(unfinished(sagas.iter()))
+        Ok(sagas)
     }
 
     fn enlist(&self, participant_id: &str, endpoint: &str) -> Result<bool, LogError> {

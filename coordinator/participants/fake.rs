@@ -13,7 +13,7 @@ use super::{Ending, Participants, PeerError};
 use crate::coordinator::registry::Health;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
-use crate::proto::{LockWait, TxnId};
+use crate::proto::{LockWait, SagaStepRequest, SagaStepResponse, TxnId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -95,6 +95,30 @@ struct Node {
     waits: Vec<LockWait>,
     /// The cause each rollback carried, by txn.
     causes: HashMap<TxnId, (String, String)>,
+    /// Saga steps' barrier rows, by secret (`twopc.saga_barrier`).
+    barrier: HashMap<Vec<u8>, BarrierRow>,
+    /// Saga steps whose action fails here (a constraint), by step name.
+    failing_steps: BTreeSet<String>,
+    /// Every saga action and compensation that applied here, in order.
+    applied: Vec<Applied>,
+    /// Compensations cannot reach the database (actions can).
+    compensations_down: bool,
+}
+
+/// A saga step's barrier row, as the participant's database keeps it.
+#[derive(Clone, Debug)]
+enum BarrierRow {
+    Action(Option<crate::proto::StatementResult>),
+    Fence,
+    Compensate,
+}
+
+/// A saga action or compensation that applied at a fake participant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub saga_id: String,
+    pub step: String,
+    pub compensation: bool,
 }
 
 /// A request a fake participant received.
@@ -162,6 +186,24 @@ impl FakeParticipants {
             n.next_xid += 1;
             n.prepared.insert(txn, n.next_xid);
         });
+    }
+
+    /// The action of every saga step named `step` fails at `endpoint` from now on, as a
+    /// constraint would fail it.
+    pub fn fail_step(&self, endpoint: &str, step: &str) {
+        self.with(endpoint, |n| {
+            n.failing_steps.insert(step.to_string());
+        });
+    }
+
+    /// Saga compensations sent to `endpoint` fail unapplied (`down`) or go through.
+    pub fn set_compensations_down(&self, endpoint: &str, down: bool) {
+        self.with(endpoint, |n| n.compensations_down = down);
+    }
+
+    /// Every saga action and compensation that applied at `endpoint`, in order.
+    pub fn applied(&self, endpoint: &str) -> Vec<Applied> {
+        self.with(endpoint, |n| n.applied.clone())
     }
 
     /// What `Waits` at `endpoint` answers from now on.
@@ -392,6 +434,81 @@ impl Participants for FakeParticipants {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn saga_step(
+        &self,
+        endpoint: &str,
+        step: SagaStepRequest,
+        _timeout: Duration,
+    ) -> Result<SagaStepResponse, PeerError> {
+        use crate::proto::{SagaOp, SagaStepOutcome as Outcome};
+        self.with(endpoint, |n| {
+            if n.behaviour.down {
+                return Err(PeerError::Unreachable("connection refused".into()));
+            }
+            let answer = |outcome: Outcome, output| SagaStepResponse {
+                outcome: outcome as i32,
+                output,
+                ..Default::default()
+            };
+            let applied = |compensation| Applied {
+                saga_id: step.saga_id.clone(),
+                step: step.step.clone(),
+                compensation,
+            };
+            Ok(match step.op() {
+                SagaOp::Action => match n.barrier.get(&step.action_secret) {
+                    Some(BarrierRow::Fence) => answer(Outcome::Fenced, None),
+                    Some(BarrierRow::Action(out)) => answer(Outcome::Repeated, out.clone()),
+                    Some(BarrierRow::Compensate) | None if n.failing_steps.contains(&step.step) => {
+                        SagaStepResponse {
+                            outcome: Outcome::Failed as i32,
+                            error: "new row violates check constraint".into(),
+                            sqlstate: "23514".into(),
+                            ..Default::default()
+                        }
+                    }
+                    _ => {
+                        let out = crate::proto::StatementResult {
+                            rows_affected: 1,
+                            columns: vec!["step".into()],
+                            rows: vec![crate::proto::Row {
+                                values: vec![crate::participant::wire::value(
+                                    crate::participant::statement::Datum::Text(step.step.clone()),
+                                )],
+                            }],
+                        };
+                        n.barrier.insert(
+                            step.action_secret.clone(),
+                            BarrierRow::Action(Some(out.clone())),
+                        );
+                        n.applied.push(applied(false));
+                        answer(Outcome::Applied, Some(out))
+                    }
+                },
+                SagaOp::Compensate if n.compensations_down => {
+                    return Err(PeerError::Unreachable("connection refused".into()));
+                }
+                SagaOp::Compensate => {
+                    if n.barrier.contains_key(&step.compensation_secret) {
+                        answer(Outcome::Repeated, None)
+                    } else {
+                        n.barrier
+                            .insert(step.compensation_secret.clone(), BarrierRow::Compensate);
+                        if n.barrier.contains_key(&step.action_secret) {
+                            n.applied.push(applied(true));
+                            answer(Outcome::Applied, None)
+                        } else {
+                            n.barrier
+                                .insert(step.action_secret.clone(), BarrierRow::Fence);
+                            answer(Outcome::Null, None)
+                        }
+                    }
+                }
+                SagaOp::Unspecified => return Err(PeerError::Refused("no op".into())),
+            })
+        })
     }
 
     async fn recover(&self, endpoint: &str, _timeout: Duration) -> Result<Vec<TxnId>, PeerError> {

@@ -15,7 +15,8 @@ use crate::proto::phase_request::Step;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
 use crate::proto::{
-    BranchRequest, CommitOnePhaseRequest, LockWait, PrepareRequest, TxnId, WaitsRequest,
+    BranchRequest, CommitOnePhaseRequest, LockWait, PrepareRequest, SagaStepRequest,
+    SagaStepResponse, TxnId, WaitsRequest,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -298,6 +299,23 @@ impl Participants for GrpcParticipants {
                     Health::NotServing(format!("its health service says {}", other.as_str_name()))
                 }
             },
+        }
+    }
+
+    async fn saga_step(
+        &self,
+        endpoint: &str,
+        step: SagaStepRequest,
+        timeout: Duration,
+    ) -> Result<SagaStepResponse, PeerError> {
+        let mut client = self.client(endpoint).map_err(peer_error)?;
+        let mut req = tonic::Request::new(step);
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.run_saga_step(req)).await {
+            Err(_) => Err(PeerError::Unreachable(format!(
+                "no answer from {endpoint} within {timeout:?}"
+            ))),
+            Ok(r) => r.map(tonic::Response::into_inner).map_err(peer_error),
         }
     }
 

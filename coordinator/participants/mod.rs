@@ -15,7 +15,7 @@ pub use grpc::GrpcParticipants;
 
 use super::registry::Health;
 use crate::proto::vote::{OnePhaseOutcome, Vote};
-use crate::proto::{LockWait, TxnId};
+use crate::proto::{LockWait, SagaStepRequest, SagaStepResponse, TxnId};
 use std::future::Future;
 use std::time::Duration;
 
@@ -71,6 +71,16 @@ pub trait Participants: Send + Sync + 'static {
 
     /// The participant's health (`grpc.health.v1` Check of `twopc.v1.Participant`).
     fn health(&self, endpoint: &str, timeout: Duration) -> impl Future<Output = Health> + Send;
+
+    /// One saga step (`Participant.RunSagaStep`, docs/SAGAS.md §4). An error means no answer
+    /// that counts came: the step may or may not have applied, and the barrier makes sending
+    /// it again safe.
+    fn saga_step(
+        &self,
+        endpoint: &str,
+        step: SagaStepRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<SagaStepResponse, PeerError>> + Send;
 
     /// The txn ids of this coordinator's branches prepared at `endpoint`.
     fn recover(

@@ -58,3 +58,11 @@ fn a_replica_recovers_from_the_leader_crashing_at_every_coordinator_failpoint() 
         "4",
     ]);
 }
+
+/// Sagas (docs/SAGAS.md §5): each saga failpoint fired once under a saga load; every saga
+/// ends completed with each action applied once, or compensated with each applied action
+/// undone once.
+#[test]
+fn every_saga_failpoint_recovers_under_load() {
+    crashtest(&["--saga", "--failpoints", "all", "--clients", "4"]);
+}

@@ -23,5 +23,6 @@ mod ha;
 mod limits;
 mod ops;
 mod protocol_state;
+mod sagas;
 mod security;
 mod services;
