@@ -136,6 +136,28 @@ pub struct Recorded {
     pub flush: bool,
 }
 
+/// What an operator asks of a stuck saga (docs/SAGAS.md §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intervention {
+    /// The stuck step again, its attempts counted afresh: its action (stopped under STOP), or
+    /// its compensation.
+    Retry,
+    /// Count the stuck step as done: its action as succeeded (the operator made sure it
+    /// applied, or that it need not), or its compensation as applied.
+    Skip,
+    /// Compensate a saga stopped under STOP after all.
+    Compensate,
+}
+
+/// Why an intervention is refused (FAILED_PRECONDITION).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InterventionError {
+    #[error("saga {id:?} is {state:?}, not stuck: only a stuck saga waits for an operator")]
+    NotStuck { id: String, state: SagaState },
+    #[error("saga {0:?} is stuck compensating: retry or skip its stuck compensation")]
+    AlreadyCompensating(String),
+}
+
 /// A saga: its steps and where each is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saga {
@@ -431,6 +453,73 @@ impl Saga {
         }
     }
 
+    /// An operator's decision on a stuck saga. Durable before it is acted on: the driver sends
+    /// whatever [`Saga::next`] says afterwards.
+    pub fn intervene(&mut self, what: Intervention) -> Result<Recorded, InterventionError> {
+        if self.state != SagaState::Stuck {
+            return Err(InterventionError::NotStuck {
+                id: self.id.clone(),
+                state: self.state,
+            });
+        }
+        // Stopped before any compensation (an action out of attempts under STOP), or stuck in
+        // its compensations.
+        let stopped = self.steps.iter().all(|s| s.compensations == 0);
+        match (what, stopped) {
+            (Intervention::Retry, true) => {
+                for s in &mut self.steps {
+                    if s.state == StepState::Exhausted {
+                        s.state = StepState::Unknown;
+                        s.attempts = 0;
+                        s.finished_seq = None;
+                    }
+                }
+                self.state = SagaState::Running;
+            }
+            (Intervention::Retry, false) => {
+                for s in &mut self.steps {
+                    if matches!(s.state, StepState::Uncompensated | StepState::Compensating) {
+                        s.compensations = 0;
+                    }
+                }
+                self.state = SagaState::Compensating;
+            }
+            (Intervention::Skip, true) => {
+                for s in &mut self.steps {
+                    if s.state == StepState::Exhausted {
+                        s.state = StepState::Succeeded;
+                    }
+                }
+                self.state = match self.steps.iter().all(|s| s.state == StepState::Succeeded) {
+                    true => SagaState::Completed,
+                    false => SagaState::Running,
+                };
+            }
+            (Intervention::Skip, false) => {
+                // One in flight too: its late answer is then ignored.
+                for s in &mut self.steps {
+                    if matches!(s.state, StepState::Uncompensated | StepState::Compensating) {
+                        s.state = StepState::Compensated;
+                    }
+                }
+                let done = self
+                    .steps
+                    .iter()
+                    .filter(|s| s.state != StepState::Pending)
+                    .all(|s| s.state == StepState::Compensated);
+                self.state = match done {
+                    true => SagaState::Compensated,
+                    false => SagaState::Compensating,
+                };
+            }
+            (Intervention::Compensate, true) => self.state = SagaState::Compensating,
+            (Intervention::Compensate, false) => {
+                return Err(InterventionError::AlreadyCompensating(self.id.clone()));
+            }
+        }
+        Ok(Recorded { flush: true })
+    }
+
     /// A compensation's answer: `Ok` it is applied (or null), `Err` it is to be retried.
     pub fn compensation_result(&mut self, step: StepId, result: Result<(), String>) -> Recorded {
         if self.steps[step].state != StepState::Compensating {
@@ -698,6 +787,70 @@ pub(crate) mod tests {
         let before = saga.clone();
         let _ = saga.action_result(0, ActionResult::Succeeded(vec![]));
         assert_eq!(saga, before);
+    }
+
+    /// A saga stopped at step b (out of attempts under STOP), a already applied.
+    fn stopped() -> Saga {
+        let mut saga =
+            Saga::new("s", &[("a", vec![]), ("b", vec![])], 1, OnExhausted::Stop).unwrap();
+        drive(&mut saga, |i| match i {
+            0 => ActionResult::Succeeded(vec![]),
+            _ => ActionResult::RetryLater("unreachable".into()),
+        });
+        assert_eq!(saga.state, SagaState::Stuck);
+        saga
+    }
+
+    #[test]
+    fn an_operator_retries_a_stopped_step_afresh() {
+        let mut saga = stopped();
+        assert!(saga.intervene(Intervention::Retry).unwrap().flush);
+        assert_eq!(saga.next(), vec![Work::Action(1)]);
+        assert_eq!(saga.steps[1].attempts, 0, "attempts counted afresh");
+        drive(&mut saga, |_| ActionResult::Succeeded(vec![]));
+        assert_eq!(saga.state, SagaState::Completed);
+    }
+
+    #[test]
+    fn an_operator_skips_a_stopped_step_or_has_the_saga_compensated() {
+        let mut skipped = stopped();
+        let _ = skipped.intervene(Intervention::Skip).unwrap();
+        assert_eq!(skipped.state, SagaState::Completed);
+        let mut undone = stopped();
+        let _ = undone.intervene(Intervention::Compensate).unwrap();
+        let sent = drive(&mut undone, |_| ActionResult::Succeeded(vec![]));
+        assert_eq!(sent, [Work::Compensation(1), Work::Compensation(0)]);
+        assert_eq!(undone.state, SagaState::Compensated);
+    }
+
+    #[test]
+    fn an_operator_retries_or_skips_a_compensation_that_keeps_failing() {
+        let stuck = || {
+            let mut saga = Saga::new("s", &[("a", vec![])], 1, OnExhausted::Compensate).unwrap();
+            let _ = saga.sent(Work::Action(0));
+            let _ = saga.action_result(0, ActionResult::Failed("no".into()));
+            let _ = saga.sent(Work::Compensation(0));
+            let _ = saga.compensation_result(0, Err("db down".into()));
+            assert_eq!(saga.state, SagaState::Stuck);
+            saga
+        };
+        let mut retried = stuck();
+        let _ = retried.intervene(Intervention::Retry).unwrap();
+        assert_eq!(retried.state, SagaState::Compensating);
+        assert_eq!(retried.steps[0].compensations, 0);
+        let mut skipped = stuck();
+        let _ = skipped.intervene(Intervention::Skip).unwrap();
+        assert_eq!(skipped.state, SagaState::Compensated);
+        assert_eq!(
+            stuck().intervene(Intervention::Compensate),
+            Err(InterventionError::AlreadyCompensating("s".into()))
+        );
+        let mut done = in_order(1);
+        drive(&mut done, |_| ActionResult::Succeeded(vec![]));
+        assert!(matches!(
+            done.intervene(Intervention::Retry),
+            Err(InterventionError::NotStuck { .. })
+        ));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use super::error::Error;
 use super::log::{Log, MemLog};
 use super::participants::fake::{Applied, Behaviour, FakeParticipants};
-use super::saga::{SagaState, StepState};
+use super::saga::{Intervention, SagaState, StepState};
 use super::saga_plan::tests::step;
 use super::scenarios::Process;
 use crate::proto;
@@ -288,4 +288,83 @@ fn list_sagas_shows_live_and_logged_sagas_filtered_by_state() {
     let only = p.core.list_sagas(&[SagaState::Stuck], 10).unwrap();
     assert_eq!(only.len(), 1);
     assert_eq!(only[0].id, "order-2");
+}
+
+/// A saga stopped at b (P2 down, out of attempts under STOP), a applied.
+fn stopped(ps: &FakeParticipants) -> Process {
+    ps.set(P2, down());
+    let p = Process::start(MemLog::default(), ps);
+    let req = submit(
+        vec![step("a", P1, &[]), step("b", P2, &[])],
+        proto::OnExhausted::Stop,
+    );
+    p.submit(&req).unwrap();
+    assert_eq!(p.ended("order-1").state, SagaState::Stuck);
+    p
+}
+
+impl Process {
+    fn resolve(&self, what: Intervention) -> Result<super::saga::Saga, Error> {
+        self.run(self.core.resolve_saga("order-1", what, "alice", "test"))
+    }
+}
+
+#[test]
+fn an_operator_retry_runs_a_stopped_step_again_and_the_saga_completes() {
+    let ps = FakeParticipants::default();
+    let p = stopped(&ps);
+    ps.set(P2, Behaviour::default());
+    let after = p.resolve(Intervention::Retry).unwrap();
+    assert_eq!(after.state, SagaState::Running);
+    assert_eq!(p.ended("order-1").state, SagaState::Completed);
+    assert_eq!(ps.applied(P2), [action("b")]);
+    assert!(
+        matches!(p.resolve(Intervention::Retry), Err(Error::SagaConflict(_))),
+        "a final saga has nothing left to decide"
+    );
+}
+
+#[test]
+fn an_operator_compensate_undoes_a_stopped_saga_and_survives_a_crash() {
+    let ps = FakeParticipants::default();
+    let p = stopped(&ps);
+    ps.set_compensations_down(P1, true);
+    p.resolve(Intervention::Compensate).unwrap();
+    // The decision is durable: a restarted coordinator goes on compensating.
+    let p = Process::start(p.crash(), &ps);
+    ps.set(P2, Behaviour::default());
+    ps.set_compensations_down(P1, false);
+    assert_eq!(p.ended("order-1").state, SagaState::Compensated);
+    assert_eq!(ps.applied(P1), [action("a"), compensation("a")]);
+    assert!(
+        ps.applied(P2).is_empty(),
+        "b never applied: its compensation was null"
+    );
+}
+
+#[test]
+fn an_operator_skip_of_a_compensation_that_keeps_failing_finishes_the_saga() {
+    let ps = FakeParticipants::default();
+    ps.fail_step(P2, "b");
+    ps.set_compensations_down(P1, true);
+    let p = Process::start(MemLog::default(), &ps);
+    p.submit(&submit(
+        vec![step("a", P1, &[]), step("b", P2, &[])],
+        proto::OnExhausted::Compensate,
+    ))
+    .unwrap();
+    p.until("a's compensation has failed its attempts", || {
+        p.core.sagas.lock().unwrap()["order-1"].snapshot().state == SagaState::Stuck
+    });
+    let after = p.resolve(Intervention::Skip).unwrap();
+    assert_eq!(after.state, SagaState::Compensated);
+    assert_eq!(p.ended("order-1").state, SagaState::Compensated);
+    p.until("the saga leaves memory", || {
+        p.core.sagas.lock().unwrap().is_empty()
+    });
+    assert_eq!(
+        ps.applied(P1),
+        [action("a")],
+        "skipped: the operator undid a by hand"
+    );
 }

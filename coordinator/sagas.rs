@@ -11,10 +11,11 @@
 use super::error::Error;
 use super::log::Log;
 use super::participants::{Participants, PeerError};
-use super::saga::{ActionResult, Recorded, Saga, SagaState, Work};
+use super::saga::{ActionResult, Intervention, Recorded, Saga, SagaState, Work};
 use super::saga_plan::Plan;
 use super::transactions::{Coordinator, now_ms};
 use crate::proto::{self, SagaOp, SagaStepOutcome};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -30,6 +31,9 @@ pub(super) struct LiveSaga {
     pub plan: Plan,
     /// Bumped at every transition, for GetSaga's wait.
     changed: watch::Sender<u64>,
+    /// A driver runs it. Read and written with `saga` locked, so that an operator's decision
+    /// and a driver's exit cannot pass each other: one of them starts the next driver.
+    driving: AtomicBool,
 }
 
 impl LiveSaga {
@@ -38,6 +42,7 @@ impl LiveSaga {
             saga: Mutex::new(saga),
             plan,
             changed: watch::Sender::new(0),
+            driving: AtomicBool::new(true),
         })
     }
 
@@ -149,6 +154,55 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         Ok(sagas)
     }
 
+    /// ResolveSaga: an operator's decision on a stuck saga, durable before the answer, and a
+    /// driver to act on it if none runs.
+    pub async fn resolve_saga(
+        self: &Arc<Self>,
+        id: &str,
+        what: Intervention,
+        operator: &str,
+        reason: &str,
+    ) -> Result<Saga, Error> {
+        let live = self.sagas.lock().unwrap().get(id).cloned();
+        let Some(live) = live else {
+            return Err(match self.log.get_saga(id)? {
+                Some(saga) => Error::SagaConflict(format!(
+                    "saga {id:?} is {:?}: it is final, nothing is left to decide",
+                    saga.state
+                )),
+                None => Error::SagaNotFound(id.to_string()),
+            });
+        };
+        let (shown, start) = {
+            let mut saga = live.saga.lock().unwrap();
+            let Recorded { flush } = saga
+                .intervene(what)
+                .map_err(|e| Error::SagaConflict(e.to_string()))?;
+            debug_assert!(
+                flush,
+                "an operator's decision is durable before it is acted on"
+            );
+            if saga.state.is_final() {
+                saga.finished_ms = now_ms();
+            }
+            self.put_saga(&saga);
+            (saga.clone(), !live.driving.swap(true, Ordering::SeqCst))
+        };
+        self.sync().await;
+        tracing::warn!(audit = true, operator, reason, saga_id = id, action = ?what, state = ?shown.state,
+            "operator decided a stuck saga");
+        live.changed.send_modify(|v| *v += 1);
+        if shown.state.is_final() && !start {
+            // The driver still running finds it final and retires it.
+        } else if shown.state.is_final() {
+            self.sagas.lock().unwrap().remove(id);
+            live.driving.store(false, Ordering::SeqCst);
+        } else if start {
+            self.spawn_saga(live);
+        }
+        Ok(shown)
+    }
+
     /// Resumes every saga the log has unfinished: the answers to steps that were in flight
     /// are lost, so those steps are sent again (the barrier answers a repeat).
     pub(super) fn recover_sagas(self: &Arc<Self>) -> Result<usize, Error> {
@@ -229,6 +283,12 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 });
             }
             let Some(done) = calls.join_next().await else {
+                let saga = live.saga.lock().unwrap();
+                if !saga.next().is_empty() {
+                    // An operator moved it on meanwhile.
+                    continue;
+                }
+                live.driving.store(false, Ordering::SeqCst);
                 break;
             };
             let (work, answer) = match done {

@@ -241,6 +241,39 @@ impl<L: Log, P: Participants> coordinator_server::Coordinator for Service<L, P> 
         }))
     }
 
+    async fn resolve_saga(
+        &self,
+        request: Request<proto::ResolveSagaRequest>,
+    ) -> Result<Response<proto::Saga>, Status> {
+        use super::saga::Intervention;
+        let what = match request.get_ref().resolution() {
+            proto::SagaResolution::Retry => Intervention::Retry,
+            proto::SagaResolution::Skip => Intervention::Skip,
+            proto::SagaResolution::Compensate => Intervention::Compensate,
+            proto::SagaResolution::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "resolution is required: SAGA_RESOLUTION_RETRY, SAGA_RESOLUTION_SKIP or SAGA_RESOLUTION_COMPENSATE",
+                ));
+            }
+        };
+        let operator = match caller(&request) {
+            Some(c) => c.name,
+            None if request.get_ref().operator.trim().is_empty() => {
+                return Err(Status::invalid_argument(
+                    "operator is required: who is deciding this saga by hand?",
+                ));
+            }
+            None => request.get_ref().operator.clone(),
+        };
+        let req = request.into_inner();
+        super::transactions::bounded("reason", &req.reason, super::transactions::MAX_TEXT)?;
+        let saga = self
+            .core
+            .resolve_saga(&req.saga_id, what, &operator, &req.reason)
+            .await?;
+        Ok(Response::new(wire::saga(&saga)))
+    }
+
     async fn get_transaction(
         &self,
         req: Request<proto::GetTransactionRequest>,

@@ -18,7 +18,7 @@ use twopc::process::leader_channel::LeaderChannel;
 use twopc::process::tls::{self, Tls};
 use twopc::proto::coordinator_client::CoordinatorClient;
 use twopc::proto::participant_client::ParticipantClient;
-use twopc::proto::{self, TxnState};
+use twopc::proto::{self, SagaState, TxnState};
 
 /// Operate a twopc coordinator and its participants.
 #[derive(Parser, Debug)]
@@ -86,6 +86,37 @@ enum Command {
     /// decision. With --participant: commit or roll back that participant's prepared branch
     /// directly, for when its coordinator is gone (a heuristic decision: be sure).
     Resolve(Resolve),
+    /// Sagas, newest first: state, steps done, age, and why one compensates or is stuck.
+    Sagas {
+        /// Only these states (repeatable): running, completed, compensating, compensated, stuck.
+        #[arg(long = "state", value_parser = parse_saga_state)]
+        states: Vec<SagaState>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One saga and its steps; with --retry, --skip or --compensate, an operator's decision
+    /// on a stuck one (audited).
+    Saga(SagaArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+struct SagaArgs {
+    saga_id: String,
+    /// Send the stuck step again, its attempts counted afresh.
+    #[arg(long, conflicts_with_all = ["skip", "compensate"])]
+    retry: bool,
+    /// Count the stuck step as done: its action as succeeded, or its compensation as applied
+    /// (you made sure of it by hand).
+    #[arg(long, conflicts_with = "compensate")]
+    skip: bool,
+    /// Compensate a saga stopped under ON_EXHAUSTED_STOP after all.
+    #[arg(long)]
+    compensate: bool,
+    /// Who is doing this, for the audit line [default: $USER].
+    #[arg(long)]
+    operator: Option<String>,
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -116,6 +147,57 @@ fn parse_state(s: &str) -> Result<TxnState, String> {
     TxnState::from_str_name(&format!("TXN_STATE_{}", s.to_uppercase()))
         .filter(|s| *s != TxnState::Unspecified)
         .ok_or_else(|| format!("unknown state {s:?}: one of active, preparing, committing, committed, aborting, aborted"))
+}
+
+/// `stuck` → SAGA_STATE_STUCK.
+fn parse_saga_state(s: &str) -> Result<SagaState, String> {
+    SagaState::from_str_name(&format!("SAGA_STATE_{}", s.to_uppercase()))
+        .filter(|s| *s != SagaState::Unspecified)
+        .ok_or_else(|| {
+            format!("unknown saga state {s:?}: one of running, completed, compensating, compensated, stuck")
+        })
+}
+
+fn saga_json(s: &proto::Saga) -> Json {
+    json!({
+        "saga_id": s.saga_id,
+        "state": short(s.state().as_str_name(), "SAGA_STATE_"),
+        "reason": s.reason,
+        "age_ms": now_ms() - s.created_unix_ms,
+        "created_unix_ms": s.created_unix_ms,
+        "finished_unix_ms": s.finished_unix_ms,
+        "steps": s.steps.iter().map(|st| json!({
+            "name": st.name,
+            "state": short(st.state().as_str_name(), "SAGA_STEP_STATE_"),
+            "attempts": st.attempts,
+            "compensations": st.compensations,
+            "last_error": st.last_error,
+            "output": st.output.as_ref().map(|o| o.rows.len()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_saga(s: &proto::Saga) {
+    println!("saga {}", s.saga_id);
+    println!(
+        "  state    {}",
+        short(s.state().as_str_name(), "SAGA_STATE_")
+    );
+    println!("  age      {}", age(s.created_unix_ms));
+    if !s.reason.is_empty() {
+        println!("  reason   {}", s.reason);
+    }
+    let mut steps = table(&["step", "state", "attempts", "compensations", "last error"]);
+    for st in &s.steps {
+        steps.add_row(vec![
+            st.name.clone(),
+            short(st.state().as_str_name(), "SAGA_STEP_STATE_"),
+            st.attempts.to_string(),
+            st.compensations.to_string(),
+            st.last_error.clone(),
+        ]);
+    }
+    println!("{steps}");
 }
 
 /// Loaded once from the flags, for every server this run dials.
@@ -217,6 +299,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Locks { min_wait_ms } => locks(&cli.coordinator, min_wait_ms, json).await,
         Command::Participants => participants(&cli.coordinator, json).await,
         Command::Resolve(r) => resolve(&cli.coordinator, r, json).await,
+        Command::Sagas { states, limit } => sagas(&cli.coordinator, &states, limit, json).await,
+        Command::Saga(s) => saga(&cli.coordinator, s, json).await,
     }
 }
 
@@ -397,6 +481,89 @@ async fn participants(url: &str, json: bool) -> Result<()> {
 {} participant(s)",
         resp.participants.len()
     );
+    Ok(())
+}
+
+/// `sagas`: sagas, newest first.
+async fn sagas(url: &str, states: &[SagaState], limit: u32, json: bool) -> Result<()> {
+    let resp = coordinator(url)?
+        .list_sagas(proto::ListSagasRequest {
+            states: states.iter().map(|s| *s as i32).collect(),
+            limit,
+        })
+        .await?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            Json::Array(resp.sagas.iter().map(saga_json).collect())
+        );
+        return Ok(());
+    }
+    let mut t = table(&["saga id", "state", "steps done", "age", "reason"]);
+    for s in &resp.sagas {
+        let done = s
+            .steps
+            .iter()
+            .filter(|st| st.state() == proto::SagaStepState::Succeeded)
+            .count();
+        t.add_row(vec![
+            s.saga_id.clone(),
+            short(s.state().as_str_name(), "SAGA_STATE_"),
+            format!("{done}/{}", s.steps.len()),
+            age(s.created_unix_ms),
+            s.reason.clone(),
+        ]);
+    }
+    println!("{t}\n{} saga(s)", resp.sagas.len());
+    Ok(())
+}
+
+/// `saga`: one saga, or an operator's decision on a stuck one.
+async fn saga(url: &str, a: SagaArgs, json: bool) -> Result<()> {
+    let resolution = match (a.retry, a.skip, a.compensate) {
+        (true, _, _) => Some(proto::SagaResolution::Retry),
+        (_, true, _) => Some(proto::SagaResolution::Skip),
+        (_, _, true) => Some(proto::SagaResolution::Compensate),
+        _ => None,
+    };
+    let mut client = coordinator(url)?;
+    let s = match resolution {
+        None => client
+            .get_saga(proto::GetSagaRequest {
+                saga_id: a.saga_id,
+                wait_ms: 0,
+            })
+            .await?
+            .into_inner(),
+        Some(r) => {
+            let operator = a
+                .operator
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            let s = client
+                .resolve_saga(proto::ResolveSagaRequest {
+                    saga_id: a.saga_id,
+                    resolution: r as i32,
+                    operator: operator.clone(),
+                    reason: a.reason,
+                })
+                .await?
+                .into_inner();
+            if !json {
+                println!(
+                    "{} by {operator}:",
+                    short(r.as_str_name(), "SAGA_RESOLUTION_")
+                );
+            }
+            s
+        }
+    };
+    if json {
+        println!("{}", saga_json(&s));
+    } else {
+        print_saga(&s);
+    }
     Ok(())
 }
 

@@ -274,6 +274,52 @@ async fn a_step_that_cannot_be_reached_stops_stuck_and_bad_plans_are_refused() {
         "reserved, left for an operator"
     );
 
+    // An operator sees it and has it compensated.
+    let coordinator = sys.coordinator_url();
+    let (listed, table, _) =
+        support::twopcctl(&["--coordinator", &coordinator, "sagas", "--state", "stuck"]).await;
+    assert!(
+        listed && table.contains("order-4") && table.contains("stuck"),
+        "{table}"
+    );
+    let (shown, details, _) =
+        support::twopcctl(&["--coordinator", &coordinator, "saga", "order-4"]).await;
+    assert!(
+        shown && details.contains("nowhere") && details.contains("exhausted"),
+        "{details}"
+    );
+    let (decided, said, err) = support::twopcctl(&[
+        "--coordinator",
+        &coordinator,
+        "saga",
+        "order-4",
+        "--compensate",
+        "--operator",
+        "alice",
+    ])
+    .await;
+    assert!(
+        decided && said.contains("compensate by alice"),
+        "{said}{err}"
+    );
+    assert_eq!(state(&ended(&sys, "order-4").await), SagaState::Compensated);
+    assert_eq!(
+        sys.scalar(0, "SELECT n::int8 FROM stock").await,
+        5,
+        "the reservation undone"
+    );
+    let (again, _, err) = support::twopcctl(&[
+        "--coordinator",
+        &coordinator,
+        "saga",
+        "order-4",
+        "--retry",
+        "--operator",
+        "alice",
+    ])
+    .await;
+    assert!(!again && err.contains("FailedPrecondition"), "{err}");
+
     let mut other = req.clone();
     other.steps.pop();
     let conflict = submit(&sys, other).await.unwrap_err();
