@@ -9,6 +9,7 @@
 //! - [`transact`] ([`ambient`]): begin, or join the transaction already in the task's context,
 //!   run the work, and commit on `Ok` / abort on `Err` or panic. Nested calls share one
 //!   transaction; the outermost commits.
+//! - [`saga`]: a saga's plan built step by step ([`saga::Saga`]), submitted, and waited for.
 //! - [`propagation`]: tower layers that carry the ambient transaction across gRPC calls in
 //!   `twopc-txn-id` metadata, for any tonic client and server.
 //!
@@ -31,6 +32,7 @@
 pub mod ambient;
 mod error;
 pub mod propagation;
+pub mod saga;
 pub mod value;
 
 pub use ambient::{Options, transact, transact_with};

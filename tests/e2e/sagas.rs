@@ -449,3 +449,76 @@ async fn the_barrier_runs_an_action_once_makes_a_late_one_a_no_op_and_is_out_of_
     sys.abort(&txn).await;
     sys.assert_nothing_prepared().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_sdk_builds_submits_and_waits_for_the_order_saga() {
+    use std::time::Duration;
+    use twopc::client::saga::{Saga, SagaState};
+    let sys = System::builder()
+        .databases(2)
+        .schema(SCHEMA)
+        .start()
+        .await
+        .unwrap();
+    let client = twopc::client::Client::connect(&sys.coordinator_url()).unwrap();
+    let (inventory, orders) = (sys.participant_url(0), sys.participant_url(1));
+    let order = |id: &str, amount: i64| {
+        Saga::new(id)
+            .step("reserve")
+            .action(
+                &inventory,
+                "UPDATE stock SET n = n - 1 WHERE item = $1 RETURNING n",
+                &[&"book"],
+            )
+            .compensation(
+                &inventory,
+                "UPDATE stock SET n = n + 1 WHERE item = $1",
+                &[&"book"],
+            )
+            .step("order")
+            .action(
+                &orders,
+                "INSERT INTO orders (item) VALUES ($1) RETURNING id",
+                &[&"book"],
+            )
+            .compensation(&orders, "DELETE FROM orders WHERE id = $1", &[])
+            .bind_outputs()
+            .step("pay")
+            .action(
+                &orders,
+                "INSERT INTO payments (order_id, amount) VALUES ($2, $1) RETURNING order_id",
+                &[&amount],
+            )
+            .bind_outputs()
+            .compensation(&orders, "DELETE FROM payments WHERE order_id = $1", &[])
+            .bind_outputs()
+    };
+
+    let paid = order("sdk-1", 30).submit(&client).await.unwrap();
+    let paid = paid.wait(Duration::from_secs(10)).await.unwrap();
+    let declined = order("sdk-2", 300).submit(&client).await.unwrap();
+    let declined = declined.wait(Duration::from_secs(10)).await.unwrap();
+    let resubmitted = order("sdk-1", 30).submit(&client).await.unwrap();
+    let conflict = order("sdk-1", 31).submit(&client).await.err();
+
+    assert_eq!(paid.state, SagaState::Completed, "{}", paid.reason);
+    assert_eq!(paid.output("reserve").unwrap().scalar::<i64>().unwrap(), 4);
+    let order_id: i64 = paid.output("order").unwrap().scalar().unwrap();
+    assert_eq!(
+        sys.scalar(1, "SELECT order_id::int8 FROM payments").await,
+        order_id
+    );
+    assert_eq!(declined.state, SagaState::Compensated);
+    assert!(declined.reason.contains("23514"), "{}", declined.reason);
+    assert_eq!(
+        resubmitted.view.state,
+        SagaState::Completed,
+        "the same saga"
+    );
+    assert!(
+        matches!(&conflict, Some(twopc::client::Error::Invalid(m)) if m.contains("another plan")),
+        "{conflict:?}"
+    );
+    assert_eq!(sys.scalar(0, "SELECT n::int8 FROM stock").await, 4);
+    assert_eq!(sys.scalar(1, "SELECT count(*) FROM orders").await, 1);
+}
