@@ -6,7 +6,9 @@
 //! - `crossing N` (`crossing.rs`): distributed deadlocks, and what the detector saves;
 //! - `types` (`types.rs`): result columns of types the wire has no field for, against int8;
 //! - `open-txns N` (`open_txns.rs`): the coordinator's memory with N transactions in flight;
-//! - `log-throughput` (`log_throughput.rs`): the decision log alone, sled against etcd.
+//! - `log-throughput` (`log_throughput.rs`): the decision log alone, sled against etcd;
+//! - `sagas` (`sagas.rs`): sagas per second through the coordinator, beside the same steps by
+//!   hand.
 //!
 //! The sweep, `crossing` and `types` run their PostgreSQL servers (fsync on) and twopc in this
 //! process; `open-txns` runs the coordinator binary; docs/BENCHMARKS.md has their results.
@@ -17,6 +19,7 @@ use clap::{Parser, Subcommand};
 mod crossing;
 mod log_throughput;
 mod open_txns;
+mod sagas;
 mod services;
 mod systems;
 mod types;
@@ -59,6 +62,12 @@ enum Command {
     /// Starts a three-member etcd; `--clients` writers each write a commit decision and wait
     /// for it to be durable, over and over (group commit batches them), on each log in turn.
     LogThroughput(log_throughput::Args),
+    /// Sagas per second through the coordinator, beside the same steps run by hand.
+    ///
+    /// `--clients` clients each submit a saga of `--steps` SQL steps over the two databases
+    /// and wait for it to complete, and then run the same steps themselves, one local
+    /// transaction each with a barrier row, in the same run.
+    Sagas(sagas::Args),
 }
 
 /// mimalloc, as in the coordinator and participant binaries: every system measured here runs
@@ -84,6 +93,10 @@ fn main() -> Result<()> {
         }
         Some(Command::OpenTxns(args)) => open_txns::run(args),
         Some(Command::LogThroughput(args)) => log_throughput::run(args),
+        Some(Command::Sagas(args)) => {
+            log_server_errors();
+            sagas::run(args)
+        }
     }
 }
 
