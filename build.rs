@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, file) in [
         ("ledger", "examples/proto/ledger/v1/ledger.proto"),
         ("audit", "examples/proto/audit/v1/audit.proto"),
+        ("payments", "examples/proto/payments/v1/payments.proto"),
     ] {
         let fds = protox::compile([file], ["examples/proto"])?;
         std::fs::write(

@@ -9,7 +9,9 @@
 //! - [`transact`] ([`ambient`]): begin, or join the transaction already in the task's context,
 //!   run the work, and commit on `Ok` / abort on `Err` or panic. Nested calls share one
 //!   transaction; the outermost commits.
-//! - [`saga`]: a saga's plan built step by step ([`saga::Saga`]), submitted, and waited for.
+//! - [`saga`]: a saga's plan built step by step ([`saga::Saga`]), submitted, and waited for;
+//!   [`barrier`]: a saga's gRPC step inside the service it calls, its work beside the step's
+//!   barrier row in the service's own database.
 //! - [`propagation`]: tower layers that carry the ambient transaction across gRPC calls in
 //!   `twopc-txn-id` metadata, for any tonic client and server.
 //!
@@ -30,6 +32,7 @@
 //! ```
 
 pub mod ambient;
+pub mod barrier;
 mod error;
 pub mod propagation;
 pub mod saga;

@@ -96,6 +96,35 @@ impl Saga {
         self
     }
 
+    /// The step's action as a call of `method` (`/package.Service/Method`) of the service at
+    /// `endpoint`, with `request` as its request message. The service answers OK to succeed
+    /// (the response is the step's output), FAILED_PRECONDITION (or INVALID_ARGUMENT,
+    /// OUT_OF_RANGE, NOT_FOUND, ALREADY_EXISTS) to fail for good; anything else is retried. It
+    /// runs its work with [`super::barrier`] so that a repeat applies once.
+    pub fn action_grpc(
+        mut self,
+        endpoint: &str,
+        method: &str,
+        request: &impl prost::Message,
+    ) -> Saga {
+        self.last().action = Some(grpc(endpoint, method, request));
+        self.compensating = false;
+        self
+    }
+
+    /// The step's compensation as a call of a service's method; as [`Saga::action_grpc`], but
+    /// whatever it answers but OK, it is sent again.
+    pub fn compensation_grpc(
+        mut self,
+        endpoint: &str,
+        method: &str,
+        request: &impl prost::Message,
+    ) -> Saga {
+        self.last().compensation = Some(grpc(endpoint, method, request));
+        self.compensating = true;
+        self
+    }
+
     /// The statements of the action or compensation just given take outputs after their own
     /// parameters: an action, the first row of each step it depends on (without
     /// [`Saga::depends_on`], the step before); a compensation, the first row its own action
@@ -166,7 +195,7 @@ fn add(
     };
     match call.as_mut().and_then(|c| c.call.as_mut()) {
         Some(Call::Sql(s)) => s.statements.push(statement),
-        None => {
+        Some(Call::Grpc(_)) | None => {
             *call = Some(proto::SagaCall {
                 call: Some(Call::Sql(proto::SqlCall {
                     participant: participant.to_string(),
@@ -175,6 +204,16 @@ fn add(
                 })),
             })
         }
+    }
+}
+
+fn grpc(endpoint: &str, method: &str, request: &impl prost::Message) -> proto::SagaCall {
+    proto::SagaCall {
+        call: Some(Call::Grpc(proto::GrpcCall {
+            endpoint: endpoint.to_string(),
+            method: method.to_string(),
+            request: request.encode_to_vec(),
+        })),
     }
 }
 
@@ -205,8 +244,10 @@ pub struct StepView {
     pub state: SagaStepState,
     pub attempts: u32,
     pub last_error: String,
-    /// What its action returned.
+    /// What its action returned: an SQL step's rows.
     pub output: Option<Rows>,
+    /// A gRPC step's response message, encoded.
+    pub response: Vec<u8>,
 }
 
 impl SagaView {
@@ -235,6 +276,7 @@ impl From<proto::Saga> for SagaView {
                     name: st.name,
                     attempts: st.attempts,
                     last_error: st.last_error,
+                    response: st.response,
                     output: st.output.map(|o| Rows {
                         affected: o.rows_affected,
                         columns: o.columns,

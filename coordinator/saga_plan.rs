@@ -44,11 +44,30 @@ impl Options {
     }
 }
 
-/// What each step sends: an action and a compensation, each SQL on a participant.
+/// One half of a step: what is sent, and where.
+#[derive(Clone, Debug)]
+pub enum Call {
+    /// Statements a participant runs with the step's barrier row.
+    Sql(proto::SqlCall),
+    /// A unary method of the user's own service.
+    Grpc(proto::GrpcCall),
+}
+
+impl Call {
+    /// Where it goes.
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Call::Sql(s) => &s.participant,
+            Call::Grpc(g) => &g.endpoint,
+        }
+    }
+}
+
+/// What each step sends: an action and a compensation.
 #[derive(Clone, Debug)]
 pub struct StepPlan {
-    pub action: proto::SqlCall,
-    pub compensation: proto::SqlCall,
+    pub action: Call,
+    pub compensation: Call,
 }
 
 /// A checked plan.
@@ -87,7 +106,7 @@ impl Plan {
             names::check_saga_name("step name", &s.name)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let call = |c: &Option<proto::SagaCall>, half: &str| {
-                sql_call(c.as_ref(), &endpoint)
+                step_call(c.as_ref(), &endpoint)
                     .map_err(|m| plan_err(format!("step {:?}: its {half}: {m}", s.name)))
             };
             steps.push(StepPlan {
@@ -155,15 +174,58 @@ fn options(o: proto::SagaOptions) -> Result<Options, Error> {
     })
 }
 
-/// One half of a step: SQL on a participant this coordinator can dial, with statements a
-/// participant will run.
-fn sql_call(
+/// One half of a step: SQL on a participant, or a method of a service, that this coordinator
+/// can dial.
+fn step_call(
     call: Option<&proto::SagaCall>,
     endpoint: impl Fn(&str) -> Result<(), String>,
+) -> Result<Call, String> {
+    match call.and_then(|c| c.call.as_ref()) {
+        Some(proto::saga_call::Call::Sql(sql)) => sql_call(sql, endpoint).map(Call::Sql),
+        Some(proto::saga_call::Call::Grpc(grpc)) => grpc_call(grpc, endpoint).map(Call::Grpc),
+        None => Err(
+            "missing: give `sql` (a participant and its statements) or `grpc` (a service's method)"
+                .into(),
+        ),
+    }
+}
+
+/// A method of a service: a URL this coordinator dials, and a method path.
+fn grpc_call(
+    grpc: &proto::GrpcCall,
+    endpoint: impl Fn(&str) -> Result<(), String>,
+) -> Result<proto::GrpcCall, String> {
+    if grpc.endpoint.is_empty() {
+        return Err("grpc.endpoint is empty: give the service's URL".into());
+    }
+    endpoint(&grpc.endpoint).map_err(|e| format!("grpc.endpoint: {e}"))?;
+    let path_ok = grpc
+        .method
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .is_some_and(|(service, method)| {
+            !service.is_empty()
+                && !method.is_empty()
+                && !method.contains('/')
+                && grpc
+                    .method
+                    .parse::<tonic::codegen::http::uri::PathAndQuery>()
+                    .is_ok()
+        });
+    if !path_ok {
+        return Err(format!(
+            "grpc.method {:?} is not a method path: /package.Service/Method",
+            crate::proto::shown(&grpc.method)
+        ));
+    }
+    Ok(grpc.clone())
+}
+
+/// SQL on a participant, with statements a participant will run.
+fn sql_call(
+    sql: &proto::SqlCall,
+    endpoint: impl Fn(&str) -> Result<(), String>,
 ) -> Result<proto::SqlCall, String> {
-    let Some(proto::saga_call::Call::Sql(sql)) = call.and_then(|c| c.call.as_ref()) else {
-        return Err("missing: give `sql` (a participant and its statements)".into());
-    };
     if sql.participant.is_empty() {
         return Err("sql.participant is empty: give the participant's URL".into());
     }
@@ -229,7 +291,7 @@ pub(crate) mod tests {
         assert_eq!(saga.steps.len(), 2);
         assert_eq!(plan.options.attempts, 5, "the default");
         let again = Plan::of_logged(&saga).unwrap();
-        assert_eq!(again.steps[1].action.participant, "http://p2");
+        assert_eq!(again.steps[1].action.endpoint(), "http://p2");
     }
 
     #[test]
@@ -237,6 +299,15 @@ pub(crate) mod tests {
         let mut no_comp = step("a", "http://p1", &[]);
         no_comp.compensation = None;
         assert!(refused(&request(vec![no_comp])).contains("its compensation: missing"));
+        let mut bad_method = step("a", "http://p1", &[]);
+        bad_method.action = Some(proto::SagaCall {
+            call: Some(Call::Grpc(proto::GrpcCall {
+                endpoint: "http://payments".into(),
+                method: "Charge".into(),
+                request: vec![],
+            })),
+        });
+        assert!(refused(&request(vec![bad_method])).contains("/package.Service/Method"));
         let mut commit = step("a", "http://p1", &[]);
         if let Some(Call::Sql(s)) = commit.action.as_mut().and_then(|c| c.call.as_mut()) {
             s.statements[0].sql = "COMMIT".into();

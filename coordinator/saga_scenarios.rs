@@ -368,3 +368,49 @@ fn an_operator_skip_of_a_compensation_that_keeps_failing_finishes_the_saga() {
         "skipped: the operator undid a by hand"
     );
 }
+
+/// A step that calls a method of the user's service at `endpoint` (a gRPC step).
+fn grpc_step(name: &str, endpoint: &str) -> proto::SagaStepPlan {
+    let call = |method: &str| proto::SagaCall {
+        call: Some(proto::saga_call::Call::Grpc(proto::GrpcCall {
+            endpoint: endpoint.into(),
+            method: method.into(),
+            request: b"charge 42".to_vec(),
+        })),
+    };
+    proto::SagaStepPlan {
+        name: name.into(),
+        action: Some(call("/payments.v1.Payments/Charge")),
+        compensation: Some(call("/payments.v1.Payments/Refund")),
+        depends_on: vec![],
+    }
+}
+
+#[test]
+fn a_grpc_step_sent_again_after_a_crash_applies_once_and_is_undone_when_a_later_step_fails() {
+    const PAY: &str = "http://payments";
+    let ps = FakeParticipants::default();
+    ps.set(P2, down());
+    ps.fail_step(P2, "order");
+    let p = Process::start(MemLog::default(), &ps);
+    p.submit(&submit(
+        vec![grpc_step("pay", PAY), step("order", P2, &[])],
+        proto::OnExhausted::Compensate,
+    ))
+    .unwrap();
+    p.until("the charge applied", || ps.applied(PAY) == [action("pay")]);
+    let p = Process::start(p.crash(), &ps);
+    ps.set(P2, Behaviour::default());
+    let saga = p.ended("order-1");
+    assert_eq!(saga.state, SagaState::Compensated, "{}", saga.reason);
+    assert_eq!(
+        ps.applied(PAY),
+        [action("pay"), compensation("pay")],
+        "charged once, refunded once"
+    );
+    assert_eq!(
+        saga.steps[0].output.as_deref(),
+        Some(&b"charge 42"[..]),
+        "the reply is the output"
+    );
+}

@@ -10,9 +10,9 @@
 
 use super::error::Error;
 use super::log::Log;
-use super::participants::{Participants, PeerError};
+use super::participants::{Participants, PeerError, ServiceCall};
 use super::saga::{ActionResult, Intervention, Recorded, Saga, SagaState, Work};
-use super::saga_plan::Plan;
+use super::saga_plan::{Call, Plan};
 use super::transactions::{Coordinator, now_ms};
 use crate::proto::{self, SagaOp, SagaStepOutcome};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -270,15 +270,22 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 sends
             };
             live.changed.send_modify(|v| *v += 1);
-            for (work, (endpoint, request), attempt) in sends {
-                let participants = Arc::clone(&self);
+            for (work, send, attempt) in sends {
+                let core = Arc::clone(&self);
                 let options = live.plan.options;
                 calls.spawn(async move {
                     tokio::time::sleep(options.backoff(attempt)).await;
-                    let answer = participants
-                        .participants
-                        .saga_step(&endpoint, request, options.step_timeout)
-                        .await;
+                    let peers = &core.participants;
+                    let answer = match send {
+                        Send::Participant(endpoint, request) => Answer::Participant(
+                            peers
+                                .saga_step(&endpoint, request, options.step_timeout)
+                                .await,
+                        ),
+                        Send::Service(call) => {
+                            Answer::Service(peers.call_service(call, options.step_timeout).await)
+                        }
+                    };
                     (work, answer)
                 });
             }
@@ -351,13 +358,8 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         live.changed.send_modify(|v| *v += 1);
     }
 
-    /// The request that sends `work`, and where.
-    fn step_request(
-        &self,
-        saga: &Saga,
-        plan: &Plan,
-        work: Work,
-    ) -> (String, proto::SagaStepRequest) {
+    /// What sends `work`, and where.
+    fn step_request(&self, saga: &Saga, plan: &Plan, work: Work) -> Send {
         let (i, op, call) = match work {
             Work::Action(i) => (i, SagaOp::Action, &plan.steps[i].action),
             Work::Compensation(i) => (i, SagaOp::Compensate, &plan.steps[i].compensation),
@@ -365,6 +367,21 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
         let step = &saga.steps[i].name;
         let key = self.log.marker_key();
         let secret = |half| key.barrier_secret(&saga.id, step, half).into_bytes();
+        let call = match call {
+            Call::Sql(sql) => sql,
+            Call::Grpc(grpc) => {
+                return Send::Service(ServiceCall {
+                    endpoint: grpc.endpoint.clone(),
+                    method: grpc.method.clone(),
+                    request: grpc.request.clone(),
+                    saga_id: saga.id.clone(),
+                    step: step.clone(),
+                    compensate: op == SagaOp::Compensate,
+                    action_secret: secret("action"),
+                    compensation_secret: (op == SagaOp::Compensate).then(|| secret("compensate")),
+                });
+            }
+        };
         let inputs = match (op, call.bind_outputs) {
             (SagaOp::Action, true) => saga
                 .inputs(i)
@@ -386,8 +403,36 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             bind_outputs: call.bind_outputs,
             inputs,
         };
-        (call.participant.clone(), request)
+        Send::Participant(call.participant.clone(), request)
     }
+}
+
+/// One half of a step on its way.
+enum Send {
+    /// SQL, to a participant (`Participant.RunSagaStep`).
+    Participant(String, proto::SagaStepRequest),
+    /// A method of the user's service.
+    Service(ServiceCall),
+}
+
+/// How it was answered.
+enum Answer {
+    Participant(Result<proto::SagaStepResponse, PeerError>),
+    Service(Result<Vec<u8>, tonic::Status>),
+}
+
+/// A service's status that says the step failed for good (compensate), rather than that it
+/// could not be done now (retry): docs/SAGAS.md §2 and `GrpcCall` in the proto.
+fn fails_for_good(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        FailedPrecondition | InvalidArgument | OutOfRange | NotFound | AlreadyExists
+    )
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// The how-manieth send of `work` this is.
@@ -407,10 +452,15 @@ fn first_row(output: &[u8]) -> proto::Row {
 }
 
 /// What an action's answer means to the machine.
-fn action_result(answer: Result<proto::SagaStepResponse, PeerError>) -> ActionResult {
+fn action_result(answer: Answer) -> ActionResult {
     let resp = match answer {
-        Ok(resp) => resp,
-        Err(e) => return ActionResult::RetryLater(e.to_string()),
+        Answer::Participant(Ok(resp)) => resp,
+        Answer::Participant(Err(e)) => return ActionResult::RetryLater(e.to_string()),
+        Answer::Service(Ok(response)) => return ActionResult::Succeeded(response),
+        Answer::Service(Err(status)) if fails_for_good(status.code()) => {
+            return ActionResult::Failed(status_text(&status));
+        }
+        Answer::Service(Err(status)) => return ActionResult::RetryLater(status_text(&status)),
     };
     let output = || prost::Message::encode_to_vec(&resp.output.clone().unwrap_or_default());
     match resp.outcome() {
@@ -427,8 +477,12 @@ fn action_result(answer: Result<proto::SagaStepResponse, PeerError>) -> ActionRe
 }
 
 /// What a compensation's answer means: applied (or null, or a repeat), or to be sent again.
-fn compensation_result(answer: Result<proto::SagaStepResponse, PeerError>) -> Result<(), String> {
-    let resp = answer.map_err(|e| e.to_string())?;
+fn compensation_result(answer: Answer) -> Result<(), String> {
+    let resp = match answer {
+        Answer::Participant(answer) => answer.map_err(|e| e.to_string())?,
+        // Whatever a service answers but OK, its compensation is sent again.
+        Answer::Service(answer) => return answer.map(drop).map_err(|s| status_text(&s)),
+    };
     match resp.outcome() {
         SagaStepOutcome::Applied | SagaStepOutcome::Repeated | SagaStepOutcome::Null => Ok(()),
         SagaStepOutcome::Failed => Err(with_sqlstate(&resp)),

@@ -137,6 +137,17 @@ pub fn saga_state_from_proto(n: i32) -> Result<SagaState, Error> {
 
 /// A saga for GetSaga, ListSagas and SubmitSaga's answer.
 pub fn saga(s: &Saga) -> proto::Saga {
+    // Which steps' actions are gRPC calls, whose output is a response's bytes.
+    let plan: proto::SubmitSagaRequest =
+        prost::Message::decode(s.plan.as_slice()).unwrap_or_default();
+    let grpc = |i: usize| {
+        plan.steps.get(i).is_some_and(|st| {
+            matches!(
+                st.action.as_ref().and_then(|a| a.call.as_ref()),
+                Some(proto::saga_call::Call::Grpc(_))
+            )
+        })
+    };
     proto::Saga {
         saga_id: s.id.clone(),
         state: proto::SagaState::from(s.state) as i32,
@@ -144,16 +155,24 @@ pub fn saga(s: &Saga) -> proto::Saga {
         steps: s
             .steps
             .iter()
-            .map(|step| proto::SagaStep {
+            .enumerate()
+            .map(|(i, step)| proto::SagaStep {
                 name: step.name.clone(),
                 state: proto::SagaStepState::from(&step.state) as i32,
                 attempts: step.attempts,
                 compensations: step.compensations,
                 last_error: step.last_error.clone(),
-                output: step
-                    .output
-                    .as_deref()
-                    .and_then(|o| prost::Message::decode(o).ok()),
+                output: match grpc(i) {
+                    true => None,
+                    false => step
+                        .output
+                        .as_deref()
+                        .and_then(|o| prost::Message::decode(o).ok()),
+                },
+                response: match grpc(i) {
+                    true => step.output.clone().unwrap_or_default(),
+                    false => Vec::new(),
+                },
             })
             .collect(),
         created_unix_ms: s.created_ms,

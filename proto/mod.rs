@@ -26,6 +26,15 @@ pub const EPOCH_METADATA: &str = "twopc-epoch";
 /// it names `ExecuteResponse.participant_id` after a success.
 pub const PARTICIPANT_ID_METADATA: &str = "twopc-participant-id";
 
+/// Metadata on a saga's gRPC step (docs/SAGAS.md §2): which saga, which step, which half
+/// (`action` or `compensate`), and the barrier secrets a service keys its barrier rows by
+/// (`client::barrier`): the action's, and for a compensation its own.
+pub const SAGA_ID_METADATA: &str = "twopc-saga-id";
+pub const SAGA_STEP_METADATA: &str = "twopc-saga-step";
+pub const SAGA_OP_METADATA: &str = "twopc-saga-op";
+pub const SAGA_BARRIER_METADATA: &str = "twopc-saga-barrier-bin";
+pub const SAGA_COMPENSATION_METADATA: &str = "twopc-saga-compensation-bin";
+
 /// A client's input as an error message quotes it: at most its first 48 characters. A status
 /// message travels in an HTTP/2 header, and echoing a megabyte back would fail the reply.
 pub fn shown(input: &str) -> String {

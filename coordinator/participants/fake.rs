@@ -9,7 +9,7 @@
 //! coordinator by dropping its whole runtime while calls into this are in flight, and the
 //! participants must outlive it, as real ones outlive a coordinator process.
 
-use super::{Ending, Participants, PeerError};
+use super::{Ending, Participants, PeerError, ServiceCall};
 use crate::coordinator::registry::Health;
 use crate::proto::vote::OnePhaseOutcome;
 use crate::proto::vote::Vote;
@@ -509,6 +509,39 @@ impl Participants for FakeParticipants {
                 SagaOp::Unspecified => return Err(PeerError::Refused("no op".into())),
             })
         })
+    }
+
+    /// A service with a barrier of its own behaves as a participant's: the same in-memory
+    /// barrier, a failing step as FAILED_PRECONDITION, down as UNAVAILABLE.
+    async fn call_service(
+        &self,
+        call: ServiceCall,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        use crate::proto::{SagaOp, SagaStepOutcome as Outcome};
+        let step = SagaStepRequest {
+            saga_id: call.saga_id,
+            step: call.step,
+            op: if call.compensate {
+                SagaOp::Compensate
+            } else {
+                SagaOp::Action
+            } as i32,
+            action_secret: call.action_secret,
+            compensation_secret: call.compensation_secret.unwrap_or_default(),
+            ..Default::default()
+        };
+        let resp = self
+            .saga_step(&call.endpoint, step, timeout)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        match resp.outcome() {
+            Outcome::Failed => Err(tonic::Status::failed_precondition(resp.error)),
+            Outcome::Fenced => Err(tonic::Status::failed_precondition(
+                "compensated before it ran",
+            )),
+            _ => Ok(call.request),
+        }
     }
 
     async fn recover(&self, endpoint: &str, _timeout: Duration) -> Result<Vec<TxnId>, PeerError> {

@@ -3,7 +3,7 @@
 //! every transaction (`phase_stream.rs`), or unary calls to a participant that serves none.
 
 use super::phase_stream::{CallError, PhaseStreams};
-use super::{Ending, Participants, PeerError};
+use super::{Ending, Participants, PeerError, ServiceCall};
 use crate::coordinator::marker_key::MarkerKey;
 use crate::coordinator::registry::Health;
 use crate::process::auth::Bearer;
@@ -317,6 +317,16 @@ impl Participants for GrpcParticipants {
             ))),
             Ok(r) => r.map(tonic::Response::into_inner).map_err(peer_error),
         }
+    }
+
+    async fn call_service(
+        &self,
+        call: ServiceCall,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        // The user's service gets no peer token: it is not one of ours.
+        let channel = self.channel(&call.endpoint)?;
+        super::service_call::call(channel, call, timeout).await
     }
 
     async fn waits(

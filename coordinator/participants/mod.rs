@@ -10,6 +10,7 @@
 pub mod fake;
 mod grpc;
 mod phase_stream;
+pub mod service_call;
 
 pub use grpc::GrpcParticipants;
 
@@ -82,12 +83,38 @@ pub trait Participants: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<SagaStepResponse, PeerError>> + Send;
 
+    /// A saga's gRPC step: `call.method` of the user's service at `call.endpoint`, with the
+    /// request's bytes; the response's bytes, or the service's status (no answer within
+    /// `timeout` is DEADLINE_EXCEEDED).
+    fn call_service(
+        &self,
+        call: ServiceCall,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<u8>, tonic::Status>> + Send;
+
     /// The txn ids of this coordinator's branches prepared at `endpoint`.
     fn recover(
         &self,
         endpoint: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<Vec<TxnId>, PeerError>> + Send;
+}
+
+/// A saga step's call of a method of the user's own service (a gRPC step, docs/SAGAS.md §2).
+#[derive(Clone, Debug)]
+pub struct ServiceCall {
+    pub endpoint: String,
+    /// `/package.Service/Method`.
+    pub method: String,
+    /// The request message's bytes.
+    pub request: Vec<u8>,
+    pub saga_id: String,
+    pub step: String,
+    /// Its compensation, not its action.
+    pub compensate: bool,
+    /// The barrier secrets the service's own barrier keys the step by (`client::barrier`).
+    pub action_secret: Vec<u8>,
+    pub compensation_secret: Option<Vec<u8>>,
 }
 
 /// What phase 2 asks of a branch.

@@ -522,3 +522,188 @@ async fn the_rust_sdk_builds_submits_and_waits_for_the_order_saga() {
     assert_eq!(sys.scalar(0, "SELECT n::int8 FROM stock").await, 4);
     assert_eq!(sys.scalar(1, "SELECT count(*) FROM orders").await, 1);
 }
+
+mod payments_pb {
+    tonic::include_proto!("payments.v1");
+}
+
+/// A payment provider's front as a saga's gRPC step calls it: Charge and Refund, each with the
+/// step's barrier in the service's own database (`twopc::client::barrier`). Its first
+/// `lose_replies` Charges apply, then fail as a lost reply would.
+struct Payments {
+    db: tokio::sync::Mutex<tokio_postgres::Client>,
+    lose_replies: std::sync::atomic::AtomicUsize,
+}
+
+const PAYMENTS: &str = "CREATE TABLE charges (id bigserial PRIMARY KEY, order_ref text NOT NULL, amount bigint NOT NULL);";
+
+#[tonic::async_trait]
+impl payments_pb::payments_server::Payments for Payments {
+    async fn charge(
+        &self,
+        req: tonic::Request<payments_pb::ChargeRequest>,
+    ) -> Result<tonic::Response<payments_pb::ChargeReply>, tonic::Status> {
+        use prost::Message;
+        use twopc::client::barrier;
+        let step = barrier::Step::of(&req)?;
+        let charge = req.into_inner();
+        if charge.amount > 100 {
+            return Err(tonic::Status::failed_precondition("card declined"));
+        }
+        let mut db = self.db.lock().await;
+        let ran = barrier::action(&mut db, &step, async |tx| {
+            let row = tx
+                .query_one(
+                    "INSERT INTO charges (order_ref, amount) VALUES ($1, $2) RETURNING id",
+                    &[&charge.order, &charge.amount],
+                )
+                .await?;
+            let reply = payments_pb::ChargeReply {
+                payment_id: row.get(0),
+            };
+            Ok::<_, tokio_postgres::Error>(reply.encode_to_vec())
+        })
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let lost = self
+            .lose_replies
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if lost {
+            return Err(tonic::Status::unavailable("the reply was lost"));
+        }
+        let reply = payments_pb::ChargeReply::decode(ran.into_output()?.as_slice())
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn refund(
+        &self,
+        req: tonic::Request<payments_pb::ChargeRequest>,
+    ) -> Result<tonic::Response<payments_pb::ChargeReply>, tonic::Status> {
+        use prost::Message;
+        use twopc::client::barrier;
+        let step = barrier::Step::of(&req)?;
+        let mut db = self.db.lock().await;
+        barrier::compensation(&mut db, &step, async |tx, output| {
+            let charged = payments_pb::ChargeReply::decode(output.as_slice()).unwrap_or_default();
+            tx.execute("DELETE FROM charges WHERE id = $1", &[&charged.payment_id])
+                .await?;
+            Ok::<_, tokio_postgres::Error>(())
+        })
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(tonic::Response::new(payments_pb::ChargeReply::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_step_charges_once_though_its_reply_is_lost_and_is_refunded_when_a_later_step_fails()
+{
+    use std::time::Duration;
+    use twopc::client::saga::{Saga, SagaState};
+    let sys = System::builder()
+        .databases(3)
+        .schema(SCHEMA)
+        .start()
+        .await
+        .unwrap();
+    let db = sys.pgs[2].client().await.unwrap();
+    db.batch_execute(PAYMENTS).await.unwrap();
+    db.batch_execute(twopc::client::barrier::SCHEMA)
+        .await
+        .unwrap();
+    let (listener, addr) = support::listener().await;
+    let payments = Payments {
+        db: tokio::sync::Mutex::new(db),
+        lose_replies: std::sync::atomic::AtomicUsize::new(1),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(payments_pb::payments_server::PaymentsServer::new(payments))
+            .serve_with_incoming(twopc::process::server::incoming(listener)),
+    );
+    let payments_url = support::url(addr);
+    let client = twopc::client::Client::connect(&sys.coordinator_url()).unwrap();
+    let (inventory, orders) = (sys.participant_url(0), sys.participant_url(1));
+    // Reserve a book, pay for it (gRPC), then record the order: a bad item fails the order
+    // (a CHECK on the item), and the payment is refunded.
+    let order = |id: &str, amount: i64, item: &str| {
+        let charge = payments_pb::ChargeRequest {
+            order: id.into(),
+            amount,
+        };
+        Saga::new(id)
+            .step("reserve")
+            .action(
+                &inventory,
+                "UPDATE stock SET n = n - 1 WHERE item = 'book'",
+                &[],
+            )
+            .compensation(
+                &inventory,
+                "UPDATE stock SET n = n + 1 WHERE item = 'book'",
+                &[],
+            )
+            .step("pay")
+            .action_grpc(&payments_url, "/payments.v1.Payments/Charge", &charge)
+            .compensation_grpc(&payments_url, "/payments.v1.Payments/Refund", &charge)
+            .step("order")
+            .action(&orders, "INSERT INTO orders (item) VALUES ($1)", &[&item])
+            .compensation(&orders, "DELETE FROM orders WHERE item = $1", &[&item])
+            .options(twopc::proto::SagaOptions {
+                initial_backoff_ms: 10,
+                ..Default::default()
+            })
+    };
+    sys.setup_sql("ALTER TABLE orders ADD CONSTRAINT real_items CHECK (item <> 'nothing')")
+        .await;
+    let charges = || sys.pgs[2].scalar("SELECT count(*) FROM charges");
+
+    let paid = order("g-1", 40, "book").submit(&client).await.unwrap();
+    let paid = paid.wait(Duration::from_secs(10)).await.unwrap();
+    let charged_once = charges().await.unwrap();
+    let refunded = order("g-2", 40, "nothing").submit(&client).await.unwrap();
+    let refunded = refunded.wait(Duration::from_secs(10)).await.unwrap();
+    let declined = order("g-3", 400, "book").submit(&client).await.unwrap();
+    let declined = declined.wait(Duration::from_secs(10)).await.unwrap();
+
+    assert_eq!(paid.state, SagaState::Completed, "{}", paid.reason);
+    assert_eq!(paid.steps[1].attempts, 2, "the lost reply was sent again");
+    assert_eq!(
+        charged_once, 1,
+        "charged once: the repeat answered the first charge"
+    );
+    let reply =
+        <payments_pb::ChargeReply as prost::Message>::decode(paid.steps[1].response.as_slice())
+            .unwrap();
+    assert!(reply.payment_id > 0, "the reply is the step's output");
+    assert_eq!(
+        refunded.state,
+        SagaState::Compensated,
+        "{}",
+        refunded.reason
+    );
+    assert_eq!(declined.state, SagaState::Compensated);
+    assert!(
+        declined.reason.contains("card declined"),
+        "{}",
+        declined.reason
+    );
+    assert_eq!(declined.steps[1].attempts, 1, "a decline is not retried");
+    assert_eq!(
+        charges().await.unwrap(),
+        1,
+        "g-2's charge refunded, g-3's never made"
+    );
+    assert_eq!(
+        sys.scalar(0, "SELECT n::int8 FROM stock").await,
+        4,
+        "only g-1 holds a book"
+    );
+    assert_eq!(sys.scalar(1, "SELECT count(*) FROM orders").await, 1);
+}
