@@ -496,6 +496,8 @@ fn compensation_result(answer: Answer) -> Result<(), String> {
 fn with_sqlstate(resp: &proto::SagaStepResponse) -> String {
     match resp.sqlstate.as_str() {
         "" => resp.error.clone(),
+        // PostgreSQL's message, as the participant describes it, may name it already.
+        code if resp.error.contains(code) => resp.error.clone(),
         code => format!("{} (SQLSTATE {code})", resp.error),
     }
 }

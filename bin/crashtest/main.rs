@@ -208,10 +208,8 @@ async fn run(
         true => Deployment::Embedded,
         false => Deployment::Standalone,
     };
-    if args.saga && (args.embedded || args.ha) {
-        bail!(
-            "--saga runs with standalone participants and one coordinator (not yet with --embedded or --ha)"
-        );
+    if args.saga && args.embedded {
+        bail!("--saga runs with standalone participants (not yet with --embedded)");
     }
     let sys = System::launch(dir, args.secure, deployment, args.ha).await?;
     let clients = Clients::new(&sys)?;

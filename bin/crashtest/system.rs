@@ -399,6 +399,37 @@ impl System {
         None
     }
 
+    /// With `--ha`: makes `role` (armed with a failpoint) the leader, by stopping the other
+    /// replicas (a clean stop hands the lead over at once) until it leads, then starting them
+    /// again as standbys. It may die at its failpoint while recovering as the new leader.
+    pub async fn lead_with(&mut self, role: Role, within: Duration) -> Result<Started> {
+        let others: Vec<Role> = self
+            .coordinator_roles()
+            .into_iter()
+            .filter(|r| *r != role)
+            .collect();
+        for other in &others {
+            self.stop(*other).await;
+        }
+        let until = Instant::now() + within;
+        let outcome = loop {
+            if let Some(status) = self.exited(role) {
+                break Started::Died(status);
+            }
+            if self.leader().await == Some(role) {
+                break Started::Ready;
+            }
+            if Instant::now() > until {
+                bail!("{} did not take the lead within {within:?}", role.name());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for other in others {
+            self.start(other, None).await?;
+        }
+        Ok(outcome)
+    }
+
     /// Waits (up to the ready timeout) until some replica leads.
     pub async fn wait_for_leader(&mut self) -> Result<Role> {
         let until = Instant::now() + READY_TIMEOUT;

@@ -12,6 +12,7 @@
 #[path = "../example_services.rs"]
 mod example_services;
 mod ha;
+mod saga;
 mod services;
 
 use anyhow::{Result, bail};
@@ -51,6 +52,10 @@ struct Args {
     /// leading replica killed while transfers run (docs/HA.md).
     #[arg(long, conflicts_with_all = ["secure", "services"])]
     ha: bool,
+    /// Instead: the order saga (validate the user, reserve, order, charge over gRPC), one that
+    /// completes and one whose declined charge is compensated in reverse (docs/SAGAS.md).
+    #[arg(long, conflicts_with_all = ["secure", "services", "ha"])]
+    saga: bool,
 }
 
 /// A channel with the demo client's token (if any) on every call.
@@ -207,6 +212,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if args.ha {
         return ha::run().await;
+    }
+    if args.saga {
+        return saga::run(args.keep).await;
     }
     tracing_subscriber::fmt()
         .with_env_filter(

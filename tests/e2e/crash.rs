@@ -66,3 +66,22 @@ fn a_replica_recovers_from_the_leader_crashing_at_every_coordinator_failpoint() 
 fn every_saga_failpoint_recovers_under_load() {
     crashtest(&["--saga", "--failpoints", "all", "--clients", "4"]);
 }
+
+/// The saga coordinator failpoints with three replicas on etcd: another replica resumes every
+/// saga from the log on etcd.
+#[test]
+fn a_replica_resumes_every_saga_after_the_leader_crashes_at_each_saga_failpoint() {
+    let coordinator: Vec<&str> = twopc::process::failpoints::SAGA
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| name.starts_with("coordinator::"))
+        .collect();
+    crashtest(&[
+        "--saga",
+        "--ha",
+        "--failpoints",
+        &coordinator.join(","),
+        "--clients",
+        "4",
+    ]);
+}

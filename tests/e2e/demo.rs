@@ -1,5 +1,5 @@
 //! README's main job, `bash scripts/demo`, end to end: the bank demo, the coordinator replicas on
-//! etcd with the leader killed (`--ha`) and, with `--services`,
+//! etcd with the leader killed (`--ha`), the order saga (`--saga`) and, with `--services`,
 //! the services that embed their participant. Each demo checks every scene itself (balances,
 //! audit records, nothing left prepared) and exits non-zero on any surprise. `--services`
 //! crashes a service at a named failpoint, so this needs the `testing` feature and the
@@ -59,4 +59,17 @@ fn the_ha_demo_keeps_committing_through_the_leaders_death() {
     );
     assert!(out.contains("conserved"), "{out}");
     assert!(out.contains("east 0, west 0"), "{out}");
+}
+
+#[test]
+fn the_saga_demo_completes_one_order_and_compensates_a_declined_one() {
+    let out = demo(&["--saga"]);
+
+    assert!(out.contains("saga order-alice: Completed"), "{out}");
+    assert!(out.contains("saga order-bob: Compensated because"), "{out}");
+    assert!(out.contains("card declined"), "{out}");
+    assert!(
+        out.contains("2 books in stock, 1 order(s); payments: 1 charge(s)"),
+        "{out}"
+    );
 }

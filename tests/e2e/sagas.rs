@@ -523,83 +523,11 @@ async fn the_rust_sdk_builds_submits_and_waits_for_the_order_saga() {
     assert_eq!(sys.scalar(1, "SELECT count(*) FROM orders").await, 1);
 }
 
-mod payments_pb {
-    tonic::include_proto!("payments.v1");
-}
+#[allow(dead_code)] // its `main` is the example's
+#[path = "../../examples/payments.rs"]
+mod payments;
 
-/// A payment provider's front as a saga's gRPC step calls it: Charge and Refund, each with the
-/// step's barrier in the service's own database (`twopc::client::barrier`). Its first
-/// `lose_replies` Charges apply, then fail as a lost reply would.
-struct Payments {
-    db: tokio::sync::Mutex<tokio_postgres::Client>,
-    lose_replies: std::sync::atomic::AtomicUsize,
-}
-
-const PAYMENTS: &str = "CREATE TABLE charges (id bigserial PRIMARY KEY, order_ref text NOT NULL, amount bigint NOT NULL);";
-
-#[tonic::async_trait]
-impl payments_pb::payments_server::Payments for Payments {
-    async fn charge(
-        &self,
-        req: tonic::Request<payments_pb::ChargeRequest>,
-    ) -> Result<tonic::Response<payments_pb::ChargeReply>, tonic::Status> {
-        use prost::Message;
-        use twopc::client::barrier;
-        let step = barrier::Step::of(&req)?;
-        let charge = req.into_inner();
-        if charge.amount > 100 {
-            return Err(tonic::Status::failed_precondition("card declined"));
-        }
-        let mut db = self.db.lock().await;
-        let ran = barrier::action(&mut db, &step, async |tx| {
-            let row = tx
-                .query_one(
-                    "INSERT INTO charges (order_ref, amount) VALUES ($1, $2) RETURNING id",
-                    &[&charge.order, &charge.amount],
-                )
-                .await?;
-            let reply = payments_pb::ChargeReply {
-                payment_id: row.get(0),
-            };
-            Ok::<_, tokio_postgres::Error>(reply.encode_to_vec())
-        })
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let lost = self
-            .lose_replies
-            .fetch_update(
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
-            .is_ok();
-        if lost {
-            return Err(tonic::Status::unavailable("the reply was lost"));
-        }
-        let reply = payments_pb::ChargeReply::decode(ran.into_output()?.as_slice())
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        Ok(tonic::Response::new(reply))
-    }
-
-    async fn refund(
-        &self,
-        req: tonic::Request<payments_pb::ChargeRequest>,
-    ) -> Result<tonic::Response<payments_pb::ChargeReply>, tonic::Status> {
-        use prost::Message;
-        use twopc::client::barrier;
-        let step = barrier::Step::of(&req)?;
-        let mut db = self.db.lock().await;
-        barrier::compensation(&mut db, &step, async |tx, output| {
-            let charged = payments_pb::ChargeReply::decode(output.as_slice()).unwrap_or_default();
-            tx.execute("DELETE FROM charges WHERE id = $1", &[&charged.payment_id])
-                .await?;
-            Ok::<_, tokio_postgres::Error>(())
-        })
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        Ok(tonic::Response::new(payments_pb::ChargeReply::default()))
-    }
-}
+use payments::pb as payments_pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_step_charges_once_though_its_reply_is_lost_and_is_refunded_when_a_later_step_fails()
@@ -613,20 +541,12 @@ async fn a_grpc_step_charges_once_though_its_reply_is_lost_and_is_refunded_when_
         .await
         .unwrap();
     let db = sys.pgs[2].client().await.unwrap();
-    db.batch_execute(PAYMENTS).await.unwrap();
-    db.batch_execute(twopc::client::barrier::SCHEMA)
-        .await
-        .unwrap();
     let (listener, addr) = support::listener().await;
-    let payments = Payments {
-        db: tokio::sync::Mutex::new(db),
-        lose_replies: std::sync::atomic::AtomicUsize::new(1),
-    };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(payments_pb::payments_server::PaymentsServer::new(payments))
-            .serve_with_incoming(twopc::process::server::incoming(listener)),
-    );
+    let payments = payments::Payments::new(db, 100).await.unwrap();
+    payments
+        .lose_replies
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    tokio::spawn(payments::serve(listener, payments, std::future::pending()));
     let payments_url = support::url(addr);
     let client = twopc::client::Client::connect(&sys.coordinator_url()).unwrap();
     let (inventory, orders) = (sys.participant_url(0), sys.participant_url(1));

@@ -5,7 +5,7 @@ use super::{Harness, indent, print_violations};
 use crate::check::Violation;
 use crate::report::Row;
 use crate::system::{self, Role, Started};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::time::{Duration, Instant};
 
 /// How long the workload runs on after the crashed process is back.
@@ -44,7 +44,7 @@ impl Harness {
         let mut started = self.sys.start(role, Some(&spec)).await?;
         if matches!(started, Started::Ready) && role == Role::Coordinator && self.sys.etcd.is_some()
         {
-            started = self.lead_with(role).await?;
+            started = self.sys.lead_with(role, HIT_TIMEOUT).await?;
         }
         match started {
             Started::Died(status) => hit = Some((status, Duration::ZERO)),
@@ -145,40 +145,5 @@ impl Harness {
         );
         print_violations(&new);
         Ok(row)
-    }
-
-    /// With `--ha`: makes `role` (armed with a failpoint) the leader, by stopping the other
-    /// replicas (a clean stop hands the lead over at once) until it leads, then starting them
-    /// again as standbys. It may die at its failpoint while recovering as the new leader.
-    async fn lead_with(&mut self, role: Role) -> Result<Started> {
-        let others: Vec<Role> = self
-            .sys
-            .coordinator_roles()
-            .into_iter()
-            .filter(|r| *r != role)
-            .collect();
-        for other in &others {
-            self.sys.stop(*other).await;
-        }
-        let until = Instant::now() + HIT_TIMEOUT;
-        let outcome = loop {
-            if let Some(status) = self.sys.exited(role) {
-                break Started::Died(status);
-            }
-            if self.sys.leader().await == Some(role) {
-                break Started::Ready;
-            }
-            if Instant::now() > until {
-                bail!(
-                    "{} did not take the lead within {HIT_TIMEOUT:?}",
-                    role.name()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        for other in others {
-            self.sys.start(other, None).await?;
-        }
-        Ok(outcome)
     }
 }
