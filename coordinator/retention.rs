@@ -5,6 +5,9 @@
 //! answer NOT_FOUND, and QueryOutcome presumes abort, which is safe because no branch of a
 //! finished transaction is still prepared. The one exception, a transaction an operator
 //! forced, is never pruned (see `Log::prune`).
+//!
+//! Final sagas go after the same time, once every participant of their SQL steps has forgotten
+//! their barrier rows (`Coordinator::prune_sagas`); an unfinished or stuck saga never goes.
 
 use super::log::Log;
 use super::participants::Participants;
@@ -26,6 +29,11 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(records = n, "pruned finished transactions from the log"),
                 Err(e) => tracing::warn!(error = %e, "pruning the log failed; will retry"),
+            }
+            match core.prune_sagas(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sagas = n, "pruned finished sagas and their barrier rows"),
+                Err(e) => tracing::warn!(error = %e, "pruning sagas failed; will retry"),
             }
             Next::Again
         });

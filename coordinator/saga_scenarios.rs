@@ -414,3 +414,40 @@ fn a_grpc_step_sent_again_after_a_crash_applies_once_and_is_undone_when_a_later_
         "the reply is the output"
     );
 }
+
+#[test]
+fn retention_forgets_a_final_sagas_barrier_rows_then_its_record_and_waits_for_a_participant_that_is_down()
+ {
+    let ps = FakeParticipants::default();
+    let p = Process::start(MemLog::default(), &ps);
+    p.submit(&three_steps()).unwrap();
+    p.ended("order-1");
+    p.until("the saga leaves memory", || {
+        p.core.sagas.lock().unwrap().is_empty()
+    });
+    assert_eq!((ps.barrier_rows(P1), ps.barrier_rows(P2)), (2, 1));
+    let later = super::transactions::now_ms() + 1_000;
+    let earlier = super::transactions::now_ms() - 60_000;
+    assert_eq!(
+        p.run(p.core.prune_sagas(earlier)).unwrap(),
+        0,
+        "finished after the cut-off"
+    );
+    assert!(p.log.get_saga("order-1").unwrap().is_some());
+
+    ps.set(P2, down());
+    assert_eq!(
+        p.run(p.core.prune_sagas(later)).unwrap(),
+        0,
+        "P2 cannot forget yet"
+    );
+    assert!(p.log.get_saga("order-1").unwrap().is_some());
+    ps.set(P2, Behaviour::default());
+    assert_eq!(p.run(p.core.prune_sagas(later)).unwrap(), 1);
+
+    assert_eq!((ps.barrier_rows(P1), ps.barrier_rows(P2)), (0, 0));
+    assert!(matches!(
+        p.run(p.core.get_saga("order-1", Duration::ZERO)),
+        Err(Error::SagaNotFound(_))
+    ));
+}

@@ -11,7 +11,7 @@
 use super::error::Error;
 use super::log::Log;
 use super::participants::{Participants, PeerError, ServiceCall};
-use super::saga::{ActionResult, Intervention, Recorded, Saga, SagaState, Work};
+use super::saga::{ActionResult, Intervention, Recorded, Saga, SagaState, StepState, Work};
 use super::saga_plan::{Call, Plan};
 use super::transactions::{Coordinator, now_ms};
 use crate::proto::{self, SagaOp, SagaStepOutcome};
@@ -21,6 +21,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
+
+/// How long retention waits for a participant to forget a step's barrier rows.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest GetSaga waits for a saga to end.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -223,6 +226,71 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
             metrics::counter!("twopc_sagas_recovered_total").increment(n as u64);
         }
         Ok(n)
+    }
+
+    /// Retention: every final saga that finished before `before_ms` has its barrier rows
+    /// forgotten at each participant of its SQL steps, then its record removed. A saga whose
+    /// participant cannot be reached is kept for the next pass: its rows must go first, or
+    /// they would stay for ever. Returns how many sagas were pruned.
+    pub(super) async fn prune_sagas(&self, before_ms: i64) -> Result<usize, Error> {
+        let mut pruned = 0;
+        for saga in self.log.sagas()? {
+            let due = saga.state.is_final() && saga.finished_ms > 0 && saga.finished_ms < before_ms;
+            if !due || self.sagas.lock().unwrap().contains_key(&saga.id) {
+                continue;
+            }
+            let plan = match Plan::of_logged(&saga) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::warn!(saga_id = %saga.id, error = %e, "cannot read a finished saga's plan; keeping it");
+                    continue;
+                }
+            };
+            let key = self.log.marker_key();
+            let mut forgotten = true;
+            for (step, sent) in saga.steps.iter().zip(&plan.steps) {
+                if step.state == StepState::Pending {
+                    // Never sent: no row anywhere.
+                    continue;
+                }
+                let mut endpoints: Vec<&str> = [&sent.action, &sent.compensation]
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Call::Sql(sql) => Some(sql.participant.as_str()),
+                        // A service's own barrier rows are the service's to prune.
+                        Call::Grpc(_) => None,
+                    })
+                    .collect();
+                endpoints.dedup();
+                for endpoint in endpoints {
+                    let forget = proto::SagaStepRequest {
+                        saga_id: saga.id.clone(),
+                        step: step.name.clone(),
+                        op: SagaOp::Forget as i32,
+                        action_secret: key
+                            .barrier_secret(&saga.id, &step.name, "action")
+                            .into_bytes(),
+                        compensation_secret: key
+                            .barrier_secret(&saga.id, &step.name, "compensate")
+                            .into_bytes(),
+                        ..Default::default()
+                    };
+                    if let Err(e) = self
+                        .participants
+                        .saga_step(endpoint, forget, FORGET_TIMEOUT)
+                        .await
+                    {
+                        tracing::warn!(saga_id = %saga.id, endpoint, error = %e, "cannot forget a finished saga's barrier rows yet; keeping it");
+                        forgotten = false;
+                    }
+                }
+            }
+            if forgotten {
+                self.log.delete_saga(&saga.id)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// A live saga, or a logged one.

@@ -25,11 +25,13 @@
 use super::statement::{Datum, Rows, SqlError, Statement};
 use crate::proto::marker::MarkerSecret;
 
-/// Which half of a step.
+/// Which half of a step, or its end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     Action,
     Compensate,
+    /// The saga is final and past its retention: its rows go.
+    Forget,
 }
 
 /// One step as the coordinator sends it.
@@ -40,7 +42,7 @@ pub struct StepCall {
     pub op: Op,
     /// Addresses the action's row (an action's own; a compensation's fence).
     pub action_secret: MarkerSecret,
-    /// Addresses the compensation's row; only for [`Op::Compensate`].
+    /// Addresses the compensation's row; for [`Op::Compensate`] and [`Op::Forget`].
     pub compensation_secret: Option<MarkerSecret>,
     pub statements: Vec<Statement>,
     /// Append values to every statement's params: `inputs` for an action, the action's first
@@ -82,6 +84,10 @@ pub const RECORD_OUTPUT: &str =
 /// secret, `$2` the compensation's.
 pub const COMPENSATE: &str = "SELECT repeat, null_compensation, output \
      FROM twopc.barrier_compensate($1::pg_catalog.bytea, $2::pg_catalog.bytea)";
+
+/// Deletes a final saga's step rows (its action's or fence, its compensation's). `$1` the
+/// action's secret, `$2` the compensation's.
+pub const FORGET: &str = "SELECT twopc.barrier_forget($1::pg_catalog.bytea, $2::pg_catalog.bytea)";
 
 /// The barrier's table and functions, for `setup_sql`: after the markers' part, which creates
 /// the owner role and the schema. `role` is quoted.
@@ -154,13 +160,24 @@ BEGIN
 END
 $f$;
 
+-- A final saga's rows, once its coordinator no longer keeps it: only by the secrets.
+CREATE OR REPLACE FUNCTION twopc.barrier_forget(action_secret bytea, compensation_secret bytea)
+RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+  WITH gone AS (
+    DELETE FROM twopc.saga_barrier
+     WHERE key IN (sha256(action_secret), sha256(compensation_secret))
+    RETURNING 1)
+  SELECT count(*) FROM gone
+$f$;
+
 ALTER FUNCTION twopc.barrier_action(bytea) OWNER TO {owner};
+ALTER FUNCTION twopc.barrier_forget(bytea, bytea) OWNER TO {owner};
 ALTER FUNCTION twopc.barrier_output(bytea, bytea) OWNER TO {owner};
 ALTER FUNCTION twopc.barrier_compensate(bytea, bytea) OWNER TO {owner};
 REVOKE ALL ON FUNCTION twopc.barrier_action(bytea), twopc.barrier_output(bytea, bytea),
-    twopc.barrier_compensate(bytea, bytea) FROM PUBLIC;
+    twopc.barrier_compensate(bytea, bytea), twopc.barrier_forget(bytea, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION twopc.barrier_action(bytea), twopc.barrier_output(bytea, bytea),
-    twopc.barrier_compensate(bytea, bytea) TO {role};
+    twopc.barrier_compensate(bytea, bytea), twopc.barrier_forget(bytea, bytea) TO {role};
 "#
     )
 }
@@ -263,6 +280,6 @@ mod tests {
             !sql.contains("ON TABLE twopc.saga_barrier TO"),
             "no table grant"
         );
-        assert_eq!(sql.matches("SECURITY DEFINER").count(), 3);
+        assert_eq!(sql.matches("SECURITY DEFINER").count(), 4);
     }
 }

@@ -562,8 +562,8 @@ impl Postgres {
     /// caller (or by the connection's end): nothing of the step applied, unless the error came
     /// at COMMIT itself, when the barrier makes the coordinator's retry find out.
     async fn run_step(&self, conn: &Object, call: &StepCall) -> Result<StepAnswer, StepError> {
-        conn.batch_execute("BEGIN").await?;
         let action = call.action_secret.as_bytes();
+        conn.batch_execute("BEGIN").await?;
         let extra = match call.op {
             Op::Action => {
                 let row = conn
@@ -583,7 +583,8 @@ impl Postgres {
                 }
                 call.inputs.concat()
             }
-            Op::Compensate => {
+            // (A forget never gets here: `saga_step` runs it alone.)
+            Op::Compensate | Op::Forget => {
                 let own = call
                     .compensation_secret
                     .as_ref()
@@ -639,7 +640,7 @@ impl Postgres {
             Op::Action => {
                 crate::failpoint!("participant::before_saga_step_commit");
             }
-            Op::Compensate => {
+            Op::Compensate | Op::Forget => {
                 crate::failpoint!("participant::before_saga_compensation_commit");
             }
         }
@@ -647,6 +648,30 @@ impl Postgres {
             .await
             .map_err(StepError::Commit)?;
         Ok(StepAnswer::Applied(last))
+    }
+}
+
+impl Postgres {
+    /// A final saga's step rows deleted, on a protocol connection (it runs no client SQL).
+    async fn forget_step(&self, call: &StepCall) -> Result<StepAnswer, Error> {
+        let own = call
+            .compensation_secret
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(StepError::NoCompensationSecret.to_string()))?;
+        let conn = self.pooled().await?;
+        conn.query_typed(
+            barrier::FORGET,
+            &[
+                (&call.action_secret.as_bytes(), Type::BYTEA),
+                (&own.as_bytes(), Type::BYTEA),
+            ],
+        )
+        .await
+        .map_err(|e| match StepError::barrier(e) {
+            StepError::Barrier(why) => Error::FailedPrecondition(why),
+            other => Error::Unavailable(other.to_string()),
+        })?;
+        Ok(StepAnswer::Applied(Rows::default()))
     }
 }
 
@@ -919,6 +944,9 @@ impl Database for Postgres {
     }
 
     async fn saga_step(&self, call: &StepCall) -> Result<StepAnswer, Error> {
+        if call.op == Op::Forget {
+            return self.forget_step(call).await;
+        }
         let conn = self.branch_conn().await?;
         let result = self.run_step(&conn, call).await;
         let answer = match result {

@@ -378,6 +378,7 @@ impl<D: Database, C: CoordinatorLink> participant_server::Participant for Servic
                 Op::Compensate => {
                     crate::failpoint!("participant::saga_compensation_committed");
                 }
+                Op::Forget => {}
             }
         }
         let resp = wire::saga_step_response(answer);

@@ -107,9 +107,10 @@ pub fn saga_step(req: proto::SagaStepRequest) -> Result<StepCall, Error> {
     let op = match req.op() {
         proto::SagaOp::Action => Op::Action,
         proto::SagaOp::Compensate => Op::Compensate,
+        proto::SagaOp::Forget => Op::Forget,
         proto::SagaOp::Unspecified => {
             return Err(Error::InvalidArgument(
-                "op must be SAGA_OP_ACTION or SAGA_OP_COMPENSATE".into(),
+                "op must be SAGA_OP_ACTION, SAGA_OP_COMPENSATE or SAGA_OP_FORGET".into(),
             ));
         }
     };
@@ -119,7 +120,9 @@ pub fn saga_step(req: proto::SagaStepRequest) -> Result<StepCall, Error> {
     let action_secret = secret(req.action_secret, "action_secret")?;
     let compensation_secret = match op {
         Op::Action => None,
-        Op::Compensate => Some(secret(req.compensation_secret, "compensation_secret")?),
+        Op::Compensate | Op::Forget => {
+            Some(secret(req.compensation_secret, "compensation_secret")?)
+        }
     };
     let count = req.statements.len();
     let statements = req

@@ -517,6 +517,13 @@ impl Log for EtcdLog {
         Ok(self.shared.mirror.lock().unwrap().sagas.get(id).cloned())
     }
 
+    fn delete_saga(&self, id: &str) -> Result<(), LogError> {
+        let mut mirror = self.shared.mirror.lock().unwrap();
+        mirror.sagas.remove(id);
+        mirror.queue(format!("sagas/{id}"), None);
+        Ok(())
+    }
+
     fn sagas(&self) -> Result<Vec<Saga>, LogError> {
         Ok(self
             .shared

@@ -106,6 +106,12 @@ impl Log for MemLog {
         Ok(self.inner.lock().unwrap().sagas_written.get(id).cloned())
     }
 
+    fn delete_saga(&self, id: &str) -> Result<(), LogError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.sagas_written.remove(id);
+        Ok(())
+    }
+
     fn sagas(&self) -> Result<Vec<Saga>, LogError> {
         let inner = self.inner.lock().unwrap();
         Ok(inner.sagas_written.values().cloned().collect())

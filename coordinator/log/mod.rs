@@ -102,6 +102,8 @@ pub trait Log: Send + Sync + 'static {
     }
     /// Every saga the log keeps (ListSagas).
     fn sagas(&self) -> Result<Vec<Saga>, LogError>;
+    /// Removes a final saga's record (retention, once its barrier rows are forgotten).
+    fn delete_saga(&self, id: &str) -> Result<(), LogError>;
 
     /// Remembers a participant, so recovery can ask it for branches nobody else knows of.
     /// Returns true if it is new (or moved), in which case the caller must `sync`.

@@ -225,6 +225,11 @@ impl Log for SledLog {
         }
     }
 
+    fn delete_saga(&self, id: &str) -> Result<(), LogError> {
+        self.sagas.remove(id.as_bytes())?;
+        Ok(())
+    }
+
     fn sagas(&self) -> Result<Vec<Saga>, LogError> {
         let mut sagas = Vec::new();
         for entry in self.sagas.iter() {

@@ -201,6 +201,11 @@ impl FakeParticipants {
         self.with(endpoint, |n| n.compensations_down = down);
     }
 
+    /// How many barrier rows `endpoint` keeps.
+    pub fn barrier_rows(&self, endpoint: &str) -> usize {
+        self.with(endpoint, |n| n.barrier.len())
+    }
+
     /// Every saga action and compensation that applied at `endpoint`, in order.
     pub fn applied(&self, endpoint: &str) -> Vec<Applied> {
         self.with(endpoint, |n| n.applied.clone())
@@ -505,6 +510,11 @@ impl Participants for FakeParticipants {
                             answer(Outcome::Null, None)
                         }
                     }
+                }
+                SagaOp::Forget => {
+                    n.barrier.remove(&step.action_secret);
+                    n.barrier.remove(&step.compensation_secret);
+                    answer(Outcome::Applied, None)
                 }
                 SagaOp::Unspecified => return Err(PeerError::Refused("no op".into())),
             })

@@ -359,7 +359,7 @@ fn barrier_step(op: proto::SagaOp, step: &str, sql: &str) -> proto::SagaStepRequ
         op: op as i32,
         action_secret: secret("action"),
         compensation_secret: match op {
-            proto::SagaOp::Compensate => secret("compensate"),
+            proto::SagaOp::Compensate | proto::SagaOp::Forget => secret("compensate"),
             _ => vec![],
         },
         statements: vec![proto::Statement {
@@ -429,6 +429,18 @@ async fn the_barrier_runs_an_action_once_makes_a_late_one_a_no_op_and_is_out_of_
         SagaStepOutcome::Applied,
         "no barrier row was left by the failure"
     );
+
+    // Retention: a final saga's step rows are forgotten by their secrets, and only those.
+    let rows = async || {
+        sys.pgs[0]
+            .admin_scalar("SELECT count(*) FROM twopc.saga_barrier")
+            .await
+            .unwrap()
+    };
+    let before = rows().await;
+    let (forgot, _) = run(barrier_step(proto::SagaOp::Forget, "a", "")).await;
+    assert_eq!(forgot, SagaStepOutcome::Applied);
+    assert_eq!(rows().await, before - 2, "a's action and compensation rows");
 
     // A client's SQL cannot write the barrier: no forged fence, no forged "already ran".
     let txn = sys.begin().await;
