@@ -56,6 +56,11 @@ pub fn statements(req: &mut proto::ExecuteRequest) -> Result<Vec<Statement>, Err
             params: std::mem::take(&mut req.params),
         }],
     };
+    checked(wire)
+}
+
+/// Statements from the wire, every parameter checked; with several, a message names the one.
+fn checked(wire: Vec<proto::Statement>) -> Result<Vec<Statement>, Error> {
     let count = wire.len();
     wire.into_iter()
         .enumerate()
@@ -124,24 +129,7 @@ pub fn saga_step(req: proto::SagaStepRequest) -> Result<StepCall, Error> {
             Some(secret(req.compensation_secret, "compensation_secret")?)
         }
     };
-    let count = req.statements.len();
-    let statements = req
-        .statements
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let params = s
-                .params
-                .into_iter()
-                .enumerate()
-                .map(|(n, v)| datum(n + 1, v))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|m| {
-                    Error::InvalidArgument(format!("statement {} of {count}: {m}", i + 1))
-                })?;
-            Ok(Statement { sql: s.sql, params })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+    let statements = checked(req.statements)?;
     Ok(StepCall {
         saga_id: req.saga_id,
         step: req.step,

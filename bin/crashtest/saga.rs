@@ -76,6 +76,22 @@ struct Row {
     violations: Vec<String>,
 }
 
+impl Row {
+    /// Its line as the pass goes, after `what` happened, and each violation.
+    fn print(&self, what: &str) {
+        println!(
+            "{what}; {} sagas ({} completed, {} compensated); {} violations",
+            self.sagas,
+            self.completed,
+            self.compensated,
+            self.violations.len()
+        );
+        for v in &self.violations {
+            println!("   VIOLATION {v}");
+        }
+    }
+}
+
 /// The saga harness: the system, the clients, every saga submitted so far.
 pub struct SagaHarness {
     sys: System,
@@ -203,18 +219,7 @@ impl SagaHarness {
             row.violations.push(format!("{name}: {status}"));
         }
         row.status = status;
-        println!(
-            "{label}: {} in {}; {} sagas ({} completed, {} compensated); {} violations",
-            row.status,
-            role.name(),
-            row.sagas,
-            row.completed,
-            row.compensated,
-            row.violations.len()
-        );
-        for v in &row.violations {
-            println!("   VIOLATION {v}");
-        }
+        row.print(&format!("{label}: {} in {}", row.status, role.name()));
         Ok(row)
     }
 
@@ -264,17 +269,7 @@ impl SagaHarness {
                 .settle_and_check(&format!("soak round {}", self.round), first)
                 .await?;
             row.status = format!("{kills} kills");
-            println!(
-                "soak round {}: {kills} kills; {} sagas ({} completed, {} compensated); {} violations",
-                self.round,
-                row.sagas,
-                row.completed,
-                row.compensated,
-                row.violations.len()
-            );
-            for v in &row.violations {
-                println!("   VIOLATION {v}");
-            }
+            row.print(&format!("soak round {}: {kills} kills", self.round));
             self.rows.push(row);
         }
         Ok(())
