@@ -342,7 +342,10 @@ impl<L: Log, P: Participants> Coordinator<L, P> {
                 let core = Arc::clone(&self);
                 let options = live.plan.options;
                 calls.spawn(async move {
-                    tokio::time::sleep(options.backoff(attempt)).await;
+                    let backoff = options.backoff(attempt);
+                    if !backoff.is_zero() {
+                        tokio::time::sleep(backoff).await;
+                    }
                     let peers = &core.participants;
                     let answer = match send {
                         Send::Participant(endpoint, request) => Answer::Participant(

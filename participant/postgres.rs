@@ -626,16 +626,6 @@ impl Postgres {
                 sql::execute(conn, &statement.sql, &statement.params, false, &self.limits).await?;
         }
         // The client's statements may have switched role or made commits asynchronous.
-        conn.batch_execute(BEFORE_ONE_PHASE_COMMIT).await?;
-        if call.op == Op::Action {
-            let stored = barrier::stored(&last);
-            conn.query_typed(
-                barrier::RECORD_OUTPUT,
-                &[(&action, Type::BYTEA), (&stored, Type::BYTEA)],
-            )
-            .await
-            .map_err(StepError::barrier)?;
-        }
         match call.op {
             Op::Action => {
                 crate::failpoint!("participant::before_saga_step_commit");
@@ -644,9 +634,31 @@ impl Postgres {
                 crate::failpoint!("participant::before_saga_compensation_commit");
             }
         }
-        conn.batch_execute("COMMIT")
-            .await
-            .map_err(StepError::Commit)?;
+        // One round trip, pipelined as a one-phase COMMIT is: the session's own role and a
+        // synchronous commit back (the client's statements may have changed them), an
+        // action's output into its barrier row, COMMIT. After an error the rest runs in a
+        // failed transaction, whose COMMIT rolls back: the first error says what happened.
+        let stored = barrier::stored(&last);
+        let record = async {
+            match call.op {
+                Op::Action => conn
+                    .query_typed(
+                        barrier::RECORD_OUTPUT,
+                        &[(&action, Type::BYTEA), (&stored, Type::BYTEA)],
+                    )
+                    .await
+                    .map(drop),
+                Op::Compensate | Op::Forget => Ok(()),
+            }
+        };
+        let (before, recorded, committed) = tokio::join!(
+            conn.batch_execute(BEFORE_ONE_PHASE_COMMIT),
+            record,
+            conn.batch_execute("COMMIT"),
+        );
+        before?;
+        recorded.map_err(StepError::barrier)?;
+        committed.map_err(StepError::Commit)?;
         Ok(StepAnswer::Applied(last))
     }
 }
