@@ -13,6 +13,16 @@ const SCHEMA: &str = "
     CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL);
     CREATE TABLE payments (order_id int PRIMARY KEY, amount int NOT NULL CHECK (amount <= 100));";
 
+/// A system of `databases` databases, each with the shop's tables.
+async fn shop(databases: usize) -> System {
+    System::builder()
+        .databases(databases)
+        .schema(SCHEMA)
+        .start()
+        .await
+        .unwrap()
+}
+
 /// One half of a step: `sql` with `params` on participant `i`.
 fn sql(
     sys: &System,
@@ -137,12 +147,7 @@ fn state(s: &proto::Saga) -> SagaState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_saga_reserves_orders_and_pays() {
-    let sys = System::builder()
-        .databases(2)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(2).await;
 
     submit(&sys, order_saga(&sys, "order-1", 50)).await.unwrap();
     let saga = ended(&sys, "order-1").await;
@@ -162,12 +167,7 @@ async fn the_order_saga_reserves_orders_and_pays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_that_fails_compensates_the_order_and_the_reservation_in_reverse() {
-    let sys = System::builder()
-        .databases(2)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(2).await;
 
     submit(&sys, order_saga(&sys, "order-2", 500))
         .await
@@ -202,12 +202,7 @@ async fn a_payment_that_fails_compensates_the_order_and_the_reservation_in_rever
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dag_saga_reserves_and_orders_at_once_then_pays_with_both_outputs() {
-    let sys = System::builder()
-        .databases(2)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(2).await;
     let mut req = order_saga(&sys, "order-3", 20);
     req.steps[0].depends_on = vec![];
     req.steps[1].depends_on = vec![];
@@ -235,12 +230,7 @@ async fn a_dag_saga_reserves_and_orders_at_once_then_pays_with_both_outputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_that_cannot_be_reached_stops_stuck_and_bad_plans_are_refused() {
-    let sys = System::builder()
-        .databases(2)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(2).await;
     let nowhere = format!("http://{}", support::free_addr());
     let mut req = order_saga(&sys, "order-4", 10);
     req.steps.truncate(1);
@@ -374,12 +364,7 @@ fn barrier_step(op: proto::SagaOp, step: &str, sql: &str) -> proto::SagaStepRequ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_barrier_runs_an_action_once_makes_a_late_one_a_no_op_and_is_out_of_a_clients_reach() {
     use proto::SagaOp::{Action, Compensate};
-    let sys = System::builder()
-        .databases(1)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(1).await;
     let mut p = sys.participant(0).await;
     let mut run = async |req| {
         let r: proto::SagaStepResponse = p.run_saga_step(req).await.unwrap().into_inner();
@@ -466,12 +451,7 @@ async fn the_barrier_runs_an_action_once_makes_a_late_one_a_no_op_and_is_out_of_
 async fn the_rust_sdk_builds_submits_and_waits_for_the_order_saga() {
     use std::time::Duration;
     use twopc::client::saga::{Saga, SagaState};
-    let sys = System::builder()
-        .databases(2)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(2).await;
     let client = twopc::client::Client::connect(&sys.coordinator_url()).unwrap();
     let (inventory, orders) = (sys.participant_url(0), sys.participant_url(1));
     let order = |id: &str, amount: i64| {
@@ -546,12 +526,7 @@ async fn a_grpc_step_charges_once_though_its_reply_is_lost_and_is_refunded_when_
 {
     use std::time::Duration;
     use twopc::client::saga::{Saga, SagaState};
-    let sys = System::builder()
-        .databases(3)
-        .schema(SCHEMA)
-        .start()
-        .await
-        .unwrap();
+    let sys = shop(3).await;
     let db = sys.pgs[2].client().await.unwrap();
     let (listener, addr) = support::listener().await;
     let payments = payments::Payments::new(db, 100).await.unwrap();
